@@ -1,0 +1,132 @@
+"""The ``EnergyModel`` base class: subclass it and implement ``energy``.
+
+An energy model defines an unnormalised density p(x) ∝ exp(-E(x)) on a ``Space``.
+Lower energy means more probable; ``log_prob`` of an unnormalised model means -E(x).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..spaces import Categorical, Space, check_same_device
+
+__all__ = ["EnergyModel", "SumEnergy"]
+
+
+class EnergyModel(nn.Module):
+    """Base class of energy models E(x), density p(x) ∝ exp(-E(x)).
+
+    Subclasses set ``self.space`` and implement ``energy(x) -> (B,)``. Everything else
+    (``forward``, ``score``, ``energy_and_grad``, sampling, losses, metrics) comes from here::
+
+        class Quadratic(EnergyModel):
+            def __init__(self):
+                super().__init__(Continuous(2))
+                self.scale = nn.Parameter(torch.ones(()))
+
+            def energy(self, x):
+                return 0.5 * self.scale * x.pow(2).sum(-1)
+
+    Inputs: a batch of states of ``space`` (see ``ebmflow.spaces``). For a ``Categorical``
+    space the energy must also accept the one-hot float relaxation ``(B, D, K)``: use
+    ``self.space.one_hot(x)`` at the top of ``energy`` (it is the identity on one-hot input);
+    gradient-based discrete samplers differentiate through it.
+
+    ``forward(x)`` checks the input's device and the output's shape ``(B,)`` and then returns
+    ``energy(x)``; it never reads tensor values, so it adds no host synchronisation.
+    """
+
+    space: Space
+
+    def __init__(self, space: Space):
+        super().__init__()
+        if not isinstance(space, Space):
+            raise ValueError(
+                f"space must be an ebmflow.spaces.Space (Continuous, Binary, Categorical), "
+                f"got {type(space).__name__}"
+            )
+        self.space = space
+
+    # -- to implement ------------------------------------------------------------------
+    def energy(self, x: Tensor) -> Tensor:
+        """E(x) for a batch of states ``x``; returns float ``(B,)``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement energy(self, x) -> Tensor of shape (B,)"
+        )
+
+    # -- provided ----------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """Same as ``energy(x)``, with device and output-shape checks."""
+        ref = self._reference_tensor()
+        if ref is not None:
+            check_same_device(x, ref.device)
+        out = self.energy(x)
+        if not isinstance(out, Tensor) or out.dim() != 1 or out.shape[0] != x.shape[0]:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"{type(self).__name__}.energy returned {got} for a batch of {x.shape[0]} "
+                f"states; it must return shape (B,) = ({x.shape[0]},) (e.g. .squeeze(-1) or "
+                f".sum over event dims)"
+            )
+        return out
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Unnormalised log-density -E(x), ``(B,)``. Analytic targets override it exactly."""
+        return -self(x)
+
+    def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Return ``(E(x), dE/dx)`` with shapes ``(B,)`` and ``x.shape``, both detached.
+
+        Differentiates with respect to ``x`` only: ``torch.autograd.grad`` is asked for the
+        input's gradient, so no ``.grad`` of any parameter is written. Works under
+        ``torch.no_grad()`` (the gradient is enabled locally). For categorical spaces pass the
+        one-hot state ``(B, D, K)`` to get the gradient in the relaxed space.
+        """
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            e = self(xg)
+            (g,) = torch.autograd.grad(e.sum(), xg)
+        return e.detach(), g.detach()
+
+    def score(self, x: Tensor) -> Tensor:
+        """Score -dE/dx, same shape as ``x`` (continuous, binary or one-hot states)."""
+        if isinstance(self.space, Categorical) and not self.space.is_one_hot(x):
+            x = self.space.one_hot(x)
+        return -self.energy_and_grad(x)[1]
+
+    def __add__(self, other: EnergyModel) -> SumEnergy:
+        """``E1 + E2`` is the product of experts p ∝ exp(-E1 - E2), e.g. a learned energy
+        plus a ``BernoulliBaseEnergy`` base measure."""
+        if not isinstance(other, EnergyModel):
+            return NotImplemented
+        return SumEnergy(self, other)
+
+    def _reference_tensor(self) -> Tensor | None:
+        for p in self.parameters():
+            return p
+        for b in self.buffers():
+            return b
+        return None
+
+
+class SumEnergy(EnergyModel):
+    """E(x) = sum_i E_i(x) over energies of the same space (a product of experts)."""
+
+    def __init__(self, *energies: EnergyModel):
+        if len(energies) < 1:
+            raise ValueError("SumEnergy needs at least one energy")
+        space = energies[0].space
+        for e in energies[1:]:
+            if e.space != space:
+                raise ValueError(
+                    f"cannot add energies of different spaces: {space!r} and {e.space!r}"
+                )
+        super().__init__(space)
+        self.terms = nn.ModuleList(energies)
+
+    def energy(self, x: Tensor) -> Tensor:
+        out = self.terms[0](x)
+        for term in self.terms[1:]:
+            out = out + term(x)
+        return out

@@ -1,0 +1,51 @@
+"""The loss interface shared by every EBM objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from ..energy.base import EnergyModel
+from ..samplers.base import Sampler
+
+__all__ = ["EBMLoss", "LossOutput"]
+
+
+@dataclass
+class LossOutput:
+    """What every loss returns.
+
+    Attributes:
+        loss: 0-d tensor to minimise (carries gradient into the energy's parameters only).
+        stats: named 0-d tensors for logging (``energy_pos``, ``energy_neg``, ``accept_rate``,
+            ``ess``...); never converted with ``.item()`` inside a step.
+        x_neg: the negative samples used, detached (or None).
+    """
+
+    loss: Tensor
+    stats: dict[str, Tensor] = field(default_factory=dict)
+    x_neg: Tensor | None = None
+
+
+class EBMLoss(nn.Module):
+    """Base class of EBM training objectives: ``loss(energy, data, sampler=None) -> LossOutput``.
+
+    ``requires_sampler`` tells the Trainer whether negatives must come from a sampler
+    (contrastive divergence) or the loss draws its own (energy discrepancy, score matching).
+    """
+
+    requires_sampler: bool = False
+
+    def forward(self, energy: EnergyModel, data: Tensor, sampler: Sampler | None = None) -> LossOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement forward()")
+
+    def _check_sampler(self, sampler: Sampler | None) -> Sampler:
+        if sampler is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a sampler for its negative samples; pass "
+                "sampler=... (e.g. Langevin() or PersistentSampler(...))"
+            )
+        if not isinstance(sampler, Sampler):
+            raise ValueError(f"sampler must be an ebmflow Sampler, got {type(sampler).__name__}")
+        return sampler

@@ -1,0 +1,1 @@
+"""ebmflow.metrics"""
