@@ -107,7 +107,7 @@ class IsingEnergy(EnergyModel):
     def states(self) -> Tensor:
         """All 2^D states, ``(2^D, D)``."""
         self._check_enumerable()
-        return enumerate_binary(self.space.dim, device=self.bias.device)
+        return enumerate_binary(self.space.dim, device=self.bias.device).to(self.bias.dtype)
 
     @torch.no_grad()
     def log_partition(self) -> Tensor:

@@ -1,0 +1,272 @@
+"""Energy bases and analytic targets checked against exact answers."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from ebmflow.energy import (
+    BernoulliBaseEnergy,
+    ConvEnergy,
+    EnergyModel,
+    GaussianMixtureEnergy,
+    IsingEnergy,
+    MLPEnergy,
+    SumEnergy,
+    enumerate_binary,
+    lattice_adjacency,
+)
+from ebmflow.spaces import Binary, Categorical, Continuous
+
+
+def _grid(lo: float, hi: float, n: int) -> tuple[torch.Tensor, float]:
+    g = torch.linspace(lo, hi, n, dtype=torch.float64)
+    xx, yy = torch.meshgrid(g, g, indexing="ij")
+    return torch.stack([xx.flatten(), yy.flatten()], -1), float(g[1] - g[0]) ** 2
+
+
+@pytest.mark.parametrize(
+    "scales",
+    [0.7, torch.tensor([0.5, 1.0, 0.8]), torch.tensor([[0.5, 1.2], [1.0, 0.6], [0.8, 0.8]])],
+    ids=["shared", "isotropic", "diagonal"],
+)
+def test_mixture_log_prob_integrates_to_one(scales):
+    means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]])
+    gmm = GaussianMixtureEnergy(means, scales, torch.tensor([0.2, 0.5, 0.3])).double()
+    x, cell = _grid(-9, 9, 401)
+    total = gmm.log_prob(x).exp().sum() * cell
+    assert abs(float(total) - 1.0) < 1e-4
+
+
+def test_mixture_matches_scipy_density():
+    from scipy.stats import multivariate_normal
+
+    means = torch.tensor([[0.0, 1.0, 2.0], [1.0, -1.0, 0.0]])
+    scales = torch.tensor([[1.0, 0.5, 2.0], [0.3, 0.3, 0.3]])
+    w = torch.tensor([0.7, 0.3])
+    gmm = GaussianMixtureEnergy(means, scales, w).double()
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = sum(
+        w[k].item() * multivariate_normal(means[k].numpy(), torch.diag(scales[k] ** 2).numpy()).pdf(x.numpy())
+        for k in range(2)
+    )
+    assert torch.allclose(gmm.log_prob(x), torch.as_tensor(ref).log(), atol=1e-8)
+    assert torch.allclose(gmm.energy(x), -gmm.log_prob(x))
+
+
+def test_mixture_exact_samples_match_weights_mean_and_covariance(gen):
+    gmm = GaussianMixtureEnergy(
+        torch.tensor([[-3.0, 0.0], [3.0, 0.0], [0.0, 4.0]]), torch.tensor([0.5, 1.0, 0.7]),
+        torch.tensor([0.5, 0.3, 0.2]),
+    )
+    n = 40000
+    x, labels = gmm.sample_with_labels(n, generator=gen)
+    freq = torch.bincount(labels, minlength=3).float() / n
+    se = (gmm.weights * (1 - gmm.weights) / n).sqrt()
+    assert ((freq - gmm.weights).abs() < 5 * se).all()
+    cov = gmm.covariance()
+    se_mean = (torch.diag(cov) / n).sqrt()
+    assert ((x.mean(0) - gmm.mean()).abs() < 5 * se_mean).all()
+    emp_cov = torch.cov(x.T)
+    assert torch.allclose(emp_cov, cov, atol=0.1 * float(cov.abs().max()))
+
+
+def test_mixture_score_is_minus_grad_energy_and_leaks_nothing():
+    gmm = GaussianMixtureEnergy(torch.zeros(1, 2), 2.0)
+    x = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    # single Gaussian N(0, 4 I): score = -x / 4
+    assert torch.allclose(gmm.score(x), -x / 4, atol=1e-6)
+    mlp = MLPEnergy(Continuous(2), hidden=(8,))
+    with torch.no_grad():
+        s = mlp.score(x)
+    assert s.shape == x.shape
+    assert all(p.grad is None for p in mlp.parameters())
+
+
+def test_energy_and_grad_matches_finite_differences():
+    torch.manual_seed(0)
+    mlp = MLPEnergy(Continuous(3), hidden=(16, 16)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    e, g = mlp.energy_and_grad(x)
+    assert not e.requires_grad and not g.requires_grad
+    h = 1e-6
+    for i in range(3):
+        d = torch.zeros(3, dtype=torch.float64)
+        d[i] = h
+        fd = (mlp(x + d) - mlp(x - d)) / (2 * h)
+        assert torch.allclose(g[:, i], fd, atol=1e-6)
+
+
+def test_mixture_bad_arguments():
+    with pytest.raises(ValueError, match=r"means must have shape \(K, D\)"):
+        GaussianMixtureEnergy(torch.zeros(3))
+    with pytest.raises(ValueError, match="scales must be"):
+        GaussianMixtureEnergy(torch.zeros(2, 2), torch.ones(3))
+    with pytest.raises(ValueError, match="positive"):
+        GaussianMixtureEnergy(torch.zeros(2, 2), torch.tensor([1.0, -1.0]))
+    with pytest.raises(ValueError, match="weights must be non-negative"):
+        GaussianMixtureEnergy(torch.zeros(2, 2), 1.0, torch.tensor([1.0, -0.5]))
+
+
+def _brute_force_ising(j: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    d = j.shape[0]
+    logits = []
+    for bits in itertools.product([0, 1], repeat=d):
+        s = [2 * v - 1 for v in bits]
+        val = sum(j[i, k].item() * s[i] * s[k] for i in range(d) for k in range(d))
+        val += sum(b[i].item() * s[i] for i in range(d))
+        logits.append(val)
+    return torch.softmax(torch.tensor(logits, dtype=torch.float64), 0)
+
+
+def test_ising_enumeration_matches_brute_force(gen):
+    d = 5
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64) * 0.4
+    b = torch.randn(d, generator=gen, dtype=torch.float64) * 0.3
+    model = IsingEnergy(a, b).double()
+    j = 0.5 * (a + a.T)
+    j.fill_diagonal_(0)
+    p = model.probabilities()
+    assert abs(float(p.sum()) - 1) < 1e-12
+    assert torch.allclose(p, _brute_force_ising(j, b), atol=1e-12)
+    assert torch.allclose(model.log_prob(model.states()).exp(), p, atol=1e-12)
+
+
+def test_ising_exact_samples_match_probabilities(gen):
+    model = IsingEnergy.lattice(2, 0.4, bias=0.1)
+    n = 50000
+    x = model.sample(n, generator=gen)
+    codes = (x * (2 ** torch.arange(3, -1, -1).float())).sum(1).long()
+    freq = torch.bincount(codes, minlength=16).float() / n
+    p = model.probabilities()
+    assert ((freq - p).abs() < 5 * (p * (1 - p) / n).sqrt() + 1e-4).all()
+
+
+def test_lattice_adjacency_degrees():
+    a = lattice_adjacency(4, periodic=True)
+    assert torch.equal(a, a.T) and (a.sum(1) == 4).all() and a.diag().abs().sum() == 0
+    a = lattice_adjacency(4, periodic=False)
+    assert a.sum() / 2 == 2 * 4 * 3  # horizontal + vertical edges
+    assert int(a.sum(1).min()) == 2 and int(a.sum(1).max()) == 4
+
+
+def test_ising_learnable_and_too_large():
+    model = IsingEnergy.lattice(3, 0.1, learnable=True)
+    assert sum(p.numel() for p in model.parameters()) == 81 + 9
+    x = Binary(9).noise(4)
+    model(x).sum().backward()
+    assert model._coupling.grad is not None
+    big = IsingEnergy.lattice(5, 0.1)
+    with pytest.raises(ValueError, match="D <= 20"):
+        big.log_partition()
+    with pytest.raises(ValueError, match="too large"):
+        enumerate_binary(21)
+
+
+def test_bernoulli_base_is_normalised_and_fits_marginals(gen):
+    p = torch.tensor([0.1, 0.5, 0.8, 0.95])
+    base = BernoulliBaseEnergy.from_probs(p).double()
+    states = enumerate_binary(4).double()
+    assert abs(float(base.log_prob(states).exp().sum()) - 1) < 1e-12
+    data = base.sample(20000, generator=gen)
+    fit = BernoulliBaseEnergy.from_data(data.float())
+    assert torch.allclose(fit.probs, p.float(), atol=0.02)
+    with pytest.raises(ValueError, match=r"outside \{0, 1\}"):
+        BernoulliBaseEnergy.from_data(torch.full((3, 4), 0.5))
+
+
+def test_energy_sum_is_product_of_experts():
+    base = BernoulliBaseEnergy.from_probs(torch.tensor([0.2, 0.7, 0.4]))
+    mlp = MLPEnergy(Binary(3), hidden=(8,))
+    both = mlp + base
+    assert isinstance(both, SumEnergy)
+    x = enumerate_binary(3)
+    assert torch.allclose(both(x), mlp(x) + base(x))
+    with pytest.raises(ValueError, match="different spaces"):
+        _ = mlp + BernoulliBaseEnergy(torch.zeros(4))
+
+
+def test_mlp_energy_all_spaces():
+    torch.manual_seed(0)
+    for space in (Continuous(3), Binary(5), Categorical(4, 3)):
+        m = MLPEnergy(space, hidden=(8, 8))
+        x = space.noise(6)
+        assert m(x).shape == (6,)
+    cat = Categorical(4, 3)
+    m = MLPEnergy(cat, hidden=(8,))
+    x = cat.noise(6)
+    assert torch.allclose(m(x), m(cat.one_hot(x)))
+    assert m.score(x).shape == (6, 4, 3)
+
+
+def test_conv_energy_images_and_flat_binary():
+    torch.manual_seed(0)
+    c = ConvEnergy(Continuous((1, 8, 8)), channels=(4, 8))
+    assert c(torch.randn(3, 1, 8, 8)).shape == (3,)
+    assert c.score(torch.randn(3, 1, 8, 8)).shape == (3, 1, 8, 8)
+    b = ConvEnergy(Binary(64), channels=(4,), image_shape=(1, 8, 8))
+    assert b(Binary(64).noise(2)).shape == (2,)
+    with pytest.raises(ValueError, match="image states"):
+        ConvEnergy(Continuous(4))
+
+
+class Quadratic(EnergyModel):
+    """A user energy: a few lines, only energy() implemented."""
+
+    def __init__(self):
+        super().__init__(Continuous(2))
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def energy(self, x):
+        return 0.5 * self.scale * x.pow(2).sum(-1)
+
+
+def test_user_subclass_gets_everything():
+    q = Quadratic()
+    x = torch.tensor([[1.0, 2.0]])
+    assert torch.allclose(q(x), torch.tensor([5.0]))
+    assert torch.allclose(q.score(x), -2.0 * x)
+    assert torch.allclose(q.log_prob(x), -q(x))
+    assert q.scale.grad is None
+
+
+def test_bad_subclasses_and_inputs():
+    class NoEnergy(EnergyModel):
+        pass
+
+    with pytest.raises(NotImplementedError, match="must implement energy"):
+        NoEnergy(Continuous(2))(torch.zeros(1, 2))
+
+    class WrongShape(EnergyModel):
+        def energy(self, x):
+            return x.sum(-1, keepdim=True)
+
+    with pytest.raises(ValueError, match=r"returned \(3, 1\).*must return shape \(B,\)"):
+        WrongShape(Continuous(2))(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="space must be an ebmflow.spaces.Space"):
+        WrongShape(2)  # type: ignore[arg-type]
+    mlp = MLPEnergy(Continuous(2), hidden=(4,)).to("meta")
+    with pytest.raises(ValueError, match="is on device cpu but the model is on meta"):
+        mlp(torch.zeros(1, 2))
+
+
+def test_import_is_light():
+    code = (
+        "import sys, time; t = time.time(); import ebmflow; dt = time.time() - t; "
+        "import ebmflow.energy, ebmflow.samplers, ebmflow.losses, ebmflow.spaces; "
+        "bad = [m for m in ('matplotlib', 'sklearn', 'tensorboard') if m in sys.modules]; "
+        "assert not bad, bad; assert dt < 0.5, dt"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_math_constant_sanity():
+    # a single standard normal in D dims has energy D/2 log(2 pi) at the origin
+    gmm = GaussianMixtureEnergy(torch.zeros(1, 4), 1.0)
+    assert math.isclose(float(gmm(torch.zeros(1, 4))), 2 * math.log(2 * math.pi), rel_tol=1e-6)
