@@ -11,6 +11,18 @@ Conventions (batch first):
 ``validate(x)`` is the one place where a state is checked; it synchronises with the device
 (it reads values), so samplers and losses call it once at their public entry points, never
 inside a hot loop.
+
+Examples:
+    >>> import torch
+    >>> from ebmflow.spaces import Binary, Categorical, Continuous
+    >>> Continuous(2).noise(3).shape
+    torch.Size([3, 2])
+    >>> Continuous((1, 8, 8)).dim
+    64
+    >>> Binary(4).validate(torch.tensor([[0.0, 1.0, 1.0, 0.0]])).shape
+    torch.Size([1, 4])
+    >>> Categorical(3, num_classes=4).dtype
+    torch.int64
 """
 
 from __future__ import annotations
@@ -118,6 +130,24 @@ class Continuous(Space):
     """Real-valued states of event shape ``shape``: float ``(B, *shape)``.
 
     ``noise(n)`` draws x ~ N(0, I). Images are ``Continuous((C, H, W))``.
+
+    Args:
+        shape: event shape, an int D for vectors ``(B, D)`` or a tuple such as ``(C, H, W)``.
+
+    Examples:
+        >>> import torch
+        >>> space = Continuous(2)
+        >>> space
+        Continuous(2)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> space.noise(5, generator=g).shape
+        torch.Size([5, 2])
+        >>> Continuous((3, 4, 4)).shape, Continuous((3, 4, 4)).dim
+        ((3, 4, 4), 48)
+        >>> space.validate(torch.tensor([[0.0, float("nan")]]))
+        Traceback (most recent call last):
+            ...
+        ValueError: x contains NaN or inf (rows [0]...); clean the data first
     """
 
     discrete = False
@@ -151,6 +181,20 @@ class Binary(Space):
     """Binary states x in {0, 1}^dim, stored as float ``(B, dim)``.
 
     ``noise(n)`` draws each bit from Bernoulli(1/2).
+
+    Args:
+        dim: number of bits D.
+
+    Examples:
+        >>> import torch
+        >>> space = Binary(3)
+        >>> x = space.noise(4, generator=torch.Generator().manual_seed(0))
+        >>> x.shape, x.dtype, bool(((x == 0) | (x == 1)).all())
+        (torch.Size([4, 3]), torch.float32, True)
+        >>> space.validate(torch.tensor([[0.0, 0.5, 1.0]]))
+        Traceback (most recent call last):
+            ...
+        ValueError: x has a value 0.5 outside {0, 1} for Binary(3); binarise it first, e.g. (x > 0.5).float()
     """
 
     discrete = True
@@ -193,6 +237,29 @@ class Categorical(Space):
 
     ``one_hot(x)`` gives the float ``(B, dim, K)`` relaxation used for gradients;
     ``from_one_hot`` inverts it. ``noise(n)`` draws each coordinate uniformly.
+
+    Args:
+        dim: number of coordinates D.
+        num_classes: number of classes K >= 2.
+
+    Examples:
+        >>> import torch
+        >>> space = Categorical(2, num_classes=3)
+        >>> x = torch.tensor([[0, 2], [1, 1]])
+        >>> space.one_hot(x)
+        tensor([[[1., 0., 0.],
+                 [0., 0., 1.]],
+        <BLANKLINE>
+                [[0., 1., 0.],
+                 [0., 1., 0.]]])
+        >>> torch.equal(space.from_one_hot(space.one_hot(x)), x)
+        True
+        >>> space.is_one_hot(x), space.is_one_hot(space.one_hot(x))
+        (False, True)
+        >>> space.validate(torch.tensor([[0, 3]]))
+        Traceback (most recent call last):
+            ...
+        ValueError: x has a value 3 outside [0, 3) for Categorical(2, 3)
     """
 
     discrete = True

@@ -6,6 +6,7 @@ from .bernoulli import BernoulliBaseEnergy
 from .gaussian_mixture import GaussianMixtureEnergy
 from .ising import IsingEnergy, enumerate_binary, lattice_adjacency
 from .networks import ConvEnergy, MLPEnergy
+from .tilted import LatentEnergy, TiltedEnergy
 
 __all__ = [
     "EnergyModel",
@@ -17,4 +18,6 @@ __all__ = [
     "BernoulliBaseEnergy",
     "enumerate_binary",
     "lattice_adjacency",
+    "TiltedEnergy",
+    "LatentEnergy",
 ]

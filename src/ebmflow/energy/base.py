@@ -33,8 +33,9 @@ class EnergyModel(nn.Module):
     ``self.space.one_hot(x)`` at the top of ``energy`` (it is the identity on one-hot input);
     gradient-based discrete samplers differentiate through it.
 
-    ``forward(x)`` checks the input's device and the output's shape ``(B,)`` and then returns
-    ``energy(x)``; it never reads tensor values, so it adds no host synchronisation.
+    ``forward(x)`` returns ``energy(x)`` after checking the output's shape ``(B,)``; when the
+    energy fails it names a device or dtype mismatch between ``x`` and the model. It never
+    reads tensor values, so it adds no host synchronisation.
     """
 
     space: Space
@@ -58,10 +59,12 @@ class EnergyModel(nn.Module):
     # -- provided ----------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """Same as ``energy(x)``, with device and output-shape checks."""
-        ref = self._reference_tensor()
-        if ref is not None:
-            check_same_device(x, ref.device)
-        out = self.energy(x)
+        try:
+            out = self.energy(x)
+        except RuntimeError as err:
+            # Diagnose only on failure: the hot path pays nothing for these checks.
+            self._diagnose_input(x, err)
+            raise
         if not isinstance(out, Tensor) or out.dim() != 1 or out.shape[0] != x.shape[0]:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(
@@ -70,6 +73,17 @@ class EnergyModel(nn.Module):
                 f".sum over event dims)"
             )
         return out
+
+    def _diagnose_input(self, x: Tensor, err: Exception) -> None:
+        ref = self._reference_tensor()
+        if ref is None:
+            return
+        check_same_device(x, ref.device)
+        if x.is_floating_point() and ref.is_floating_point() and x.dtype != ref.dtype:
+            raise ValueError(
+                f"x has dtype {x.dtype} but {type(self).__name__} has {ref.dtype} parameters; "
+                f"cast one of them, e.g. x.to({ref.dtype}) or model.to({x.dtype})"
+            ) from err
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Unnormalised log-density -E(x), ``(B,)``. Analytic targets override it exactly."""

@@ -94,7 +94,7 @@ class IsingEnergy(EnergyModel):
 
     def energy(self, x: Tensor) -> Tensor:
         s = 2.0 * x - 1.0
-        return -(torch.einsum("bi,ij,bj->b", s, self.coupling, s) + s @ self.bias)
+        return -(((s @ self.coupling) * s).sum(-1) + s @ self.bias)
 
     def _check_enumerable(self) -> None:
         if self.space.dim > MAX_ENUMERATION_DIM:

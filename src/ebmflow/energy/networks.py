@@ -65,7 +65,9 @@ class MLPEnergy(EnergyModel):
     def energy(self, x: Tensor) -> Tensor:
         if isinstance(self.space, Categorical):
             x = self.space.one_hot(x, dtype=self.net[0].weight.dtype)
-        return self.net(x.flatten(1)).squeeze(-1)
+        if x.dim() != 2:
+            x = x.flatten(1)
+        return self.net(x).squeeze(-1)
 
 
 class ConvEnergy(EnergyModel):

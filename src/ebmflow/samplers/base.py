@@ -19,8 +19,9 @@ Subclassing ``MCMCSampler`` takes one method::
             return x, {"accept_rate": accept.float()}      # per-chain info is averaged by run()
 
 ``run`` then gives the loop, the averaged diagnostics (``sampler.stats``), non-finite
-detection and a progress bar. Samplers that cache the energy and gradient of the current
-state between steps (MALA, HMC) override ``init_state`` and ``transition`` instead.
+detection, a progress bar and the fast path (``cuda_graph=True``: K steps recorded once as a
+CUDA graph and replayed; see ``MCMCSampler``). Samplers that cache the energy and gradient of
+the current state between steps (MALA, HMC) override ``init_state`` and ``transition`` instead.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..energy.base import EnergyModel
+from ..spaces import Categorical, check_same_device
+from ._fast import GraphRunner, carry_spec, flatten_carry, graph_key, unflatten_carry
 
 __all__ = ["Sampler", "MCMCSampler", "ChainState", "NonFiniteError", "StepInfo"]
 
 StepInfo = dict[str, Tensor]
+_NEVER = 2**62  # "no non-finite step yet" in the per-chain first-bad-step record
 
 
 class NonFiniteError(FloatingPointError):
@@ -51,7 +55,8 @@ class ChainState:
         x: states ``(B, *event)``.
         energy: cached E(x) ``(B,)`` or None.
         grad: cached dE/dx (same shape as x, or one-hot shape for categorical) or None.
-        extra: sampler-specific tensors (e.g. per-chain step sizes).
+        extra: sampler-specific tensors (e.g. step sizes: 0-d for a global value, ``(B,)`` per
+            chain).
     """
 
     x: Tensor
@@ -95,14 +100,7 @@ class Sampler(nn.Module):
         """Whether this sampler can draw states of ``energy.space`` (override to restrict)."""
         return True
 
-    def _initial_states(
-        self,
-        energy: EnergyModel,
-        n: int | None,
-        x0: Tensor | None,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        """x0 if given (validated against the energy's space), else ``n`` draws of its noise."""
+    def _check_energy(self, energy: EnergyModel) -> None:
         if not isinstance(energy, EnergyModel):
             raise ValueError(
                 f"energy must be an ebmflow EnergyModel, got {type(energy).__name__}; "
@@ -113,6 +111,16 @@ class Sampler(nn.Module):
                 f"{type(self).__name__} cannot sample {energy.space!r}; pick a sampler for "
                 f"this space"
             )
+
+    def _initial_states(
+        self,
+        energy: EnergyModel,
+        n: int | None,
+        x0: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """x0 if given (validated against the energy's space), else ``n`` draws of its noise."""
+        self._check_energy(energy)
         ref = energy._reference_tensor()
         device = ref.device if ref is not None else None
         if x0 is not None:
@@ -135,30 +143,78 @@ def _reduce_info(acc: dict[str, Tensor], info: StepInfo) -> None:
         acc[k] = acc[k] + v if k in acc else v
 
 
+@dataclass
+class _Carry:
+    """Everything the chain loop carries from one step to the next (all tensors)."""
+
+    state: ChainState
+    acc: dict[str, Tensor]  # running sums of step info
+    first_bad: Tensor  # (B,) long: first step where a chain went non-finite, _NEVER if never
+    n_reset: Tensor  # 0-d: undone non-finite moves
+    t: Tensor | int  # steps done in this run (0-d long tensor inside CUDA graphs)
+
+
 class MCMCSampler(Sampler):
     """A Markov kernel that keeps the target p ∝ exp(-E) invariant (or approximately, for ULA).
 
     Subclasses implement ``step(energy, x, generator) -> x'`` or ``-> (x', info)``, where
     ``info`` maps names to 0-d or per-chain ``(B,)`` tensors (e.g. ``accept_rate``); or, to
     cache the energy and gradient between steps, ``init_state`` and ``transition``.
+    ``run``, ``sample``, the diagnostics and the fast path then come for free.
 
     Args:
-        n_steps: default number of steps of ``sample``/``run``.
+        n_steps: default number of steps of ``sample``/``run`` (default 10).
         on_nonfinite: "raise" (default): ``run`` raises ``NonFiniteError`` naming the first
-            step and the chains where a state became NaN/inf; "reset": such a move is undone
-            (the chain keeps its previous state) and counted in ``stats["nonfinite"]``.
+            step and the chains where a state (or its cached energy / gradient) became
+            NaN/inf; "reset": such a move is undone (the chain keeps its previous state) and
+            counted in ``stats["nonfinite"]``.
         progress: show a tqdm progress bar in ``run``.
+        cuda_graph: fast path for CUDA states (default False). The first run for a given
+            (energy, batch shape, hyper-parameters) records ``graph_steps`` steps as one CUDA
+            graph on static buffers (after two warm-up steps on copies, with the RNG state
+            restored so the chains are unchanged); every run then replays it
+            ``n_steps // graph_steps`` times and does the remainder eagerly. No host
+            synchronisation or allocation happens inside the replayed steps. The chains are
+            the same as the eager loop's for the same seed (Philox offsets are replayed in
+            the same order). Requirements on ``transition``: no ``.item()`` / ``bool(tensor)``,
+            no Python-side state changes (they would happen once, at capture), hyper-parameters
+            read from public scalar attributes (they are part of the cache key) or from
+            tensors in ``ChainState.extra``. Parameters of the energy may be updated in place
+            (optimiser steps) between runs; moving them (``.to()``) triggers a new capture.
+            Ignored (eager loop) for CPU states or when an outer CUDA graph is being captured.
+        graph_steps: K, steps recorded per graph (default 32; fewer when ``n_steps`` is
+            smaller).
+        compile: run each step through ``torch.compile`` (experimental; autograd calls inside
+            the energy gradient cause graph breaks, so gains are limited to the fused update).
     """
 
-    def __init__(self, n_steps: int = 10, on_nonfinite: str = "raise", progress: bool = False):
+    def __init__(
+        self,
+        n_steps: int = 10,
+        on_nonfinite: str = "raise",
+        progress: bool = False,
+        *,
+        cuda_graph: bool = False,
+        graph_steps: int = 32,
+        compile: bool = False,
+    ):
         super().__init__()
-        if not isinstance(n_steps, int) or n_steps < 0:
+        if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 0:
             raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
         if on_nonfinite not in ("raise", "reset"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'reset', got {on_nonfinite!r}")
+        if not isinstance(graph_steps, int) or isinstance(graph_steps, bool) or graph_steps < 1:
+            raise ValueError(f"graph_steps must be a positive int, got {graph_steps!r}")
         self.n_steps = n_steps
         self.on_nonfinite = on_nonfinite
         self.progress = progress
+        self.cuda_graph = bool(cuda_graph)
+        self.graph_steps = graph_steps
+        self.compile = bool(compile)
+        self.chain_stats: dict[str, Tensor] = {}
+        self.last_state: ChainState | None = None
+        self._graph: GraphRunner | None = None
+        self._compiled: Any = None
 
     # -- subclass surface --------------------------------------------------------------
     def step(
@@ -184,6 +240,13 @@ class MCMCSampler(Sampler):
         x, info = out if isinstance(out, tuple) else (out, {})
         return ChainState(x), info
 
+    def end_run(self, energy: EnergyModel, state: ChainState) -> None:
+        """Hook called once after ``run`` with the final state (default: nothing).
+
+        Adaptive samplers store what they learned here (MALA/HMC: the adapted step size) and
+        may add entries to ``self.stats``.
+        """
+
     # -- provided ----------------------------------------------------------------------
     @torch.no_grad()
     def run(
@@ -198,39 +261,55 @@ class MCMCSampler(Sampler):
         """Run ``n_steps`` transitions from ``x0``; returns the final states (detached).
 
         Diagnostics (means over steps of what each step reported, plus ``nonfinite``, the
-        number of undone non-finite moves) are left in ``self.stats`` as 0-d tensors, and
-        per-chain means in ``self.chain_stats`` as ``(B,)`` tensors.
+        number of undone non-finite moves, or in "raise" mode the number of chains that went
+        non-finite, which is 0 unless an outer CUDA-graph capture prevented raising) are left
+        in ``self.stats`` as 0-d tensors, per-chain means in ``self.chain_stats`` as ``(B,)``
+        tensors, and the final ``ChainState`` in ``self.last_state``.
         """
         n_steps = self.n_steps if n_steps is None else n_steps
-        if not isinstance(n_steps, int) or n_steps < 0:
+        if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 0:
             raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
+        self._check_energy(energy)
+        _check_shape(energy, x0, type(self).__name__)
+        ref = energy._reference_tensor()
+        if ref is not None:  # once per run; the steps skip the per-call device check
+            check_same_device(x0, ref.device, "x0")
         state = self.init_state(energy, x0.detach())
-        acc: dict[str, Tensor] = {}
         batch = x0.shape[0]
-        first_bad = torch.full((batch,), -1, dtype=torch.long, device=x0.device)
-        n_reset = torch.zeros((), device=x0.device)
+        carry = _Carry(
+            state,
+            {},
+            torch.full((batch,), _NEVER, dtype=torch.long, device=x0.device),
+            torch.zeros((), device=x0.device),
+            0,  # a Python int in the eager loop (no op per step); a tensor in graphs
+        )
         show = self.progress if progress is None else progress
-        steps = tqdm(range(n_steps), desc=type(self).__name__, disable=not show, leave=False)
-        for t in steps:
-            new_state, info = self.transition(energy, state, generator)
-            bad = ~torch.isfinite(new_state.x.reshape(batch, -1).float()).all(1)
-            if new_state.energy is not None:
-                bad = bad | ~torch.isfinite(new_state.energy)
-            if self.on_nonfinite == "reset":
-                new_state = _where_state(bad, state, new_state)
-                n_reset = n_reset + bad.sum()
-            else:
-                first_bad = torch.where((first_bad < 0) & bad, t, first_bad)
-            state = new_state
-            _reduce_info(acc, info)
-        if self.on_nonfinite == "raise" and n_steps > 0:
-            _raise_if_bad(first_bad, type(self).__name__)
+        bar = tqdm(total=n_steps, desc=type(self).__name__, disable=not show, leave=False)
+        capturing = x0.is_cuda and torch.cuda.is_current_stream_capturing()
+        done = 0
+        if self.cuda_graph and x0.is_cuda and not capturing and n_steps > 0:
+            carry, done = self._run_graphed(energy, carry, n_steps, generator, bar)
+        advance = self._advance
+        if self.compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._advance, dynamic=False)
+            advance = self._compiled
+        for _ in range(n_steps - done):
+            carry = advance(energy, carry, generator)
+            bar.update(1)
+        bar.close()
+        if self.on_nonfinite == "raise" and n_steps > 0 and not capturing:
+            _raise_if_bad(carry.first_bad, type(self).__name__)
         denom = max(n_steps, 1)
-        self.chain_stats = {k: v / denom for k, v in acc.items() if v.dim() > 0}
-        self.stats = {k: (v / denom).mean() for k, v in acc.items()}
-        self.stats["nonfinite"] = n_reset
-        self.last_state = state
-        return state.x
+        self.chain_stats = {k: v / denom for k, v in carry.acc.items() if v.dim() > 0}
+        self.stats = {k: (v / denom).mean() for k, v in carry.acc.items()}
+        if self.on_nonfinite == "reset":
+            self.stats["nonfinite"] = carry.n_reset
+        else:
+            self.stats["nonfinite"] = (carry.first_bad < _NEVER).sum().float()
+        self.last_state = carry.state
+        self.end_run(energy, carry.state)
+        return carry.state.x
 
     def sample(
         self,
@@ -245,12 +324,102 @@ class MCMCSampler(Sampler):
         x = self._initial_states(energy, n, x0, generator)
         return self.run(energy, x, n_steps, generator=generator)
 
+    def clear_graphs(self) -> None:
+        """Drop the recorded CUDA graph and its memory pool (the next run records again)."""
+        self._graph = None
+        self._compiled = None
+
+    # -- internals ---------------------------------------------------------------------
+    def _advance(
+        self, energy: EnergyModel, carry: _Carry, generator: torch.Generator | None
+    ) -> _Carry:
+        """One step of the chain loop: transition, non-finite handling, info accumulation.
+
+        A pure function of tensors (no host synchronisation), so it can be recorded in a
+        CUDA graph or compiled.
+        """
+        old = carry.state
+        new, info = self.transition(energy, old, generator)
+        finite = _row_sums(new).mul(0) == 0  # 0 * NaN/inf = NaN != 0; cheaper than isfinite
+        first_bad, n_reset = carry.first_bad, carry.n_reset
+        if self.on_nonfinite == "reset":
+            new = _where_state(~finite, old, new)
+            n_reset = n_reset + (finite.shape[0] - finite.sum())
+        else:  # first_bad holds _NEVER until a chain's first non-finite step
+            first_bad = torch.where(finite, first_bad, first_bad.clamp(max=carry.t))
+        acc = dict(carry.acc)
+        _reduce_info(acc, info)
+        return _Carry(new, acc, first_bad, n_reset, carry.t + 1)
+
+    def _run_graphed(
+        self,
+        energy: EnergyModel,
+        carry: _Carry,
+        n_steps: int,
+        generator: torch.Generator | None,
+        bar: Any,
+    ) -> tuple[_Carry, int]:
+        """Replay a recorded K-step CUDA graph ``n_steps // K`` times; returns (carry, done)."""
+        k = min(self.graph_steps, n_steps)
+        device = carry.first_bad.device
+        carry.t = torch.as_tensor(carry.t, dtype=torch.long, device=device)
+        flat = flatten_carry(carry)
+        key = graph_key(self, energy, carry_spec(flat), k, generator)
+        runner = self._graph
+        if runner is None or runner.key != key:
+            self._graph = None  # free the old pool before recording a new graph
+            runner = GraphRunner.record(
+                key, lambda c: self._advance(energy, c, generator), carry, k, generator
+            )
+            if runner is None:
+                carry.t = 0
+                return carry, 0
+            self._graph = runner
+        out = runner.replay(flat, n_steps // k, bar)
+        return unflatten_carry(out, _Carry, ChainState), (n_steps // k) * k
+
+
+def _check_shape(energy: EnergyModel, x: Tensor, name: str) -> None:
+    """Shape check of chain states (no value reads, so no host synchronisation)."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"x0 must be a torch.Tensor, got {type(x).__name__}")
+    space = energy.space
+    event = tuple(x.shape[1:])
+    ok = x.dim() >= 1 and x.shape[0] > 0 and event == tuple(space.shape)
+    if isinstance(space, Categorical) and event == (space.num_dims, space.num_classes):
+        ok = x.shape[0] > 0
+    if not ok:
+        raise ValueError(
+            f"{name}: x0 has shape {tuple(x.shape)} but the energy's space {space!r} expects "
+            f"(B, {', '.join(str(s) for s in space.shape)}) with B >= 1; batch dimension first"
+        )
+
+
+def _row_sums(state: ChainState) -> Tensor:
+    """Per chain, sum of x, the cached energy and the cached gradient ``(B,)``: finite iff all
+    of them are finite (a NaN/inf anywhere makes the sum non-finite). Few ops per step."""
+    x = state.x
+    batch = x.shape[0]
+    rows = x.reshape(batch, -1).sum(1) if x.is_floating_point() else None
+    if state.energy is not None:
+        rows = state.energy if rows is None else rows + state.energy
+    if state.grad is not None:
+        g = state.grad.reshape(batch, -1).sum(1)
+        rows = g if rows is None else rows + g
+    if rows is None:
+        rows = torch.zeros(batch, device=x.device)
+    return rows
+
 
 def _where_state(bad: Tensor, old: ChainState, new: ChainState) -> ChainState:
-    """Per chain, keep ``old`` where ``bad`` is True, else take ``new``."""
+    """Per chain, keep ``old`` where ``bad`` is True, else take ``new``.
+
+    Entries without a leading batch dimension (0-d step sizes) are taken from ``new``.
+    """
+    batch = bad.shape[0]
 
     def pick(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-        if a is None or b is None:
+        if a is None or b is None or b.dim() == 0 or b.shape[0] != batch or a.shape != b.shape:
             return b
         mask = bad.reshape((-1,) + (1,) * (b.dim() - 1))
         return torch.where(mask, a, b)
@@ -260,7 +429,7 @@ def _where_state(bad: Tensor, old: ChainState, new: ChainState) -> ChainState:
 
 
 def _raise_if_bad(first_bad: Tensor, name: str) -> None:
-    bad_chains = torch.nonzero(first_bad >= 0).flatten()
+    bad_chains = torch.nonzero(first_bad < _NEVER).flatten()
     if bad_chains.numel() > 0:
         step = int(first_bad[bad_chains].min())
         shown = bad_chains[:8].tolist()

@@ -1,0 +1,239 @@
+"""Discrete sampler speed: GWG, DULA, DMALA and Gibbs against plain PyTorch loops.
+
+Targets: a binary ``MLPEnergy`` on D = 784 bits (3 hidden layers of 256, SiLU) and a 32 x 32
+periodic lattice ``IsingEnergy`` (D = 1024, sigma = 0.2); chains B in {128, 4096}
+(``--quick``: B = 128 only, few steps, for CPU). For each sampler:
+
+* ``plain``: a hand-written PyTorch loop doing the same update on the same energy function
+  (autograd gradient, eager, cached E and gradient of the current state where ours caches);
+* ``ours``: ``ebmflow.samplers`` eager (``cuda_graph=False``);
+* ``ours+graph`` (CUDA only): ``cuda_graph=True`` (``--graph-steps`` steps per replay).
+
+Samplers: ``GWG`` (GibbsWithGradients, one proposed flip + MH per step), ``DULA`` and
+``DMALA`` (step size 0.1; all coordinates proposed in parallel each step), ``Gibbs`` (random
+scan: one coordinate per chain per step) and ``Gibbs-sweep`` (systematic: D coordinate updates
+per step). ``sweeps/s`` counts D single-coordinate updates as one sweep: a GWG or random-scan
+Gibbs step is 1/D sweep, a DULA/DMALA or Gibbs-sweep step is one sweep. Ratios are to
+``plain`` from the same run (variants interleaved, median of ``--repeats``). Prints a table and
+writes benchmarks/results/discrete_samplers.json.
+
+    python benchmarks/discrete_samplers.py --quick     # CPU, about a minute on an idle core
+    python benchmarks/discrete_samplers.py             # full grid (use a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.functional import logsigmoid
+
+from ebmflow.energy import IsingEnergy, MLPEnergy
+from ebmflow.samplers import DiscreteLangevin, Gibbs, GibbsWithGradients
+from ebmflow.spaces import Binary
+
+ALPHA = 0.1
+
+
+# -- plain loops: the same math, written the obvious way -------------------------------------
+def _grad(f, x):
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        e = f(xg)
+        (g,) = torch.autograd.grad(e.sum(), xg)
+    return e.detach(), g
+
+
+def plain_gwg(f, x, n, gen):
+    e, g = _grad(f, x)
+    for _ in range(n):
+        lq = torch.log_softmax(-(1 - 2 * x) * g / 2, 1)
+        u = torch.rand(lq.shape, generator=gen, device=x.device)
+        i = (lq - torch.log(-torch.log(u))).argmax(1, keepdim=True)
+        y = x.scatter(1, i, 1 - x.gather(1, i))
+        ey, gy = _grad(f, y)
+        lq_rev = torch.log_softmax(-(1 - 2 * y) * gy / 2, 1)
+        log_a = e - ey + lq_rev.gather(1, i)[:, 0] - lq.gather(1, i)[:, 0]
+        acc = torch.rand(x.shape[0], generator=gen, device=x.device).log() < log_a
+        x = torch.where(acc[:, None], y, x)
+        e = torch.where(acc, ey, e)
+        g = torch.where(acc[:, None], gy, g)
+    return x
+
+
+def _plain_dlangevin(f, x, n, gen, metropolis):
+    e, g = _grad(f, x)
+    for _ in range(n):
+        logit = -(1 - 2 * x) * g / 2 - 1 / (2 * ALPHA)
+        flip = torch.rand(x.shape, generator=gen, device=x.device).log() < logsigmoid(logit)
+        y = torch.where(flip, 1 - x, x)
+        ey, gy = _grad(f, y)
+        if metropolis:
+            logit_r = -(1 - 2 * y) * gy / 2 - 1 / (2 * ALPHA)
+            fwd = torch.where(flip, logsigmoid(logit), logsigmoid(-logit)).sum(1)
+            rev = torch.where(flip, logsigmoid(logit_r), logsigmoid(-logit_r)).sum(1)
+            log_a = e - ey + rev - fwd
+            acc = torch.rand(x.shape[0], generator=gen, device=x.device).log() < log_a
+            x = torch.where(acc[:, None], y, x)
+            e = torch.where(acc, ey, e)
+            g = torch.where(acc[:, None], gy, g)
+        else:
+            x, e, g = y, ey, gy
+    return x
+
+
+def plain_dula(f, x, n, gen):
+    return _plain_dlangevin(f, x, n, gen, False)
+
+
+def plain_dmala(f, x, n, gen):
+    return _plain_dlangevin(f, x, n, gen, True)
+
+
+def _plain_gibbs_update(f, x, e, i, gen):
+    """Resample bit i (B, 1) of every chain from its exact conditional (E(x) cached)."""
+    y = x.scatter(1, i, 1 - x.gather(1, i))
+    ey = f(y)
+    flip = torch.rand(x.shape[0], generator=gen, device=x.device).log() < logsigmoid(e - ey)
+    return torch.where(flip[:, None], y, x), torch.where(flip, ey, e)
+
+
+@torch.no_grad()
+def plain_gibbs(f, x, n, gen):
+    e = f(x)
+    for _ in range(n):
+        i = torch.randint(0, x.shape[1], (x.shape[0], 1), generator=gen, device=x.device)
+        x, e = _plain_gibbs_update(f, x, e, i, gen)
+    return x
+
+
+@torch.no_grad()
+def plain_gibbs_sweep(f, x, n, gen):
+    e = f(x)
+    for _ in range(n):
+        for j in range(x.shape[1]):
+            i = torch.full((x.shape[0], 1), j, device=x.device, dtype=torch.long)
+            x, e = _plain_gibbs_update(f, x, e, i, gen)
+    return x
+
+
+PLAIN = {"GWG": plain_gwg, "DULA": plain_dula, "DMALA": plain_dmala, "Gibbs": plain_gibbs,
+         "Gibbs-sweep": plain_gibbs_sweep}
+SWEEPS_PER_STEP = {"GWG": "1/D", "DULA": 1, "DMALA": 1, "Gibbs": "1/D", "Gibbs-sweep": 1}
+
+
+def make_ours(name: str, graph: bool, k: int):
+    kw = {"cuda_graph": graph, "graph_steps": k}
+    if name == "GWG":
+        return GibbsWithGradients(**kw)
+    if name in ("DULA", "DMALA"):
+        return DiscreteLangevin(ALPHA, metropolis=name == "DMALA", **kw)
+    return Gibbs(sweep=name == "Gibbs-sweep", **kw)
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def timed_interleaved(fns: dict, device, repeats: int) -> dict:
+    """Median seconds per variant; variants alternate within each repeat (fair on a shared
+    machine). A variant that fails in warm-up is skipped and reported."""
+    times: dict = {}
+    for k, fn in fns.items():
+        try:
+            fn()  # warm-up (and CUDA-graph recording)
+            times[k] = []
+        except Exception as err:  # noqa: BLE001
+            print(f"{k} skipped: {type(err).__name__}: {err}")
+    for _ in range(repeats):
+        for k in times:
+            times[k].append(timed(fns[k], device))
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def targets(device):
+    torch.manual_seed(0)
+    mlp = MLPEnergy(Binary(784), hidden=(256, 256, 256)).to(device)
+    ising = IsingEnergy.lattice(32, 0.2).to(device)
+    return {"MLP-784": mlp, "Ising-32x32": ising}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="CPU, B = 128, few steps")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None, help="steps per timed run (not sweeps)")
+    ap.add_argument("--graph-steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 with --quick)")
+    ap.add_argument("--samplers", nargs="*", default=None, choices=list(PLAIN),
+                    help="default: all (--quick: all but Gibbs-sweep, D energy calls per step)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" /
+                                         "discrete_samplers.json"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)
+    batches = (128,) if args.quick else (128, 4096)
+    steps = args.steps or (5 if args.quick else 200)
+    samplers = args.samplers or [k for k in PLAIN if not (args.quick and k == "Gibbs-sweep")]
+    repeats = args.repeats or (3 if args.quick else 5)
+    rows = []
+    for tname, energy in targets(device).items():
+        d = energy.space.dim
+        for b in batches:
+            gen0 = torch.Generator(device=device).manual_seed(0)
+            x0 = energy.space.noise(b, generator=gen0, device=device)
+            for name in samplers:
+                n = 1 if name == "Gibbs-sweep" else steps
+                gen = torch.Generator(device=device).manual_seed(0)
+                f = energy.energy
+                fns = {"plain": lambda p=PLAIN[name], f=f, x=x0, n=n, g=gen: p(f, x, n, g)}
+                s = make_ours(name, False, args.graph_steps)
+                fns["ours"] = lambda s=s, e=energy, x=x0, n=n, g=gen: s.run(e, x, n, generator=g)
+                if device.type == "cuda" and name != "Gibbs-sweep":
+                    sg = make_ours(name, True, min(args.graph_steps, n))
+                    fns["ours+graph"] = (lambda s=sg, e=energy, x=x0, n=n, g=gen:
+                                         s.run(e, x, n, generator=g))
+                res = timed_interleaved(fns, device, repeats)
+                for variant, sec in res.items():
+                    sweeps = n if SWEEPS_PER_STEP[name] == 1 else n / d
+                    rows.append({"target": tname, "sampler": name, "D": d, "B": b,
+                                 "variant": variant, "steps": n, "seconds": sec,
+                                 "steps_per_s": n / sec, "sweeps_per_s": sweeps / sec,
+                                 "ratio_vs_plain": res["plain"] / sec})
+                print(".", end="", flush=True)
+    print()
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else platform.processor() or "cpu")
+    print(f"device: {device} ({dev_name}), torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    header = (f"{'target':12} {'sampler':11} {'B':>5} {'variant':11} {'steps/s':>9} "
+              f"{'sweeps/s':>9} {'x plain':>8}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['target']:12} {r['sampler']:11} {r['B']:>5} {r['variant']:11} "
+              f"{r['steps_per_s']:>9.1f} {r['sweeps_per_s']:>9.3f} {r['ratio_vs_plain']:>8.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": str(device), "device_name": dev_name, "torch": torch.__version__,
+            "quick": args.quick, "threads": torch.get_num_threads(), "alpha": ALPHA,
+            "graph_steps": args.graph_steps, "repeats": repeats}
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

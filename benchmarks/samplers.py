@@ -1,0 +1,211 @@
+"""Sampler speed: steps per second of Langevin, MALA and HMC on an MLP energy.
+
+Energy: MLPEnergy, 3 hidden layers of 256, SiLU. Grid: D in {2, 64, 784}, chains B in
+{1024, 65536} (``--quick``: D in {2, 64}, B = 256, fewer steps, for CPU). For each sampler:
+
+* ``plain``: a hand-written PyTorch loop doing the same update (autograd gradient, eager);
+* ``ours``: ``ebmflow.samplers`` eager (``cuda_graph=False``);
+* ``ours+graph`` (CUDA only): ``cuda_graph=True`` (K = ``--graph-steps`` steps per replay);
+* ``torchebm`` (Langevin only, when torchebm is installed): its LangevinDynamics.
+
+Ratios are to ``plain`` from the same run. HMC counts one HMC transition (L = 5 leapfrog
+steps) as a step. Prints a table and writes benchmarks/results/samplers.json.
+
+    python benchmarks/samplers.py --quick          # CPU, < 1 minute
+    python benchmarks/samplers.py                  # full grid (use a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ebmflow.energy import MLPEnergy
+from ebmflow.samplers import HMC, MALA, Langevin
+from ebmflow.spaces import Continuous
+
+ETA, HMC_EPS, HMC_L = 1e-3, 1e-2, 5
+
+
+# -- plain loops: the same math, written the obvious way -------------------------------------
+def _grad(net, x):
+    xg = x.detach().requires_grad_(True)
+    e = net(xg).squeeze(-1)
+    (g,) = torch.autograd.grad(e.sum(), xg)
+    return e.detach(), g
+
+
+def plain_langevin(net, x, n, gen):
+    for _ in range(n):
+        _, g = _grad(net, x)
+        x = x - ETA * g + math.sqrt(2 * ETA) * torch.randn(x.shape, generator=gen, device=x.device)
+    return x
+
+
+def plain_mala(net, x, n, gen):
+    e, g = _grad(net, x)
+    for _ in range(n):
+        xi = torch.randn(x.shape, generator=gen, device=x.device)
+        y = x - ETA * g + math.sqrt(2 * ETA) * xi
+        ey, gy = _grad(net, y)
+        log_a = e - ey - ((x - y + ETA * gy) ** 2).sum(1) / (4 * ETA) + 0.5 * (xi**2).sum(1)
+        acc = torch.rand(x.shape[0], generator=gen, device=x.device).log() < log_a
+        x = torch.where(acc[:, None], y, x)
+        e = torch.where(acc, ey, e)
+        g = torch.where(acc[:, None], gy, g)
+    return x
+
+
+def plain_hmc(net, x, n, gen):
+    e, g = _grad(net, x)
+    for _ in range(n):
+        p = torch.randn(x.shape, generator=gen, device=x.device)
+        h0 = e + 0.5 * (p**2).sum(1)
+        y, pn = x, p - 0.5 * HMC_EPS * g
+        for i in range(HMC_L):
+            y = y + HMC_EPS * pn
+            ey, gy = _grad(net, y)
+            pn = pn - (0.5 if i == HMC_L - 1 else 1.0) * HMC_EPS * gy
+        acc = torch.rand(x.shape[0], generator=gen, device=x.device).log() < h0 - ey - 0.5 * (pn**2).sum(1)
+        x = torch.where(acc[:, None], y, x)
+        e = torch.where(acc, ey, e)
+        g = torch.where(acc[:, None], gy, g)
+    return x
+
+
+PLAIN = {"Langevin": plain_langevin, "MALA": plain_mala, "HMC": plain_hmc}
+
+
+def make_ours(name, graph, k):
+    kw = {"cuda_graph": graph, "graph_steps": k}
+    if name == "Langevin":
+        return Langevin(ETA, **kw)
+    if name == "MALA":
+        return MALA(ETA, **kw)
+    return HMC(HMC_EPS, n_leapfrog=HMC_L, **kw)
+
+
+def torchebm_runner(energy):
+    """torchebm's LangevinDynamics when installed (API of 0.8.x), else None."""
+    try:
+        import torchebm  # noqa: F401
+        from torchebm.core import BaseModel
+        from torchebm.samplers import LangevinDynamics
+    except Exception:
+        return None
+
+    class Wrapped(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.inner = energy
+
+        def forward(self, x):
+            return self.inner(x)
+
+    try:
+        sampler = LangevinDynamics(model=Wrapped(), step_size=ETA, noise_scale=math.sqrt(2 * ETA))
+    except Exception:
+        return None
+
+    def run(x, n, gen):
+        return sampler.sample(x=x, n_steps=n)
+
+    return run
+
+
+def timed(fn, device, repeats, warm=True):
+    """Median wall time of ``fn()`` over ``repeats`` calls (after one warm-up call)."""
+    if warm:
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def timed_interleaved(fns, device, repeats):
+    """Median time per variant; variants alternate within each repeat, so a slow phase of a
+    shared machine hits all of them alike. A variant that raises is skipped (reported)."""
+    times = {k: [] for k in fns}
+    for k, fn in list(fns.items()):  # warm-up (and CUDA-graph recording)
+        try:
+            fn()
+        except Exception as err:
+            print(f"{k} skipped: {type(err).__name__}: {err}")
+            del times[k]
+    for _ in range(repeats):
+        for k in times:
+            times[k].append(timed(fns[k], device, 1, warm=False))
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small CPU grid (< 1 minute)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None, help="chain steps per timed run")
+    ap.add_argument("--graph-steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --quick)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "samplers.json"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)
+    dims, batches = ((2, 64), (256,)) if args.quick else ((2, 64, 784), (1024, 65536))
+    steps = args.steps or (10 if args.quick else 100)
+    rows = []
+    for d in dims:
+        for b in batches:
+            torch.manual_seed(0)
+            energy = MLPEnergy(Continuous(d), hidden=(256, 256, 256)).to(device)
+            x0 = torch.randn(b, d, device=device)
+            for name in ("Langevin", "MALA", "HMC"):
+                n = max(2, steps // HMC_L) if name == "HMC" else steps
+                gen = torch.Generator(device=device).manual_seed(0)
+                fns = {"plain": lambda f=PLAIN[name], e=energy, x=x0, n=n, g=gen: f(e.net, x, n, g)}
+                s = make_ours(name, False, args.graph_steps)
+                fns["ours"] = lambda s=s, e=energy, x=x0, n=n, g=gen: s.run(e, x, n, generator=g)
+                if device.type == "cuda":
+                    sg = make_ours(name, True, min(args.graph_steps, n))
+                    fns["ours+graph"] = lambda s=sg, e=energy, x=x0, n=n, g=gen: s.run(e, x, n, generator=g)
+                tebm = torchebm_runner(energy) if name == "Langevin" else None
+                if tebm is not None:
+                    fns["torchebm"] = lambda t=tebm, x=x0, n=n, g=gen: t(x, n, g)
+                res = timed_interleaved(fns, device, args.repeats)
+                for variant, sec in res.items():
+                    rows.append({"sampler": name, "D": d, "B": b, "variant": variant, "steps": n,
+                                 "seconds": sec, "steps_per_s": n / sec,
+                                 "ratio_vs_plain": res["plain"] / sec})
+    header = f"{'sampler':9} {'D':>4} {'B':>6} {'variant':11} {'steps/s':>10} {'x plain':>8}"
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['sampler']:9} {r['D']:>4} {r['B']:>6} {r['variant']:11} "
+              f"{r['steps_per_s']:>10.1f} {r['ratio_vs_plain']:>8.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
+            "threads": torch.get_num_threads(), "eta": ETA, "hmc_eps": HMC_EPS, "hmc_L": HMC_L,
+            "graph_steps": args.graph_steps}
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(device)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

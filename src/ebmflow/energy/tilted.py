@@ -1,0 +1,131 @@
+"""Flow-tilted energies (Grenioux, Moulines, Gabrie): the EBM corrects a normalizing flow.
+
+    p(x) ∝ q_flow(x) exp(-E_theta(x)),    E_tilt(x) = E_theta(x) - log q_flow(x).
+
+With E_theta = 0 the model is the flow itself; training moves E_theta only where the flow is
+wrong. Independent flow proposals x' ~ q then accept with
+min(1, exp(E_theta(x) - E_theta(x'))), which is near 1 when the correction is small.
+
+Pulled back through the flow's map x = T(z) (neural transport), the tilted density becomes
+
+    p_z(z) ∝ rho(z) exp(-E_theta(T(z))),   E_z(z) = E_theta(T(z)) + |z|^2 / 2,
+
+close to the base Gaussian, where local MCMC mixes easily (``TiltedEnergy.latent()``).
+
+The flow is duck-typed (this module does not import ``ebmflow.flows``): anything with
+``log_prob(x) -> (B,)`` on flat states ``(B, D)``, and for the latent view a ``forward(z) ->
+(x, log|det dT/dz|)`` (``__call__``). An integer ``dim`` attribute, when present, is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+from torch import Tensor, nn
+
+from ..spaces import Continuous
+from .base import EnergyModel
+
+__all__ = ["TiltedEnergy", "LatentEnergy"]
+
+
+@contextmanager
+def _frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily stop gradients into ``module``'s parameters (gradients w.r.t. inputs
+    still flow)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class TiltedEnergy(EnergyModel):
+    """E_tilt(x) = E_theta(x) - log q_flow(x) on the energy's continuous space.
+
+    Args:
+        energy: the learned correction E_theta (an ``EnergyModel`` on a ``Continuous`` space).
+        flow: a module with ``log_prob(x (B, D)) -> (B,)`` where D = energy.space.dim
+            (e.g. ``ebmflow.flows.RealNVP``); states of shape ``(B, *event)`` are flattened.
+        learn_flow: if False (default) the flow's parameters get no gradient through this
+            energy (the flow is fitted separately, e.g. by ``FlowMC.update``); gradients with
+            respect to x always include -grad log q.
+
+    Attributes:
+        model: E_theta.   flow: the flow.
+    """
+
+    def __init__(self, energy: EnergyModel, flow: nn.Module, learn_flow: bool = False):
+        if not isinstance(energy, EnergyModel):
+            raise ValueError(
+                f"energy must be an ebmflow EnergyModel, got {type(energy).__name__}"
+            )
+        if not isinstance(energy.space, Continuous):
+            raise ValueError(
+                f"TiltedEnergy needs a continuous energy, got space {energy.space!r}; flows "
+                "model real-valued states"
+            )
+        if not isinstance(flow, nn.Module) or not callable(getattr(flow, "log_prob", None)):
+            raise ValueError(
+                f"flow must be an nn.Module with log_prob(x) -> (B,), got {type(flow).__name__}"
+            )
+        dim = getattr(flow, "dim", None)
+        if isinstance(dim, int) and dim != energy.space.dim:
+            raise ValueError(
+                f"flow has dim={dim} but the energy's space {energy.space!r} has "
+                f"{energy.space.dim} coordinates; build the flow with dim={energy.space.dim}"
+            )
+        super().__init__(energy.space)
+        self.model = energy
+        self.flow = flow
+        self.learn_flow = learn_flow
+
+    def flow_log_prob(self, x: Tensor) -> Tensor:
+        """log q_flow(x) on flattened states, ``(B,)``."""
+        if self.learn_flow:
+            return self.flow.log_prob(x.flatten(1))
+        with _frozen(self.flow):
+            return self.flow.log_prob(x.flatten(1))
+
+    def energy(self, x: Tensor) -> Tensor:
+        return self.model(x) - self.flow_log_prob(x)
+
+    def latent(self) -> LatentEnergy:
+        """The pulled-back energy E_z(z) = E_theta(T(z)) + |z|^2 / 2 on ``Continuous(D)``."""
+        return LatentEnergy(self)
+
+    def push_forward(self, z: Tensor) -> Tensor:
+        """x = T(z) reshaped to the energy's event shape: ``(B, D) -> (B, *event)``."""
+        x, _ = self.flow(z)
+        return x.reshape(z.shape[0], *self.space.shape)
+
+    def _reference_tensor(self) -> Tensor | None:
+        ref = self.model._reference_tensor()
+        if ref is not None:
+            return ref
+        return super()._reference_tensor()
+
+
+class LatentEnergy(EnergyModel):
+    """Energy of a ``TiltedEnergy`` pulled back through its flow's map x = T(z):
+
+        E_z(z) = E_tilt(T(z)) - log|det dT/dz| = E_theta(T(z)) + |z|^2 / 2 + const.
+
+    Sample z with any continuous MCMC, then map with ``tilted.push_forward(z)``.
+    """
+
+    def __init__(self, tilted: TiltedEnergy):
+        super().__init__(Continuous(tilted.space.dim))
+        self.tilted = tilted
+
+    def energy(self, z: Tensor) -> Tensor:
+        with nullcontext() if self.tilted.learn_flow else _frozen(self.tilted.flow):
+            x = self.tilted.push_forward(z)
+        return self.tilted.model(x) + 0.5 * z.pow(2).sum(-1)
+
+    def _reference_tensor(self) -> Tensor | None:
+        return self.tilted._reference_tensor()

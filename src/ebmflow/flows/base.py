@@ -1,0 +1,155 @@
+"""The ``Flow`` base class: an invertible map T from a standard Gaussian base to data space.
+
+A flow defines the density of x = T(z), z ~ rho = N(0, I_D), by the change of variables
+
+    log q(x) = log rho(T^{-1}(x)) + log|det dT^{-1}/dx (x)|
+             = log rho(z) - log|det dT/dz (z)|,        z = T^{-1}(x).
+
+Subclasses implement ``forward(z) -> (x, log|det dT/dz|)`` and ``inverse(x) -> (z,
+log|det dT^{-1}/dx|)``; ``log_prob``, ``sample_and_log_prob`` (one pass, zuko-style),
+``sample`` and ``nll`` then come for free. A flow that has an exact sampler and density but
+no explicit map (a mixture, a tabulated proposal) may instead override ``log_prob`` and
+``sample_and_log_prob`` directly; ``FlowMC`` only needs those two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..spaces import Continuous
+
+__all__ = ["Flow", "standard_normal_log_prob"]
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I) summed over the event: -|z|^2 / 2 - D/2 log(2 pi), ``(B, D) -> (B,)``."""
+    d = z.shape[-1]
+    return -0.5 * z.pow(2).sum(-1) - 0.5 * d * math.log(2 * math.pi)
+
+
+class Flow(nn.Module):
+    """Base class of normalizing flows on ``Continuous(dim)``; base density N(0, I_dim).
+
+    Args:
+        dim: number of coordinates D (states are float ``(B, D)``).
+
+    Attributes:
+        dim: D.
+        space: ``Continuous(D)``; a flow proposes states of an energy whose space has the
+            same number of coordinates (``FlowMC`` and ``TiltedEnergy`` check this).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.dim = dim
+        self.space = Continuous(dim)
+
+    # -- to implement ------------------------------------------------------------------
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """x = T(z) and log|det dT/dz|: ``(B, D) -> ((B, D), (B,))``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement forward(z) -> (x, logdet) or override "
+            "sample_and_log_prob"
+        )
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """z = T^{-1}(x) and log|det dT^{-1}/dx|: ``(B, D) -> ((B, D), (B,))``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement inverse(x) -> (z, logdet) or override log_prob"
+        )
+
+    # -- provided ----------------------------------------------------------------------
+    def base_log_prob(self, z: Tensor) -> Tensor:
+        """log rho(z) = log N(z; 0, I), ``(B,)``."""
+        return standard_normal_log_prob(z)
+
+    def base_sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """z ~ N(0, I): ``(n, D)`` on the flow's device and dtype."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        ref = self._reference_tensor()
+        device = ref.device if ref is not None else torch.device("cpu")
+        dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but the flow is on {device}; create it "
+                f"with torch.Generator(device='{device}')"
+            )
+        return torch.randn((n, self.dim), generator=generator, device=device, dtype=dtype)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log q(x) = log rho(z) + log|det dT^{-1}/dx|, ``(B, D) -> (B,)``."""
+        self._check_input(x, "x")
+        z, logdet = self.inverse(x)
+        return self.base_log_prob(z) + logdet
+
+    def sample_and_log_prob(
+        self, n: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One pass: x = T(z), z ~ N(0, I), and log q(x) = log rho(z) - log|det dT/dz|.
+
+        Returns ``x`` ``(n, D)`` and ``log_q`` ``(n,)``; differentiable with respect to the
+        flow's parameters unless called under ``torch.no_grad()``.
+        """
+        z = self.base_sample(n, generator)
+        x, logdet = self(z)
+        return x, self.base_log_prob(z) - logdet
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Same as ``sample_and_log_prob``: ``(x (n, D), log_q (n,))``."""
+        return self.sample_and_log_prob(n, generator)
+
+    def nll(self, x: Tensor) -> Tensor:
+        """Maximum-likelihood loss -mean_b log q(x_b) (a 0-d tensor), the forward KL up to a
+        constant when x ~ p."""
+        return -self.log_prob(x).mean()
+
+    def fit(
+        self,
+        data: Tensor,
+        n_steps: int = 1000,
+        *,
+        lr: float = 1e-3,
+        batch_size: int = 256,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Fit the flow to ``data`` ``(N, D)`` by maximum likelihood with Adam.
+
+        Minibatches are drawn uniformly with replacement. Returns the loss of every step
+        ``(n_steps,)`` (detached; one host copy at the end, none inside the loop).
+        """
+        self._check_input(data, "data")
+        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        losses = torch.zeros(n_steps, device=data.device)
+        for i in range(n_steps):
+            idx = torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),),
+                                generator=generator, device=data.device)
+            loss = self.nll(data[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[i] = loss.detach()
+        return losses
+
+    def _check_input(self, x: Tensor, name: str) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"{name} must have shape (B, {self.dim}) for {type(self).__name__}(dim="
+                f"{self.dim}), got {got}; flatten event dims with {name}.flatten(1)"
+            )
+
+    def _reference_tensor(self) -> Tensor | None:
+        for p in self.parameters():
+            return p
+        for b in self.buffers():
+            return b
+        return None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"

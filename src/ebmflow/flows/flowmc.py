@@ -1,0 +1,359 @@
+"""FlowMC (Gabrie, Rotskoff, Vanden-Eijnden 2022): local MCMC plus independent flow proposals.
+
+One round on B persistent chains:
+
+1. local: ``n_local`` steps of a continuous ``MCMCSampler`` (default ``MALA``) on p ∝ exp(-E);
+2. global: ``n_global`` independent proposals x' ~ q (the flow), each accepted per chain with
+
+       alpha = min(1, exp(f(x') - f(x) + log q(x) - log q(x'))),   f = -E,
+
+   the Metropolis-Hastings ratio of an independence sampler; it leaves p invariant for any
+   q with full support, and alpha = 1 when q = p.
+
+During training the flow is fitted to the chains by maximum likelihood (forward KL on the
+current chain states, ``update``), with its own optimiser and schedule, so global moves jump
+between modes that local moves cannot connect and rebalance their weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..energy.base import EnergyModel
+from ..samplers import MALA
+from ..samplers.base import MCMCSampler, Sampler
+from ..spaces import Continuous, check_same_device
+from .base import Flow
+
+__all__ = ["FlowMC"]
+
+
+def _default_local_kernel() -> MCMCSampler:
+    """MALA(step_size=0.1, n_warmup=200): adapts its step size during its first 200 steps."""
+    return MALA(step_size=0.1, n_warmup=200)
+
+
+class FlowMC(Sampler):
+    """Flow-assisted MCMC with persistent chains and an adaptive flow proposal.
+
+    Args:
+        flow: any ``Flow`` (``RealNVP``, ``ContinuousFlow`` or a subclass providing
+            ``sample_and_log_prob`` and ``log_prob``) with ``flow.dim == energy.space.dim``.
+        local: the local kernel, a continuous ``MCMCSampler`` (default ``MALA(step_size=0.1,
+            n_warmup=200)``).
+        n_local: local steps per round (default 10).
+        n_global: independent flow proposals per round (default 10).
+        n_rounds: rounds per ``sample`` call (default 1).
+        n_chains: number of persistent chains (default: the ``n`` of the first ``sample``
+            call, or the size of the first ``data`` given to ``update``).
+        lr: learning rate of the default Adam optimiser of the flow (default 1e-3).
+        flow_steps: optimiser steps per ``update`` call (default 1).
+        flow_batch_size: chain states per flow step (default: all chains).
+        flow_loss: "ml" (maximum likelihood, -mean log q(x); default) or "flow_matching"
+            (for flows with ``flow_matching_loss``, e.g. ``ContinuousFlow``).
+        optimizer: ``params -> torch.optim.Optimizer`` (default Adam(lr)).
+        scheduler: ``optimizer -> LRScheduler`` stepped after each flow step (default none).
+        max_grad_norm: gradient clipping of the flow (default 10; None disables).
+        adapt_steps: after this many flow steps the flow is frozen (default None: keeps
+            adapting).
+        init: initial chain states when neither ``x0`` nor ``data`` was given: "noise" (the
+            space's N(0, I), default) or "flow" (flow samples).
+        check_finite: raise ``ValueError`` at the end of a ``sample`` call (one host sync) if
+            the flow produced non-finite log-densities (default True); when False such
+            proposals are rejected and counted in ``stats["flow_nonfinite"]``.
+
+    After ``sample``: ``stats["local_accept"]`` (mean acceptance of the local kernel; 1 for
+    kernels that report none, such as ULA), ``stats["global_accept"]`` (mean acceptance of
+    the flow proposals), ``stats["flow_nonfinite"]``; ``chain_stats["global_accept"]`` is the
+    per-chain rate ``(B,)``. ``stats["flow_loss"]`` is the loss of the last ``update``. All
+    0-d tensors.
+
+    Persistent state (``state_dict``): the chains, the flow, the local kernel, and (as extra
+    state) the flow optimiser, scheduler and step counter.
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        local: MCMCSampler | None = None,
+        *,
+        n_local: int = 10,
+        n_global: int = 10,
+        n_rounds: int = 1,
+        n_chains: int | None = None,
+        lr: float = 1e-3,
+        flow_steps: int = 1,
+        flow_batch_size: int | None = None,
+        flow_loss: str = "ml",
+        optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        max_grad_norm: float | None = 10.0,
+        adapt_steps: int | None = None,
+        init: str = "noise",
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        if not isinstance(flow, Flow):
+            raise ValueError(
+                f"flow must be an ebmflow.flows.Flow (RealNVP, ContinuousFlow or a subclass), "
+                f"got {type(flow).__name__}"
+            )
+        local = _default_local_kernel() if local is None else local
+        if not isinstance(local, MCMCSampler):
+            raise ValueError(
+                f"local must be a continuous MCMCSampler (e.g. MALA(), Langevin()), got "
+                f"{type(local).__name__}"
+            )
+        for name, val, low in (("n_local", n_local, 0), ("n_global", n_global, 0),
+                               ("n_rounds", n_rounds, 1), ("flow_steps", flow_steps, 0)):
+            if not isinstance(val, int) or isinstance(val, bool) or val < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {val!r}")
+        if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
+            raise ValueError(f"n_chains must be a positive int or None, got {n_chains!r}")
+        if flow_loss not in ("ml", "flow_matching"):
+            raise ValueError(f"flow_loss must be 'ml' or 'flow_matching', got {flow_loss!r}")
+        if flow_loss == "flow_matching" and not hasattr(flow, "flow_matching_loss"):
+            raise ValueError(
+                f"flow_loss='flow_matching' needs a flow with flow_matching_loss (e.g. "
+                f"ContinuousFlow); {type(flow).__name__} has none, use flow_loss='ml'"
+            )
+        if init not in ("noise", "flow"):
+            raise ValueError(f"init must be 'noise' or 'flow', got {init!r}")
+        self.flow = flow
+        self.local = local
+        self.n_local, self.n_global, self.n_rounds = n_local, n_global, n_rounds
+        self.n_chains = n_chains
+        self.flow_steps = flow_steps
+        self.flow_batch_size = flow_batch_size
+        self.flow_loss = flow_loss
+        self.max_grad_norm = max_grad_norm
+        self.adapt_steps = adapt_steps
+        self.init = init
+        self.check_finite = check_finite
+        params = [p for p in flow.parameters() if p.requires_grad]
+        self.optimizer = (
+            (optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr))
+            if params else None
+        )
+        self.scheduler = scheduler(self.optimizer) if (scheduler and self.optimizer) else None
+        self.n_flow_updates = 0
+        self.register_buffer("chains", torch.empty(0))
+        self.chain_stats: dict[str, Tensor] = {}
+
+    # -- checks ------------------------------------------------------------------------
+    def supports(self, energy: EnergyModel) -> bool:
+        return isinstance(energy.space, Continuous)
+
+    def _check_energy(self, energy: EnergyModel) -> None:
+        if not isinstance(energy, EnergyModel):
+            raise ValueError(f"energy must be an ebmflow EnergyModel, got {type(energy).__name__}")
+        if not isinstance(energy.space, Continuous):
+            raise ValueError(
+                f"FlowMC samples continuous states but the energy's space is {energy.space!r}; "
+                "use a discrete sampler (Gibbs, GibbsWithGradients, DiscreteLangevin)"
+            )
+        if energy.space.dim != self.flow.dim:
+            raise ValueError(
+                f"the flow has dim={self.flow.dim} but the energy's space {energy.space!r} has "
+                f"{energy.space.dim} coordinates; build the flow with dim={energy.space.dim}"
+            )
+        ref = energy._reference_tensor()
+        flow_ref = self.flow._reference_tensor()
+        if ref is not None and flow_ref is not None:
+            check_same_device(flow_ref, ref.device, "the flow")
+
+    # -- sampling ----------------------------------------------------------------------
+    def _init_chains(
+        self, energy: EnergyModel, n: int, generator: torch.Generator | None
+    ) -> Tensor:
+        if self.init == "flow":
+            with torch.no_grad():
+                x, _ = self.flow.sample_and_log_prob(n, generator)
+            return x.reshape(n, *energy.space.shape)
+        return self._initial_states(energy, n, None, generator)
+
+    def sample(
+        self,
+        energy: EnergyModel,
+        n: int | None = None,
+        *,
+        x0: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        n_rounds: int | None = None,
+    ) -> Tensor:
+        """Run ``n_rounds`` rounds (default ``self.n_rounds``) on the chains; return n states.
+
+        Chains: ``x0`` if given (it becomes the persistent state), else the persistent chains
+        (created at the first call: ``n_chains`` or ``n`` of them, see ``init``). Returns all
+        chain states ``(B, *event)`` when n is None or n == B, else n of them chosen at random
+        without replacement. Detached.
+        """
+        self._check_energy(energy)
+        if x0 is not None:
+            x = self._initial_states(energy, n, x0, generator)
+        else:
+            if self.chains.numel() == 0:
+                size = self.n_chains or n
+                if size is None:
+                    raise ValueError("pass n (number of states) or x0, or set n_chains")
+                self.chains = self._init_chains(energy, size, generator)
+            x = self.chains
+            if n is not None and n > x.shape[0]:
+                raise ValueError(
+                    f"n={n} but FlowMC keeps {x.shape[0]} persistent chains; pass "
+                    f"n <= {x.shape[0]} or build FlowMC(n_chains={n})"
+                )
+        rounds = self.n_rounds if n_rounds is None else n_rounds
+        x = self._run_rounds(energy, x.detach(), rounds, generator)
+        self.chains = x
+        if n is None or n == x.shape[0]:
+            return x
+        idx = torch.randperm(x.shape[0], generator=generator, device=x.device)[:n]
+        return x[idx]
+
+    @torch.no_grad()
+    def _run_rounds(
+        self, energy: EnergyModel, x: Tensor, rounds: int, generator: torch.Generator | None
+    ) -> Tensor:
+        b = x.shape[0]
+        zero = torch.zeros((), device=x.device)
+        local_acc = zero.clone()
+        global_acc = torch.zeros(b, device=x.device)
+        bad_flow = torch.zeros((), dtype=torch.bool, device=x.device)
+        for _ in range(rounds):
+            if self.n_local > 0:
+                x = self.local.run(energy, x, self.n_local, generator=generator)
+                rate = self.local.stats.get("accept_rate")
+                local_acc = local_acc + (rate.float() if rate is not None else 1.0)
+            if self.n_global > 0:
+                x, acc, bad = self._global_moves(energy, x, generator)
+                global_acc = global_acc + acc
+                bad_flow = bad_flow | bad
+        if self.check_finite and bool(bad_flow):
+            raise ValueError(
+                f"the flow {type(self.flow).__name__} returned non-finite log-densities "
+                "(NaN/inf in log q); check its parameters (e.g. a diverged fit: lower lr, "
+                "clip gradients) or pass check_finite=False to reject such proposals"
+            )
+        per_chain = global_acc / max(rounds * self.n_global, 1)
+        self.chain_stats = {"global_accept": per_chain}
+        kept = {"flow_loss": self.stats["flow_loss"]} if "flow_loss" in self.stats else {}
+        self.stats = {
+            **kept,
+            "local_accept": local_acc / rounds if self.n_local > 0 else zero.clone(),
+            "global_accept": per_chain.mean() if self.n_global > 0 else zero.clone(),
+            "flow_nonfinite": bad_flow.float(),
+        }
+        return x
+
+    def _global_moves(
+        self, energy: EnergyModel, x: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """n_global independence-MH moves; returns (x, accepted count (B,), any non-finite q)."""
+        b, event = x.shape[0], x.shape[1:]
+        f_x = -energy(x)
+        logq_x = self.flow.log_prob(x.reshape(b, -1))
+        bad = ~torch.isfinite(logq_x).all()
+        n_acc = torch.zeros(b, device=x.device)
+        for _ in range(self.n_global):
+            xp, logq_p = self.flow.sample_and_log_prob(b, generator)
+            xp = xp.reshape(b, *event)
+            finite = torch.isfinite(logq_p) & torch.isfinite(xp.reshape(b, -1)).all(1)
+            bad = bad | ~finite.all()
+            f_p = -energy(xp)
+            log_alpha = f_p - f_x + logq_x - logq_p
+            u = torch.rand(b, generator=generator, device=x.device, dtype=x.dtype)
+            accept = (u.log() < log_alpha) & finite
+            mask = accept.reshape((b,) + (1,) * len(event))
+            x = torch.where(mask, xp, x)
+            f_x = torch.where(accept, f_p, f_x)
+            logq_x = torch.where(accept, logq_p, logq_x)
+            n_acc = n_acc + accept.float()
+        return x, n_acc, bad
+
+    # -- adaptation --------------------------------------------------------------------
+    def update(
+        self,
+        energy: EnergyModel,
+        data: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Fit the flow to the current chain states: ``flow_steps`` optimiser steps on
+
+            L(phi) = -mean_b log q_phi(x_b)       (flow_loss="ml"; forward KL to the chains)
+
+        or on the flow-matching loss. If no chains exist yet and ``data`` is given, the
+        chains start at a copy of the data (so the first fit models the data). Returns (and
+        stores in ``stats``) ``{"flow_loss": 0-d tensor}``, or ``{}`` when nothing was fitted
+        (no chains, frozen flow, ``flow_steps=0``).
+        """
+        self._check_energy(energy)
+        if self.chains.numel() == 0:
+            if data is None:
+                return {}
+            ref = energy._reference_tensor()
+            self.chains = energy.space.validate(
+                data, "data", device=ref.device if ref is not None else None
+            ).detach().clone()
+        frozen = self.adapt_steps is not None and self.n_flow_updates >= self.adapt_steps
+        if self.optimizer is None or self.flow_steps == 0 or frozen:
+            return {}
+        states = self.chains.reshape(self.chains.shape[0], -1)
+        size = min(self.flow_batch_size or states.shape[0], states.shape[0])
+        loss = torch.zeros((), device=states.device)
+        for _ in range(self.flow_steps):
+            if size < states.shape[0]:
+                idx = torch.randperm(states.shape[0], generator=generator, device=states.device)
+                batch = states[idx[:size]]
+            else:
+                batch = states
+            if self.flow_loss == "ml":
+                loss = self.flow.nll(batch)
+            else:
+                loss = self.flow.flow_matching_loss(batch, generator=generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(self.flow.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self.n_flow_updates += 1
+        out = {"flow_loss": loss.detach()}
+        self.stats = {**self.stats, **out}
+        return out
+
+    def reset(self) -> None:
+        """Forget the persistent chains (the next ``sample`` re-initialises them)."""
+        self.chains = torch.empty(0, device=self.chains.device)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "n_flow_updates": self.n_flow_updates,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.n_flow_updates = int(state.get("n_flow_updates", 0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        key = prefix + "chains"
+        if key in state_dict:
+            # the number of chains is only known once they exist: take the saved shape
+            self.chains = torch.empty_like(state_dict[key], device=self.chains.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"n_local={self.n_local}, n_global={self.n_global}, n_rounds={self.n_rounds}, "
+                f"flow_loss={self.flow_loss!r}")

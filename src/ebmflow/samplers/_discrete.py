@@ -1,0 +1,138 @@
+"""Shared pieces of the discrete samplers: space checks, relaxed gradients and categorical draws.
+
+Notation (as in DESIGN.md): f(x) = -E(x) is the unnormalised log-density. A binary state is a
+float ``(B, D)`` in {0, 1}; a categorical state is long ``(B, D)`` in [0, K) whose relaxation is
+the one-hot float ``(B, D, K)``. Gradients are always taken with respect to the relaxed state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..energy.base import EnergyModel
+from ..spaces import Binary, Categorical, Space
+
+__all__ = [
+    "is_discrete_space",
+    "check_discrete_states",
+    "relax",
+    "relaxed_energy_and_grad",
+    "flip_gain",
+    "gumbel_argmax",
+    "float_dtype",
+]
+
+
+def is_discrete_space(space: Space) -> bool:
+    """True for ``Binary`` and ``Categorical`` spaces (the ones discrete samplers handle)."""
+    return isinstance(space, (Binary, Categorical))
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def check_discrete_states(sampler: str, energy: EnergyModel, x: Tensor) -> None:
+    """Validate ``x`` against the energy's discrete space (reads values: once per run).
+
+    Raises ``ValueError`` for a non-discrete space, a wrong dtype (e.g. float states for a
+    categorical space) or values outside {0, 1} / [0, K). Skipped while a CUDA graph is being
+    captured, where reading values is not allowed.
+    """
+    if not isinstance(energy, EnergyModel):
+        raise ValueError(
+            f"energy must be an ebmflow EnergyModel, got {type(energy).__name__}; subclass "
+            "ebmflow.energy.EnergyModel and implement energy()"
+        )
+    if not is_discrete_space(energy.space):
+        raise ValueError(
+            f"{sampler} samples Binary or Categorical spaces, got {energy.space!r}; use "
+            "Langevin, MALA or HMC for continuous states"
+        )
+    if _capturing(x):
+        return
+    energy.space.validate(x, "x0")
+
+
+def float_dtype(energy: EnergyModel) -> torch.dtype:
+    """Floating dtype of the energy's parameters (float32 when it has none)."""
+    ref = energy._reference_tensor()
+    if ref is not None and ref.is_floating_point():
+        return ref.dtype
+    return torch.get_default_dtype()
+
+
+def relax(space: Space, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The state in which gradients are taken: the bits ``(B, D)`` for ``Binary``, the one-hot
+    float ``(B, D, K)`` for ``Categorical``."""
+    if isinstance(space, Categorical):
+        return space.one_hot(x, dtype=dtype)
+    return x
+
+
+def relaxed_energy_and_grad(
+    sampler: str, energy: EnergyModel, x: Tensor, check: bool = False
+) -> tuple[Tensor, Tensor]:
+    """E(x) ``(B,)`` and dE/dx_relaxed (``(B, D)`` binary, ``(B, D, K)`` categorical), detached.
+
+    A gradient-free energy (output not connected to the input in the autograd graph) raises a
+    ``ValueError`` that points to ``Gibbs``. With ``check=True`` (once per run, outside graph
+    capture) an energy whose gradient is exactly zero at every state of the batch while its
+    values differ between states (a piecewise-constant energy, e.g. one that rounds its input)
+    is rejected too.
+    """
+    xr = relax(energy.space, x, float_dtype(energy))
+    try:
+        e, g = energy.energy_and_grad(xr)
+    except RuntimeError as err:
+        msg = str(err)
+        if "does not require grad" in msg or "not have been used in the graph" in msg:
+            raise ValueError(
+                f"{sampler} needs the gradient of the energy with respect to the state, but "
+                f"{type(energy).__name__}.energy is not differentiable in its input (autograd: "
+                f"{msg.splitlines()[0]}); use ebmflow.samplers.Gibbs, which needs no gradient"
+            ) from err
+        raise
+    if check and not _capturing(x) and e.shape[0] > 1:
+        flat_grad = bool((g == 0).all())
+        varies = bool((e != e[0]).any())
+        if flat_grad and varies:
+            raise ValueError(
+                f"{sampler}: the gradient of {type(energy).__name__}.energy is zero at every "
+                "state of the batch although the energies differ, so it carries no information "
+                "about which coordinates to change (a piecewise-constant energy?); use "
+                "ebmflow.samplers.Gibbs, which needs no gradient"
+            )
+    return e, g
+
+
+def flip_gain(space: Space, xr: Tensor, grad_energy: Tensor) -> Tensor:
+    """First-order estimate of f(x') - f(x) for every single-coordinate move, f = -E.
+
+    Binary: d_i = (1 - 2 x_i) * grad f(x)_i, shape ``(B, D)`` (the move flips bit i).
+    Categorical: d_{i,k} = grad f_{i,k} - <x_i, grad f_i>, shape ``(B, D, K)`` (the move sets
+    x_i = k; the current value has d = 0).
+    """
+    grad_f = -grad_energy
+    if isinstance(space, Categorical):
+        return grad_f - (xr * grad_f).sum(-1, keepdim=True)
+    return (1.0 - 2.0 * xr) * grad_f
+
+
+def gumbel_argmax(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row of the last axis from softmax(logits) (Gumbel-max; -inf = excluded).
+
+    Uses no host synchronisation, so it can be captured in a CUDA graph. Returns long indices
+    of shape ``logits.shape[:-1]``.
+    """
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    tiny = torch.finfo(logits.dtype).tiny
+    gumbel = -torch.log(-torch.log(u.clamp_min(tiny)))
+    return (logits + gumbel).argmax(-1)
+
+
+def log_uniform(batch: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """log u with u ~ U(0, 1), shape ``(batch,)`` (for Metropolis-Hastings tests)."""
+    u = torch.rand(batch, generator=generator, device=like.device, dtype=like.dtype)
+    return torch.log(u)

@@ -1,0 +1,173 @@
+"""Metropolis-adjusted Langevin algorithm (MALA) with warm-up step-size adaptation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..energy.base import EnergyModel
+from ..spaces import Continuous
+from ._adapt import (
+    accept_prob,
+    check_count,
+    check_positive,
+    check_probability,
+    finish_adaptation,
+    initial_extra,
+    rm_update,
+)
+from ._fast import energy_and_grad
+from .base import ChainState, MCMCSampler, StepInfo
+
+__all__ = ["MALA", "AdaptiveStepSize"]
+
+
+def _rows(t: Tensor) -> Tensor:
+    """Sum over the event dimensions: ``(B, *event) -> (B,)``."""
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def _mask(accept: Tensor, like: Tensor) -> Tensor:
+    return accept.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+class AdaptiveStepSize(MCMCSampler):
+    """An MCMC sampler with one global step size adapted during warm-up (see ``_adapt``).
+
+    Subclasses read ``state.extra["log_step_size"]`` in ``transition`` and call
+    ``self._adapt(extra, prob)`` with the per-chain acceptance probabilities.
+    """
+
+    def __init__(self, step_size: float, n_steps: int, target_accept: float, n_warmup: int,
+                 adapt_rate: float, **kw):
+        super().__init__(n_steps, **kw)
+        self.step_size = step_size
+        self.target_accept = check_probability("target_accept", target_accept)
+        self.n_warmup = check_count("n_warmup", n_warmup)
+        self.adapt_rate = check_positive("adapt_rate", adapt_rate)
+        self._adapted = 0
+
+    # the step size lives in the chain state during a run (so recorded graphs do not bake it
+    # in); this Python value is where a run starts and where adaptation stores its result
+    @property
+    def step_size(self) -> float:
+        return self._step_size
+
+    @step_size.setter
+    def step_size(self, value: float) -> None:
+        self._step_size = check_positive("step_size", value)
+
+    @property
+    def adapting(self) -> bool:
+        """True while warm-up adaptation steps remain."""
+        return self._adapted < self.n_warmup
+
+    def reset_adaptation(self, step_size: float | None = None) -> None:
+        """Start warm-up adaptation again (optionally from a new step size)."""
+        self._adapted = 0
+        if step_size is not None:
+            self.step_size = step_size
+
+    def supports(self, energy: EnergyModel) -> bool:
+        return isinstance(energy.space, Continuous)
+
+    def init_state(self, energy: EnergyModel, x: Tensor) -> ChainState:
+        e, g = energy_and_grad(energy, x)
+        return ChainState(x, e, g, initial_extra(self._step_size, self._adapted, self.n_warmup, x))
+
+    def _adapt(self, extra: dict[str, Tensor], prob: Tensor) -> dict[str, Tensor]:
+        return rm_update(extra, prob, self.target_accept, self.n_warmup, self.adapt_rate)
+
+    def end_run(self, energy: EnergyModel, state: ChainState) -> None:
+        done = finish_adaptation(state.extra)
+        if done is not None:
+            self._step_size, self._adapted = done
+        self.stats["step_size"] = state.extra["log_step_size"].exp()
+
+    def get_extra_state(self) -> dict[str, float]:
+        """Saved in ``state_dict``: the (adapted) step size and the adaptation progress."""
+        return {"step_size": self._step_size, "adapted": self._adapted}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.step_size = state["step_size"]
+        self._adapted = int(state["adapted"])
+
+    def extra_repr(self) -> str:
+        return (f"step_size={self._step_size:.4g}, n_steps={self.n_steps}, "
+                f"target_accept={self.target_accept}, n_warmup={self.n_warmup}")
+
+
+class MALA(AdaptiveStepSize):
+    """Metropolis-adjusted Langevin algorithm, vectorised over chains with per-chain accept.
+
+    Proposal (a ULA step) and acceptance, with f = -E:
+
+        x' = x - eta * grad E(x) + sqrt(2 eta) * xi,   xi ~ N(0, I)
+        q(x' | x) = N(x'; x - eta grad E(x), 2 eta I)
+        accept with prob min(1, exp(f(x') - f(x) + log q(x | x') - log q(x' | x)))
+
+    E and grad E of the current state are cached in the chain state, so a step costs one
+    energy-and-gradient evaluation (at x'). A proposal whose energy or gradient is NaN/inf is
+    rejected and counted in the step info ``nonfinite_rate``.
+
+    Warm-up: during the first ``n_warmup`` steps of the sampler's life (counted across runs;
+    ``reset_adaptation()`` restarts) the global step size follows Robbins-Monro on log eta
+    toward ``target_accept`` (see ``ebmflow.samplers._adapt``); afterwards it is fixed and the
+    kernel is exactly invariant. States produced while adapting are not exact samples.
+
+    Args:
+        step_size: initial eta > 0 (default 0.01).
+        n_steps: default number of steps (default 10).
+        target_accept: acceptance targeted by the adaptation (default 0.574).
+        n_warmup: adaptation steps (default 0: no adaptation).
+        adapt_rate: Robbins-Monro gain factor (default 1.0).
+        on_nonfinite, progress, cuda_graph, graph_steps, compile: see ``MCMCSampler``.
+
+    Step info: ``accept_rate`` (per chain, 1 if accepted), ``nonfinite_rate`` (per chain);
+    ``stats["step_size"]`` is the step size at the end of the run.
+    """
+
+    def __init__(
+        self,
+        step_size: float = 0.01,
+        n_steps: int = 10,
+        *,
+        target_accept: float = 0.574,
+        n_warmup: int = 0,
+        adapt_rate: float = 1.0,
+        on_nonfinite: str = "raise",
+        progress: bool = False,
+        cuda_graph: bool = False,
+        graph_steps: int = 32,
+        compile: bool = False,
+    ):
+        super().__init__(step_size, n_steps, target_accept, n_warmup, adapt_rate,
+                         on_nonfinite=on_nonfinite, progress=progress, cuda_graph=cuda_graph,
+                         graph_steps=graph_steps, compile=compile)
+
+    def transition(
+        self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
+    ) -> tuple[ChainState, StepInfo]:
+        x, e, g = state.x, state.energy, state.grad
+        assert e is not None and g is not None, "MALA needs the state from init_state"
+        log_eta = state.extra["log_step_size"]
+        eta = log_eta.exp()
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        prop = x - eta * g + (2 * eta).sqrt() * noise
+        e_prop, g_prop = energy_and_grad(energy, prop)
+        # log q(x'|x) = -|sqrt(2 eta) xi|^2 / (4 eta) = -|xi|^2 / 2 (constants cancel)
+        log_q_fwd = -0.5 * _rows(noise.square())
+        log_q_rev = -_rows((x - prop + eta * g_prop).square()) / (4 * eta)
+        log_alpha = e - e_prop + log_q_rev - log_q_fwd
+        finite = torch.isfinite(log_alpha) & torch.isfinite(_rows(g_prop))
+        log_alpha = torch.where(finite, log_alpha, torch.full_like(log_alpha, -torch.inf))
+        u = torch.rand(log_alpha.shape, generator=generator, device=x.device, dtype=x.dtype)
+        accept = u.log() < log_alpha
+        new = ChainState(
+            torch.where(_mask(accept, x), prop, x),
+            torch.where(accept, e_prop, e),
+            torch.where(_mask(accept, g), g_prop, g),
+            self._adapt(state.extra, accept_prob(log_alpha)),
+        )
+        info = {"accept_rate": accept.to(x.dtype), "nonfinite_rate": (~finite).to(x.dtype)}
+        return new, info

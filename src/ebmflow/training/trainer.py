@@ -1,0 +1,682 @@
+"""The Trainer: one loop for every loss with every sampler.
+
+Per step: ``sampler.update(energy, batch)`` (learned samplers adapt), ``loss(energy, batch,
+sampler)``, backward, gradient all-reduce (data parallel), clipping, optimiser step, learning
+rate schedule, EMA. Statistics stay on the device as 0-d tensors and are read only every
+``log_every`` steps, so a step adds no host synchronisation (and can be captured as one CUDA
+graph in fast mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .._version import __version__
+from ..energy.base import EnergyModel
+from ..losses.base import EBMLoss, LossOutput
+from ..samplers.base import Sampler
+from .batches import BatchStream, first_tensor
+from .callbacks import Callback
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    load_module_state,
+    module_state,
+    rng_state,
+    set_rng_state,
+)
+from .distributed import (
+    DistInfo,
+    all_reduce_gradients,
+    all_reduce_mean,
+    average_module,
+    broadcast_module,
+    setup_distributed,
+)
+from .ema import EMA
+from .loggers import JSONLLogger, ProgressBar, TensorBoardLogger
+
+__all__ = ["Trainer", "TrainingDiverged"]
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(FloatingPointError):
+    """A monitored quantity (loss, energies, gradient norm) became NaN or inf; the message
+    names the step and the quantity. The last good checkpoint is kept."""
+
+
+def _is_monitored(key: str) -> bool:
+    return key in ("loss", "grad_norm") or "energy" in key or key.endswith("loss")
+
+
+class Trainer:
+    """Train an energy with any loss and any sampler whose states fit the energy's space.
+
+    Example::
+
+        trainer = Trainer(MLPEnergy(Continuous(2)), EnergyDiscrepancy(GaussianPerturbation(1.0)),
+                          sampler=MALA(), lr=1e-3, ema=0.999, out_dir="runs/ed")
+        trainer.fit(data, steps=10_000, batch_size=128)
+
+    Args:
+        energy: the ``EnergyModel`` to train.
+        loss: an ``EBMLoss``; losses with ``requires_sampler`` need ``sampler``.
+        sampler: a ``Sampler`` (negatives for contrastive divergence, or a learned sampler
+            that adapts in ``update``); optional for losses that draw their own negatives.
+        optimizer: a ``torch.optim.Optimizer`` over the energy's parameters, or a function
+            ``params -> optimizer``; default Adam(lr).
+        lr: learning rate of the default optimiser (default 1e-3).
+        scheduler: None, "cosine" (cosine decay to 0 over the ``steps`` of ``fit``), an
+            ``LRScheduler`` or a function ``optimizer -> LRScheduler``; stepped once per step.
+        ema: EMA decay (e.g. 0.999) or an ``EMA``; ``trainer.eval_energy`` is then the
+            averaged energy.
+        grad_clip: clip the global gradient norm to this value (logged as ``grad_norm``).
+        device: "cpu", "cuda", ... ; energy, sampler, loss buffers and batches are moved there
+            once. Default: where the energy's parameters are.
+        amp: run the loss under ``torch.autocast`` with bfloat16.
+        compile: run the loss through ``torch.compile``.
+        fast: on CUDA, capture the whole step as one CUDA graph after ``warmup_steps`` eager
+            steps (falls back to eager with a warning when the step cannot be captured; eager
+            on CPU).
+        callbacks: ``Callback`` objects (evaluation, plots, early stopping).
+        out_dir: folder of ``log.jsonl``, TensorBoard files and ``checkpoint.pt``.
+        log_every: steps between log records (and progress bar updates); default 100.
+        checkpoint_every: steps between checkpoints (default: only at the end of ``fit``);
+            needs ``out_dir`` or ``checkpoint_path``.
+        checkpoint_path: default ``out_dir / "checkpoint.pt"``.
+        progress: show a tqdm bar (default True); ``quiet=True`` turns off the bar and prints.
+        seed: seeds torch's generators (plus the rank under data parallelism) and the data
+            order; None keeps the current RNG state.
+        distributed: "auto" (join a ``torchrun`` process group when WORLD_SIZE > 1), True, False.
+        tensorboard: "auto" (when installed and ``out_dir`` is set), True, False.
+        on_nonfinite: "raise" (default) raises ``TrainingDiverged``; "stop" ends ``fit``
+            with a warning. Either way no checkpoint of a diverged model is written.
+        check_every: steps between non-finite checks (default 1 on CPU, ``log_every`` on GPU,
+            where a check synchronises with the device).
+        config: a JSON-able dict stored in checkpoints (the CLI keeps its settings there).
+    """
+
+    def __init__(
+        self,
+        energy: EnergyModel,
+        loss: EBMLoss,
+        sampler: Sampler | None = None,
+        optimizer: torch.optim.Optimizer | Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
+        *,
+        lr: float = 1e-3,
+        scheduler: Any = None,
+        ema: float | EMA | None = None,
+        grad_clip: float | None = None,
+        device: str | torch.device | None = None,
+        amp: bool = False,
+        compile: bool = False,
+        fast: bool = False,
+        warmup_steps: int = 3,
+        callbacks: Sequence[Callback] = (),
+        out_dir: str | Path | None = None,
+        log_every: int = 100,
+        checkpoint_every: int | None = None,
+        checkpoint_path: str | Path | None = None,
+        progress: bool = True,
+        quiet: bool = False,
+        seed: int | None = None,
+        distributed: str | bool = "auto",
+        tensorboard: str | bool = "auto",
+        on_nonfinite: str = "raise",
+        check_every: int | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        if not isinstance(energy, EnergyModel):
+            raise ValueError(f"energy must be an ebmflow EnergyModel, got {type(energy).__name__}")
+        if not isinstance(loss, EBMLoss):
+            raise ValueError(
+                f"loss must be an ebmflow EBMLoss (e.g. EnergyDiscrepancy, ContrastiveDivergence), "
+                f"got {type(loss).__name__}"
+            )
+        if sampler is not None and not isinstance(sampler, Sampler):
+            raise ValueError(f"sampler must be an ebmflow Sampler or None, got {type(sampler).__name__}")
+        if loss.requires_sampler and sampler is None:
+            raise ValueError(
+                f"{type(loss).__name__} draws its negatives from a sampler; pass sampler=... "
+                "(e.g. Langevin() for continuous data, GibbsWithGradients() for binary data)"
+            )
+        if sampler is not None and not sampler.supports(energy):
+            raise ValueError(
+                f"{type(sampler).__name__} cannot draw states of {energy.space!r} (the energy's "
+                "space); pick a sampler for this space"
+            )
+        if on_nonfinite not in ("raise", "stop"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'stop', got {on_nonfinite!r}")
+        if int(log_every) < 1:
+            raise ValueError(f"log_every must be a positive int, got {log_every!r}")
+        if checkpoint_every is not None and int(checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+
+        self.dist: DistInfo = setup_distributed(
+            distributed, torch.device(device) if device is not None else None
+        )
+        self.device = self._resolve_device(energy, device)
+        self.energy = energy.to(self.device)
+        self.loss = loss.to(self.device)
+        self.sampler = sampler.to(self.device) if sampler is not None else None
+        if self.dist.enabled:
+            broadcast_module(self.energy)
+            if self.sampler is not None:  # learned weights agree; chains (buffers) stay per rank
+                broadcast_module(self.sampler, buffers=False)
+
+        self.params = [p for p in self.energy.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError(f"{type(energy).__name__} has no trainable parameters")
+        self.fast = bool(fast) and self.device.type == "cuda"
+        self.lr = float(lr)
+        self.optimizer = self._build_optimizer(optimizer)
+        self._scheduler_spec = scheduler
+        self.scheduler: Any = None
+        if isinstance(ema, EMA):
+            self.ema: EMA | None = ema.to(self.device)
+        elif ema is not None:
+            self.ema = EMA(self.energy, decay=float(ema)).to(self.device)
+        else:
+            self.ema = None
+        self.grad_clip = float(grad_clip) if grad_clip is not None else None
+        self.amp = bool(amp)
+        self.compile = bool(compile)
+        self.warmup_steps = max(int(warmup_steps), 1)
+        self.callbacks = list(callbacks)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.log_every = int(log_every)
+        self.checkpoint_every = int(checkpoint_every) if checkpoint_every is not None else None
+        if checkpoint_path is not None:
+            self.checkpoint_path: Path | None = Path(checkpoint_path)
+        elif self.out_dir is not None:
+            self.checkpoint_path = self.out_dir / "checkpoint.pt"
+        else:
+            self.checkpoint_path = None
+        if self.checkpoint_every is not None and self.checkpoint_path is None:
+            raise ValueError("checkpoint_every needs out_dir or checkpoint_path")
+        self.quiet = bool(quiet)
+        self.progress = bool(progress) and not self.quiet
+        self.seed = seed
+        self.tensorboard = tensorboard
+        self.on_nonfinite = on_nonfinite
+        self.check_every = int(check_every) if check_every else (
+            1 if self.device.type == "cpu" else self.log_every
+        )
+        self.config = dict(config or {})
+
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.data_seed: int | None = None
+        self.last_checkpoint: Path | None = None
+        self._stop_reason: str | None = None
+        self._seeded = False
+        self._layout: list[str] | None = None
+        self._acc: Tensor | None = None
+        self._acc_n = 0
+        self._first_bad: Tensor | None = None
+        self._step_t = torch.zeros((), dtype=torch.long, device=self.device)
+        self._captured: Any = None
+        self._last_vec: Tensor | None = None
+        self._capture_failed = False
+        self._loss_fn: Callable[[Tensor], LossOutput] = self._compute_loss
+        if self.compile:
+            self._loss_fn = torch.compile(self._compute_loss)
+        self._loggers: list[Any] = []
+
+    # -- construction helpers ------------------------------------------------------------
+    def _resolve_device(self, energy: EnergyModel, device: Any) -> torch.device:
+        if device is None:
+            ref = energy._reference_tensor()
+            dev = ref.device if ref is not None else torch.device("cpu")
+        else:
+            dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("device='cuda' but no CUDA GPU is available; use device='cpu'")
+            if self.dist.enabled:
+                dev = torch.device("cuda", self.dist.local_rank)
+            elif dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(dev)
+        return dev
+
+    def _build_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            mine = {id(p) for p in self.params}
+            theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            if not mine & theirs:
+                raise ValueError(
+                    "optimizer does not update any parameter of the energy; build it from "
+                    "energy.parameters()"
+                )
+            return optimizer
+        if callable(optimizer):
+            return optimizer(self.params)
+        if optimizer is not None:
+            raise ValueError(
+                f"optimizer must be a torch Optimizer, a function params -> Optimizer, or None; "
+                f"got {type(optimizer).__name__}"
+            )
+        if self.fast:
+            # capturable Adam keeps its step counters on the GPU so the step can be graph-captured
+            return torch.optim.Adam(self.params, lr=torch.tensor(self.lr, device=self.device),
+                                    capturable=True)
+        return torch.optim.Adam(self.params, lr=self.lr)
+
+    def _build_scheduler(self, total_steps: int) -> Any:
+        spec = self._scheduler_spec
+        if spec is None:
+            return None
+        if isinstance(spec, str):
+            if spec == "cosine":
+                return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(total_steps, 1))
+            if spec == "constant":
+                return None
+            raise ValueError(f"unknown scheduler {spec!r}; use 'cosine', 'constant', an LRScheduler or a function")
+        if isinstance(spec, torch.optim.lr_scheduler.LRScheduler):
+            return spec
+        if callable(spec):
+            return spec(self.optimizer)
+        raise ValueError(f"scheduler must be None, a name, an LRScheduler or a function, got {spec!r}")
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs and writes checkpoints (rank 0)."""
+        return self.dist.is_main
+
+    @property
+    def eval_energy(self) -> EnergyModel:
+        """The energy to evaluate and sample: the EMA average when there is one."""
+        return self.ema.module if self.ema is not None else self.energy  # type: ignore[return-value]
+
+    def request_stop(self, reason: str) -> None:
+        """Ask ``fit`` to end after the current step (callbacks use this)."""
+        self._stop_reason = reason
+
+    # -- one step ------------------------------------------------------------------------
+    def _compute_loss(self, batch: Tensor) -> LossOutput:
+        return self.loss(self.energy, batch, self.sampler)
+
+    def _autocast(self) -> Any:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def _step_math(self, batch: Tensor) -> dict[str, Tensor]:
+        """One training step without host synchronisation; returns 0-d stats tensors."""
+        stats: dict[str, Tensor] = {}
+        if self.sampler is not None:
+            upd = self.sampler.update(self.energy, batch) or {}
+            if self.dist.enabled:
+                average_module(self.sampler, self.dist.world_size)
+            stats.update({f"sampler/{k}": v for k, v in upd.items() if isinstance(v, Tensor)})
+        with self._autocast():
+            out = self._loss_fn(batch)
+        if not isinstance(out, LossOutput):
+            raise TypeError(f"{type(self.loss).__name__} must return a LossOutput, got {type(out).__name__}")
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.dist.enabled:
+            all_reduce_gradients(self.params, self.dist.world_size)
+        if self.grad_clip is not None:
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        stats["loss"] = out.loss.detach()
+        for k, v in out.stats.items():
+            if isinstance(v, Tensor) and v.numel() == 1:
+                stats[k] = v.detach().reshape(())
+        if self.sampler is not None:
+            for k, v in self.sampler.stats.items():
+                if isinstance(v, Tensor) and v.numel() == 1 and k not in stats:
+                    stats[f"sampler/{k}"] = v.detach().reshape(())
+        return stats
+
+    def _pack(self, stats: dict[str, Tensor]) -> Tensor:
+        """Stack stats into one float vector (layout fixed by the first step), add it to the
+        running sums and record the first step at which a monitored quantity is non-finite."""
+        keys = list(stats)
+        if self._layout != keys:
+            self._flush_layout(keys)
+        vec = torch.stack([stats[k].float() for k in keys])
+        self._acc.add_(vec)  # type: ignore[union-attr]
+        bad = ~torch.isfinite(vec) & self._monitor  # type: ignore[operator]
+        self._step_t.add_(1)
+        torch.where((self._first_bad < 0) & bad, self._step_t, self._first_bad, out=self._first_bad)  # type: ignore[operator]
+        return vec
+
+    def _flush_layout(self, keys: list[str]) -> None:
+        if self._layout is not None:
+            self._check_finite()
+        self._layout = keys
+        self._acc = torch.zeros(len(keys), device=self.device)
+        self._acc_n = 0
+        self._monitor = torch.tensor([_is_monitored(k) for k in keys], device=self.device)
+        self._first_bad = torch.full((len(keys),), -1, dtype=torch.long, device=self.device)
+
+    def _eager_step(self, batch: Tensor) -> None:
+        self._last_vec = self._pack(self._step_math(batch))
+
+    def train_step(self, batch: Tensor) -> None:
+        """Run one step on ``batch`` (already on the device) and advance ``self.step``."""
+        if self.fast and not self._capture_failed:
+            self._fast_step(batch)
+        else:
+            self._eager_step(batch)
+        self._acc_n += 1
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.energy)
+        self.step += 1
+
+    def _fast_step(self, batch: Tensor) -> None:
+        if self._captured is not None:
+            self._captured(batch)
+            return
+        if self.step < self.warmup_steps:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._eager_step(batch)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return
+        from .graph import capture_step
+
+        try:
+            layout = self._layout
+            self._captured = capture_step(
+                lambda b: self._pack(self._step_math(b)), batch,
+                lambda: self.optimizer.zero_grad(set_to_none=True),
+            )
+            if self._layout != layout:
+                raise RuntimeError("the step's statistics changed between steps")
+        except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager
+            self._capture_failed = True
+            self._captured = None
+            torch.cuda.synchronize(self.device)
+            warnings.warn(
+                f"fast mode: the training step could not be captured as a CUDA graph "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                "continuing with eager steps",
+                RuntimeWarning, stacklevel=3,
+            )
+            self._eager_step(batch)
+            return
+        self._captured(batch)
+
+    # -- checks, logging, checkpoints ----------------------------------------------------
+    def _check_finite(self) -> None:
+        if self._first_bad is None:
+            return
+        first_bad = self._first_bad
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            never = torch.iinfo(torch.long).max
+            first_bad = torch.where(first_bad < 0, never, first_bad)
+            tdist.all_reduce(first_bad, op=tdist.ReduceOp.MIN)
+            first_bad = torch.where(first_bad == never, -1, first_bad)
+        bad = first_bad.cpu()
+        if bool((bad >= 0).any()):
+            steps = torch.where(bad >= 0, bad, torch.iinfo(torch.long).max)
+            i = int(steps.argmin())
+            key = self._layout[i]  # type: ignore[index]
+            kept = (f"; the last good checkpoint is {self.last_checkpoint}"
+                    if self.last_checkpoint is not None else "; no checkpoint was written")
+            msg = (f"training diverged: {key} became NaN/inf at step {int(bad[i])}{kept}. "
+                   "Lower the learning rate, clip gradients (grad_clip=...), or regularise the energy")
+            raise TrainingDiverged(msg)
+
+    def _log(self, elapsed: float, steps_done: int) -> dict[str, Any]:
+        self._check_finite()
+        means = self._acc / max(self._acc_n, 1)  # type: ignore[operator]
+        if self.dist.enabled:
+            means = all_reduce_mean(means, self.dist.world_size)
+        values = means.tolist()
+        record: dict[str, Any] = {"step": self.step}
+        record.update(dict(zip(self._layout or [], values)))
+        record["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        record["it_per_s"] = steps_done / elapsed if elapsed > 0 else float("nan")
+        self._acc.zero_()  # type: ignore[union-attr]
+        self._acc_n = 0
+        if self.is_main:
+            self.history.append(record)
+            for logger in self._loggers:
+                logger.log(record)
+        return record
+
+    def report_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Log evaluation metrics (called by ``EvalCallback``) and notify every callback."""
+        record = {"step": step, **{f"eval/{k}": float(v) for k, v in metrics.items()}}
+        if self.is_main:
+            self.history.append(record)
+            for logger in self._loggers:
+                logger.log(record)
+        for cb in self.callbacks:
+            cb.on_eval(self, step, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (see ``save_checkpoint``)."""
+        rng = rng_state([self.device])
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            states: list[Any] = [None] * self.dist.world_size
+            tdist.all_gather_object(states, rng)
+            rng = {"ranks": states}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "ebmflow_version": __version__,
+            "step": self.step,
+            "data_seed": self.data_seed,
+            "world_size": self.dist.world_size,
+            "energy": self.energy.state_dict(),
+            "energy_class": type(self.energy).__name__,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "sampler": module_state(self.sampler) if self.sampler is not None else None,
+            "loss": module_state(self.loss),
+            "rng": rng,
+            "config": self.config,
+        }
+
+    def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
+        """Write a checkpoint atomically (rank 0 only; other ranks wait). Refuses to write
+        when the loss or the parameters are non-finite, so a checkpoint is never corrupt."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None:
+            raise ValueError("no checkpoint path: pass path=... or build the Trainer with out_dir")
+        self._check_finite()
+        with torch.no_grad():
+            finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        if not bool(finite):
+            raise TrainingDiverged(
+                f"the energy's parameters are NaN/inf at step {self.step}; not writing a "
+                f"checkpoint (the last good one is {self.last_checkpoint})"
+            )
+        state = self.state_dict()
+        if self.is_main:
+            atomic_save(state, path)
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+        self.last_checkpoint = path
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore a checkpoint written by ``save_checkpoint`` (energy, optimiser, scheduler,
+        EMA, sampler and loss state, RNG states, step and data order)."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        if ckpt.get("format") != CHECKPOINT_FORMAT or "energy" not in ckpt:
+            raise CheckpointError(f"{path} is not an ebmflow Trainer checkpoint")
+        try:
+            self.energy.load_state_dict(ckpt["energy"])
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"the checkpoint's energy ({ckpt.get('energy_class')}) does not match "
+                f"{type(self.energy).__name__}: {str(err).splitlines()[0]}"
+            ) from err
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt.get("scheduler") is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.load_state_dict(ckpt["ema"])
+        if self.sampler is not None and ckpt.get("sampler") is not None:
+            load_module_state(self.sampler, ckpt["sampler"], "sampler", self.device)
+        if ckpt.get("loss") is not None:
+            load_module_state(self.loss, ckpt["loss"], "loss", self.device)
+        rng = ckpt["rng"]
+        if "ranks" in rng:
+            ranks = rng["ranks"]
+            rng = ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0]
+        set_rng_state(rng)
+        self.step = int(ckpt["step"])
+        self._step_t.fill_(self.step)
+        self.data_seed = ckpt.get("data_seed")
+        self.last_checkpoint = Path(path)
+
+    # -- the loop ------------------------------------------------------------------------
+    def _prepare_data(self, data: Any, batch_size: int | None) -> BatchStream:
+        if isinstance(data, Tensor):
+            self.energy.space.validate(data, "data")
+            data = data.to(self.device)
+        elif not isinstance(data, (Dataset, DataLoader)):
+            raise ValueError(
+                f"data must be a Tensor, a torch Dataset or a DataLoader, got {type(data).__name__}"
+            )
+        if self.data_seed is None:
+            if self.seed is not None:
+                self.data_seed = int(self.seed)
+            else:
+                self.data_seed = int(torch.randint(0, 2**31 - 1, (1,)))
+                if self.dist.enabled:
+                    t = torch.tensor([self.data_seed], device=self.device)
+                    broadcast_t = t.clone()
+                    import torch.distributed as tdist
+
+                    tdist.broadcast(broadcast_t, 0)
+                    self.data_seed = int(broadcast_t)
+        return BatchStream(data, batch_size, seed=self.data_seed, rank=self.dist.rank,
+                           world_size=self.dist.world_size)
+
+    def _open_loggers(self) -> None:
+        self._loggers = []
+        if not self.is_main or self.out_dir is None:
+            return
+        self._loggers.append(JSONLLogger(self.out_dir / "log.jsonl"))
+        want_tb = self.tensorboard is True or (self.tensorboard == "auto" and TensorBoardLogger.available())
+        if want_tb:
+            self._loggers.append(TensorBoardLogger(self.out_dir / "tensorboard"))
+
+    def _close_loggers(self) -> None:
+        for logger in self._loggers:
+            logger.close()
+        self._loggers = []
+
+    def fit(
+        self,
+        data: Tensor | Dataset | DataLoader,
+        steps: int,
+        *,
+        batch_size: int | None = 128,
+        resume: str | Path | bool | None = None,
+    ) -> dict[str, Any]:
+        """Train until ``self.step == steps``.
+
+        Args:
+            data: states ``(N, *event)`` of the energy's space, a Dataset of them (or of
+                ``(x, y)`` pairs), or a DataLoader.
+            steps: total number of optimiser steps (a resumed run continues to this number).
+            batch_size: per-process batch size for tensor/Dataset data (default 128).
+            resume: a checkpoint path, or True for ``checkpoint_path`` when it exists.
+
+        Returns the last log record (floats). Raises ``TrainingDiverged`` when a monitored
+        quantity becomes NaN/inf (``on_nonfinite="raise"``).
+        """
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        if not self._seeded:  # once per Trainer: a second fit() continues the same streams
+            self._seeded = True
+            if self.seed is not None:
+                torch.manual_seed(self.seed + self.dist.rank)
+            elif self.dist.enabled:
+                torch.manual_seed(torch.initial_seed() + self.dist.rank)
+        if self.scheduler is None:  # built once; a later fit() continues its schedule
+            self.scheduler = self._build_scheduler(steps)
+        if resume is True:
+            resume = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.exists() else None
+        if resume:
+            self.load_checkpoint(resume)
+        stream = self._prepare_data(data, batch_size)
+        self._open_loggers()
+        bar = ProgressBar(total=steps, initial=self.step, disable=not (self.progress and self.is_main))
+        self._stop_reason = None
+        record: dict[str, Any] = {}
+        diverged: TrainingDiverged | None = None
+        self.energy.train()
+        try:
+            for cb in self.callbacks:
+                cb.on_fit_start(self)
+            batches = stream.batches(self.step)
+            t0, since = time.perf_counter(), 0
+            while self.step < steps and self._stop_reason is None:
+                batch = first_tensor(next(batches))
+                if batch.device != self.device:
+                    batch = batch.to(self.device, non_blocking=True)
+                self.train_step(batch)
+                since += 1
+                bar.advance(1)
+                if self.step % self.check_every == 0:
+                    self._check_finite()
+                stats = None
+                if self.callbacks:
+                    stats = dict(zip(self._layout or [], (self._last_stats_view())))
+                    for cb in self.callbacks:
+                        cb.on_step(self, self.step, stats)
+                if self.step % self.log_every == 0 or self.step == steps:
+                    record = self._log(time.perf_counter() - t0, since)
+                    bar.show(record)
+                    t0, since = time.perf_counter(), 0
+                if self.checkpoint_every is not None and self.step % self.checkpoint_every == 0:
+                    self.save_checkpoint()
+            if self._acc_n:
+                record = self._log(time.perf_counter() - t0, max(since, 1))
+            if self.checkpoint_path is not None:
+                self.save_checkpoint()
+            for cb in self.callbacks:
+                cb.on_end(self)
+        except TrainingDiverged as err:
+            diverged = err
+        finally:
+            bar.close()
+            self._close_loggers()
+        if diverged is not None:
+            if self.on_nonfinite == "raise":
+                raise diverged
+            warnings.warn(str(diverged), RuntimeWarning, stacklevel=2)
+            self._stop_reason = str(diverged)
+        elif self._stop_reason is not None and not self.quiet and self.is_main:
+            print(f"training stopped at step {self.step}: {self._stop_reason}")
+        return record
+
+    def _last_stats_view(self) -> list[Tensor]:
+        """Per-key views of the latest step's stats (0-d tensors, no synchronisation)."""
+        if self._captured is not None:
+            vec = self._captured.outputs
+        else:
+            vec = self._last_vec
+        return list(vec.unbind(0))
