@@ -14,7 +14,8 @@ Samplers: ``GWG`` (GibbsWithGradients, one proposed flip + MH per step), ``DULA`
 scan: one coordinate per chain per step) and ``Gibbs-sweep`` (systematic: D coordinate updates
 per step). ``sweeps/s`` counts D single-coordinate updates as one sweep: a GWG or random-scan
 Gibbs step is 1/D sweep, a DULA/DMALA or Gibbs-sweep step is one sweep. Ratios are to
-``plain`` from the same run (variants interleaved, median of ``--repeats``). Prints a table and
+``plain`` from the same run (variants interleaved, median of ``--repeats``), of wall time and
+of this thread's CPU time (robust to other jobs on a shared machine). Prints a table and
 writes benchmarks/results/discrete_samplers.json.
 
     python benchmarks/discrete_samplers.py --quick     # CPU, about a minute on an idle core
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -135,19 +137,21 @@ def make_ours(name: str, graph: bool, k: int):
     return Gibbs(sweep=name == "Gibbs-sweep", **kw)
 
 
-def timed(fn, device) -> float:
+def timed(fn, device) -> tuple[float, float]:
+    """(wall seconds, thread CPU seconds) of one call of ``fn()``."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.thread_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.thread_time() - c
 
 
 def timed_interleaved(fns: dict, device, repeats: int) -> dict:
-    """Median seconds per variant; variants alternate within each repeat (fair on a shared
-    machine). A variant that fails in warm-up is skipped and reported."""
+    """Median (wall, CPU) seconds per variant; variants alternate within each repeat (fair on
+    a shared machine; CPU time of this thread is robust to other jobs). A variant that fails
+    in warm-up is skipped and reported."""
     times: dict = {}
     for k, fn in fns.items():
         try:
@@ -158,7 +162,8 @@ def timed_interleaved(fns: dict, device, repeats: int) -> dict:
     for _ in range(repeats):
         for k in times:
             times[k].append(timed(fns[k], device))
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+            for k, v in times.items()}
 
 
 def targets(device):
@@ -186,9 +191,9 @@ def main(argv=None):
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
     batches = (128,) if args.quick else (128, 4096)
-    steps = args.steps or (5 if args.quick else 200)
+    steps = args.steps or (15 if args.quick else 200)
     samplers = args.samplers or [k for k in PLAIN if not (args.quick and k == "Gibbs-sweep")]
-    repeats = args.repeats or (3 if args.quick else 5)
+    repeats = args.repeats or 5
     rows = []
     for tname, energy in targets(device).items():
         d = energy.space.dim
@@ -207,12 +212,14 @@ def main(argv=None):
                     fns["ours+graph"] = (lambda s=sg, e=energy, x=x0, n=n, g=gen:
                                          s.run(e, x, n, generator=g))
                 res = timed_interleaved(fns, device, repeats)
-                for variant, sec in res.items():
+                for variant, (sec, cpu) in res.items():
                     sweeps = n if SWEEPS_PER_STEP[name] == 1 else n / d
                     rows.append({"target": tname, "sampler": name, "D": d, "B": b,
                                  "variant": variant, "steps": n, "seconds": sec,
-                                 "steps_per_s": n / sec, "sweeps_per_s": sweeps / sec,
-                                 "ratio_vs_plain": res["plain"] / sec})
+                                 "cpu_seconds": cpu, "steps_per_s": n / sec,
+                                 "sweeps_per_s": sweeps / sec,
+                                 "ratio_vs_plain": res["plain"][0] / sec,
+                                 "cpu_ratio_vs_plain": res["plain"][1] / cpu})
                 print(".", end="", flush=True)
     print()
     dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -220,12 +227,13 @@ def main(argv=None):
     print(f"device: {device} ({dev_name}), torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     header = (f"{'target':12} {'sampler':11} {'B':>5} {'variant':11} {'steps/s':>9} "
-              f"{'sweeps/s':>9} {'x plain':>8}")
+              f"{'sweeps/s':>9} {'x plain':>8} {'x plain (CPU)':>13}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['target']:12} {r['sampler']:11} {r['B']:>5} {r['variant']:11} "
-              f"{r['steps_per_s']:>9.1f} {r['sweeps_per_s']:>9.3f} {r['ratio_vs_plain']:>8.2f}")
+              f"{r['steps_per_s']:>9.1f} {r['sweeps_per_s']:>9.3f} {r['ratio_vs_plain']:>8.2f} "
+              f"{r['cpu_ratio_vs_plain']:>13.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": str(device), "device_name": dev_name, "torch": torch.__version__,

@@ -8,7 +8,8 @@ Energy: MLPEnergy, 3 hidden layers of 256, SiLU. Grid: D in {2, 64, 784}, chains
 * ``ours+graph`` (CUDA only): ``cuda_graph=True`` (K = ``--graph-steps`` steps per replay);
 * ``torchebm`` (Langevin only, when torchebm is installed): its LangevinDynamics.
 
-Ratios are to ``plain`` from the same run. HMC counts one HMC transition (L = 5 leapfrog
+Ratios are to ``plain`` from the same run (medians of ``--repeats`` interleaved timings), both
+of wall time and of this thread's CPU time (robust to other jobs on a shared machine). HMC counts one HMC transition (L = 5 leapfrog
 steps) as a step. Prints a table and writes benchmarks/results/samplers.json.
 
     python benchmarks/samplers.py --quick          # CPU, < 1 minute
@@ -21,6 +22,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -119,25 +121,22 @@ def torchebm_runner(energy):
     return run
 
 
-def timed(fn, device, repeats, warm=True):
-    """Median wall time of ``fn()`` over ``repeats`` calls (after one warm-up call)."""
-    if warm:
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+def timed(fn, device):
+    """(wall seconds, thread CPU seconds) of one call of ``fn()``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t, c = time.perf_counter(), time.thread_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, time.thread_time() - c
 
 
 def timed_interleaved(fns, device, repeats):
-    """Median time per variant; variants alternate within each repeat, so a slow phase of a
-    shared machine hits all of them alike. A variant that raises is skipped (reported)."""
+    """Median (wall, CPU) seconds per variant; variants alternate within each repeat, so a
+    slow phase of a shared machine hits all of them alike. CPU time (this thread only) is
+    what the work itself costs, whatever else runs on the machine. A variant that raises is
+    skipped (reported)."""
     times = {k: [] for k in fns}
     for k, fn in list(fns.items()):  # warm-up (and CUDA-graph recording)
         try:
@@ -147,8 +146,9 @@ def timed_interleaved(fns, device, repeats):
             del times[k]
     for _ in range(repeats):
         for k in times:
-            times[k].append(timed(fns[k], device, 1, warm=False))
-    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            times[k].append(timed(fns[k], device))
+    return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+            for k, v in times.items()}
 
 
 def main(argv=None):
@@ -157,7 +157,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--steps", type=int, default=None, help="chain steps per timed run")
     ap.add_argument("--graph-steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=None, help="default 15 (--quick) / 5")
+    ap.add_argument("--dims", type=int, nargs="*", default=None, help="override the D grid")
+    ap.add_argument("--batches", type=int, nargs="*", default=None, help="override the B grid")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --quick)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "samplers.json"))
     args = ap.parse_args(argv)
@@ -165,7 +167,9 @@ def main(argv=None):
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
     dims, batches = ((2, 64), (256,)) if args.quick else ((2, 64, 784), (1024, 65536))
-    steps = args.steps or (10 if args.quick else 100)
+    dims, batches = args.dims or dims, args.batches or batches
+    repeats = args.repeats or (15 if args.quick else 5)
+    steps = args.steps or (20 if args.quick else 100)
     rows = []
     for d in dims:
         for b in batches:
@@ -184,23 +188,25 @@ def main(argv=None):
                 tebm = torchebm_runner(energy) if name == "Langevin" else None
                 if tebm is not None:
                     fns["torchebm"] = lambda t=tebm, x=x0, n=n, g=gen: t(x, n, g)
-                res = timed_interleaved(fns, device, args.repeats)
-                for variant, sec in res.items():
+                res = timed_interleaved(fns, device, repeats)
+                for variant, (sec, cpu) in res.items():
                     rows.append({"sampler": name, "D": d, "B": b, "variant": variant, "steps": n,
-                                 "seconds": sec, "steps_per_s": n / sec,
-                                 "ratio_vs_plain": res["plain"] / sec})
-    header = f"{'sampler':9} {'D':>4} {'B':>6} {'variant':11} {'steps/s':>10} {'x plain':>8}"
+                                 "seconds": sec, "cpu_seconds": cpu, "steps_per_s": n / sec,
+                                 "ratio_vs_plain": res["plain"][0] / sec,
+                                 "cpu_ratio_vs_plain": res["plain"][1] / cpu})
+    header = (f"{'sampler':9} {'D':>4} {'B':>6} {'variant':11} {'steps/s':>10} {'x plain':>8} "
+              f"{'x plain (CPU time)':>18}")
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['sampler']:9} {r['D']:>4} {r['B']:>6} {r['variant']:11} "
-              f"{r['steps_per_s']:>10.1f} {r['ratio_vs_plain']:>8.2f}")
+              f"{r['steps_per_s']:>10.1f} {r['ratio_vs_plain']:>8.2f} {r['cpu_ratio_vs_plain']:>18.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
             "threads": torch.get_num_threads(), "eta": ETA, "hmc_eps": HMC_EPS, "hmc_L": HMC_L,
-            "graph_steps": args.graph_steps}
+            "graph_steps": args.graph_steps, "repeats": repeats, "statistic": "median"}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

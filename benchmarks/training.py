@@ -19,7 +19,8 @@ Each is timed as
   graph (falls back to eager, and says so, when a loss or sampler cannot be captured).
 
 Ratios are to ``plain`` from the same run (and ``fast/graph`` to ``plain+graph``). Reported
-number: best of ``--repeats`` timings. Prints a table and writes
+number: median of ``--repeats`` timings (variants alternate within each repeat), of wall time
+and of this thread's CPU time (robust to other jobs on a shared machine). Prints a table and writes
 benchmarks/results/training.json.
 
     python benchmarks/training.py --quick          # CPU, < 1 minute
@@ -32,6 +33,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -87,7 +89,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_plain(kind: str, batch: int, data: torch.Tensor, n: int, graph: bool) -> float:
+def time_plain(kind: str, batch: int, data: torch.Tensor, n: int,
+               graph: bool) -> tuple[float, float]:
     device = data.device
     net = _net(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=graph)
@@ -124,12 +127,17 @@ def time_plain(kind: str, batch: int, data: torch.Tensor, n: int, graph: bool) -
 
     for _ in range(5):
         run()
+    return _rate(run, n, device)
+
+
+def _rate(run, n: int, device: torch.device) -> tuple[float, float]:
+    """(it/s of wall time, it/s of this thread's CPU time) over ``n`` calls of ``run()``."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     for _ in range(n):
         run()
     _sync(device)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / max(time.thread_time() - c0, 1e-9)
 
 
 def _library(kind: str, device: torch.device):
@@ -140,7 +148,7 @@ def _library(kind: str, device: torch.device):
     return energy, ContrastiveDivergence(alpha=ALPHA, init="data"), Langevin(step_size=ETA, n_steps=CD_STEPS)
 
 
-def time_library_loop(kind: str, batch: int, data: torch.Tensor, n: int) -> float:
+def time_library_loop(kind: str, batch: int, data: torch.Tensor, n: int) -> tuple[float, float]:
     device = data.device
     energy, loss, sampler = _library(kind, device)
     opt = torch.optim.Adam(energy.parameters(), lr=1e-3)
@@ -153,15 +161,11 @@ def time_library_loop(kind: str, batch: int, data: torch.Tensor, n: int) -> floa
 
     for _ in range(5):
         run()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        run()
-    _sync(device)
-    return n / (time.perf_counter() - t0)
+    return _rate(run, n, device)
 
 
-def time_trainer(kind: str, batch: int, data: torch.Tensor, n: int, fast: bool) -> tuple[float, bool]:
+def time_trainer(kind: str, batch: int, data: torch.Tensor, n: int,
+                 fast: bool) -> tuple[tuple[float, float], bool]:
     device = data.device
     energy, loss, sampler = _library(kind, device)
     trainer = Trainer(energy, loss, sampler=sampler, device=device, fast=fast, progress=False,
@@ -170,23 +174,20 @@ def time_trainer(kind: str, batch: int, data: torch.Tensor, n: int, fast: bool) 
         warnings.simplefilter("always")
         trainer.fit(data, steps=10, batch_size=batch)  # warm-up (and capture in fast mode)
     fell_back = any("could not be captured" in str(w.message) for w in caught)
-    _sync(device)
-    t0 = time.perf_counter()
-    trainer.fit(data, steps=10 + n, batch_size=batch)
-    _sync(device)
-    return n / (time.perf_counter() - t0), fell_back
+    wall, cpu = _rate(lambda: trainer.fit(data, steps=10 + n, batch_size=batch), 1, device)
+    return (wall * n, cpu * n), fell_back  # one fit() call runs n steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU only, fewer steps (< 1 minute)")
-    parser.add_argument("--repeats", type=int, default=None, help="default 3 (2 with --quick)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (3 with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "training.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 3
+        args.repeats = 3 if args.quick else 5
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.quick:
         devices.append(torch.device("cuda"))
@@ -202,7 +203,7 @@ def main() -> None:
             else:
                 n = ((8 if batch > 1024 else 30 if kind == "cd10" else 100) if args.quick
                      else (100 if batch > 1024 or kind == "cd10" else 400))
-            best: dict[str, float] = {}
+            runs: dict[str, list[tuple[float, float]]] = {}
             notes = []
             variants = ["plain", "loop", "trainer"] + (["plain+graph", "trainer+fast"] if cuda else [])
             for _ in range(args.repeats):
@@ -215,15 +216,22 @@ def main() -> None:
                         r, fell = time_trainer(kind, batch, data, n, fast=v == "trainer+fast")
                         if fell and "fast mode fell back to eager" not in notes:
                             notes.append("fast mode fell back to eager")
-                    best[v] = max(best.get(v, 0.0), r)
+                    runs.setdefault(v, []).append(r)
+            best = {v: statistics.median(w for w, _ in r) for v, r in runs.items()}
+            cpu = {v: statistics.median(c for _, c in r) for v, r in runs.items()}
             row = {"device": device.type, "workload": kind, "batch": batch, "it_per_s": best,
+                   "cpu_it_per_s": cpu,
                    "trainer_vs_plain": best["trainer"] / best["plain"],
-                   "trainer_vs_loop": best["trainer"] / best["loop"], "notes": notes}
+                   "trainer_vs_loop": best["trainer"] / best["loop"],
+                   "loop_vs_plain": best["loop"] / best["plain"],
+                   "cpu_trainer_vs_plain": cpu["trainer"] / cpu["plain"],
+                   "cpu_loop_vs_plain": cpu["loop"] / cpu["plain"], "notes": notes}
             if cuda:
                 row["fast_vs_graph"] = best["trainer+fast"] / best["plain+graph"]
             rows.append(row)
             print(f"{device.type:5s} {kind:5s} B={batch:5d} " + "  ".join(
                 f"{k}={v:8.1f}" for k, v in best.items()) + f"  trainer/plain={row['trainer_vs_plain']:.3f}  trainer/loop={row['trainer_vs_loop']:.3f}"
+                + f"  CPU time: loop/plain={row['cpu_loop_vs_plain']:.3f} trainer/plain={row['cpu_trainer_vs_plain']:.3f}"
                 + (f"  fast/graph={row['fast_vs_graph']:.3f}" if cuda else "") + (f"  ({'; '.join(notes)})" if notes else ""),
                 flush=True)
     meta = {"torch": torch.__version__, "python": platform.python_version(),
@@ -233,14 +241,15 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print("\n| device | workload | batch | plain it/s | library loop it/s | Trainer it/s | Trainer / plain | Trainer / loop |"
+    print("\n| device | workload | batch | plain it/s | library loop it/s | Trainer it/s | Trainer / plain | Trainer / loop | CPU time: loop / plain | CPU time: Trainer / plain |"
           + (" graph it/s | fast it/s | fast / graph |" if any(r["device"] == "cuda" for r in rows) else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if any(r["device"] == "cuda" for r in rows) else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if any(r["device"] == "cuda" for r in rows) else ""))
     for r in rows:
         s = r["it_per_s"]
         line = (f"| {r['device']} | {r['workload']} | {r['batch']} | {s['plain']:.1f} | "
                 f"{s['loop']:.1f} | {s['trainer']:.1f} | {r['trainer_vs_plain']:.2f} | "
-                f"{r['trainer_vs_loop']:.2f} |")
+                f"{r['trainer_vs_loop']:.2f} | {r['cpu_loop_vs_plain']:.2f} | "
+                f"{r['cpu_trainer_vs_plain']:.2f} |")
         if r["device"] == "cuda":
             line += f" {s['plain+graph']:.1f} | {s['trainer+fast']:.1f} | {r['fast_vs_graph']:.2f} |"
         print(line)

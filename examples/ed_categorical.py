@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = run(cfg, args.methods.split(","), datasets, iterations, make_task)
     results["quick"] = args.quick
-    save(results, "ed_categorical" + ("_quick" if args.quick else ""), args.out, make_task)
-    return results
+    return save(results, "ed_categorical" + ("_quick" if args.quick else ""), args.out,
+                make_task, args.merge)
 
 
 if __name__ == "__main__":

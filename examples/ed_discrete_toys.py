@@ -6,8 +6,11 @@ code, ``ebmflow.data.gray_encode`` with the literature's bound max|x| + 2). An `
 
 * ED-Bern: ``EnergyDiscrepancy(BernoulliPerturbation(eps=0.1), m=32, w=1)``;
 * ED-Grid: ``EnergyDiscrepancy(GridPerturbation(), m=32, w=1)``;
-* PCD: contrastive divergence L = mean E(x+) - mean E(x-) with persistent random-scan
-  ``Gibbs`` chains (negatives from a buffer of chains, updated every step).
+* PCD: ``ContrastiveDivergence(alpha)`` with ``PersistentSampler(Gibbs(sweep=False),
+  ReplayBuffer(space, buffer_size, reinit))``: L = mean E(x+) - mean E(x-) (+ alpha times the
+  squared energies), negatives from persistent random-scan Gibbs chains kept in a buffer.
+
+Training runs without any evaluation in the loop; the model is evaluated once, at the end.
 
 Evaluation of the EMA model:
 
@@ -44,11 +47,12 @@ from ebmflow.energy import EnergyModel, MLPEnergy
 from ebmflow.losses import (
     BernoulliPerturbation,
     CategoricalPerturbation,
+    ContrastiveDivergence,
     EnergyDiscrepancy,
     GridPerturbation,
 )
 from ebmflow.metrics import mmd
-from ebmflow.samplers.gibbs import Gibbs
+from ebmflow.samplers import Gibbs, PersistentSampler, ReplayBuffer
 from ebmflow.spaces import Binary, Categorical, Space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +79,14 @@ def gray_task(dataset: str, bits: int = 16, seed: int = 0) -> Task:
 
 
 def make_loss(method: str, cfg: dict, space: Space):
-    """The ED loss for a method name (``ed_bern``, ``ed_grid``, ``ed_uniform``, ``ed_ordinal``)."""
+    """(loss, sampler) for a method name: ``ed_bern``, ``ed_grid``, ``ed_uniform``,
+    ``ed_ordinal``, ``ed_cyclic`` (energy discrepancy, sampler None) or ``pcd``."""
     c = cfg[method]
     k = getattr(space, "num_classes", 2)
+    if method == "pcd":
+        buffer = ReplayBuffer(space, capacity=c["buffer_size"], reinit_prob=c["reinit"])
+        sampler = PersistentSampler(Gibbs(sweep=False, n_steps=c["gibbs_steps"]), buffer)
+        return ContrastiveDivergence(alpha=c["alpha"]), sampler
     if method == "ed_bern":
         pert = BernoulliPerturbation(c["eps"])
     elif method == "ed_grid":
@@ -87,7 +96,7 @@ def make_loss(method: str, cfg: dict, space: Space):
         pert = CategoricalPerturbation(k, method[3:], c["t"])
     else:
         raise ValueError(f"unknown method {method!r}")
-    return EnergyDiscrepancy(pert, m=c["m"], w=c["w"])
+    return EnergyDiscrepancy(pert, m=c["m"], w=c["w"]), None
 
 
 def ema_update(avg: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -106,25 +115,11 @@ def train(method: str, dataset: str, task: Task, cfg: dict, iterations: int,
     opt = torch.optim.Adam(energy.parameters(), lr=tr["lr"])
     gen = torch.Generator().manual_seed(tr["seed"] + 1)
     batch = cfg["data"]["batch_size"]
-    if method == "pcd":
-        c = cfg["pcd"]
-        gibbs = Gibbs(sweep=False)
-        chains = task.space.noise(c["buffer_size"], gen)
-    else:
-        loss_fn = make_loss(method, cfg, task.space)
+    loss_fn, sampler = make_loss(method, cfg, task.space)
     start, losses = time.perf_counter(), []
     for it in range(1, iterations + 1):
         x = task.encode(toy_2d(dataset, batch, gen))
-        if method == "pcd":
-            idx = torch.randint(0, chains.shape[0], (batch,), generator=gen)
-            x_neg = gibbs.run(energy, chains[idx], c["gibbs_steps"], generator=gen)
-            chains[idx] = x_neg
-            e = energy(torch.cat([x, x_neg]))
-            e_pos, e_neg = e[:batch], e[batch:]
-            loss = e_pos.mean() - e_neg.mean() + c["alpha"] * (e_pos.pow(2).mean()
-                                                               + e_neg.pow(2).mean())
-        else:
-            loss = loss_fn(energy, x, generator=gen).loss
+        loss = loss_fn(energy, x, sampler, generator=gen).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -199,6 +194,7 @@ def evaluate_data_baseline(dataset: str, task: Task, ev: dict) -> dict:
 
 
 def plot(results: dict, make_task: Callable[[str], Task], path: Path) -> None:
+    """Histograms of the data and of each method's Gibbs samples (decoded to 2-D)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,17 +202,23 @@ def plot(results: dict, make_task: Callable[[str], Task], path: Path) -> None:
 
     runs = results["runs"]
     datasets = list(runs)
-    methods = [m for m in runs[datasets[0]] if m != "data_vs_data"]
+    methods = list(dict.fromkeys(m for ds in datasets for m in runs[ds] if m != "data_vs_data"))
     fig, axes = plt.subplots(len(datasets), len(methods) + 1,
                              figsize=(3 * (len(methods) + 1), 3 * len(datasets)), squeeze=False)
     for r, ds in enumerate(datasets):
         task = make_task(ds)
         data = task.decode(task.encode(toy_2d(ds, 4000, torch.Generator().manual_seed(5))))
-        axes[r, 0].hist2d(data[:, 0].numpy(), data[:, 1].numpy(), bins=80, cmap="viridis")
+        lims = [[float(data[:, i].min()) - 0.5, float(data[:, i].max()) + 0.5] for i in (0, 1)]
+        axes[r, 0].hist2d(data[:, 0].numpy(), data[:, 1].numpy(), bins=80, range=lims,
+                          cmap="viridis")
         axes[r, 0].set_title(f"{ds}: data")
         for c, m in enumerate(methods, start=1):
-            pts = task.decode(runs[ds][m]["samples"])
-            axes[r, c].hist2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=80, cmap="viridis")
+            if m not in runs[ds]:
+                axes[r, c].axis("off")
+                continue
+            pts = torch.tensor(runs[ds][m]["samples_2d"])
+            axes[r, c].hist2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=80, range=lims,
+                              cmap="viridis")
             axes[r, c].set_title(f"{m}: NLL {runs[ds][m]['nll']:.2f}")
     for ax in axes.flat:
         ax.set_xticks([])
@@ -227,13 +229,27 @@ def plot(results: dict, make_task: Callable[[str], Task], path: Path) -> None:
     plt.close(fig)
 
 
-def save(results: dict, name: str, out: Path, make_task: Callable[[str], Task]) -> None:
-    plot(results, make_task, out / "figures" / f"{name}.png")
-    for runs in results["runs"].values():
+def save(results: dict, name: str, out: Path, make_task: Callable[[str], Task],
+         merge: bool = False) -> dict:
+    """Write docs/results/<name>.json and docs/figures/<name>.png; the model samples are kept
+    in the JSON decoded to 2-D (``samples_2d``, 3 decimals) for the figure. ``merge=True``
+    adds these runs to an existing JSON (runs of other data sets or methods are kept)."""
+    for ds, runs in results["runs"].items():
+        task = make_task(ds)
         for info in runs.values():
-            info.pop("samples", None)
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / f"{name}.json").write_text(json.dumps(results, indent=1))
+            if "samples" in info:
+                info["samples_2d"] = task.decode(info.pop("samples")).mul(1000).round().div(
+                    1000).tolist()
+    json_path = out / "results" / f"{name}.json"
+    if merge and json_path.exists():
+        old = json.loads(json_path.read_text())
+        for ds, runs in results["runs"].items():
+            old["runs"].setdefault(ds, {}).update(runs)
+        results = {**results, "runs": old["runs"]}
+    plot(results, make_task, out / "figures" / f"{name}.png")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1))
+    return results
 
 
 def parse(argv, description: str, config: Path, methods: str):
@@ -244,6 +260,9 @@ def parse(argv, description: str, config: Path, methods: str):
     parser.add_argument("--methods", default=methods)
     parser.add_argument("--datasets", default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="docs folder")
+    parser.add_argument("--merge", action="store_true",
+                        help="add these runs to the existing results JSON (run data sets in "
+                             "separate processes)")
     args = parser.parse_args(argv)
     cfg = tomllib.loads(args.config.read_text())
     datasets = args.datasets.split(",") if args.datasets else cfg["data"]["datasets"]
@@ -267,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = run(cfg, args.methods.split(","), datasets, iterations, make_task)
     results["quick"] = args.quick
-    save(results, "ed_discrete_toys" + ("_quick" if args.quick else ""), args.out, make_task)
-    return results
+    return save(results, "ed_discrete_toys" + ("_quick" if args.quick else ""), args.out,
+                make_task, args.merge)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Shared pieces of the flowMC examples: the training loop (plain torch), the three negative
-samplers compared (short-run ULA, PCD, flowMC) and mode-weight estimates of a learned energy.
+"""Shared pieces of the flowMC examples: the training loop (library parts composed: an
+``MLPEnergy``, ``ContrastiveDivergence`` and one negative sampler), the negative samplers
+compared (short-run ULA, PCD, flowMC) and mode-weight estimates of a learned energy.
 
-Methods (all train E_theta by maximum likelihood, grad = E_data[grad E] - E_model[grad E]):
+Methods (all train E_theta with the CD loss
+L = mean E(x+) - mean E(x-) + alpha * (mean E(x+)^2 + mean E(x-)^2)):
 
 * ``ula``: short-run ULA, ``n_local`` steps from uniform noise on the data box, every step;
 * ``pcd``: persistent chains started at the data, ``n_local`` ULA steps per training step;
@@ -26,7 +28,8 @@ from torch import Tensor
 
 from ebmflow.energy import EnergyModel, MLPEnergy, TiltedEnergy
 from ebmflow.flows import FlowMC, RealNVP
-from ebmflow.samplers import MALA, Langevin
+from ebmflow.losses import ContrastiveDivergence
+from ebmflow.samplers import MALA, Langevin, PersistentSampler, ReplayBuffer, Sampler
 from ebmflow.spaces import Continuous
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +47,8 @@ def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="a < 1 minute CPU run")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the figure from the saved JSON, no training")
     args = parser.parse_args(argv)
     cfg = {k: v for k, v in defaults.items() if k != "quick"}
     quick = dict(defaults.get("quick", {}))
@@ -54,8 +59,45 @@ def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict
     if args.quick:
         cfg.update(quick)
     cfg["quick_mode"] = args.quick
+    cfg["plot_only"] = args.plot_only
     torch.set_num_threads(int(cfg.get("threads", 1)))
     return cfg
+
+
+def make_sampler(
+    method: str, model: EnergyModel, data: Tensor, cfg: dict[str, Any], box: float,
+    gen: torch.Generator,
+) -> tuple[EnergyModel, Sampler, ContrastiveDivergence]:
+    """The library composition for one method: (energy to train, sampler, CD loss).
+
+    ``ula``: ``Langevin`` from uniform noise on [-box, box]^D (``ContrastiveDivergence``
+    ``init`` callable); ``pcd``: ``PersistentSampler(Langevin, ReplayBuffer)`` whose
+    ``batch_size`` slots start at data points and are never re-initialised; ``flowmc*``:
+    ``FlowMC(RealNVP, MALA)`` with persistent chains started at data points.
+    """
+    dim = data.shape[1]
+    batch = cfg["batch_size"]
+    start = data[torch.randperm(data.shape[0], generator=gen)[:batch]].clone()
+    alpha = cfg["alpha"]
+    if method == "ula":
+        def uniform_box(x: Tensor, g: torch.Generator | None) -> Tensor:
+            return (torch.rand(x.shape, generator=g) * 2 - 1) * box
+
+        sampler: Sampler = Langevin(cfg["ula_step"], n_steps=cfg["n_local"])
+        return model, sampler, ContrastiveDivergence(alpha, init=uniform_box)
+    if method == "pcd":
+        buffer = ReplayBuffer(Continuous(dim), capacity=batch, reinit_prob=0.0)
+        buffer.states = start
+        sampler = PersistentSampler(Langevin(cfg["ula_step"], n_steps=cfg["n_local"]), buffer)
+        return model, sampler, ContrastiveDivergence(alpha)
+    flow = RealNVP(dim, n_layers=cfg["flow_layers"], hidden=tuple(cfg["flow_hidden"]))
+    flow.init_from_data(data)
+    energy = TiltedEnergy(model, flow) if method == "flowmc_tilted" else model
+    n_local = cfg.get("flowmc_n_local", cfg["n_local"])
+    sampler = FlowMC(flow, MALA(cfg["mala_step"], n_warmup=cfg.get("mala_warmup", 200)), n_local=n_local,
+                     n_global=cfg["n_global"], lr=cfg["flow_lr"], flow_steps=cfg["flow_steps"])
+    sampler.update(energy, start)  # the chains start at the data; first flow fit
+    return energy, sampler, ContrastiveDivergence(alpha)
 
 
 def train(
@@ -66,10 +108,17 @@ def train(
     evaluate: Callable[[EnergyModel], Tensor],
     box: float,
     seed: int = 0,
+    chain_labels: Callable[[Tensor], Tensor] | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train an MLP energy with one negative sampler; returns the history and the energy.
 
-    ``evaluate(energy) -> (K,)`` estimated mode weights, recorded every ``eval_every`` steps.
+    Per iteration: ``sampler.update`` (flowMC: one flow fit on the chains), then
+    ``ContrastiveDivergence(alpha)`` with the sampler's negatives, one Adam step.
+    Only every ``eval_every`` iterations (untimed): ``evaluate(energy) -> (K,)`` mode weights
+    of the learned density, the fraction of negatives per mode (``chain_labels(x) -> (B,)``
+    long), and the sampler's acceptance stats; ``on_eval(history)`` is then called (e.g. to
+    write partial results).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -77,57 +126,42 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     data = data_fn(cfg["n_data"], gen)
     model = MLPEnergy(Continuous(dim), hidden=tuple(cfg["hidden"]))
-    flow = None
-    energy: EnergyModel = model
-    if method.startswith("flowmc"):
-        flow = RealNVP(dim, n_layers=cfg["flow_layers"], hidden=tuple(cfg["flow_hidden"]))
-        flow.init_from_data(data)
-        if method == "flowmc_tilted":
-            energy = TiltedEnergy(model, flow)
-        sampler = FlowMC(flow, MALA(cfg["mala_step"], n_warmup=cfg["n_local"] * 20),
-                         n_local=cfg["n_local"], n_global=cfg["n_global"], lr=cfg["flow_lr"],
-                         flow_steps=cfg["flow_steps"])
+    energy, sampler, loss_fn = make_sampler(method, model, data, cfg, box, gen)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
-    ula = Langevin(cfg["ula_step"])
     batch = cfg["batch_size"]
-    chains = data[torch.randperm(data.shape[0], generator=gen)[:batch]].clone()
-    steps, weights, times = [], [], []
-    elapsed = 0.0
+    hist: dict[str, Any] = {"steps": [], "weights": [], "times": [], "chain_weights": [],
+                            "global_accept": [], "local_accept": []}
+    elapsed, x_neg = 0.0, None
     for it in range(cfg["iters"] + 1):
-        if it % cfg["eval_every"] == 0:
+        if it % cfg["eval_every"] == 0 or it == cfg["iters"]:
             with torch.no_grad():
-                weights.append(evaluate(energy).tolist())
-            steps.append(it)
-            times.append(elapsed)
+                hist["weights"].append(evaluate(energy).tolist())
+            hist["steps"].append(it)
+            hist["times"].append(elapsed)
+            if chain_labels is not None and x_neg is not None:
+                k = len(hist["weights"][-1])
+                counts = torch.bincount(chain_labels(x_neg), minlength=k).float()
+                hist["chain_weights"].append((counts / counts.sum()).tolist())
+            else:
+                hist["chain_weights"].append(None)
+            for key in ("global_accept", "local_accept"):
+                val = sampler.stats.get(key)
+                hist[key].append(None if val is None else float(val))
+            if on_eval is not None:
+                on_eval(hist)
         if it == cfg["iters"]:
             break
         t0 = time.perf_counter()
         x_pos = data[torch.randint(0, data.shape[0], (batch,), generator=gen)]
-        if method == "ula":
-            x0 = (torch.rand(batch, dim, generator=gen) * 2 - 1) * box
-            x_neg = ula.run(energy, x0, cfg["n_local"], generator=gen)
-        elif method == "pcd":
-            chains = ula.run(energy, chains, cfg["n_local"], generator=gen)
-            x_neg = chains
-        else:
-            if it == 0:
-                sampler.update(energy, chains)  # chains start at the data
-            else:
-                sampler.update(energy, generator=gen)
-            x_neg = sampler.sample(energy, generator=gen)
-        e = energy(torch.cat([x_pos, x_neg]))
-        e_pos, e_neg = e[:batch], e[batch:]
-        loss = e_pos.mean() - e_neg.mean() + cfg["alpha"] * (e_pos.square().mean()
-                                                              + e_neg.square().mean())
+        if it > 0 and isinstance(sampler, FlowMC):
+            sampler.update(energy, generator=gen)
+        out = loss_fn(energy, x_pos, sampler, generator=gen)
+        x_neg = out.x_neg
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         opt.step()
         elapsed += time.perf_counter() - t0
-    out = {"steps": steps, "weights": weights, "times": times, "energy": energy}
-    if method.startswith("flowmc"):
-        out["global_accept"] = float(sampler.stats["global_accept"])
-        out["local_accept"] = float(sampler.stats["local_accept"])
-    return out
+    return {**hist, "energy": energy}
 
 
 def grid(box: float, n: int) -> tuple[Tensor, float]:
@@ -162,6 +196,10 @@ def save_json(name: str, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def load_json(name: str) -> dict[str, Any]:
+    return json.loads((ROOT / "docs" / "results" / f"{name}.json").read_text())
 
 
 def figure_path(name: str) -> Path:

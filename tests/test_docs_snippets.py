@@ -26,7 +26,7 @@ def _shrink(code: str) -> str:
     return code
 
 
-CASES = [(p, i) for p in ("README.md", "docs/getting-started.md") for i in range(len(_blocks(ROOT / p)))]
+CASES = [(p, i) for p in ("README.md", "docs/getting-started.md", "docs/discrete-flows.md") for i in range(len(_blocks(ROOT / p)))]
 
 
 @pytest.mark.parametrize("path, index", CASES, ids=[f"{p}-{i}" for p, i in CASES])

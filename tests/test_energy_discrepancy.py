@@ -230,6 +230,7 @@ def _load_example(name: str):
     try:
         spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up in sys.modules
         spec.loader.exec_module(module)
     finally:
         sys.path.remove(str(folder))
@@ -251,27 +252,33 @@ def test_example_nearsightedness(tmp_path):
 @pytest.mark.slow
 def test_example_25gaussians_ed_beats_score_matching(tmp_path):
     res = _load_example("ed_25gaussians").main(
-        ["--quick", "--iterations", "1500", "--methods", "ed,dsm", "--out", str(tmp_path)])
-    ed, dsm = res["methods"]["ed"], res["methods"]["dsm"]
+        ["--quick", "--iterations", "1500", "--methods", "ed,cd,dsm", "--out", str(tmp_path)])
+    ed, cd, dsm = (res["methods"][m] for m in ("ed", "cd", "dsm"))
     assert ed["final_mse"] < dsm["final_mse"]
     assert ed["final_mse"] < ed["history"][0]["mse"]
+    # CD (ContrastiveDivergence + Langevin from data, alpha = 0.1) stays finite and learns
+    assert math.isfinite(cd["final_mse"]) and cd["final_mse"] < cd["history"][0]["mse"]
+    assert (tmp_path / "figures" / "ed_25gaussians_quick.png").exists()
 
 
 @pytest.mark.slow
 def test_example_discrete_toys_learns(tmp_path):
     res = _load_example("ed_discrete_toys").main(
-        ["--quick", "--iterations", "300", "--methods", "ed_bern,ed_grid", "--out",
+        ["--quick", "--iterations", "300", "--methods", "ed_bern,ed_grid,pcd", "--out",
          str(tmp_path)])
-    for info in res["runs"]["2spirals"].values():
-        if "nll" in info:
-            assert info["nll"] < 32 * math.log(2) - 0.3  # better than the uniform model
+    runs = res["runs"]["2spirals"]
+    assert {"ed_bern", "ed_grid", "pcd"} <= set(runs)
+    for name in ("ed_bern", "ed_grid", "pcd"):
+        assert runs[name]["nll"] < 32 * math.log(2) - 0.3  # better than the uniform model
+        assert math.isfinite(runs[name]["mmd_1e4"])
+    assert (tmp_path / "figures" / "ed_discrete_toys_quick.png").exists()
 
 
 @pytest.mark.slow
 def test_example_categorical_learns(tmp_path):
     res = _load_example("ed_categorical").main(
-        ["--quick", "--iterations", "200", "--methods", "ed_grid,ed_uniform,ed_ordinal",
+        ["--quick", "--iterations", "200", "--methods", "ed_grid,ed_uniform,ed_ordinal,pcd",
          "--out", str(tmp_path)])
-    for info in res["runs"]["2spirals"].values():
-        if "nll" in info:
-            assert info["nll"] < 16 * math.log(5) - 0.3
+    runs = res["runs"]["2spirals"]
+    for name in ("ed_grid", "ed_uniform", "ed_ordinal", "pcd"):
+        assert runs[name]["nll"] < 16 * math.log(5) - 0.3  # better than the uniform model

@@ -28,6 +28,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -37,8 +38,12 @@ __all__ = ["Space", "Continuous", "Binary", "Categorical", "check_same_device"]
 
 
 def _as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
-    if isinstance(shape, int):
+    if isinstance(shape, numbers.Integral):
         shape = (shape,)
+    if not isinstance(shape, (tuple, list, torch.Size)) or not all(
+        isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in shape
+    ):  # int(2.5) would silently truncate
+        raise ValueError(f"shape must be a positive int or a tuple of positive ints, got {shape!r}")
     shape = tuple(int(s) for s in shape)
     if len(shape) == 0 or any(s <= 0 for s in shape):
         raise ValueError(f"shape must be a positive int or a tuple of positive ints, got {shape}")

@@ -3,7 +3,7 @@
 Each recipe is a ``Sampler`` wrapping a ``DiscreteFlowSampler``; paired with
 ``ContrastiveDivergence`` it is trained by the ordinary loop (the ``Trainer``'s, or
 ``ebm_step`` below): per step, ``sampler.update(energy, batch)``, then
-``loss(energy, batch, sampler)`` (which calls ``sampler.sample``), then the optimiser step::
+``loss(energy, batch, sampler)`` (which calls ``sampler.sample``), then the optimiser step:
 
     flow = DiscreteFlowSampler(MLPVelocity(32, 2, schedule=path.schedule), path)
     sampler = FlowNegatives(flow, k=1)                       # or BootstrapFlow / BackAndForth

@@ -47,14 +47,18 @@ class LinearSchedule(Schedule):
 
 
 class PolynomialSchedule(Schedule):
-    """kappa(t) = t^n, kappa'(t) = n t^(n-1) (n > 0; n = 1 is ``LinearSchedule``).
+    """kappa(t) = t^n, kappa'(t) = n t^(n-1) (n >= 1; n = 1 is ``LinearSchedule``).
 
-    n > 1 reveals data late (few jumps early), n < 1 early.
+    n > 1 reveals data late (few jumps early). n < 1 is refused: kappa'(0) would be infinite,
+    so the velocity kappa'/(1 - kappa) and the first Euler step from t = 0 would be undefined.
     """
 
     def __init__(self, exponent: float = 2.0):
-        if not float(exponent) > 0:
-            raise ValueError(f"exponent must be > 0, got {exponent!r}")
+        if not (float(exponent) >= 1 and float(exponent) < float("inf")):
+            raise ValueError(
+                f"exponent must be a finite number >= 1, got {exponent!r}: for n < 1 the rate "
+                "kappa'(t) = n t^(n-1) is infinite at t = 0"
+            )
         self.exponent = float(exponent)
 
     def kappa(self, t: Tensor) -> Tensor:

@@ -29,8 +29,16 @@ def importance_weights(energy_values: Tensor, log_q: Tensor, temperature: float 
 
     Returns ``(w, stats)`` with stats ``ess`` (in samples), ``ess_fraction`` (ESS / B),
     ``weight_max`` (largest w / B, the share of the heaviest sample) and ``log_weight_std``.
-    Non-finite inputs are not checked here (see ``DiscreteFlowSampler.update``).
+    Non-finite inputs are not checked here (see ``DiscreteFlowSampler.update``); shapes and
+    the temperature are (no host synchronisation).
     """
+    if energy_values.dim() != 1 or log_q.shape != energy_values.shape or energy_values.numel() == 0:
+        raise ValueError(
+            f"energy_values and log_q must both have shape (B,) with B >= 1, got "
+            f"energy_values {tuple(energy_values.shape)} and log_q {tuple(log_q.shape)}"
+        )
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a positive finite float, got {temperature!r}")
     log_w = -energy_values.detach().float() / temperature - log_q.detach().float()
     b = log_w.shape[0]
     normalised = torch.softmax(log_w, dim=0)

@@ -18,7 +18,7 @@ class EnergyModel(nn.Module):
     """Base class of energy models E(x), density p(x) ∝ exp(-E(x)).
 
     Subclasses set ``self.space`` and implement ``energy(x) -> (B,)``. Everything else
-    (``forward``, ``score``, ``energy_and_grad``, sampling, losses, metrics) comes from here::
+    (``forward``, ``score``, ``energy_and_grad``, sampling, losses, metrics) comes from here:
 
         class Quadratic(EnergyModel):
             def __init__(self):
@@ -61,7 +61,7 @@ class EnergyModel(nn.Module):
         """Same as ``energy(x)``, with device and output-shape checks."""
         try:
             out = self.energy(x)
-        except RuntimeError as err:
+        except (RuntimeError, IndexError) as err:
             # Diagnose only on failure: the hot path pays nothing for these checks.
             self._diagnose_input(x, err)
             raise
@@ -75,6 +75,26 @@ class EnergyModel(nn.Module):
         return out
 
     def _diagnose_input(self, x: Tensor, err: Exception) -> None:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}") from err
+        space = self.space
+        event = tuple(x.shape[1:])
+        one_hot = isinstance(space, Categorical) and event == (space.num_dims, space.num_classes)
+        if x.dim() < 1 or (event != tuple(space.shape) and not one_hot):
+            raise ValueError(
+                f"x has shape {tuple(x.shape)} but {type(self).__name__}'s space {space!r} "
+                f"expects (B, {', '.join(str(s) for s in space.shape)}); batch dimension first"
+            ) from err
+        if isinstance(space, Categorical) and not one_hot and not x.is_floating_point():
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= space.num_classes):
+                raise ValueError(
+                    f"x has values in [{int(x.min())}, {int(x.max())}] but {space!r} needs "
+                    f"integers in [0, {space.num_classes - 1}]"
+                ) from err
+        elif not isinstance(space, Categorical) and not x.is_floating_point():
+            raise ValueError(
+                f"x has dtype {x.dtype} but {space!r} states are floating point; pass x.float()"
+            ) from err
         ref = self._reference_tensor()
         if ref is None:
             return

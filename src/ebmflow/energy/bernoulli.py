@@ -28,6 +28,8 @@ class BernoulliBaseEnergy(EnergyModel):
         logits = torch.as_tensor(logits, dtype=torch.get_default_dtype())
         if logits.dim() != 1:
             raise ValueError(f"logits must have shape (D,), got {tuple(logits.shape)}")
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("logits must be finite (probabilities in (0, 1)), got NaN/inf")
         super().__init__(Binary(logits.shape[0]))
         if learnable:
             self.logits = nn.Parameter(logits.clone())

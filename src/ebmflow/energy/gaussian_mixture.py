@@ -32,6 +32,8 @@ class GaussianMixtureEnergy(EnergyModel):
         means = torch.as_tensor(means, dtype=torch.get_default_dtype())
         if means.dim() != 2:
             raise ValueError(f"means must have shape (K, D), got {tuple(means.shape)}")
+        if not bool(torch.isfinite(means).all()):
+            raise ValueError("means must be finite, got NaN/inf entries")
         k, d = means.shape
         super().__init__(Continuous(d))
         scales = torch.as_tensor(scales, dtype=means.dtype)
@@ -49,7 +51,8 @@ class GaussianMixtureEnergy(EnergyModel):
         if weights is None:
             weights = torch.full((k,), 1.0 / k, dtype=means.dtype)
         weights = torch.as_tensor(weights, dtype=means.dtype)
-        if weights.shape != (k,) or bool((weights < 0).any()) or float(weights.sum()) <= 0:
+        if (weights.shape != (k,) or not bool(torch.isfinite(weights).all())
+                or bool((weights < 0).any()) or float(weights.sum()) <= 0):
             raise ValueError(
                 f"weights must be non-negative with shape (K,)=({k},) and a positive sum, got "
                 f"{weights.tolist() if weights.numel() < 20 else tuple(weights.shape)}"

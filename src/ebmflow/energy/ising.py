@@ -72,6 +72,8 @@ class IsingEnergy(EnergyModel):
         bias = torch.zeros(d) if bias is None else torch.as_tensor(bias, dtype=coupling.dtype)
         if bias.shape != (d,):
             raise ValueError(f"bias must have shape (D,)=({d},), got {tuple(bias.shape)}")
+        if not (bool(torch.isfinite(coupling).all()) and bool(torch.isfinite(bias).all())):
+            raise ValueError("coupling and bias must be finite, got NaN/inf entries")
         if learnable:
             self._coupling = nn.Parameter(coupling.clone())
             self.bias = nn.Parameter(bias.clone())

@@ -151,6 +151,11 @@ class ContinuousFlow(Flow):
             raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
         if not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+        from torchdiffeq._impl.odeint import SOLVERS
+
+        if method not in SOLVERS:
+            raise ValueError(f"method must be a torchdiffeq solver, one of {sorted(SOLVERS)}; "
+                             f"got {method!r}")
         self.velocity = velocity if velocity is not None else TimeMLP(dim, hidden, activation)
         self.dynamics = _Dynamics(self.velocity)
         self.method = method

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from ..energy.base import EnergyModel
@@ -82,12 +81,19 @@ class EnergyDiscrepancy(EBMLoss):
             )
         b, m = data.shape[0], self.m
         data = data.detach()
+        pert = self.perturbation
         with torch.no_grad():
-            y = self.perturbation.perturb(data, generator)
-            x_neg = rearrange(self.perturbation.negatives(y, m, generator), "b m ... -> (b m) ...")
+            y = pert.perturb(data, generator)
+            if type(pert).negatives is Perturbation.negatives:
+                # the default negatives(), without its (B, M) round trip: row i * M + j is
+                # perturb(y_i) for the j-th copy, the same draws in the same order
+                ys = y.unsqueeze(1).expand(b, m, *shape).reshape(b * m, *shape)
+                x_neg = pert.perturb(ys, generator)
+            else:
+                x_neg = pert.negatives(y, m, generator).reshape(b * m, *shape)
         e_all = energy(torch.cat([data, x_neg], dim=0))
         e_pos = e_all[:b]
-        e_neg = rearrange(e_all[b:], "(b m) -> b m", m=m)
+        e_neg = e_all[b:].view(b, m)
         diff = e_pos[:, None] - e_neg  # (B, M)
         if self.w > 0:
             log_w = torch.full((b, 1), math.log(self.w), dtype=diff.dtype, device=diff.device)

@@ -5,7 +5,7 @@ is symmetric, q(y | x) = q(x | y), so that the contrastive negatives are drawn b
 twice: y ~ q(. | x) once per data point, then M negatives x'_j ~ q(. | y).
 
 Subclass ``Perturbation`` and implement ``perturb`` (one draw per row) to add your own;
-``negatives`` then comes for free::
+``negatives`` then comes for free:
 
     class UniformBox(Perturbation):
         space_kind = Continuous

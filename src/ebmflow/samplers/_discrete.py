@@ -7,11 +7,14 @@ the one-hot float ``(B, D, K)``. Gradients are always taken with respect to the 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from ..energy.base import EnergyModel
 from ..spaces import Binary, Categorical, Space
+from ._fast import energy_and_grad
 
 __all__ = [
     "is_discrete_space",
@@ -19,6 +22,7 @@ __all__ = [
     "relax",
     "relaxed_energy_and_grad",
     "flip_gain",
+    "half_flip_gain",
     "gumbel_argmax",
     "float_dtype",
 ]
@@ -50,9 +54,25 @@ def check_discrete_states(sampler: str, energy: EnergyModel, x: Tensor) -> None:
             f"{sampler} samples Binary or Categorical spaces, got {energy.space!r}; use "
             "Langevin, MALA or HMC for continuous states"
         )
-    if _capturing(x):
+    if _capturing(x) or _valid_fast(energy.space, x):
         return
-    energy.space.validate(x, "x0")
+    energy.space.validate(x, "x0")  # raises the informative error
+
+
+def _valid_fast(space: Space, x: Tensor) -> bool:
+    """A quick test that ``x`` holds valid states of ``space`` (one or two passes over x
+    instead of four); False sends the caller to ``space.validate`` for the full check."""
+    if x.dim() != 2 or x.shape[0] == 0 or tuple(x.shape[1:]) != tuple(space.shape):
+        return False
+    if isinstance(space, Categorical):
+        if x.dtype != torch.long:
+            return False
+        lo, hi = torch.aminmax(x)
+        return bool(lo >= 0) and bool(hi < space.num_classes)
+    if not x.is_floating_point():
+        return False
+    # x - x^2 = x (1 - x) is 0 exactly for x in {0, 1}; NaN / inf give NaN (non-zero)
+    return not bool(torch.count_nonzero(torch.addcmul(x, x, x, value=-1)))
 
 
 def float_dtype(energy: EnergyModel) -> torch.dtype:
@@ -82,9 +102,10 @@ def relaxed_energy_and_grad(
     values differ between states (a piecewise-constant energy, e.g. one that rounds its input)
     is rejected too.
     """
-    xr = relax(energy.space, x, float_dtype(energy))
+    space = energy.space
+    xr = space.one_hot(x, dtype=float_dtype(energy)) if isinstance(space, Categorical) else x
     try:
-        e, g = energy.energy_and_grad(xr)
+        e, g = energy_and_grad(energy, xr)
     except RuntimeError as err:
         msg = str(err)
         if "does not require grad" in msg or "not have been used in the graph" in msg:
@@ -114,10 +135,15 @@ def flip_gain(space: Space, xr: Tensor, grad_energy: Tensor) -> Tensor:
     Categorical: d_{i,k} = grad f_{i,k} - <x_i, grad f_i>, shape ``(B, D, K)`` (the move sets
     x_i = k; the current value has d = 0).
     """
-    grad_f = -grad_energy
     if isinstance(space, Categorical):
+        grad_f = -grad_energy
         return grad_f - (xr * grad_f).sum(-1, keepdim=True)
-    return (1.0 - 2.0 * xr) * grad_f
+    return (2.0 * xr - 1.0) * grad_energy  # (1 - 2 x_i) * (-grad E)_i
+
+
+def half_flip_gain(xr: Tensor, grad_energy: Tensor) -> Tensor:
+    """Binary ``flip_gain / 2`` in two ops: d_i / 2 = (x_i - 1/2) * grad E(x)_i ``(B, D)``."""
+    return (xr - 0.5).mul_(grad_energy)
 
 
 def gumbel_argmax(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -128,11 +154,22 @@ def gumbel_argmax(logits: Tensor, generator: torch.Generator | None = None) -> T
     """
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
     tiny = torch.finfo(logits.dtype).tiny
-    gumbel = -torch.log(-torch.log(u.clamp_min(tiny)))
-    return (logits + gumbel).argmax(-1)
+    # Gumbel noise is -log(-log u); logits + gumbel = logits - log(-log u)
+    neg_gumbel = u.clamp_min_(tiny).log_().neg_().log_()
+    return (logits - neg_gumbel).argmax(-1)
 
 
 def log_uniform(batch: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """log u with u ~ U(0, 1), shape ``(batch,)`` (for Metropolis-Hastings tests)."""
     u = torch.rand(batch, generator=generator, device=like.device, dtype=like.dtype)
     return torch.log(u)
+
+
+def _add_unit_accept_rate(sampler: Any, state: Any) -> None:
+    """After a run of a rejection-free kernel: ``accept_rate`` = 1 in ``stats`` (0-d) and
+    ``chain_stats`` (per chain), as if every step had reported it (skipped for 0 steps)."""
+    if "flips" not in sampler.stats:
+        return
+    ones = torch.ones(state.x.shape[0], device=state.x.device)  # float32, like step sums
+    sampler.chain_stats["accept_rate"] = ones
+    sampler.stats["accept_rate"] = ones.mean()

@@ -25,9 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..energy.base import EnergyModel
+
 __all__ = ["GraphRunner", "flatten_carry", "unflatten_carry", "carry_spec", "graph_key"]
 
 _WARMUP_STEPS = 2
+_BASE_EAG = EnergyModel.energy_and_grad
+_BASE_FORWARD = EnergyModel.forward
 
 
 def flatten_carry(carry: Any) -> dict[str, Tensor]:
@@ -61,9 +65,12 @@ def carry_spec(flat: dict[str, Tensor]) -> tuple:
 
 
 def _hyperparameters(obj: Any) -> tuple:
+    """Public scalar attributes, plus the private ones a class lists in ``_graph_baked`` (Python
+    values its transition reads, e.g. a fixed step size)."""
     out = []
+    baked = getattr(obj, "_graph_baked", ())
     for k, v in sorted(vars(obj).items()):
-        if k.startswith("_"):
+        if k.startswith("_") and k not in baked:
             continue
         if isinstance(v, (bool, int, float, str, type(None))):
             out.append((k, v))
@@ -184,14 +191,15 @@ def energy_and_grad(energy: Any, x: Tensor) -> tuple[Tensor, Tensor]:
 
     Returns detached E(x) ``(B,)`` and dE/dx (shape of x); no parameter ``.grad`` is written.
     """
-    from ..energy.base import EnergyModel
-
     cls = type(energy)
-    if cls.energy_and_grad is not EnergyModel.energy_and_grad or cls.forward is not EnergyModel.forward:
+    if cls.energy_and_grad is not _BASE_EAG or cls.forward is not _BASE_FORWARD:
         return energy.energy_and_grad(x)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
-        e = energy.energy(xg)
+        try:
+            e = energy.energy(xg)
+        except RuntimeError:
+            return energy.energy_and_grad(x)  # the checked path diagnoses device / dtype
         if not isinstance(e, Tensor) or e.dim() != 1 or e.shape[0] != x.shape[0]:
             e = energy(xg)  # the checked path raises the informative error
         (g,) = torch.autograd.grad(e.sum(), xg)

@@ -3,7 +3,7 @@
 Energies are arguments, not members: ``sampler.sample(energy, n)`` works with any
 ``EnergyModel`` of a matching space, including EMA copies and tilted energies.
 
-Subclassing ``MCMCSampler`` takes one method::
+Subclassing ``MCMCSampler`` takes one method:
 
     class RandomWalkMH(MCMCSampler):
         def __init__(self, step_size=0.5, **kw):
@@ -26,6 +26,7 @@ the current state between steps (MALA, HMC) override ``init_state`` and ``transi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -143,6 +144,49 @@ def _reduce_info(acc: dict[str, Tensor], info: StepInfo) -> None:
         acc[k] = acc[k] + v if k in acc else v
 
 
+def _accumulate(acc: dict[str, Tensor], info: StepInfo) -> None:
+    """``acc[k] += info[k]`` in place (float32 running sums; the first value is copied)."""
+    for k, v in info.items():
+        a = acc.get(k)
+        if a is None:
+            acc[k] = v.detach().to(torch.float32, copy=True)
+        elif a.shape == v.shape or v.dim() == 0:
+            a.add_(v)
+        else:  # a 0-d sum meeting per-chain values: broadcast out of place
+            acc[k] = a + v.detach().float()
+
+
+def _fold_bad(first_bad: Tensor | None, rows: Tensor, start: int) -> Tensor | None:
+    """Record in ``first_bad`` ``(B,)`` the first step (``start + j``) at which ``rows[j]``
+    (``rows`` is ``(steps, B)``) is non-finite, for chains without an earlier record.
+
+    ``first_bad`` None means "no record yet" and is returned as None while everything is
+    finite on CPU (one host read of a sum per block, which costs nothing there); otherwise a
+    few branch-free ops, no host synchronisation.
+    """
+    if first_bad is None:
+        if rows.device.type == "cpu" and math.isfinite(float(rows.sum())):
+            return None  # all finite (an overflow to inf only costs the exact pass below)
+        first_bad = torch.full(rows.shape[1:], _NEVER, dtype=torch.long, device=rows.device)
+    steps = torch.arange(start, start + rows.shape[0], device=rows.device)[:, None]
+    first = torch.where(torch.isfinite(rows), _NEVER, steps).amin(0)
+    return torch.minimum(first_bad, first)
+
+
+class _NoBar:
+    """Stands in for a disabled tqdm bar (no per-step call overhead)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_NO_BAR = _NoBar()
+_CHECK_BLOCK = 32  # steps per non-finite check in the eager "raise" loop
+
+
 @dataclass
 class _Carry:
     """Everything the chain loop carries from one step to the next (all tensors)."""
@@ -187,6 +231,12 @@ class MCMCSampler(Sampler):
         compile: run each step through ``torch.compile`` (experimental; autograd calls inside
             the energy gradient cause graph breaks, so gains are limited to the fused update).
     """
+
+    #: True when ``transition`` never moves a chain from a finite state (x, cached E and
+    #: gradient) to a non-finite one, e.g. Metropolis-Hastings kernels that reject every
+    #: non-finite proposal. ``run`` in "raise" mode then checks the initial state only (a
+    #: non-finite start stays put and is reported at step 0) instead of every step.
+    _keeps_finite: bool = False
 
     def __init__(
         self,
@@ -247,6 +297,12 @@ class MCMCSampler(Sampler):
         may add entries to ``self.stats``.
         """
 
+    def _finite_rows(self, state: ChainState) -> Tensor:
+        """Per chain ``(B,)``: a value that is finite iff the chain's state is (default: the sum
+        of x, the cached energy and the cached gradient). Samplers whose states cannot become
+        non-finite in some field override it to skip that field."""
+        return _row_sums(state)
+
     # -- provided ----------------------------------------------------------------------
     @torch.no_grad()
     def run(
@@ -275,38 +331,49 @@ class MCMCSampler(Sampler):
         if ref is not None:  # once per run; the steps skip the per-call device check
             check_same_device(x0, ref.device, "x0")
         state = self.init_state(energy, x0.detach())
-        batch = x0.shape[0]
-        carry = _Carry(
-            state,
-            {},
-            torch.full((batch,), _NEVER, dtype=torch.long, device=x0.device),
-            torch.zeros((), device=x0.device),
-            0,  # a Python int in the eager loop (no op per step); a tensor in graphs
-        )
         show = self.progress if progress is None else progress
-        bar = tqdm(total=n_steps, desc=type(self).__name__, disable=not show, leave=False)
+        bar = (tqdm(total=n_steps, desc=type(self).__name__, leave=False) if show
+               else _NO_BAR)
         capturing = x0.is_cuda and torch.cuda.is_current_stream_capturing()
+        graphed = self.cuda_graph and x0.is_cuda and not capturing and n_steps > 0
+        eager = self.on_nonfinite == "raise" and not self.compile and not capturing
+        if eager and not graphed:  # bookkeeping tensors are made only when needed
+            carry = _Carry(state, {}, None, None, 0)  # type: ignore[arg-type]
+        else:
+            carry = _Carry(
+                state,
+                {},
+                torch.full((x0.shape[0],), _NEVER, dtype=torch.long, device=x0.device),
+                torch.zeros((), device=x0.device),
+                0,  # a Python int in the eager loop (no op per step); a tensor in graphs
+            )
         done = 0
-        if self.cuda_graph and x0.is_cuda and not capturing and n_steps > 0:
+        if graphed:
             carry, done = self._run_graphed(energy, carry, n_steps, generator, bar)
-        advance = self._advance
-        if self.compile:
-            if self._compiled is None:
-                self._compiled = torch.compile(self._advance, dynamic=False)
-            advance = self._compiled
-        for _ in range(n_steps - done):
-            carry = advance(energy, carry, generator)
-            bar.update(1)
+        if eager:
+            carry = self._run_eager(energy, carry, n_steps - done, done, generator, bar)
+        else:
+            advance = self._advance
+            if self.compile:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self._advance, dynamic=False)
+                advance = self._compiled
+            for _ in range(n_steps - done):
+                carry = advance(energy, carry, generator)
+                bar.update(1)
         bar.close()
-        if self.on_nonfinite == "raise" and n_steps > 0 and not capturing:
-            _raise_if_bad(carry.first_bad, type(self).__name__)
+        first_bad = carry.first_bad  # None: every state was finite (eager loop on CPU)
+        if self.on_nonfinite == "raise" and n_steps > 0 and not capturing and first_bad is not None:
+            _raise_if_bad(first_bad, type(self).__name__)
         denom = max(n_steps, 1)
         self.chain_stats = {k: v / denom for k, v in carry.acc.items() if v.dim() > 0}
         self.stats = {k: (v / denom).mean() for k, v in carry.acc.items()}
         if self.on_nonfinite == "reset":
             self.stats["nonfinite"] = carry.n_reset
+        elif first_bad is None:
+            self.stats["nonfinite"] = torch.zeros((), device=x0.device)
         else:
-            self.stats["nonfinite"] = (carry.first_bad < _NEVER).sum().float()
+            self.stats["nonfinite"] = (first_bad < _NEVER).sum().float()
         self.last_state = carry.state
         self.end_run(energy, carry.state)
         return carry.state.x
@@ -340,7 +407,7 @@ class MCMCSampler(Sampler):
         """
         old = carry.state
         new, info = self.transition(energy, old, generator)
-        finite = _row_sums(new).mul(0) == 0  # 0 * NaN/inf = NaN != 0; cheaper than isfinite
+        finite = self._finite_rows(new).mul(0) == 0  # 0 * NaN/inf = NaN != 0; cheaper than isfinite
         first_bad, n_reset = carry.first_bad, carry.n_reset
         if self.on_nonfinite == "reset":
             new = _where_state(~finite, old, new)
@@ -350,6 +417,56 @@ class MCMCSampler(Sampler):
         acc = dict(carry.acc)
         _reduce_info(acc, info)
         return _Carry(new, acc, first_bad, n_reset, carry.t + 1)
+
+    def _run_eager(
+        self,
+        energy: EnergyModel,
+        carry: _Carry,
+        n: int,
+        t0: int,
+        generator: torch.Generator | None,
+        bar: Any,
+    ) -> _Carry:
+        """The eager chain loop of "raise" mode (``n`` steps after ``t0`` done ones).
+
+        Same chains, diagnostics and non-finite reports as ``n`` calls of ``_advance``, with
+        less work per step: step info is summed in place, and the per-chain non-finite
+        values (``_finite_rows``) are folded into ``first_bad`` once per block of
+        ``_CHECK_BLOCK`` steps (a handful of ops per block instead of per step; on CPU one
+        host read of the block's sum, and the exact per-step fold only when it is NaN/inf).
+        Samplers with ``_keeps_finite`` only have their initial state checked. No host
+        synchronisation for CUDA states.
+        """
+        state, acc, first_bad = carry.state, carry.acc, carry.first_bad
+        if n <= 0:
+            return carry
+        rows_of = None if self._keeps_finite else self._finite_rows
+        if rows_of is None and t0 == 0:  # a non-finite start is stuck there: step 0
+            first_bad = _fold_bad(first_bad, _row_sums(state).unsqueeze(0), 0)
+        transition = self.transition
+        # per-step values are copied into one preallocated buffer: no small tensor stays alive
+        # across steps (that would fragment the CPU heap under the energy's large buffers)
+        buf: Tensor | None = None
+        j, start = 0, t0
+        for i in range(t0, t0 + n):
+            state, info = transition(energy, state, generator)
+            if info:
+                _accumulate(acc, info)
+            del info
+            if rows_of is not None:
+                rows = rows_of(state)
+                if buf is None:
+                    buf = rows.new_empty((min(n, _CHECK_BLOCK), rows.shape[0]))
+                buf[j].copy_(rows)
+                del rows
+                j += 1
+                if j == buf.shape[0]:
+                    first_bad = _fold_bad(first_bad, buf, start)
+                    j, start = 0, i + 1
+            bar.update(1)
+        if j:
+            first_bad = _fold_bad(first_bad, buf[:j], start)  # type: ignore[index]
+        return _Carry(state, acc, first_bad, carry.n_reset, t0 + n)
 
     def _run_graphed(
         self,
@@ -400,15 +517,29 @@ def _row_sums(state: ChainState) -> Tensor:
     of them are finite (a NaN/inf anywhere makes the sum non-finite). Few ops per step."""
     x = state.x
     batch = x.shape[0]
-    rows = x.reshape(batch, -1).sum(1) if x.is_floating_point() else None
+    rows = _flat_sum(x) if x.is_floating_point() else None
     if state.energy is not None:
         rows = state.energy if rows is None else rows + state.energy
     if state.grad is not None:
-        g = state.grad.reshape(batch, -1).sum(1)
+        g = _flat_sum(state.grad)
         rows = g if rows is None else rows + g
     if rows is None:
         rows = torch.zeros(batch, device=x.device)
     return rows
+
+
+def _energy_grad_rows(state: ChainState) -> Tensor:
+    """Per chain, cached energy plus the sum of the cached gradient ``(B,)`` (for discrete
+    samplers, whose states are always valid values)."""
+    assert state.energy is not None
+    if state.grad is None:
+        return state.energy
+    return _flat_sum(state.grad).add_(state.energy)
+
+
+def _flat_sum(t: Tensor) -> Tensor:
+    """Sum over all but the batch dimension ``(B,)``."""
+    return t.sum(1) if t.dim() == 2 else t.reshape(t.shape[0], -1).sum(1)
 
 
 def _where_state(bad: Tensor, old: ChainState, new: ChainState) -> ChainState:
@@ -429,12 +560,14 @@ def _where_state(bad: Tensor, old: ChainState, new: ChainState) -> ChainState:
 
 
 def _raise_if_bad(first_bad: Tensor, name: str) -> None:
-    bad_chains = torch.nonzero(first_bad < _NEVER).flatten()
-    if bad_chains.numel() > 0:
-        step = int(first_bad[bad_chains].min())
-        shown = bad_chains[:8].tolist()
-        raise NonFiniteError(
-            f"{name}: {bad_chains.numel()} chain(s) became NaN/inf, first at step {step} "
-            f"(chains {shown}{'...' if bad_chains.numel() > 8 else ''}). Lower the step size, "
-            f"check the energy for NaN/inf, or pass on_nonfinite='reset' to undo such moves"
-        )
+    bad = first_bad < _NEVER
+    if not bool(bad.any()):
+        return
+    bad_chains = torch.nonzero(bad).flatten()
+    step = int(first_bad[bad_chains].min())
+    shown = bad_chains[:8].tolist()
+    raise NonFiniteError(
+        f"{name}: {bad_chains.numel()} chain(s) became NaN/inf, first at step {step} "
+        f"(chains {shown}{'...' if bad_chains.numel() > 8 else ''}). Lower the step size, "
+        f"check the energy for NaN/inf, or pass on_nonfinite='reset' to undo such moves"
+    )

@@ -9,15 +9,17 @@ from torch.nn.functional import logsigmoid
 from ..energy.base import EnergyModel
 from ..spaces import Categorical
 from ._discrete import (
+    _add_unit_accept_rate,
     check_discrete_states,
     flip_gain,
     gumbel_argmax,
+    half_flip_gain,
     is_discrete_space,
     log_uniform,
     relax,
     relaxed_energy_and_grad,
 )
-from .base import ChainState, MCMCSampler, StepInfo
+from .base import ChainState, MCMCSampler, StepInfo, _energy_grad_rows
 
 __all__ = ["DiscreteLangevin"]
 
@@ -48,8 +50,9 @@ class DiscreteLangevin(MCMCSampler):
         cuda_graph, graph_steps, compile: the fast path of ``MCMCSampler.run`` (steps recorded
             as one CUDA graph / compiled); every step here is free of host synchronisation.
 
-    Step info (per chain ``(B,)``): ``accept_rate`` (always 1 for DULA) and ``flips`` (number
-    of coordinates changed by the step, 0 for a rejected DMALA proposal).
+    Step info (per chain ``(B,)``): ``accept_rate`` (DMALA; for DULA, always 1, it is added to
+    ``stats`` / ``chain_stats`` once per run) and ``flips`` (number of coordinates changed by
+    the step, 0 for a rejected DMALA proposal).
     """
 
     def __init__(self, step_size: float = 0.1, metropolis: bool = False, n_steps: int = 10,
@@ -74,26 +77,37 @@ class DiscreteLangevin(MCMCSampler):
     def _logits(self, energy: EnergyModel, x: Tensor, grad: Tensor) -> Tensor:
         """Per-coordinate proposal logits: ``(B, D)`` flip logits (binary) or ``(B, D, K)``."""
         space = energy.space
-        xr = relax(space, x, grad.dtype)
-        gain = flip_gain(space, xr, grad) / 2
         if isinstance(space, Categorical):
-            return gain - (1.0 - xr) / self.step_size
-        return gain - 1.0 / (2.0 * self.step_size)
+            xr = relax(space, x, grad.dtype)
+            return flip_gain(space, xr, grad) / 2 - (1.0 - xr) / self.step_size
+        return half_flip_gain(x, grad).sub_(0.5 / self.step_size)
 
     def _log_q(self, energy: EnergyModel, x: Tensor, logits: Tensor, y: Tensor) -> Tensor:
         """log q(y | x) ``(B,)`` from the proposal logits at x."""
         if isinstance(energy.space, Categorical):
             return torch.log_softmax(logits, -1).gather(2, y[..., None]).squeeze(2).sum(1)
-        flipped = x != y
-        return torch.where(flipped, logsigmoid(logits), logsigmoid(-logits)).sum(1)
+        return self._log_q_binary(logits, x != y)
+
+    @staticmethod
+    def _log_q_binary(logits: Tensor, flipped: Tensor) -> Tensor:
+        """sum_i log q_i: logsigmoid(l_i) where bit i flipped, else logsigmoid(-l_i)
+        = logsigmoid(l_i) - l_i ``(B,)``."""
+        ls = logsigmoid(logits)
+        return torch.where(flipped, ls, ls - logits).sum(1)
 
     def _propose(self, energy: EnergyModel, x: Tensor, logits: Tensor,
                  generator: torch.Generator | None) -> Tensor:
         if isinstance(energy.space, Categorical):
             return gumbel_argmax(logits, generator)
+        return self._propose_binary(x, logits, generator)[0]
+
+    @staticmethod
+    def _propose_binary(x: Tensor, logits: Tensor,
+                        generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Flip each bit with probability sigmoid(logit): returns (y, flip mask)."""
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=logits.dtype)
-        flip = torch.log(u) < logsigmoid(logits)
-        return torch.where(flip, 1.0 - x, x)
+        flip = u.log_() < logsigmoid(logits)
+        return torch.where(flip, 1.0 - x, x), flip
 
     def log_proposal(self, energy: EnergyModel, x: Tensor, y: Tensor) -> Tensor:
         """Exact log q(y | x) ``(B,)`` for pairs of states (tests and diagnostics)."""
@@ -107,27 +121,47 @@ class DiscreteLangevin(MCMCSampler):
         e, g = relaxed_energy_and_grad(name, energy, x, check=self.check_gradient)
         return ChainState(x, energy=e, grad=g)
 
-    @torch.no_grad()
     def transition(
         self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
     ) -> tuple[ChainState, StepInfo]:
+        if torch.is_grad_enabled():  # run() is already under no_grad: no context per step
+            with torch.no_grad():
+                return self.transition(energy, state, generator)
         name = type(self).__name__
         x, e, g = state.x, state.energy, state.grad
         if e is None or g is None:
             e, g = relaxed_energy_and_grad(name, energy, x)
         logits = self._logits(energy, x, g)
-        y = self._propose(energy, x, logits, generator)
-        e_new, g_new = relaxed_energy_and_grad(name, energy, y)
-        if self.metropolis:
-            log_q_fwd = self._log_q(energy, x, logits, y)
-            log_q_rev = self._log_q(energy, y, self._logits(energy, y, g_new), x)
-            log_alpha = (e - e_new) + log_q_rev - log_q_fwd
-            accept = log_uniform(x.shape[0], log_alpha, generator) < log_alpha
+        binary = not isinstance(energy.space, Categorical)
+        if binary:
+            y, flipped = self._propose_binary(x, logits, generator)
         else:
-            accept = torch.ones_like(e, dtype=torch.bool)
-        flips = (x != y).sum(1).to(e.dtype) * accept
+            y = self._propose(energy, x, logits, generator)
+            flipped = x != y
+        e_new, g_new = relaxed_energy_and_grad(name, energy, y)
+        flips = flipped.sum(1, dtype=e.dtype)
+        if not self.metropolis:  # DULA: every proposal is taken (end_run adds accept_rate 1)
+            return ChainState(y, energy=e_new, grad=g_new), {"flips": flips}
+        logits_rev = self._logits(energy, y, g_new)
+        if binary:  # the same bits flip back
+            log_q_fwd = self._log_q_binary(logits, flipped)
+            log_q_rev = self._log_q_binary(logits_rev, flipped)
+        else:
+            log_q_fwd = self._log_q(energy, x, logits, y)
+            log_q_rev = self._log_q(energy, y, logits_rev, x)
+        log_alpha = (e - e_new).add_(log_q_rev).sub_(log_q_fwd)
+        accept = log_uniform(x.shape[0], log_alpha, generator) < log_alpha
         a = accept[:, None]
         x = torch.where(a, y, x)
         e = torch.where(accept, e_new, e)
         g = torch.where(a[..., None] if g.dim() == 3 else a, g_new, g)
-        return ChainState(x, energy=e, grad=g), {"accept_rate": accept.to(e.dtype), "flips": flips}
+        acc = accept.to(e.dtype)
+        return ChainState(x, energy=e, grad=g), {"accept_rate": acc, "flips": flips.mul_(acc)}
+
+    def end_run(self, energy: EnergyModel, state: ChainState) -> None:
+        if not self.metropolis:
+            _add_unit_accept_rate(self, state)
+
+    def _finite_rows(self, state: ChainState) -> Tensor:
+        # states are built from valid discrete values: only E and its gradient can be NaN/inf
+        return _energy_grad_rows(state)

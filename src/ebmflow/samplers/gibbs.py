@@ -5,9 +5,16 @@ from __future__ import annotations
 import torch
 from einops import rearrange, repeat
 from torch import Tensor
+from torch.nn.functional import logsigmoid
 
 from ..energy.base import EnergyModel
-from ._discrete import check_discrete_states, gumbel_argmax, is_discrete_space
+from ..spaces import Binary
+from ._discrete import (
+    _add_unit_accept_rate,
+    check_discrete_states,
+    gumbel_argmax,
+    is_discrete_space,
+)
 from .base import ChainState, MCMCSampler, StepInfo
 
 __all__ = ["Gibbs"]
@@ -34,8 +41,9 @@ class Gibbs(MCMCSampler):
         cuda_graph, graph_steps, compile: the fast path of ``MCMCSampler.run`` (steps recorded
             as one CUDA graph / compiled); every step here is free of host synchronisation.
 
-    Step info (per chain ``(B,)``): ``accept_rate`` (always 1: Gibbs moves are never
-    rejected) and ``flips`` (number of coordinates whose value changed in the step).
+    Step info (per chain ``(B,)``): ``flips`` (number of coordinates whose value changed in
+    the step). ``run`` also reports ``accept_rate`` (always 1: Gibbs moves are never
+    rejected) in ``stats`` / ``chain_stats``.
     """
 
     def __init__(self, sweep: bool = False, n_steps: int = 10, on_nonfinite: str = "raise",
@@ -105,22 +113,50 @@ class Gibbs(MCMCSampler):
         rel = -logits.gather(1, j[:, None]).squeeze(1)
         return x, rel, j != 0
 
-    @torch.no_grad()
     def transition(
         self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
     ) -> tuple[ChainState, StepInfo]:
+        if torch.is_grad_enabled():  # run() is already under no_grad: no context per step
+            with torch.no_grad():
+                return self.transition(energy, state, generator)
         x = state.x
         e = state.energy if state.energy is not None else energy(x)
         batch, dim = x.shape
-        flips = torch.zeros(batch, device=x.device, dtype=e.dtype)
         if self.sweep:
+            flips = torch.zeros(batch, device=x.device, dtype=e.dtype)
             for i in range(dim):
                 index = torch.full((batch,), i, device=x.device, dtype=torch.long)
                 x, e, changed = self._update(energy, x, e, index, generator)
                 flips = flips + changed.to(e.dtype)
+        elif isinstance(energy.space, Binary):  # one flip candidate: a Bernoulli draw
+            index = torch.randint(0, dim, (batch, 1), generator=generator, device=x.device)
+            x, e, flips = self._update_binary(energy, x, e, index, generator)
         else:
             index = torch.randint(0, dim, (batch,), generator=generator, device=x.device)
             x, e, changed = self._update(energy, x, e, index, generator)
-            flips = flips + changed.to(e.dtype)
-        info = {"accept_rate": torch.ones_like(flips), "flips": flips}
-        return ChainState(x, energy=e), info
+            flips = changed.to(e.dtype)
+        # accept_rate (always 1) is added once per run by end_run, not summed every step
+        return ChainState(x, energy=e), {"flips": flips}
+
+    def _update_binary(
+        self, energy: EnergyModel, x: Tensor, e: Tensor, index: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Binary random scan: flip bit ``index`` ``(B, 1)`` with its exact conditional
+        probability p(flip) = sigmoid(E(x) - E(x')) (x' = x with the bit flipped); returns
+        (x', E(x'), flips as 0/1 floats). A NaN/inf E(x') that is not +inf is taken (so
+        ``run`` reports it), as the general K-value path does."""
+        y = x.scatter(1, index, 1.0 - x.gather(1, index))
+        e_y = energy(y)
+        log_u = torch.rand(e.shape, generator=generator, device=x.device, dtype=e.dtype).log_()
+        keep = log_u >= logsigmoid(e - e_y)  # False (flip) when the right side is NaN
+        flips = keep.logical_not().to(e.dtype)
+        return torch.where(keep[:, None], x, y), torch.where(keep, e, e_y), flips
+
+    def end_run(self, energy: EnergyModel, state: ChainState) -> None:
+        _add_unit_accept_rate(self, state)
+
+    def _finite_rows(self, state: ChainState) -> Tensor:
+        # states are built from valid discrete values: only the cached energy can be NaN/inf
+        assert state.energy is not None
+        return state.energy

@@ -12,12 +12,13 @@ from ._discrete import (
     check_discrete_states,
     flip_gain,
     gumbel_argmax,
+    half_flip_gain,
     is_discrete_space,
     log_uniform,
     relax,
     relaxed_energy_and_grad,
 )
-from .base import ChainState, MCMCSampler, StepInfo
+from .base import ChainState, MCMCSampler, StepInfo, _energy_grad_rows
 
 __all__ = ["GibbsWithGradients"]
 
@@ -70,12 +71,12 @@ class GibbsWithGradients(MCMCSampler):
         masked to -inf (so effectively D * (K - 1) moves).
         """
         space = energy.space
-        xr = relax(space, x, grad.dtype)
-        logits = flip_gain(space, xr, grad) / 2
         if isinstance(space, Categorical):
+            xr = relax(space, x, grad.dtype)
+            logits = flip_gain(space, xr, grad) / 2
             logits = logits.masked_fill(xr > 0.5, float("-inf"))
             return rearrange(logits, "b d k -> b (d k)")
-        return logits
+        return half_flip_gain(x, grad)
 
     @staticmethod
     def _apply_move(energy: EnergyModel, x: Tensor, move: Tensor) -> tuple[Tensor, Tensor]:
@@ -114,10 +115,12 @@ class GibbsWithGradients(MCMCSampler):
         e, g = relaxed_energy_and_grad(name, energy, x, check=self.check_gradient)
         return ChainState(x, energy=e, grad=g)
 
-    @torch.no_grad()
     def transition(
         self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
     ) -> tuple[ChainState, StepInfo]:
+        if torch.is_grad_enabled():  # run() is already under no_grad: no context per step
+            with torch.no_grad():
+                return self.transition(energy, state, generator)
         name = type(self).__name__
         x, e, g = state.x, state.energy, state.grad
         if e is None or g is None:
@@ -127,9 +130,9 @@ class GibbsWithGradients(MCMCSampler):
         x_new, back = self._apply_move(energy, x, move)
         e_new, g_new = relaxed_energy_and_grad(name, energy, x_new)
         log_q_rev_all = torch.log_softmax(self._move_logits(energy, x_new, g_new), dim=1)
-        log_q_fwd = log_q_fwd_all.gather(1, move[:, None]).squeeze(1)
-        log_q_rev = log_q_rev_all.gather(1, back[:, None]).squeeze(1)
-        log_alpha = (e - e_new) + log_q_rev - log_q_fwd
+        log_q_fwd = log_q_fwd_all.gather(1, move[:, None])[:, 0]
+        log_q_rev = log_q_rev_all.gather(1, back[:, None])[:, 0]
+        log_alpha = (e - e_new).add_(log_q_rev).sub_(log_q_fwd)
         accept = log_uniform(x.shape[0], log_alpha, generator) < log_alpha
         a = accept[:, None]
         x = torch.where(a, x_new, x)
@@ -137,3 +140,7 @@ class GibbsWithGradients(MCMCSampler):
         g = torch.where(a[..., None] if g.dim() == 3 else a, g_new, g)
         acc = accept.to(e.dtype)
         return ChainState(x, energy=e, grad=g), {"accept_rate": acc, "flips": acc}
+
+    def _finite_rows(self, state: ChainState) -> Tensor:
+        # states are built from valid discrete values: only E and its gradient can be NaN/inf
+        return _energy_grad_rows(state)

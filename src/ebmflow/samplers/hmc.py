@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..energy.base import EnergyModel
@@ -37,6 +39,8 @@ class HMC(AdaptiveStepSize):
     Step info: ``accept_rate``, ``nonfinite_rate`` (per chain); ``stats["step_size"]``.
     """
 
+    _keeps_finite = True  # non-finite trajectories are rejected: a finite chain stays finite
+
     def __init__(
         self,
         step_size: float = 0.1,
@@ -62,28 +66,40 @@ class HMC(AdaptiveStepSize):
     ) -> tuple[ChainState, StepInfo]:
         x, e, g = state.x, state.energy, state.grad
         assert e is not None and g is not None, "HMC needs the state from init_state"
-        eps = state.extra["log_step_size"].exp()
+        extra = state.extra
+        adapting = "adapt_t" in extra
+        last = self.n_leapfrog - 1
         p = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        h0 = e + 0.5 * _rows(p.square())
+        h0 = torch.add(e, _rows(p.square()), alpha=0.5)
         xn, en, gn = x, e, g
-        pn = p - 0.5 * eps * g
-        for i in range(self.n_leapfrog):
-            xn = xn + eps * pn
-            en, gn = energy_and_grad(energy, xn)
-            pn = pn - (0.5 if i == self.n_leapfrog - 1 else 1.0) * eps * gn
-        h1 = en + 0.5 * _rows(pn.square())
-        log_alpha = h0 - h1
-        finite = torch.isfinite(log_alpha) & torch.isfinite(_rows(gn))
-        log_alpha = torch.where(finite, log_alpha, torch.full_like(log_alpha, -torch.inf))
+        if adapting:  # eps is a 0-d tensor of the chain state, changing every step
+            eps = extra["log_step_size"].exp()
+            pn = p - 0.5 * eps * g
+            for i in range(self.n_leapfrog):
+                xn = xn + eps * pn
+                en, gn = energy_and_grad(energy, xn)
+                pn = pn - (0.5 if i == last else 1.0) * eps * gn
+        else:  # eps is fixed during the run (= exp(log_step_size)): fused scalar ops
+            eps = self._step_size
+            pn = torch.add(p, g, alpha=-0.5 * eps)
+            for i in range(self.n_leapfrog):
+                xn = torch.add(xn, pn, alpha=eps)
+                en, gn = energy_and_grad(energy, xn)
+                pn = pn.add_(gn, alpha=-(0.5 if i == last else 1.0) * eps)
+        # log_alpha = H(x, p) - H(x', p'); a NaN/inf in E, grad E (through p') or x' rejects
+        log_alpha = h0.sub_(en).sub_(_rows(pn.square()), alpha=0.5)
+        nonfinite = (log_alpha + _rows(xn)).mul_(0).ne_(0)  # 1.0 where non-finite
+        log_alpha = log_alpha.nan_to_num_(nan=-math.inf, posinf=-math.inf)
         u = torch.rand(log_alpha.shape, generator=generator, device=x.device, dtype=x.dtype)
-        accept = u.log() < log_alpha
+        accept = u.log_() < log_alpha
+        mask = _mask(accept, x)
         new = ChainState(
-            torch.where(_mask(accept, x), xn, x),
+            torch.where(mask, xn, x),
             torch.where(accept, en, e),
-            torch.where(_mask(accept, g), gn, g),
-            self._adapt(state.extra, accept_prob(log_alpha)),
+            torch.where(mask, gn, g),
+            self._adapt(extra, accept_prob(log_alpha)) if adapting else extra,
         )
-        info = {"accept_rate": accept.to(x.dtype), "nonfinite_rate": (~finite).to(x.dtype)}
+        info = {"accept_rate": accept.to(x.dtype), "nonfinite_rate": nonfinite}
         return new, info
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ from ..energy.base import EnergyModel
 from ..spaces import Continuous
 from ._adapt import check_positive
 from ._fast import energy_and_grad
-from .base import MCMCSampler
+from .base import ChainState, MCMCSampler, StepInfo
 
 __all__ = ["Langevin"]
 
@@ -78,13 +78,20 @@ class Langevin(MCMCSampler):
             return self.noise_scale
         return math.sqrt(2.0 * self.step_size * self.temperature)
 
+    def transition(
+        self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
+    ) -> tuple[ChainState, StepInfo]:
+        """``step`` on a ``ChainState`` (no cached energy; no step info)."""
+        return ChainState(self.step(energy, state.x, generator)), {}
+
     def step(self, energy: EnergyModel, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         e, grad = energy_and_grad(energy, x)
         if self.grad_clip is not None:
             grad = grad.clamp_(-self.grad_clip, self.grad_clip)
         # a NaN/inf energy with a finite gradient must not pass silently: 0 * E is 0 or NaN,
         # and a NaN state is caught (raise / reset) by run()
-        grad = grad.add_((e * 0).reshape((-1,) + (1,) * (x.dim() - 1)))
+        e0 = e - e  # 0, or NaN where E is NaN/inf
+        grad = grad.add_(e0[:, None] if x.dim() == 2 else e0.reshape((-1,) + (1,) * (x.dim() - 1)))
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         # two fused passes: x - eta * g, then + sigma * xi in place
         return torch.add(x, grad, alpha=-self.step_size).add_(noise, alpha=self.sigma)

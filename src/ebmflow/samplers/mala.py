@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -24,7 +26,7 @@ __all__ = ["MALA", "AdaptiveStepSize"]
 
 def _rows(t: Tensor) -> Tensor:
     """Sum over the event dimensions: ``(B, *event) -> (B,)``."""
-    return t.reshape(t.shape[0], -1).sum(1)
+    return t.sum(1) if t.dim() == 2 else t.reshape(t.shape[0], -1).sum(1)
 
 
 def _mask(accept: Tensor, like: Tensor) -> Tensor:
@@ -46,6 +48,10 @@ class AdaptiveStepSize(MCMCSampler):
         self.n_warmup = check_count("n_warmup", n_warmup)
         self.adapt_rate = check_positive("adapt_rate", adapt_rate)
         self._adapted = 0
+
+    # a run that adapts reads the step size from the chain state; a run that does not reads
+    # this Python value, so a recorded CUDA graph depends on it
+    _graph_baked = ("_step_size",)
 
     # the step size lives in the chain state during a run (so recorded graphs do not bake it
     # in); this Python value is where a run starts and where adaptation stores its result
@@ -127,6 +133,8 @@ class MALA(AdaptiveStepSize):
     ``stats["step_size"]`` is the step size at the end of the run.
     """
 
+    _keeps_finite = True  # non-finite proposals are rejected: a finite chain stays finite
+
     def __init__(
         self,
         step_size: float = 0.01,
@@ -150,24 +158,35 @@ class MALA(AdaptiveStepSize):
     ) -> tuple[ChainState, StepInfo]:
         x, e, g = state.x, state.energy, state.grad
         assert e is not None and g is not None, "MALA needs the state from init_state"
-        log_eta = state.extra["log_step_size"]
-        eta = log_eta.exp()
+        extra = state.extra
+        adapting = "adapt_t" in extra
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        prop = x - eta * g + (2 * eta).sqrt() * noise
-        e_prop, g_prop = energy_and_grad(energy, prop)
-        # log q(x'|x) = -|sqrt(2 eta) xi|^2 / (4 eta) = -|xi|^2 / 2 (constants cancel)
-        log_q_fwd = -0.5 * _rows(noise.square())
-        log_q_rev = -_rows((x - prop + eta * g_prop).square()) / (4 * eta)
-        log_alpha = e - e_prop + log_q_rev - log_q_fwd
-        finite = torch.isfinite(log_alpha) & torch.isfinite(_rows(g_prop))
-        log_alpha = torch.where(finite, log_alpha, torch.full_like(log_alpha, -torch.inf))
+        # log q(x'|x) = -|sqrt(2 eta) xi|^2 / (4 eta) = -|xi|^2 / 2 (constants cancel);
+        # log q(x|x') = -|x - x' + eta grad E(x')|^2 / (4 eta)
+        if adapting:  # eta is a 0-d tensor of the chain state, changing every step
+            eta = extra["log_step_size"].exp()
+            prop = x - eta * g + (2 * eta).sqrt() * noise
+            e_prop, g_prop = energy_and_grad(energy, prop)
+            back = _rows((x - prop + eta * g_prop).square()) / (4 * eta)
+            log_alpha = e - e_prop + 0.5 * _rows(noise.square()) - back
+        else:  # eta is fixed during the run (= exp(log_step_size)): fused scalar ops
+            eta = self._step_size
+            prop = torch.add(x, g, alpha=-eta).add_(noise, alpha=math.sqrt(2.0 * eta))
+            e_prop, g_prop = energy_and_grad(energy, prop)
+            back = torch.sub(x, prop).add_(g_prop, alpha=eta)
+            log_alpha = torch.sub(e, e_prop).add_(_rows(noise.square()), alpha=0.5)
+            log_alpha = log_alpha.sub_(_rows(back.square()), alpha=0.25 / eta)
+        # a NaN/inf in E(x'), grad E(x') or x' makes log_alpha non-finite: reject the move
+        nonfinite = torch.sub(log_alpha, log_alpha).ne_(0)  # 1.0 where NaN/inf
+        log_alpha = log_alpha.nan_to_num_(nan=-math.inf, posinf=-math.inf)
         u = torch.rand(log_alpha.shape, generator=generator, device=x.device, dtype=x.dtype)
-        accept = u.log() < log_alpha
+        accept = u.log_() < log_alpha
+        mask = _mask(accept, x)
         new = ChainState(
-            torch.where(_mask(accept, x), prop, x),
+            torch.where(mask, prop, x),
             torch.where(accept, e_prop, e),
-            torch.where(_mask(accept, g), g_prop, g),
-            self._adapt(state.extra, accept_prob(log_alpha)),
+            torch.where(mask, g_prop, g),
+            self._adapt(extra, accept_prob(log_alpha)) if adapting else extra,
         )
-        info = {"accept_rate": accept.to(x.dtype), "nonfinite_rate": (~finite).to(x.dtype)}
+        info = {"accept_rate": accept.to(x.dtype), "nonfinite_rate": nonfinite}
         return new, info

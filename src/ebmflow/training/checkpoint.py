@@ -6,6 +6,7 @@ lists and dicts, so it loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -37,6 +38,8 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     The object is written to a temporary file in the same folder, flushed to disk, then
     renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows), so a crash never
     leaves a half-written checkpoint: readers see the old file or the new one.
+    Temporary files left by a process killed mid-write are removed by the next successful
+    save to the same path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,6 +54,11 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    # a process killed mid-write (SIGKILL, power loss) leaves its temporary file behind;
+    # once a newer write has succeeded such leftovers are stale partial files
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
     return path
 
 

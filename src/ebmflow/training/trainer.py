@@ -10,6 +10,7 @@ graph in fast mode).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -54,6 +55,12 @@ CHECKPOINT_FORMAT = 1
 class TrainingDiverged(FloatingPointError):
     """A monitored quantity (loss, energies, gradient norm) became NaN or inf; the message
     names the step and the quantity. The last good checkpoint is kept."""
+
+
+def _scalar(v: Tensor) -> Tensor:
+    """``v`` (one element) as a detached 0-d tensor (no op when it already is one)."""
+    v = v.detach()
+    return v if v.dim() == 0 else v.reshape(())
 
 
 def _is_monitored(key: str) -> bool:
@@ -225,6 +232,7 @@ class Trainer:
         self._acc: Tensor | None = None
         self._acc_n = 0
         self._first_bad: Tensor | None = None
+        self._clean = True
         self._step_t = torch.zeros((), dtype=torch.long, device=self.device)
         self._captured: Any = None
         self._last_vec: Tensor | None = None
@@ -336,23 +344,31 @@ class Trainer:
         stats["loss"] = out.loss.detach()
         for k, v in out.stats.items():
             if isinstance(v, Tensor) and v.numel() == 1:
-                stats[k] = v.detach().reshape(())
+                stats[k] = _scalar(v)
         if self.sampler is not None:
             for k, v in self.sampler.stats.items():
                 if isinstance(v, Tensor) and v.numel() == 1 and k not in stats:
-                    stats[f"sampler/{k}"] = v.detach().reshape(())
+                    stats[f"sampler/{k}"] = _scalar(v)
         return stats
 
-    def _pack(self, stats: dict[str, Tensor]) -> Tensor:
+    def _pack(self, stats: dict[str, Tensor], exact: bool = True) -> Tensor:
         """Stack stats into one float vector (layout fixed by the first step), add it to the
-        running sums and record the first step at which a monitored quantity is non-finite."""
+        running sums and record the first step at which a monitored quantity is non-finite.
+
+        ``exact=False`` (eager steps on CPU, where reading a value costs no synchronisation):
+        skip the per-entry bookkeeping when the sum of the vector is finite (one host read);
+        otherwise, or with ``exact=True`` (capturable, no host read), do it branch-free.
+        """
         keys = list(stats)
         if self._layout != keys:
             self._flush_layout(keys)
         vec = torch.stack([stats[k].float() for k in keys])
         self._acc.add_(vec)  # type: ignore[union-attr]
-        bad = ~torch.isfinite(vec) & self._monitor  # type: ignore[operator]
         self._step_t.add_(1)
+        if not exact and math.isfinite(float(vec.sum())):
+            return vec
+        self._clean = False
+        bad = ~torch.isfinite(vec) & self._monitor  # type: ignore[operator]
         torch.where((self._first_bad < 0) & bad, self._step_t, self._first_bad, out=self._first_bad)  # type: ignore[operator]
         return vec
 
@@ -364,9 +380,10 @@ class Trainer:
         self._acc_n = 0
         self._monitor = torch.tensor([_is_monitored(k) for k in keys], device=self.device)
         self._first_bad = torch.full((len(keys),), -1, dtype=torch.long, device=self.device)
+        self._clean = True  # no entry of _first_bad set since (no check needed)
 
     def _eager_step(self, batch: Tensor) -> None:
-        self._last_vec = self._pack(self._step_math(batch))
+        self._last_vec = self._pack(self._step_math(batch), exact=self.device.type != "cpu")
 
     def train_step(self, batch: Tensor) -> None:
         """Run one step on ``batch`` (already on the device) and advance ``self.step``."""
@@ -418,7 +435,7 @@ class Trainer:
 
     # -- checks, logging, checkpoints ----------------------------------------------------
     def _check_finite(self) -> None:
-        if self._first_bad is None:
+        if self._first_bad is None or (self._clean and not self.dist.enabled):
             return
         first_bad = self._first_bad
         if self.dist.enabled:
