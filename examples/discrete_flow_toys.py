@@ -9,7 +9,8 @@
     samples, and of the same samples after 10 DMALA steps on the learned energy (how much
     MCMC refinement recovers).
 
-Hyperparameters: examples/configs/discrete_flow_toys.toml. Writes
+Hyperparameters: the ``[example.*]`` tables of examples/configs/discrete_flow_toys.toml
+(its ``[train]`` table is the closest ``ebmflow train`` run). Writes
 docs/results/discrete_flow_toys.json and docs/figures/discrete_flow_toys.png.
 
     python examples/discrete_flow_toys.py --quick     # < 1 minute on CPU
@@ -53,6 +54,15 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "discrete_flow_toys.toml"
 RECIPES = ("negatives", "bootstrap", "back_and_forth")
+
+
+def load_example_config(path: Path) -> dict:
+    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
+    table is for ``ebmflow train``; see docs/cli.md.)"""
+    raw = tomllib.loads(Path(path).read_text())
+    if not isinstance(raw.get("example"), dict):
+        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
+    return raw["example"]
 
 
 @torch.no_grad()
@@ -191,7 +201,7 @@ def main():
     ap.add_argument("--datasets", nargs="*", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = tomllib.loads(args.config.read_text())
+    cfg = load_example_config(args.config)
     datasets = args.datasets or cfg["data"]["datasets"]
     if args.quick:
         datasets = datasets[:1]

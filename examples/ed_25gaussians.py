@@ -8,7 +8,7 @@ error of its normalised log-density against the exact one,
     MSE = mean_{x ~ p} (-E(x) - log Z_hat - log p(x))^2,
     log Z_hat = log mean_{x_i ~ p} exp(-E(x_i) - log p(x_i))   (importance sampling, p proposal).
 
-Methods (hyperparameters in examples/configs/ed_25gaussians.toml):
+Methods (hyperparameters in the ``[example.*]`` tables of examples/configs/ed_25gaussians.toml):
 
 * ED: ``EnergyDiscrepancy(GaussianPerturbation(t=1), m=4, w=1)`` (no sampler);
 * CD: ``ContrastiveDivergence(alpha, init="data")`` with a ``Langevin`` sampler (10 ULA steps
@@ -50,6 +50,15 @@ from ebmflow.spaces import Continuous
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "ed_25gaussians.toml"
 METHODS = ("ed", "cd", "dsm")
+
+
+def load_example_config(path: Path) -> dict:
+    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
+    table is for ``ebmflow train``; see docs/cli.md.)"""
+    raw = tomllib.loads(Path(path).read_text())
+    if not isinstance(raw.get("example"), dict):
+        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
+    return raw["example"]
 
 
 def exact_target(name: str) -> GaussianMixtureEnergy:
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="docs folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = tomllib.loads(args.config.read_text())
+    cfg = load_example_config(args.config)
     iterations = args.iterations or (300 if args.quick else cfg["train"]["iterations"])
     if args.quick:
         cfg["train"]["eval_every"] = 100

@@ -19,7 +19,8 @@ Evaluation of the EMA model:
 * MMD (x 1e-4) with the kernel exp(-0.1 Hamming) between 4,000 test points and 4,000 model
   samples drawn by systematic-scan ``Gibbs`` from uniform noise.
 
-Hyperparameters in examples/configs/ed_discrete_toys.toml.
+Hyperparameters: the ``[example.*]`` tables of examples/configs/ed_discrete_toys.toml (its
+``[train]`` table is the closest ``ebmflow train`` run).
 
     python examples/ed_discrete_toys.py --quick    # one data set, 150 iterations (< 1 min)
     python examples/ed_discrete_toys.py            # the config's data sets and iterations
@@ -57,6 +58,15 @@ from ebmflow.spaces import Binary, Categorical, Space
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "ed_discrete_toys.toml"
+
+
+def load_example_config(path: Path) -> dict:
+    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
+    table is for ``ebmflow train``; see docs/cli.md.)"""
+    raw = tomllib.loads(Path(path).read_text())
+    if not isinstance(raw.get("example"), dict):
+        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
+    return raw["example"]
 
 
 @dataclass
@@ -264,7 +274,7 @@ def parse(argv, description: str, config: Path, methods: str):
                         help="add these runs to the existing results JSON (run data sets in "
                              "separate processes)")
     args = parser.parse_args(argv)
-    cfg = tomllib.loads(args.config.read_text())
+    cfg = load_example_config(args.config)
     datasets = args.datasets.split(",") if args.datasets else cfg["data"]["datasets"]
     iterations = args.iterations or cfg["train"]["iterations"]
     if args.quick:

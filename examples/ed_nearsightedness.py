@@ -17,6 +17,9 @@ grows.
     python examples/ed_nearsightedness.py            # 99 values of rho (seconds)
     python examples/ed_nearsightedness.py --quick    # 25 values of rho
 
+Settings: the ``[example]`` table of examples/configs/ed_nearsightedness.toml (the defaults
+above; ``--seed`` overrides it).
+
 Writes docs/figures/ed_nearsightedness.png and docs/results/ed_nearsightedness.json.
 """
 
@@ -27,18 +30,38 @@ import json
 import time
 from pathlib import Path
 
+import tomllib
 import torch
 
 from ebmflow.energy import GaussianMixtureEnergy
 from ebmflow.losses import DenoisingScoreMatching, EnergyDiscrepancy, GaussianPerturbation
 
 ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "examples" / "configs" / "ed_nearsightedness.toml"
 T_VALUES = (2.0, 4.0, 8.0, 32.0)
+DEFAULTS = {"n_data": 4096, "means": [-5.0, 5.0], "std": 1.0, "rho_true": 0.2, "n_rho": 99,
+            "quick_n_rho": 25, "t_values": list(T_VALUES), "m": 4, "w": 1.0, "ed_repeats": 4,
+            "dsm_sigma": 0.1, "seed": 0}
 
 
-def mixture(rho: float) -> GaussianMixtureEnergy:
-    """rho N(-5, 1) + (1 - rho) N(5, 1) as a normalised energy E = -log p."""
-    return GaussianMixtureEnergy(torch.tensor([[-5.0], [5.0]]), 1.0, torch.tensor([rho, 1 - rho]))
+def load_example_config(path: Path) -> dict:
+    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
+    table is for ``ebmflow train``; see docs/cli.md.)"""
+    raw = tomllib.loads(Path(path).read_text())
+    if not isinstance(raw.get("example"), dict):
+        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
+    unknown = sorted(set(raw["example"]) - set(DEFAULTS))
+    if unknown:
+        raise SystemExit(f"{path}: unknown key(s) {unknown} in [example]; valid: {sorted(DEFAULTS)}")
+    return {**DEFAULTS, **raw["example"]}
+
+
+def mixture(rho: float, means: tuple[float, float] = (-5.0, 5.0),
+            std: float = 1.0) -> GaussianMixtureEnergy:
+    """rho N(-5, 1) + (1 - rho) N(5, 1) (default means and std) as a normalised energy
+    E = -log p."""
+    return GaussianMixtureEnergy(torch.tensor([[float(means[0])], [float(means[1])]]), float(std),
+                                 torch.tensor([rho, 1 - rho]))
 
 
 def exact_score_matching(model: GaussianMixtureEnergy, x: torch.Tensor) -> float:
@@ -50,19 +73,26 @@ def exact_score_matching(model: GaussianMixtureEnergy, x: torch.Tensor) -> float
     return float((0.5 * g.pow(2) - h).mean().detach())
 
 
-def evaluate(rhos: list[float], n_data: int = 4096, seed: int = 0, n_repeats: int = 4) -> dict:
-    data = mixture(0.2).sample(n_data, torch.Generator().manual_seed(seed))
+def evaluate(rhos: list[float], n_data: int = 4096, seed: int = 0, n_repeats: int = 4,
+             cfg: dict | None = None) -> dict:
+    """Every loss at every rho; ``cfg`` (default ``DEFAULTS``) gives the mixture, the t values,
+    M, w and the DSM sigma."""
+    c = {**DEFAULTS, **(cfg or {})}
+    means, std = tuple(c["means"]), c["std"]
+    data = mixture(c["rho_true"], means, std).sample(n_data, torch.Generator().manual_seed(seed))
+    t_values = [float(t) for t in c["t_values"]]
     curves: dict[str, list[float]] = {"mle": [], "score_matching": [], "dsm": []}
-    curves.update({f"ed_t{t:g}": [] for t in T_VALUES})
+    curves.update({f"ed_t{t:g}": [] for t in t_values})
     for rho in rhos:
-        model = mixture(rho)
+        model = mixture(rho, means, std)
         with torch.no_grad():
             curves["mle"].append(float(model(data).mean()))
         curves["score_matching"].append(exact_score_matching(model, data))
-        dsm = DenoisingScoreMatching(0.1)(model, data, generator=torch.Generator().manual_seed(1))
+        dsm = DenoisingScoreMatching(c["dsm_sigma"])(model, data,
+                                                     generator=torch.Generator().manual_seed(1))
         curves["dsm"].append(float(dsm.loss.detach()))
-        for t in T_VALUES:
-            loss = EnergyDiscrepancy(GaussianPerturbation(t), m=4, w=1.0)
+        for t in t_values:
+            loss = EnergyDiscrepancy(GaussianPerturbation(t), m=c["m"], w=c["w"])
             gen = torch.Generator().manual_seed(seed + 1)  # common random numbers across rho
             with torch.no_grad():
                 vals = [float(loss(model, data, generator=gen).loss) for _ in range(n_repeats)]
@@ -89,7 +119,7 @@ def plot(results: dict, path: Path) -> None:
 
     rho = results["rho"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for name in ["mle"] + [f"ed_t{t:g}" for t in T_VALUES]:
+    for name in [k for k in results["curves"] if k == "mle" or k.startswith("ed_t")]:
         v = results["curves"][name]
         lo = min(v)
         axes[0].plot(rho, [a - lo for a in v], label=name.replace("_t", " t="))
@@ -100,7 +130,7 @@ def plot(results: dict, path: Path) -> None:
         ax.plot(rho, results["curves"][name], color="k")
         ax.set_title(title)
     for ax in axes:
-        ax.axvline(0.2, color="grey", ls=":", lw=1)
+        ax.axvline(results.get("rho_true", 0.2), color="grey", ls=":", lw=1)
         ax.set_xlabel("rho (model weight of the left mode)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -113,12 +143,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="25 values of rho")
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="docs folder")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--seed", type=int, default=None, help="default: the config's seed (0)")
     args = parser.parse_args(argv)
-    n = 25 if args.quick else 99
+    cfg = load_example_config(args.config)
+    seed = cfg["seed"] if args.seed is None else args.seed
+    n = cfg["quick_n_rho"] if args.quick else cfg["n_rho"]
     rhos = [round(0.01 + 0.98 * i / (n - 1), 4) for i in range(n)]
     start = time.perf_counter()
-    results = evaluate(rhos, seed=args.seed)
+    results = evaluate(rhos, n_data=cfg["n_data"], seed=seed, n_repeats=cfg["ed_repeats"], cfg=cfg)
     results["seconds"] = time.perf_counter() - start
     results["quick"] = args.quick
     name = "ed_nearsightedness" + ("_quick" if args.quick else "")

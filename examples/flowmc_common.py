@@ -10,8 +10,9 @@ L = mean E(x+) - mean E(x-) + alpha * (mean E(x+)^2 + mean E(x-)^2)):
 * ``flowmc``: persistent chains started at the data; one FlowMC round per training step
   (``n_local`` MALA steps + ``n_global`` RealNVP proposals), the flow fitted to the chains
   by maximum likelihood (``FlowMC.update``) once per training step;
-* ``flowmc_tilted``: the same sampler, with the energy tilted by the flow,
-  E = E_theta - log q (``TiltedEnergy``).
+* ``flowmc_tilted``: the energy tilted by the flow, E = E_theta - log q (``TiltedEnergy``);
+  the flow is fitted to the data (``tilt_pretrain`` Adam steps, before training, untimed)
+  and then frozen; FlowMC samples the tilted energy.
 """
 
 from __future__ import annotations
@@ -92,10 +93,17 @@ def make_sampler(
         return model, sampler, ContrastiveDivergence(alpha)
     flow = RealNVP(dim, n_layers=cfg["flow_layers"], hidden=tuple(cfg["flow_hidden"]))
     flow.init_from_data(data)
-    energy = TiltedEnergy(model, flow) if method == "flowmc_tilted" else model
+    energy: EnergyModel = model
+    flow_steps = cfg["flow_steps"]
+    if method == "flowmc_tilted":
+        # the flow is a model of the data (fitted once, then frozen) and E_theta corrects it;
+        # fitting it to the chains of p ∝ q exp(-E_theta) instead feeds the tilt back into q
+        # (q <- q exp(-E_theta) at every fit) and the model collapses
+        flow.fit(data, cfg.get("tilt_pretrain", 500), lr=cfg["flow_lr"], generator=gen)
+        energy, flow_steps = TiltedEnergy(model, flow), 0
     n_local = cfg.get("flowmc_n_local", cfg["n_local"])
     sampler = FlowMC(flow, MALA(cfg["mala_step"], n_warmup=cfg.get("mala_warmup", 200)), n_local=n_local,
-                     n_global=cfg["n_global"], lr=cfg["flow_lr"], flow_steps=cfg["flow_steps"])
+                     n_global=cfg["n_global"], lr=cfg["flow_lr"], flow_steps=flow_steps)
     sampler.update(energy, start)  # the chains start at the data; first flow fit
     return energy, sampler, ContrastiveDivergence(alpha)
 

@@ -53,7 +53,7 @@ DEFAULTS = {
     "iters": 2000, "eval_every": 100, "n_data": 10000, "batch_size": 256,
     "hidden": [64, 64, 64], "lr": 1e-3, "alpha": 0.01,
     "n_local": 20, "flowmc_n_local": 10, "ula_step": 0.05, "mala_step": 0.1, "n_global": 10,
-    "mala_warmup": 20000, "reuse": {},
+    "mala_warmup": 20000, "reuse": {}, "tilt_pretrain": 500,
     "flow_layers": 4, "flow_hidden": [32, 32], "flow_lr": 2e-3, "flow_steps": 1,
     "grid": 160, "box": 9.0, "density_grid": 60, "seed": 0, "threads": 1,
     "quick": {"iters": 100, "eval_every": 25, "methods": ["pcd", "flowmc"], "seeds": [0],

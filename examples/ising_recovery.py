@@ -43,8 +43,17 @@ CONFIG = ROOT / "examples" / "configs" / "ising_recovery.toml"
 PUBLISHED = {0.1: 4.8, 0.2: 4.7, 0.3: 3.4}
 
 
+def load_example_config(path: Path) -> dict:
+    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
+    table is for ``ebmflow train``; see docs/cli.md.)"""
+    raw = tomllib.loads(Path(path).read_text())
+    if not isinstance(raw.get("example"), dict):
+        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
+    return raw["example"]
+
+
 def load_config(path: Path = CONFIG, quick: bool = False) -> dict:
-    cfg = tomllib.loads(path.read_text())
+    cfg = load_example_config(path)
     if quick:
         q = cfg.get("quick", {})
         cfg["data"]["source"] = q.get("source", cfg["data"]["source"])

@@ -1,16 +1,23 @@
 """Every example script has a ``--quick`` mode and a TOML config, and runs in quick mode.
 
 Examples are the ``examples/*.py`` files with an ``if __name__ == "__main__":`` guard (helper
-modules such as ``flowmc_common.py`` have none). The quick runs take 10-100 s each on a loaded
-CPU, so they are marked slow (``pytest -m slow tests/test_examples.py``). They run on a copy of
-``examples/`` inside a temporary folder: the scripts write under ``<their root>/docs/``, which
-is then the temporary folder, so the committed figures and JSON in ``docs/`` are never touched.
+modules such as ``flowmc_common.py`` have none). Every ``examples/configs/*.toml`` follows one
+convention (docs/cli.md): ``[train]`` holds only ``ebmflow train`` settings (the closest CLI run
+of the recipe) and ``[example]`` / ``[example.<part>]`` hold the script's settings; the CLI
+ignores ``[example]`` and refuses any other table or key. The fast tests parse every config
+through the CLI and run ``ebmflow train --config <it> --steps 5`` (small evaluation). The quick
+runs of the scripts take 10-100 s each on a loaded CPU, so they are marked slow
+(``pytest -m slow tests/test_examples.py``). They run on a copy of ``examples/`` inside a
+temporary folder: the scripts write under ``<their root>/docs/``, which is then the temporary
+folder, so the committed figures and JSON in ``docs/`` are never touched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
+import math
 import os
 import runpy
 import shutil
@@ -20,6 +27,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 SCRIPTS = sorted(
@@ -28,11 +40,8 @@ SCRIPTS = sorted(
 QUICK_TIMEOUT_S = 600  # generous: quick modes target < 1 min on an idle CPU
 CONFIGS = sorted(p.name for p in (EXAMPLES / "configs").glob("*.toml"))
 # Known gaps (reported; strict xfail, so fixing one makes its test fail until it is removed).
-NO_CONFIG = {"ed_nearsightedness"}
-NOT_CLI_CONFIGS = {
-    "ed_25gaussians.toml", "ed_categorical.toml", "ed_discrete_toys.toml",
-    "flowmc_highdim.toml", "flowmc_toys.toml", "flowmc_two_modes.toml", "ising_recovery.toml",
-}
+NO_CONFIG: set[str] = set()
+NOT_CLI_CONFIGS: set[str] = {"flowmc_highdim.toml", "flowmc_toys.toml", "flowmc_two_modes.toml"}
 
 
 def _known(names: list[str], gaps: set[str], reason: str) -> list:
@@ -76,6 +85,63 @@ def test_config_usable_by_cli(config):
 
     args = cli.build_parser().parse_args(["train", "--config", str(EXAMPLES / "configs" / config)])
     cli._resolve_config(args)
+    text = (EXAMPLES / "configs" / config).read_text()
+    assert text.startswith(f"# ebmflow train --config examples/configs/{config}\n"), (
+        f"{config}: the first line must be the command that uses it")
+    raw = tomllib.loads(text)
+    assert set(raw) <= {"train", "example"} and "train" in raw, sorted(raw)
+    if config != "quickstart.toml":
+        assert "example" in raw, f"{config}: the example script's settings go under [example]"
+
+
+@pytest.mark.parametrize(
+    "config", _known(CONFIGS, NOT_CLI_CONFIGS, "keys the CLI does not know (script-only config)")
+)
+def test_config_trains_with_cli(config, tmp_path):
+    """``ebmflow train --config <it> --steps 5`` runs end to end (small evaluation) and writes
+    finite metrics."""
+    from ebmflow.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--config", str(EXAMPLES / "configs" / config), "--steps", "5",
+                 "--eval-samples", "100", "--eval-steps", "5", "--out", str(out), "--quiet"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 5
+    assert all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)), metrics
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[train]\nsteps = 5\n[data]\nname = 'x'\n", "unknown table(s) [data]"),
+        ("[train]\nsteps = 5\n[[runs]]\nname = 'x'\n", "unknown table(s) [runs]"),
+        ("[train]\niterations = 5\n", "unknown key(s) iterations in [train]"),
+        ("stepz = 5\n", "unknown key(s) stepz in the top level"),
+        ("train = 5\n", "must be a table"),
+    ],
+)
+def test_cli_config_refuses_unknown_tables_and_keys(text, match, tmp_path, capsys):
+    """Nothing in a config is silently ignored except [example]: one error line, exit 2."""
+    from ebmflow.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_config_ignores_example_tables(tmp_path):
+    from ebmflow import cli
+
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nsteps = 7\nloss = 'dsm'\n[example]\nsteps = 'anything'\n"
+                    "[example.train]\niterations = 3\n")
+    args = cli.build_parser().parse_args(["train", "--config", str(path)])
+    cfg = cli._resolve_config(args)
+    assert (cfg.steps, cfg.loss) == (7, "dsm")
 
 
 @pytest.mark.slow

@@ -203,29 +203,19 @@ def test_bad_input_gives_a_value_error_naming_it(call, pattern):
         call()
 
 
-# -- faults in files owned by other helpers: pinned as strict xfails for the lead --------------------
-XFAILS = [
-    ("DULA step inf accepted (samplers/discrete_langevin.py: `not step_size > 0` lets inf "
-     "through)", lambda: DiscreteLangevin(INF), r"step_size.*inf"),
-    ("MALA.run with float64 x0 on a float32 energy raises a bare torch RuntimeError (sampler "
-     "gradient path bypasses EnergyModel.forward's diagnosis; check x0.dtype in MCMCSampler.run)",
-     lambda: MALA(0.1).run(_mlp(C2), torch.zeros(4, 2, dtype=torch.float64), 2),
-     r"x0.*float64"),
-    ("EnergyDiscrepancy on an empty batch returns a NaN loss instead of an error "
-     "(losses/energy_discrepancy.py; shape check, no host sync)",
-     lambda: ED()(_mlp(C2), torch.zeros(0, 2)), r"data.*empty|B >= 1"),
-    ("ContrastiveDivergence on an empty batch returns a NaN loss instead of an error "
-     "(losses/contrastive_divergence.py)",
-     lambda: ContrastiveDivergence()(_mlp(C2), torch.zeros(0, 2), Langevin()), r"data.*empty|B >= 1"),
+# -- faults found by the audit and fixed (kept as regression tests) ------------------------------
+FIXED = [
+    ("dula-step-inf", lambda: DiscreteLangevin(INF), r"step_size must be a positive finite.*inf"),
+    ("mala-float64-x0", lambda: MALA(0.1).run(_mlp(C2), torch.zeros(4, 2, dtype=torch.float64), 2),
+     r"x0 has dtype torch.float64"),
+    ("ed-empty-batch", lambda: ED()(_mlp(C2), torch.zeros(0, 2)), r"data is an empty batch.*B >= 1"),
+    ("cd-empty-batch", lambda: ContrastiveDivergence()(_mlp(C2), torch.zeros(0, 2), Langevin()),
+     r"data is an empty batch.*B >= 1"),
 ]
 
 
-@pytest.mark.parametrize(("call", "pattern"), [
-    pytest.param(c, p, id=r.split(" (")[0][:60],
-                 marks=pytest.mark.xfail(strict=True, raises=(AssertionError, RuntimeError,
-                                                              pytest.fail.Exception), reason=r))
-    for r, c, p in XFAILS])
-def test_known_input_faults_pinned_for_the_owners(call, pattern):
+@pytest.mark.parametrize(("call", "pattern"), [pytest.param(c, p, id=i) for i, c, p in FIXED])
+def test_audited_faults_now_raise_clear_errors(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
 

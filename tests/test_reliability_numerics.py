@@ -116,9 +116,6 @@ def test_discrete_samplers_without_mh_raise_or_count_nan_moves(name, hole):
     assert float(sampler.stats["nonfinite"]) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="GibbsWithGradients/DMALA reject NaN-energy proposals "
-                   "(NaN log-alpha compares False) but report no count: no nonfinite_rate in "
-                   "stats, unlike MALA/HMC (samplers/gwg.py, samplers/discrete_langevin.py)")
 @pytest.mark.parametrize("name", ["gwg", "dmala"])
 def test_mh_discrete_samplers_count_rejected_nan_proposals(name):
     energy = HoleBinary()

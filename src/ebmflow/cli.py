@@ -40,10 +40,46 @@ def _load_toml(path: str) -> dict[str, Any]:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise CLIError(f"config file {path!r} is not valid TOML: {err}") from None
-    # settings may sit at the top level or under [train]
-    values = dict(raw.get("train", {})) if isinstance(raw.get("train"), dict) else {}
-    values.update({k: v for k, v in raw.items() if not isinstance(v, dict)})
-    return {k.replace("-", "_"): v for k, v in values.items()}
+    return _train_settings(raw, path)
+
+
+def _is_table(value: Any) -> bool:
+    return isinstance(value, dict) or (
+        isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+    )
+
+
+def _train_settings(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    """The ``ebmflow train`` settings of a parsed TOML file.
+
+    Settings sit under ``[train]`` (or, for short files, at the top level). ``[example]`` and
+    its sub-tables (``[example.<part>]``) belong to the example scripts and are ignored here;
+    any other table, and any key that is not a setting, is an error (nothing is silently
+    dropped).
+    """
+    from .training.registry import RunConfig
+
+    tables = sorted(k for k, v in raw.items() if _is_table(v) and k not in ("train", "example"))
+    if tables:
+        raise CLIError(
+            f"config file {path!r} has unknown table(s) {', '.join(f'[{t}]' for t in tables)}; "
+            "`ebmflow train` reads [train] (settings) and ignores [example] (example scripts)"
+        )
+    train = raw.get("train", {})
+    if not isinstance(train, dict):
+        raise CLIError(f"config file {path!r}: 'train' must be a table [train], got {train!r}")
+    values = {k.replace("-", "_"): v for k, v in train.items()}
+    top = {k.replace("-", "_"): v for k, v in raw.items() if not _is_table(v)}
+    known = set(RunConfig.keys())
+    for where, keys in (("[train]", values), ("the top level", top)):
+        unknown = sorted(set(keys) - known)
+        if unknown:
+            raise CLIError(
+                f"config file {path!r}: unknown key(s) {', '.join(unknown)} in {where}; valid "
+                f"keys: {', '.join(sorted(known))} (example-script settings go under [example])"
+            )
+    values.update(top)
+    return values
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:

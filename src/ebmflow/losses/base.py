@@ -40,6 +40,22 @@ class EBMLoss(nn.Module):
     def forward(self, energy: EnergyModel, data: Tensor, sampler: Sampler | None = None) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement forward()")
 
+    def _check_data(self, energy: EnergyModel, data: Tensor) -> None:
+        """Shape-only check of a data batch ``(B, *event)``, B >= 1 (reads no values)."""
+        if not isinstance(energy, EnergyModel):
+            raise ValueError(f"energy must be an EnergyModel, got {type(energy).__name__}")
+        shape = tuple(energy.space.shape)
+        if not isinstance(data, Tensor) or data.dim() != len(shape) + 1 or tuple(data.shape[1:]) != shape:
+            got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+            raise ValueError(
+                f"data has shape {got} but the energy's space {energy.space!r} expects "
+                f"(B, {', '.join(map(str, shape))}); batch dimension first"
+            )
+        if data.shape[0] == 0:
+            raise ValueError(
+                f"data is an empty batch (shape {tuple(data.shape)}); pass B >= 1 states"
+            )
+
     def _check_sampler(self, sampler: Sampler | None) -> Sampler:
         if sampler is None:
             raise ValueError(

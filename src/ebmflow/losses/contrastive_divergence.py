@@ -77,14 +77,7 @@ class ContrastiveDivergence(EBMLoss):
                 *, generator: torch.Generator | None = None) -> LossOutput:
         """Loss for one data batch ``(B, *event)``; see the class docstring."""
         sampler = self._check_sampler(sampler)
-        if not isinstance(energy, EnergyModel):
-            raise ValueError(f"energy must be an EnergyModel, got {type(energy).__name__}")
-        if not isinstance(data, Tensor) or tuple(data.shape[1:]) != tuple(energy.space.shape):
-            got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-            raise ValueError(
-                f"data has shape {got} but the energy's space {energy.space!r} expects "
-                f"(B, {', '.join(map(str, energy.space.shape))})"
-            )
+        self._check_data(energy, data)
         batch = data.shape[0]
         x0 = self._start(energy, data, generator)
         kwargs = {} if self.n_steps is None else {"n_steps": self.n_steps}

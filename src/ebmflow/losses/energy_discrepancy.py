@@ -72,13 +72,9 @@ class EnergyDiscrepancy(EBMLoss):
         generator: torch.Generator | None = None,
     ) -> LossOutput:
         """ED loss of ``energy`` on ``data`` ``(B, *event)``; ``sampler`` is ignored."""
+        self._check_data(energy, data)
         self.perturbation.check_space(energy.space)
         shape = tuple(energy.space.shape)
-        if tuple(data.shape[1:]) != shape or data.dim() != len(shape) + 1:
-            raise ValueError(
-                f"data has shape {tuple(data.shape)} but {energy.space!r} expects "
-                f"(B, {', '.join(map(str, shape))})"
-            )
         b, m = data.shape[0], self.m
         data = data.detach()
         pert = self.perturbation

@@ -7,8 +7,6 @@ the one-hot float ``(B, D, K)``. Gradients are always taken with respect to the 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -164,12 +162,3 @@ def log_uniform(batch: int, like: Tensor, generator: torch.Generator | None = No
     u = torch.rand(batch, generator=generator, device=like.device, dtype=like.dtype)
     return torch.log(u)
 
-
-def _add_unit_accept_rate(sampler: Any, state: Any) -> None:
-    """After a run of a rejection-free kernel: ``accept_rate`` = 1 in ``stats`` (0-d) and
-    ``chain_stats`` (per chain), as if every step had reported it (skipped for 0 steps)."""
-    if "flips" not in sampler.stats:
-        return
-    ones = torch.ones(state.x.shape[0], device=state.x.device)  # float32, like step sums
-    sampler.chain_stats["accept_rate"] = ones
-    sampler.stats["accept_rate"] = ones.mean()

@@ -330,6 +330,11 @@ class MCMCSampler(Sampler):
         ref = energy._reference_tensor()
         if ref is not None:  # once per run; the steps skip the per-call device check
             check_same_device(x0, ref.device, "x0")
+            if x0.is_floating_point() and ref.is_floating_point() and x0.dtype != ref.dtype:
+                raise ValueError(
+                    f"x0 has dtype {x0.dtype} but the energy's parameters are {ref.dtype}; "
+                    f"cast one of them, e.g. x0.to({ref.dtype})"
+                )
         state = self.init_state(energy, x0.detach())
         show = self.progress if progress is None else progress
         bar = (tqdm(total=n_steps, desc=type(self).__name__, leave=False) if show

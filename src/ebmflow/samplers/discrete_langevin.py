@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 from torch.nn.functional import logsigmoid
@@ -9,7 +11,6 @@ from torch.nn.functional import logsigmoid
 from ..energy.base import EnergyModel
 from ..spaces import Categorical
 from ._discrete import (
-    _add_unit_accept_rate,
     check_discrete_states,
     flip_gain,
     gumbel_argmax,
@@ -50,9 +51,9 @@ class DiscreteLangevin(MCMCSampler):
         cuda_graph, graph_steps, compile: the fast path of ``MCMCSampler.run`` (steps recorded
             as one CUDA graph / compiled); every step here is free of host synchronisation.
 
-    Step info (per chain ``(B,)``): ``accept_rate`` (DMALA; for DULA, always 1, it is added to
-    ``stats`` / ``chain_stats`` once per run) and ``flips`` (number of coordinates changed by
-    the step, 0 for a rejected DMALA proposal).
+    Step info (per chain ``(B,)``): ``accept_rate`` (always 1 for DULA), ``flips`` (number
+    of coordinates changed by the step, 0 for a rejected DMALA proposal) and, for DMALA,
+    ``nonfinite_rate`` (1 if the proposal's energy or gradient was NaN/inf; always rejected).
     """
 
     def __init__(self, step_size: float = 0.1, metropolis: bool = False, n_steps: int = 10,
@@ -61,8 +62,8 @@ class DiscreteLangevin(MCMCSampler):
                  compile: bool = False):
         super().__init__(n_steps=n_steps, on_nonfinite=on_nonfinite, progress=progress,
                          cuda_graph=cuda_graph, graph_steps=graph_steps, compile=compile)
-        if not isinstance(step_size, (int, float)) or not step_size > 0:
-            raise ValueError(f"step_size must be a positive float, got {step_size!r}")
+        if not isinstance(step_size, (int, float)) or not 0 < step_size < math.inf:
+            raise ValueError(f"step_size must be a positive finite float, got {step_size!r}")
         self.step_size = float(step_size)
         self.metropolis = bool(metropolis)
         self.check_gradient = bool(check_gradient)
@@ -140,8 +141,9 @@ class DiscreteLangevin(MCMCSampler):
             flipped = x != y
         e_new, g_new = relaxed_energy_and_grad(name, energy, y)
         flips = flipped.sum(1, dtype=e.dtype)
-        if not self.metropolis:  # DULA: every proposal is taken (end_run adds accept_rate 1)
-            return ChainState(y, energy=e_new, grad=g_new), {"flips": flips}
+        if not self.metropolis:  # DULA: every proposal is taken
+            ones = torch.ones_like(e)
+            return ChainState(y, energy=e_new, grad=g_new), {"accept_rate": ones, "flips": flips}
         logits_rev = self._logits(energy, y, g_new)
         if binary:  # the same bits flip back
             log_q_fwd = self._log_q_binary(logits, flipped)
@@ -150,17 +152,17 @@ class DiscreteLangevin(MCMCSampler):
             log_q_fwd = self._log_q(energy, x, logits, y)
             log_q_rev = self._log_q(energy, y, logits_rev, x)
         log_alpha = (e - e_new).add_(log_q_rev).sub_(log_q_fwd)
+        # NaN log-alpha (NaN energy or gradient at the proposal) compares False: rejected, and
+        # counted per chain in ``nonfinite_rate`` so it is never silent.
+        nonfinite = torch.sub(log_alpha, log_alpha).ne_(0).to(e.dtype)
         accept = log_uniform(x.shape[0], log_alpha, generator) < log_alpha
         a = accept[:, None]
         x = torch.where(a, y, x)
         e = torch.where(accept, e_new, e)
         g = torch.where(a[..., None] if g.dim() == 3 else a, g_new, g)
         acc = accept.to(e.dtype)
-        return ChainState(x, energy=e, grad=g), {"accept_rate": acc, "flips": flips.mul_(acc)}
-
-    def end_run(self, energy: EnergyModel, state: ChainState) -> None:
-        if not self.metropolis:
-            _add_unit_accept_rate(self, state)
+        info = {"accept_rate": acc, "flips": flips.mul_(acc), "nonfinite_rate": nonfinite}
+        return ChainState(x, energy=e, grad=g), info
 
     def _finite_rows(self, state: ChainState) -> Tensor:
         # states are built from valid discrete values: only E and its gradient can be NaN/inf

@@ -9,12 +9,7 @@ from torch.nn.functional import logsigmoid
 
 from ..energy.base import EnergyModel
 from ..spaces import Binary
-from ._discrete import (
-    _add_unit_accept_rate,
-    check_discrete_states,
-    gumbel_argmax,
-    is_discrete_space,
-)
+from ._discrete import check_discrete_states, gumbel_argmax, is_discrete_space
 from .base import ChainState, MCMCSampler, StepInfo
 
 __all__ = ["Gibbs"]
@@ -41,9 +36,8 @@ class Gibbs(MCMCSampler):
         cuda_graph, graph_steps, compile: the fast path of ``MCMCSampler.run`` (steps recorded
             as one CUDA graph / compiled); every step here is free of host synchronisation.
 
-    Step info (per chain ``(B,)``): ``flips`` (number of coordinates whose value changed in
-    the step). ``run`` also reports ``accept_rate`` (always 1: Gibbs moves are never
-    rejected) in ``stats`` / ``chain_stats``.
+    Step info (per chain ``(B,)``): ``accept_rate`` (always 1: Gibbs moves are never
+    rejected) and ``flips`` (number of coordinates whose value changed in the step).
     """
 
     def __init__(self, sweep: bool = False, n_steps: int = 10, on_nonfinite: str = "raise",
@@ -135,8 +129,7 @@ class Gibbs(MCMCSampler):
             index = torch.randint(0, dim, (batch,), generator=generator, device=x.device)
             x, e, changed = self._update(energy, x, e, index, generator)
             flips = changed.to(e.dtype)
-        # accept_rate (always 1) is added once per run by end_run, not summed every step
-        return ChainState(x, energy=e), {"flips": flips}
+        return ChainState(x, energy=e), {"accept_rate": torch.ones_like(flips), "flips": flips}
 
     def _update_binary(
         self, energy: EnergyModel, x: Tensor, e: Tensor, index: Tensor,
@@ -152,9 +145,6 @@ class Gibbs(MCMCSampler):
         keep = log_u >= logsigmoid(e - e_y)  # False (flip) when the right side is NaN
         flips = keep.logical_not().to(e.dtype)
         return torch.where(keep[:, None], x, y), torch.where(keep, e, e_y), flips
-
-    def end_run(self, energy: EnergyModel, state: ChainState) -> None:
-        _add_unit_accept_rate(self, state)
 
     def _finite_rows(self, state: ChainState) -> Tensor:
         # states are built from valid discrete values: only the cached energy can be NaN/inf

@@ -48,8 +48,9 @@ class GibbsWithGradients(MCMCSampler):
         cuda_graph, graph_steps, compile: the fast path of ``MCMCSampler.run`` (steps recorded
             as one CUDA graph / compiled); every step here is free of host synchronisation.
 
-    Step info (per chain ``(B,)``): ``accept_rate`` (1 if the move was accepted) and
-    ``flips`` (coordinates changed, 0 or 1).
+    Step info (per chain ``(B,)``): ``accept_rate`` (1 if the move was accepted),
+    ``flips`` (coordinates changed, 0 or 1) and ``nonfinite_rate`` (1 if the proposal's energy
+    or gradient was NaN/inf; such proposals are always rejected).
     """
 
     def __init__(self, n_steps: int = 10, check_gradient: bool = True,
@@ -133,13 +134,17 @@ class GibbsWithGradients(MCMCSampler):
         log_q_fwd = log_q_fwd_all.gather(1, move[:, None])[:, 0]
         log_q_rev = log_q_rev_all.gather(1, back[:, None])[:, 0]
         log_alpha = (e - e_new).add_(log_q_rev).sub_(log_q_fwd)
+        # NaN log-alpha (NaN energy or gradient at the proposal) compares False: rejected, and
+        # counted per chain in ``nonfinite_rate`` so it is never silent.
+        nonfinite = torch.sub(log_alpha, log_alpha).ne_(0).to(e.dtype)
         accept = log_uniform(x.shape[0], log_alpha, generator) < log_alpha
         a = accept[:, None]
         x = torch.where(a, x_new, x)
         e = torch.where(accept, e_new, e)
         g = torch.where(a[..., None] if g.dim() == 3 else a, g_new, g)
         acc = accept.to(e.dtype)
-        return ChainState(x, energy=e, grad=g), {"accept_rate": acc, "flips": acc}
+        info = {"accept_rate": acc, "flips": acc, "nonfinite_rate": nonfinite}
+        return ChainState(x, energy=e, grad=g), info
 
     def _finite_rows(self, state: ChainState) -> Tensor:
         # states are built from valid discrete values: only E and its gradient can be NaN/inf
