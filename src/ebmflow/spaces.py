@@ -222,9 +222,9 @@ class Binary(Space):
                 f"{name} has dtype {x.dtype} but {self!r} expects float states in {{0, 1}}; "
                 f"use {name}.float()"
             )
-        bad = (x != 0) & (x != 1)
-        if bool(bad.any()):
-            val = x[bad][0].item()
+        # x - x^2 is 0 exactly on {0, 1} (NaN/inf give NaN): one fused pass, one host read
+        if int(torch.count_nonzero(x - x * x)) > 0:
+            val = x[(x != 0) & (x != 1)][0].item()
             raise ValueError(
                 f"{name} has a value {val} outside {{0, 1}} for {self!r}; binarise it first, "
                 f"e.g. ({name} > 0.5).float()"
@@ -286,9 +286,9 @@ class Categorical(Space):
                 f"{name} has dtype {x.dtype} but {self!r} expects long class indices in "
                 f"[0, {self.num_classes}); use {name}.long() (or from_one_hot for one-hot input)"
             )
-        bad = (x < 0) | (x >= self.num_classes)
-        if bool(bad.any()):
-            val = x[bad][0].item()
+        lo, hi = torch.aminmax(x)
+        if int(lo) < 0 or int(hi) >= self.num_classes:
+            val = x[(x < 0) | (x >= self.num_classes)][0].item()
             raise ValueError(
                 f"{name} has a value {val} outside [0, {self.num_classes}) for {self!r}"
             )

@@ -23,6 +23,8 @@ __all__ = [
     "half_flip_gain",
     "gumbel_argmax",
     "float_dtype",
+    "log_uniform",
+    "mh_select",
 ]
 
 
@@ -162,3 +164,24 @@ def log_uniform(batch: int, like: Tensor, generator: torch.Generator | None = No
     u = torch.rand(batch, generator=generator, device=like.device, dtype=like.dtype)
     return torch.log(u)
 
+
+def mh_select(
+    x: Tensor, e: Tensor, g: Tensor, x_new: Tensor, e_new: Tensor, g_new: Tensor,
+    log_q_fwd: Tensor, log_q_rev: Tensor, generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Metropolis-Hastings choice between current and proposed chains (no host sync).
+
+    log alpha = f(x') - f(x) + log q(x | x') - log q(x' | x), with f = -E; accept where
+    log u < log alpha. A NaN log alpha (NaN energy or gradient at the proposal) compares
+    False, so the proposal is rejected, and it is flagged in ``nonfinite``.
+
+    Returns ``(x, e, g, accepted, nonfinite)``, the last two float ``(B,)`` in {0, 1}.
+    """
+    log_alpha = (e - e_new).add_(log_q_rev).sub_(log_q_fwd)
+    nonfinite = torch.sub(log_alpha, log_alpha).ne_(0).to(e.dtype)
+    accept = log_uniform(x.shape[0], log_alpha, generator) < log_alpha
+    a = accept[:, None]
+    x = torch.where(a, x_new, x)
+    e = torch.where(accept, e_new, e)
+    g = torch.where(a[..., None] if g.dim() == 3 else a, g_new, g)
+    return x, e, g, accept.to(e.dtype), nonfinite

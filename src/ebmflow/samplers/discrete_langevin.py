@@ -16,7 +16,7 @@ from ._discrete import (
     gumbel_argmax,
     half_flip_gain,
     is_discrete_space,
-    log_uniform,
+    mh_select,
     relax,
     relaxed_energy_and_grad,
 )
@@ -151,16 +151,8 @@ class DiscreteLangevin(MCMCSampler):
         else:
             log_q_fwd = self._log_q(energy, x, logits, y)
             log_q_rev = self._log_q(energy, y, logits_rev, x)
-        log_alpha = (e - e_new).add_(log_q_rev).sub_(log_q_fwd)
-        # NaN log-alpha (NaN energy or gradient at the proposal) compares False: rejected, and
-        # counted per chain in ``nonfinite_rate`` so it is never silent.
-        nonfinite = torch.sub(log_alpha, log_alpha).ne_(0).to(e.dtype)
-        accept = log_uniform(x.shape[0], log_alpha, generator) < log_alpha
-        a = accept[:, None]
-        x = torch.where(a, y, x)
-        e = torch.where(accept, e_new, e)
-        g = torch.where(a[..., None] if g.dim() == 3 else a, g_new, g)
-        acc = accept.to(e.dtype)
+        x, e, g, acc, nonfinite = mh_select(x, e, g, y, e_new, g_new, log_q_fwd, log_q_rev,
+                                            generator)
         info = {"accept_rate": acc, "flips": flips.mul_(acc), "nonfinite_rate": nonfinite}
         return ChainState(x, energy=e, grad=g), info
 

@@ -14,7 +14,7 @@ from ._discrete import (
     gumbel_argmax,
     half_flip_gain,
     is_discrete_space,
-    log_uniform,
+    mh_select,
     relax,
     relaxed_energy_and_grad,
 )
@@ -133,16 +133,8 @@ class GibbsWithGradients(MCMCSampler):
         log_q_rev_all = torch.log_softmax(self._move_logits(energy, x_new, g_new), dim=1)
         log_q_fwd = log_q_fwd_all.gather(1, move[:, None])[:, 0]
         log_q_rev = log_q_rev_all.gather(1, back[:, None])[:, 0]
-        log_alpha = (e - e_new).add_(log_q_rev).sub_(log_q_fwd)
-        # NaN log-alpha (NaN energy or gradient at the proposal) compares False: rejected, and
-        # counted per chain in ``nonfinite_rate`` so it is never silent.
-        nonfinite = torch.sub(log_alpha, log_alpha).ne_(0).to(e.dtype)
-        accept = log_uniform(x.shape[0], log_alpha, generator) < log_alpha
-        a = accept[:, None]
-        x = torch.where(a, x_new, x)
-        e = torch.where(accept, e_new, e)
-        g = torch.where(a[..., None] if g.dim() == 3 else a, g_new, g)
-        acc = accept.to(e.dtype)
+        x, e, g, acc, nonfinite = mh_select(x, e, g, x_new, e_new, g_new, log_q_fwd, log_q_rev,
+                                            generator)
         info = {"accept_rate": acc, "flips": acc, "nonfinite_rate": nonfinite}
         return ChainState(x, energy=e, grad=g), info
 
