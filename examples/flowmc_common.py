@@ -48,8 +48,11 @@ def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="a < 1 minute CPU run")
-    parser.add_argument("--plot-only", action="store_true",
-                        help="redraw the figure from the saved JSON, no training")
+    parser.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="redraw the figure from the saved JSON, no training",
+    )
     args = parser.parse_args(argv)
     cfg = {k: v for k, v in defaults.items() if k != "quick"}
     quick = dict(defaults.get("quick", {}))
@@ -66,7 +69,11 @@ def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict
 
 
 def make_sampler(
-    method: str, model: EnergyModel, data: Tensor, cfg: dict[str, Any], box: float,
+    method: str,
+    model: EnergyModel,
+    data: Tensor,
+    cfg: dict[str, Any],
+    box: float,
     gen: torch.Generator,
 ) -> tuple[EnergyModel, Sampler, ContrastiveDivergence]:
     """The library composition for one method: (energy to train, sampler, CD loss).
@@ -81,6 +88,7 @@ def make_sampler(
     start = data[torch.randperm(data.shape[0], generator=gen)[:batch]].clone()
     alpha = cfg["alpha"]
     if method == "ula":
+
         def uniform_box(x: Tensor, g: torch.Generator | None) -> Tensor:
             return (torch.rand(x.shape, generator=g) * 2 - 1) * box
 
@@ -102,8 +110,14 @@ def make_sampler(
         flow.fit(data, cfg.get("tilt_pretrain", 500), lr=cfg["flow_lr"], generator=gen)
         energy, flow_steps = TiltedEnergy(model, flow), 0
     n_local = cfg.get("flowmc_n_local", cfg["n_local"])
-    sampler = FlowMC(flow, MALA(cfg["mala_step"], n_warmup=cfg.get("mala_warmup", 200)), n_local=n_local,
-                     n_global=cfg["n_global"], lr=cfg["flow_lr"], flow_steps=flow_steps)
+    sampler = FlowMC(
+        flow,
+        MALA(cfg["mala_step"], n_warmup=cfg.get("mala_warmup", 200)),
+        n_local=n_local,
+        n_global=cfg["n_global"],
+        lr=cfg["flow_lr"],
+        flow_steps=flow_steps,
+    )
     sampler.update(energy, start)  # the chains start at the data; first flow fit
     return energy, sampler, ContrastiveDivergence(alpha)
 
@@ -137,8 +151,14 @@ def train(
     energy, sampler, loss_fn = make_sampler(method, model, data, cfg, box, gen)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     batch = cfg["batch_size"]
-    hist: dict[str, Any] = {"steps": [], "weights": [], "times": [], "chain_weights": [],
-                            "global_accept": [], "local_accept": []}
+    hist: dict[str, Any] = {
+        "steps": [],
+        "weights": [],
+        "times": [],
+        "chain_weights": [],
+        "global_accept": [],
+        "local_accept": [],
+    }
     elapsed, x_neg = 0.0, None
     for it in range(cfg["iters"] + 1):
         if it % cfg["eval_every"] == 0 or it == cfg["iters"]:

@@ -33,12 +33,27 @@ from ebmflow.energy import GaussianMixtureEnergy
 DEFAULTS = {
     "dims": [16, 32, 64],
     "methods": ["pcd", "flowmc"],
-    "iters": 600, "eval_every": 100, "n_data": 10000, "batch_size": 256,
-    "hidden": [128, 128], "lr": 1e-3, "alpha": 0.001,
-    "n_local": 20, "flowmc_n_local": 10, "ula_step": 0.05, "mala_step": 0.1, "n_global": 10,
-    "flow_layers": 6, "flow_hidden": [64, 64], "flow_lr": 2e-3, "flow_steps": 1,
-    "n_eval": 20000, "seed": 0, "threads": 1,
-    "quick": {"iters": 40, "eval_every": 20, "dims": [16]},
+    "iters": 600,
+    "eval_every": 100,
+    "n_data": 10000,
+    "batch_size": 256,
+    "hidden": [128, 128],
+    "lr": 1e-3,
+    "alpha": 0.001,
+    "n_local": 20,
+    "flowmc_n_local": 10,
+    "ula_step": 0.05,
+    "mala_step": 0.1,
+    "n_global": 10,
+    "mala_warmup": 6000,
+    "flow_layers": 6,
+    "flow_hidden": [64, 64],
+    "flow_lr": 2e-3,
+    "flow_steps": 1,
+    "n_eval": 20000,
+    "seed": 0,
+    "threads": 1,
+    "quick": {"iters": 40, "eval_every": 20, "dims": [16], "mala_warmup": 400},
 }
 
 
@@ -64,23 +79,40 @@ def main(argv: list[str] | None = None) -> dict:
             return importance_weights(energy, target, cfg["n_eval"], gen_eval)
 
         for method in cfg["methods"]:
+
             def progress(hist, key=f"{dim}/{method}", dim=dim, method=method):
                 heavy = hist["weights"][-1][0]
                 results[key] = {
-                    "dim": dim, "method": method, "heavy": heavy, "error": abs(heavy - 2 / 3),
-                    "history": [w[0] for w in hist["weights"]], "steps": hist["steps"],
+                    "dim": dim,
+                    "method": method,
+                    "heavy": heavy,
+                    "error": abs(heavy - 2 / 3),
+                    "history": [w[0] for w in hist["weights"]],
+                    "steps": hist["steps"],
                     "chain_heavy": [None if c is None else c[0] for c in hist["chain_weights"]],
                     "train_seconds": hist["times"][-1],
                     "global_accept": hist["global_accept"][-1],
-                    "finished": hist["steps"][-1] == cfg["iters"]}
+                    "local_accept": hist["local_accept"][-1],
+                    "finished": hist["steps"][-1] == cfg["iters"],
+                }
                 save_json(name, payload)
 
-            out = train(method, lambda n, g, t=target: t.sample(n, g), dim, cfg, evaluate,
-                        box=8.0, seed=cfg["seed"], on_eval=progress,
-                        chain_labels=lambda x, t=target: torch.cdist(x, t.means).argmin(1))
+            out = train(
+                method,
+                lambda n, g, t=target: t.sample(n, g),
+                dim,
+                cfg,
+                evaluate,
+                box=8.0,
+                seed=cfg["seed"],
+                on_eval=progress,
+                chain_labels=lambda x, t=target: torch.cdist(x, t.means).argmin(1),
+            )
             heavy = out["weights"][-1][0]
-            print(f"D={dim:3d} {method:8s} heavy weight {heavy:.3f} (truth 0.667) "
-                  f"error {abs(heavy - 2 / 3):.3f} ({out['times'][-1]:.1f} s)")
+            print(
+                f"D={dim:3d} {method:8s} heavy weight {heavy:.3f} (truth 0.667) "
+                f"error {abs(heavy - 2 / 3):.3f} ({out['times'][-1]:.1f} s)"
+            )
     plot(results, cfg)
     return payload
 
@@ -107,8 +139,13 @@ def plot(results: dict, cfg: dict) -> None:
         half = [late_error(r) for r in done]
         ax.plot(dims, half, "s--", color=f"C{i}", alpha=0.6, label=f"{method}, 2nd-half mean")
         for j, r in enumerate(done):
-            ax2.plot(r["steps"], r["history"], color=f"C{i}", ls=("-", "--", ":")[j % 3],
-                     label=f"{method} D={r['dim']}")
+            ax2.plot(
+                r["steps"],
+                r["history"],
+                color=f"C{i}",
+                ls=("-", "--", ":")[j % 3],
+                label=f"{method} D={r['dim']}",
+            )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("dimension D")
     ax.set_ylabel("|w_heavy - 2/3|")

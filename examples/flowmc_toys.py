@@ -31,16 +31,37 @@ from ebmflow.data import TOY_MIXTURES, toy_2d
 DEFAULTS = {
     "datasets": ["rings", "8gaussians"],
     "methods": ["ula", "pcd", "flowmc"],
-    "iters": 1500, "eval_every": 250, "n_data": 10000, "batch_size": 256,
-    "hidden": [64, 64, 64], "lr": 1e-3, "alpha": 0.01,
-    "n_local": 20, "flowmc_n_local": 10, "ula_step": 0.01, "mala_step": 0.05, "n_global": 10,
+    "iters": 1500,
+    "eval_every": 250,
+    "n_data": 10000,
+    "batch_size": 256,
+    "hidden": [64, 64, 64],
+    "lr": 1e-3,
+    "alpha": 0.01,
+    "n_local": 20,
+    "flowmc_n_local": 10,
+    "ula_step": 0.01,
+    "mala_step": 0.05,
+    "n_global": 10,
     "mala_warmup": 15000,
-    "flow_layers": 6, "flow_hidden": [64, 64], "flow_lr": 2e-3, "flow_steps": 1,
-    "grid": 300, "box": 4.5, "seed": 0, "threads": 1,
+    "flow_layers": 6,
+    "flow_hidden": [64, 64],
+    "flow_lr": 2e-3,
+    "flow_steps": 1,
+    "grid": 300,
+    "box": 4.5,
+    "seed": 0,
+    "threads": 1,
     "overrides": {"rings": {"ula_step": 0.002, "mala_step": 0.01}},
     "name": "flowmc_toys",
-    "quick": {"iters": 40, "eval_every": 20, "datasets": ["8gaussians"],
-              "methods": ["pcd", "flowmc"], "grid": 80, "mala_warmup": 200},
+    "quick": {
+        "iters": 40,
+        "eval_every": 20,
+        "datasets": ["8gaussians"],
+        "methods": ["pcd", "flowmc"],
+        "grid": 80,
+        "mala_warmup": 200,
+    },
 }
 
 PLOT_GRID = 150
@@ -76,23 +97,37 @@ def main(argv: list[str] | None = None) -> dict:
             def progress(hist, key=key, truth=truth):
                 w = torch.tensor(hist["weights"][-1])
                 results[key] = {
-                    "weights": w.tolist(), "tv_error": 0.5 * float((w - truth).abs().sum()),
+                    "weights": w.tolist(),
+                    "tv_error": 0.5 * float((w - truth).abs().sum()),
                     "train_seconds": hist["times"][-1],
                     "global_accept": hist["global_accept"][-1],
-                    "tv_history": [0.5 * float((torch.tensor(x) - truth).abs().sum())
-                                   for x in hist["weights"]], "steps": hist["steps"],
-                    "finished": hist["steps"][-1] == cfg["iters"]}
+                    "tv_history": [
+                        0.5 * float((torch.tensor(x) - truth).abs().sum()) for x in hist["weights"]
+                    ],
+                    "steps": hist["steps"],
+                    "finished": hist["steps"][-1] == cfg["iters"],
+                }
                 save_json(fname, payload)
 
-            out = train(method, lambda n, g, name=name: toy_2d(name, n, g), 2, run_cfg,
-                        lambda e, labels=labels, k=k: quadrature_weights(e, labels, points, k),
-                        cfg["box"], seed=cfg["seed"], on_eval=progress)
+            out = train(
+                method,
+                lambda n, g, name=name: toy_2d(name, n, g),
+                2,
+                run_cfg,
+                lambda e, labels=labels, k=k: quadrature_weights(e, labels, points, k),
+                cfg["box"],
+                seed=cfg["seed"],
+                on_eval=progress,
+            )
             with torch.no_grad():
                 dens = torch.softmax(-out["energy"](dpoints), 0)
             payload["densities"][key] = [round(float(v), 7) for v in dens]
             save_json(fname, payload)
-            print(f"{name:10s} {method:8s} TV error of mode weights "
-                  f"{results[key]['tv_error']:.3f} ({out['times'][-1]:.1f} s)", flush=True)
+            print(
+                f"{name:10s} {method:8s} TV error of mode weights "
+                f"{results[key]['tv_error']:.3f} ({out['times'][-1]:.1f} s)",
+                flush=True,
+            )
     plot(payload, cfg)
     return payload
 
@@ -105,9 +140,9 @@ def plot(payload: dict, cfg: dict) -> None:
 
     results, dens_all = payload["results"], payload["densities"]
     names, methods = cfg["datasets"], cfg["methods"]
-    fig, axes = plt.subplots(len(names), len(methods), figsize=(3.3 * len(methods),
-                                                                  3.3 * len(names)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(names), len(methods), figsize=(3.3 * len(methods), 3.3 * len(names)), squeeze=False
+    )
     for i, name in enumerate(names):
         for j, method in enumerate(methods):
             ax = axes[i][j]
@@ -116,8 +151,9 @@ def plot(payload: dict, cfg: dict) -> None:
                 continue
             dens = torch.tensor(dens_all[f"{name}/{method}"]).reshape(PLOT_GRID, PLOT_GRID).T
             ax.imshow(dens, origin="lower", extent=[-cfg["box"], cfg["box"]] * 2)
-            ax.set_title(f"{name} {method}: TV {results[f'{name}/{method}']['tv_error']:.3f}",
-                         fontsize=9)
+            ax.set_title(
+                f"{name} {method}: TV {results[f'{name}/{method}']['tv_error']:.3f}", fontsize=9
+            )
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()

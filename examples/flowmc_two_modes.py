@@ -48,16 +48,42 @@ from ebmflow.energy import GaussianMixtureEnergy
 
 DEFAULTS = {
     "methods": ["ula", "pcd", "flowmc", "flowmc_tilted"],
-    "seeds": [0, 1, 2], "seed_methods": ["ula", "pcd", "flowmc"],
+    "seeds": [0, 1, 2],
+    "seed_methods": ["ula", "pcd", "flowmc"],
     "ablations": [{"name": "flowmc_alpha0.1", "method": "flowmc", "alpha": 0.1}],
-    "iters": 2000, "eval_every": 100, "n_data": 10000, "batch_size": 256,
-    "hidden": [64, 64, 64], "lr": 1e-3, "alpha": 0.01,
-    "n_local": 20, "flowmc_n_local": 10, "ula_step": 0.05, "mala_step": 0.1, "n_global": 10,
-    "mala_warmup": 20000, "reuse": {}, "tilt_pretrain": 500,
-    "flow_layers": 4, "flow_hidden": [32, 32], "flow_lr": 2e-3, "flow_steps": 1,
-    "grid": 160, "box": 9.0, "density_grid": 60, "seed": 0, "threads": 1,
-    "quick": {"iters": 100, "eval_every": 25, "methods": ["pcd", "flowmc"], "seeds": [0],
-              "ablations": [], "grid": 80, "mala_warmup": 1000},
+    "iters": 2000,
+    "eval_every": 100,
+    "n_data": 10000,
+    "batch_size": 256,
+    "hidden": [64, 64, 64],
+    "lr": 1e-3,
+    "alpha": 0.01,
+    "n_local": 20,
+    "flowmc_n_local": 10,
+    "ula_step": 0.05,
+    "mala_step": 0.1,
+    "n_global": 10,
+    "mala_warmup": 20000,
+    "reuse": {},
+    "tilt_pretrain": 500,
+    "flow_layers": 4,
+    "flow_hidden": [32, 32],
+    "flow_lr": 2e-3,
+    "flow_steps": 1,
+    "grid": 160,
+    "box": 9.0,
+    "density_grid": 60,
+    "seed": 0,
+    "threads": 1,
+    "quick": {
+        "iters": 100,
+        "eval_every": 25,
+        "methods": ["pcd", "flowmc"],
+        "seeds": [0],
+        "ablations": [],
+        "grid": 80,
+        "mala_warmup": 1000,
+    },
 }
 TRUTH = 2 / 3
 
@@ -86,18 +112,21 @@ def plateau(values: list[float], steps: list[int]) -> float:
 
 
 def summarise(runs: dict[str, Any]) -> dict[str, Any]:
-    """Per run name: final and plateau heavy weights over seeds, mean and sd."""
+    """Per run name, over seeds: final and plateau heavy weights, and the swing of the weight
+    during training (sd over the checkpoints of the second half); mean and sd of each."""
     out: dict[str, Any] = {}
     for key, r in runs.items():
         name = key.split("/seed")[0]
-        entry = out.setdefault(name, {"seeds": [], "final": [], "plateau": []})
+        entry = out.setdefault(name, {"seeds": [], "final": [], "plateau": [], "swing": []})
         if r["steps"][-1] < r["iters"]:
             continue  # unfinished
         entry["seeds"].append(r["seed"])
         entry["final"].append(r["heavy"][-1])
         entry["plateau"].append(plateau(r["heavy"], r["steps"]))
+        late = [w for w, s in zip(r["heavy"], r["steps"]) if s >= r["steps"][-1] / 2]
+        entry["swing"].append(statistics.pstdev(late))
     for entry in out.values():
-        for k in ("final", "plateau"):
+        for k in ("final", "plateau", "swing"):
             v = entry[k]
             entry[f"{k}_mean"] = statistics.fmean(v) if v else None
             entry[f"{k}_sd"] = statistics.stdev(v) if len(v) > 1 else None
@@ -127,15 +156,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     payload: dict[str, Any] = {"config": cfg, "truth": TRUTH, "runs": {}, "densities": {}}
     if not cfg["quick_mode"]:
-        payload["cd_fixed_point"] = {str(a): cd_fixed_point(a, cfg["box"])
-                                     for a in sorted({cfg["alpha"], 0.1})}
-        print("heavy weight at the CD-loss stationary point (exact negatives):",
-              payload["cd_fixed_point"])
+        payload["cd_fixed_point"] = {
+            str(a): cd_fixed_point(a, cfg["box"]) for a in sorted({cfg["alpha"], 0.1})
+        }
+        print(
+            "heavy weight at the CD-loss stationary point (exact negatives):",
+            payload["cd_fixed_point"],
+        )
     plan = [(m, m, cfg["seeds"][0], {}) for m in cfg["methods"] if m in cfg["seed_methods"]]
     plan += [(m, m, s, {}) for s in cfg["seeds"][1:] for m in cfg["seed_methods"]]
-    plan += [(a["name"], a["method"], cfg["seeds"][0],
-              {k: v for k, v in a.items() if k not in ("name", "method")})
-             for a in cfg["ablations"]]
+    plan += [
+        (
+            a["name"],
+            a["method"],
+            cfg["seeds"][0],
+            {k: v for k, v in a.items() if k not in ("name", "method")},
+        )
+        for a in cfg["ablations"]
+    ]
     plan += [(m, m, cfg["seeds"][0], {}) for m in cfg["methods"] if m not in cfg["seed_methods"]]
     reuse = cfg["reuse"]
     if reuse:  # finished runs of an earlier invocation (same settings for those methods)
@@ -153,14 +191,27 @@ def main(argv: list[str] | None = None) -> dict:
 
         def progress(hist, key=key, seed=seed, over=over):
             payload["runs"][key] = {
-                **hist, "heavy": [w[0] for w in hist["weights"]],
+                **hist,
+                "heavy": [w[0] for w in hist["weights"]],
                 "chain_heavy": [None if c is None else c[0] for c in hist["chain_weights"]],
-                "seed": seed, "iters": cfg["iters"], "overrides": over}
+                "seed": seed,
+                "iters": cfg["iters"],
+                "overrides": over,
+            }
             payload["summary"] = summarise(payload["runs"])
             save_json(name, payload)
 
-        out = train(method, data_fn, 2, run_cfg, evaluate, cfg["box"], seed=seed,
-                    chain_labels=chain_labels, on_eval=progress)
+        out = train(
+            method,
+            data_fn,
+            2,
+            run_cfg,
+            evaluate,
+            cfg["box"],
+            seed=seed,
+            chain_labels=chain_labels,
+            on_eval=progress,
+        )
         r = payload["runs"][key]
         r["train_seconds"] = out["times"][-1]
         if seed == cfg["seeds"][0]:
@@ -168,9 +219,12 @@ def main(argv: list[str] | None = None) -> dict:
                 dens = torch.softmax(-out["energy"](dpoints), 0)
             payload["densities"][run_name] = [round(float(v), 7) for v in dens]
         save_json(name, payload)
-        print(f"{key:20s} heavy-mode weight {r['heavy'][-1]:.3f} (truth 0.667), plateau "
-              f"{plateau(r['heavy'], r['steps']):.3f}, global accept {r['global_accept'][-1]}, "
-              f"{out['times'][-1]:.1f} s", flush=True)
+        print(
+            f"{key:20s} heavy-mode weight {r['heavy'][-1]:.3f} (truth 0.667), plateau "
+            f"{plateau(r['heavy'], r['steps']):.3f}, global accept {r['global_accept'][-1]}, "
+            f"{out['times'][-1]:.1f} s",
+            flush=True,
+        )
     plot(payload, cfg)
     return payload
 
@@ -189,8 +243,12 @@ def plot(payload: dict, cfg: dict) -> None:
     for key, r in runs.items():
         base = key.split("/seed")[0]
         c, main_run = colors.get(base, "k"), "/seed" not in key
-        kw = {"color": c, "lw": 1.6 if main_run else 0.8, "alpha": 1.0 if main_run else 0.5,
-              "label": base if main_run else None}
+        kw = {
+            "color": c,
+            "lw": 1.6 if main_run else 0.8,
+            "alpha": 1.0 if main_run else 0.5,
+            "label": base if main_run else None,
+        }
         axes[0][0].plot(r["steps"], r["heavy"], **kw)
         ch = [(s, v) for s, v in zip(r["steps"], r["chain_heavy"]) if v is not None]
         if ch:
@@ -200,12 +258,12 @@ def plot(payload: dict, cfg: dict) -> None:
             axes[0][2].plot(*zip(*ga), **kw)
     for ax in axes[0][:2]:
         ax.axhline(TRUTH, color="k", ls="--", lw=1, label="truth 2/3")
-        ax.set_ylim(0.3, 1.0)
+        ax.set_ylim(0.25, 1.03)
         ax.set_xlabel("training iteration")
     for a, w in payload.get("cd_fixed_point", {}).items():
         axes[0][0].axhline(w, color="grey", ls=":", lw=1, label=f"CD optimum, alpha={a}")
     axes[0][0].set_ylabel("learned weight of the heavy mode")
-    axes[0][0].legend(fontsize=6)
+    axes[0][0].legend(fontsize=6, loc="lower left", ncol=2)
     axes[0][1].set_ylabel("fraction of negatives in heavy mode")
     axes[0][2].set_ylabel("flowMC global acceptance")
     axes[0][2].set_xlabel("training iteration")
@@ -221,7 +279,7 @@ def plot(payload: dict, cfg: dict) -> None:
         ax.set_title(f"{name}: w = {runs[name]['heavy'][-1]:.3f}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in axes[1][len(names):]:
+    for ax in axes[1][len(names) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(figure_path(out_name("flowmc_two_modes", cfg)), dpi=90)

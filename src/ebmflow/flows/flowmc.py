@@ -44,7 +44,10 @@ class FlowMC(Sampler):
         flow: any ``Flow`` (``RealNVP``, ``ContinuousFlow`` or a subclass providing
             ``sample_and_log_prob`` and ``log_prob``) with ``flow.dim == energy.space.dim``.
         local: the local kernel, a continuous ``MCMCSampler`` (default ``MALA(step_size=0.1,
-            n_warmup=200)``).
+            n_warmup=200)``). When the energy is being trained, keep the local kernel's step
+            size adapting (a large ``n_warmup``): a step size adapted while the energy is still
+            flat grows huge, local acceptance then drops to ~0 and only the flow moves the
+            chains (seen in the 2:1 experiment, docs/results-flowmc.md).
         n_local: local steps per round (default 10).
         n_global: independent flow proposals per round (default 10).
         n_rounds: rounds per ``sample`` call (default 1).
