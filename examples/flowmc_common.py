@@ -38,7 +38,8 @@ METHODS = ("ula", "pcd", "flowmc", "flowmc_tilted")
 
 
 def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
-    """Defaults, overridden by ``--config file.toml``; ``--quick`` applies ``[quick]``."""
+    """Defaults, overridden by the ``[example]`` table of ``--config file.toml`` (its ``[train]``
+    table is for ``ebmflow train``; see docs/cli.md); ``--quick`` applies ``[example.quick]``."""
     import argparse
 
     if sys.version_info >= (3, 11):
@@ -57,7 +58,10 @@ def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict
     cfg = {k: v for k, v in defaults.items() if k != "quick"}
     quick = dict(defaults.get("quick", {}))
     if args.config is not None:
-        loaded = tomllib.loads(args.config.read_text())
+        loaded = tomllib.loads(args.config.read_text()).get("example")
+        if not isinstance(loaded, dict):
+            raise SystemExit(f"{args.config}: no [example] table with this script's settings "
+                             "(docs/cli.md)")
         quick.update(loaded.pop("quick", {}))
         cfg.update(loaded)
     if args.quick:

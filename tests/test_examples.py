@@ -41,7 +41,7 @@ QUICK_TIMEOUT_S = 600  # generous: quick modes target < 1 min on an idle CPU
 CONFIGS = sorted(p.name for p in (EXAMPLES / "configs").glob("*.toml"))
 # Known gaps (reported; strict xfail, so fixing one makes its test fail until it is removed).
 NO_CONFIG: set[str] = set()
-NOT_CLI_CONFIGS: set[str] = {"flowmc_highdim.toml", "flowmc_toys.toml", "flowmc_two_modes.toml"}
+NOT_CLI_CONFIGS: set[str] = set()
 
 
 def _known(names: list[str], gaps: set[str], reason: str) -> list:
