@@ -13,6 +13,7 @@ from torch import Tensor
 from ..energy.base import EnergyModel
 from ..spaces import Binary, Categorical, Space
 from ._fast import energy_and_grad
+from .base import ChainState, MCMCSampler, _energy_grad_rows
 
 __all__ = [
     "is_discrete_space",
@@ -25,6 +26,7 @@ __all__ = [
     "float_dtype",
     "log_uniform",
     "mh_select",
+    "GradientDiscreteSampler",
 ]
 
 
@@ -185,3 +187,27 @@ def mh_select(
     e = torch.where(accept, e_new, e)
     g = torch.where(a[..., None] if g.dim() == 3 else a, g_new, g)
     return x, e, g, accept.to(e.dtype), nonfinite
+
+
+class GradientDiscreteSampler(MCMCSampler):
+    """Shared base of the gradient-informed discrete samplers (GWG, DULA/DMALA).
+
+    Caches E(x) and the relaxed gradient dE/dx in the ``ChainState`` (one energy-and-gradient
+    evaluation per step), restricts itself to ``Binary``/``Categorical`` spaces, and checks
+    only the cached energy and gradient for NaN/inf (the states are valid by construction).
+    Subclasses set ``self.check_gradient`` and implement ``transition``.
+    """
+
+    check_gradient: bool = True
+
+    def supports(self, energy: EnergyModel) -> bool:
+        return is_discrete_space(energy.space)
+
+    def init_state(self, energy: EnergyModel, x: Tensor) -> ChainState:
+        name = type(self).__name__
+        check_discrete_states(name, energy, x)
+        e, g = relaxed_energy_and_grad(name, energy, x, check=self.check_gradient)
+        return ChainState(x, energy=e, grad=g)
+
+    def _finite_rows(self, state: ChainState) -> Tensor:
+        return _energy_grad_rows(state)

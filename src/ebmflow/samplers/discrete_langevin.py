@@ -11,21 +11,20 @@ from torch.nn.functional import logsigmoid
 from ..energy.base import EnergyModel
 from ..spaces import Categorical
 from ._discrete import (
-    check_discrete_states,
+    GradientDiscreteSampler,
     flip_gain,
     gumbel_argmax,
     half_flip_gain,
-    is_discrete_space,
     mh_select,
     relax,
     relaxed_energy_and_grad,
 )
-from .base import ChainState, MCMCSampler, StepInfo, _energy_grad_rows
+from .base import ChainState, StepInfo
 
 __all__ = ["DiscreteLangevin"]
 
 
-class DiscreteLangevin(MCMCSampler):
+class DiscreteLangevin(GradientDiscreteSampler):
     """Discrete Langevin proposal: every coordinate moves independently in one step.
 
     With f = -E, step size alpha and d(x) = ``flip_gain`` (first-order gain of each move), the
@@ -67,9 +66,6 @@ class DiscreteLangevin(MCMCSampler):
         self.step_size = float(step_size)
         self.metropolis = bool(metropolis)
         self.check_gradient = bool(check_gradient)
-
-    def supports(self, energy: EnergyModel) -> bool:
-        return is_discrete_space(energy.space)
 
     def extra_repr(self) -> str:
         return f"step_size={self.step_size}, metropolis={self.metropolis}"
@@ -116,12 +112,6 @@ class DiscreteLangevin(MCMCSampler):
         return self._log_q(energy, x, self._logits(energy, x, grad), y)
 
     # -- transition ----------------------------------------------------------------------
-    def init_state(self, energy: EnergyModel, x: Tensor) -> ChainState:
-        name = type(self).__name__
-        check_discrete_states(name, energy, x)
-        e, g = relaxed_energy_and_grad(name, energy, x, check=self.check_gradient)
-        return ChainState(x, energy=e, grad=g)
-
     def transition(
         self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
     ) -> tuple[ChainState, StepInfo]:
@@ -156,6 +146,3 @@ class DiscreteLangevin(MCMCSampler):
         info = {"accept_rate": acc, "flips": flips.mul_(acc), "nonfinite_rate": nonfinite}
         return ChainState(x, energy=e, grad=g), info
 
-    def _finite_rows(self, state: ChainState) -> Tensor:
-        # states are built from valid discrete values: only E and its gradient can be NaN/inf
-        return _energy_grad_rows(state)

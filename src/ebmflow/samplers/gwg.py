@@ -9,21 +9,20 @@ from torch import Tensor
 from ..energy.base import EnergyModel
 from ..spaces import Categorical
 from ._discrete import (
-    check_discrete_states,
+    GradientDiscreteSampler,
     flip_gain,
     gumbel_argmax,
     half_flip_gain,
-    is_discrete_space,
     mh_select,
     relax,
     relaxed_energy_and_grad,
 )
-from .base import ChainState, MCMCSampler, StepInfo, _energy_grad_rows
+from .base import ChainState, StepInfo
 
 __all__ = ["GibbsWithGradients"]
 
 
-class GibbsWithGradients(MCMCSampler):
+class GibbsWithGradients(GradientDiscreteSampler):
     """Gibbs-with-Gradients: propose one coordinate change from a gradient estimate, then MH.
 
     With f = -E and d(x) the first-order estimate of f(x') - f(x) for each single-coordinate
@@ -59,9 +58,6 @@ class GibbsWithGradients(MCMCSampler):
         super().__init__(n_steps=n_steps, on_nonfinite=on_nonfinite, progress=progress,
                          cuda_graph=cuda_graph, graph_steps=graph_steps, compile=compile)
         self.check_gradient = bool(check_gradient)
-
-    def supports(self, energy: EnergyModel) -> bool:
-        return is_discrete_space(energy.space)
 
     # -- proposal ------------------------------------------------------------------------
     @staticmethod
@@ -110,12 +106,6 @@ class GibbsWithGradients(MCMCSampler):
         return torch.where(one_move, out, torch.full_like(out, float("-inf")))
 
     # -- transition ----------------------------------------------------------------------
-    def init_state(self, energy: EnergyModel, x: Tensor) -> ChainState:
-        name = type(self).__name__
-        check_discrete_states(name, energy, x)
-        e, g = relaxed_energy_and_grad(name, energy, x, check=self.check_gradient)
-        return ChainState(x, energy=e, grad=g)
-
     def transition(
         self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
     ) -> tuple[ChainState, StepInfo]:
@@ -138,6 +128,3 @@ class GibbsWithGradients(MCMCSampler):
         info = {"accept_rate": acc, "flips": acc, "nonfinite_rate": nonfinite}
         return ChainState(x, energy=e, grad=g), info
 
-    def _finite_rows(self, state: ChainState) -> Tensor:
-        # states are built from valid discrete values: only E and its gradient can be NaN/inf
-        return _energy_grad_rows(state)
