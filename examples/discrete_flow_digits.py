@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ebmflow.cli import load_example_settings
 from ebmflow.data import digits
 from ebmflow.discrete_flows import (
     CTMCSolver,
@@ -45,23 +46,9 @@ from ebmflow.metrics import mmd
 from ebmflow.samplers import DiscreteLangevin
 from ebmflow.spaces import Binary
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "discrete_flow_digits.toml"
 DIM = 64
-
-
-def load_example_config(path: Path) -> dict:
-    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
-    table is for ``ebmflow train``; see docs/cli.md.)"""
-    raw = tomllib.loads(Path(path).read_text())
-    if not isinstance(raw.get("example"), dict):
-        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
-    return raw["example"]
 
 
 def mmd_e4(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -215,7 +202,7 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=CONFIG)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_example_config(args.config)
+    cfg = load_example_settings(args.config)
     if args.quick:
         cfg["energy"].update(iterations=30, hidden=[64, 64])
         cfg["flow"].update(fit_steps=20, hidden=[64, 64], proposal_batch=128)

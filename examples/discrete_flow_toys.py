@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ebmflow.cli import load_example_settings
 from ebmflow.data import gray_decode, gray_encode, quantisation_bound, toy_2d
 from ebmflow.discrete_flows import (
     BackAndForth,
@@ -46,23 +47,9 @@ from ebmflow.metrics import mmd
 from ebmflow.samplers import DiscreteLangevin
 from ebmflow.spaces import Binary
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "discrete_flow_toys.toml"
 RECIPES = ("negatives", "bootstrap", "back_and_forth")
-
-
-def load_example_config(path: Path) -> dict:
-    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
-    table is for ``ebmflow train``; see docs/cli.md.)"""
-    raw = tomllib.loads(Path(path).read_text())
-    if not isinstance(raw.get("example"), dict):
-        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
-    return raw["example"]
 
 
 @torch.no_grad()
@@ -201,7 +188,7 @@ def main():
     ap.add_argument("--datasets", nargs="*", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = load_example_config(args.config)
+    cfg = load_example_settings(args.config)
     datasets = args.datasets or cfg["data"]["datasets"]
     if args.quick:
         datasets = datasets[:1]

@@ -33,9 +33,9 @@ import math
 import time
 from pathlib import Path
 
-import tomllib
 import torch
 
+from ebmflow.cli import load_example_settings
 from ebmflow.data import TOY_MIXTURES, toy_2d
 from ebmflow.energy import GaussianMixtureEnergy, MLPEnergy
 from ebmflow.losses import (
@@ -50,15 +50,6 @@ from ebmflow.spaces import Continuous
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "ed_25gaussians.toml"
 METHODS = ("ed", "cd", "dsm")
-
-
-def load_example_config(path: Path) -> dict:
-    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
-    table is for ``ebmflow train``; see docs/cli.md.)"""
-    raw = tomllib.loads(Path(path).read_text())
-    if not isinstance(raw.get("example"), dict):
-        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
-    return raw["example"]
 
 
 def exact_target(name: str) -> GaussianMixtureEnergy:
@@ -176,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="docs folder")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    cfg = load_example_config(args.config)
+    cfg = load_example_settings(args.config)
     iterations = args.iterations or (300 if args.quick else cfg["train"]["iterations"])
     if args.quick:
         cfg["train"]["eval_every"] = 100

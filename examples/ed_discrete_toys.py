@@ -40,9 +40,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomllib
 import torch
 
+from ebmflow.cli import load_example_settings
 from ebmflow.data import gray_decode, gray_encode, quantisation_bound, toy_2d
 from ebmflow.energy import EnergyModel, MLPEnergy
 from ebmflow.losses import (
@@ -58,15 +58,6 @@ from ebmflow.spaces import Binary, Categorical, Space
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "ed_discrete_toys.toml"
-
-
-def load_example_config(path: Path) -> dict:
-    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
-    table is for ``ebmflow train``; see docs/cli.md.)"""
-    raw = tomllib.loads(Path(path).read_text())
-    if not isinstance(raw.get("example"), dict):
-        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
-    return raw["example"]
 
 
 @dataclass
@@ -274,7 +265,7 @@ def parse(argv, description: str, config: Path, methods: str):
                         help="add these runs to the existing results JSON (run data sets in "
                              "separate processes)")
     args = parser.parse_args(argv)
-    cfg = load_example_config(args.config)
+    cfg = load_example_settings(args.config)
     datasets = args.datasets.split(",") if args.datasets else cfg["data"]["datasets"]
     iterations = args.iterations or cfg["train"]["iterations"]
     if args.quick:

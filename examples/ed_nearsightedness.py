@@ -30,9 +30,9 @@ import json
 import time
 from pathlib import Path
 
-import tomllib
 import torch
 
+from ebmflow.cli import load_example_settings
 from ebmflow.energy import GaussianMixtureEnergy
 from ebmflow.losses import DenoisingScoreMatching, EnergyDiscrepancy, GaussianPerturbation
 
@@ -47,13 +47,11 @@ DEFAULTS = {"n_data": 4096, "means": [-5.0, 5.0], "std": 1.0, "rho_true": 0.2, "
 def load_example_config(path: Path) -> dict:
     """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
     table is for ``ebmflow train``; see docs/cli.md.)"""
-    raw = tomllib.loads(Path(path).read_text())
-    if not isinstance(raw.get("example"), dict):
-        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
-    unknown = sorted(set(raw["example"]) - set(DEFAULTS))
+    table = load_example_settings(path)
+    unknown = sorted(set(table) - set(DEFAULTS))
     if unknown:
         raise SystemExit(f"{path}: unknown key(s) {unknown} in [example]; valid: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **raw["example"]}
+    return {**DEFAULTS, **table}
 
 
 def mixture(rho: float, means: tuple[float, float] = (-5.0, 5.0),

@@ -18,7 +18,6 @@ L = mean E(x+) - mean E(x-) + alpha * (mean E(x+)^2 + mean E(x-)^2)):
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,10 +41,8 @@ def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict
     table is for ``ebmflow train``; see docs/cli.md); ``--quick`` applies ``[example.quick]``."""
     import argparse
 
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
+    from ebmflow.cli import load_example_settings
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="a < 1 minute CPU run")
@@ -58,10 +55,7 @@ def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict
     cfg = {k: v for k, v in defaults.items() if k != "quick"}
     quick = dict(defaults.get("quick", {}))
     if args.config is not None:
-        loaded = tomllib.loads(args.config.read_text()).get("example")
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"{args.config}: no [example] table with this script's settings "
-                             "(docs/cli.md)")
+        loaded = dict(load_example_settings(args.config))
         quick.update(loaded.pop("quick", {}))
         cfg.update(loaded)
     if args.quick:

@@ -30,9 +30,9 @@ import math
 import time
 from pathlib import Path
 
-import tomllib
 import torch
 
+from ebmflow.cli import load_example_settings
 from ebmflow.energy import IsingEnergy, lattice_adjacency
 from ebmflow.losses import ContrastiveDivergence
 from ebmflow.samplers import Gibbs, GibbsWithGradients, PersistentSampler, ReplayBuffer
@@ -43,17 +43,8 @@ CONFIG = ROOT / "examples" / "configs" / "ising_recovery.toml"
 PUBLISHED = {0.1: 4.8, 0.2: 4.7, 0.3: 3.4}
 
 
-def load_example_config(path: Path) -> dict:
-    """The ``[example]`` table of a config file: this script's settings. (The file's ``[train]``
-    table is for ``ebmflow train``; see docs/cli.md.)"""
-    raw = tomllib.loads(Path(path).read_text())
-    if not isinstance(raw.get("example"), dict):
-        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
-    return raw["example"]
-
-
 def load_config(path: Path = CONFIG, quick: bool = False) -> dict:
-    cfg = load_example_config(path)
+    cfg = load_example_settings(path)
     if quick:
         q = cfg.get("quick", {})
         cfg["data"]["source"] = q.get("source", cfg["data"]["source"])

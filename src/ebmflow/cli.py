@@ -27,20 +27,40 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-def _load_toml(path: str) -> dict[str, Any]:
+def _read_toml(path: str | Path) -> dict[str, Any]:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
     p = Path(path)
     if not p.is_file():
-        raise CLIError(f"config file {path!r} does not exist")
+        raise CLIError(f"config file {str(path)!r} does not exist")
     try:
         with open(p, "rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
-        raise CLIError(f"config file {path!r} is not valid TOML: {err}") from None
-    return _train_settings(raw, path)
+        raise CLIError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    return _train_settings(_read_toml(path), path)
+
+
+def load_example_settings(path: str | Path) -> dict[str, Any]:
+    """The ``[example]`` table of a config file: an example script's own settings.
+
+    Every file in ``examples/configs/`` holds ``[train]`` (what ``ebmflow train --config`` runs)
+    and ``[example]`` (what the script of the same name reads); see docs/cli.md. Raises
+    ``SystemExit`` with one line when the file is missing, is not TOML or has no ``[example]``.
+    """
+    try:
+        raw = _read_toml(path)
+    except CLIError as err:
+        raise SystemExit(str(err)) from None
+    table = raw.get("example")
+    if not isinstance(table, dict):
+        raise SystemExit(f"{path}: no [example] table with this script's settings (docs/cli.md)")
+    return table
 
 
 def _is_table(value: Any) -> bool:

@@ -113,6 +113,7 @@ class FlowNegatives(_FlowRecipe):
 
     @torch.no_grad()
     def sample(self, energy, n=None, *, x0=None, generator=None):
+        """Fresh flow samples ``(n, D)`` (or ``x0`` re-noised and run forward)."""
         return self.flow.sample(energy, n, x0=x0, generator=generator)
 
 
@@ -147,6 +148,7 @@ class BootstrapFlow(_FlowRecipe):
 
     @torch.no_grad()
     def sample(self, energy, n=None, *, x0=None, generator=None):
+        """Flow samples refined by ``n_steps`` of ``mcmc`` on E_k; keeps (x, E_k(x))."""
         x = self.flow.sample(energy, n, x0=x0, generator=generator)
         if self.n_steps > 0:
             x = self.mcmc.run(energy, x, self.n_steps, generator=generator)
@@ -225,6 +227,7 @@ class BackAndForth(_FlowRecipe):
 
     @torch.no_grad()
     def sample(self, energy, n=None, *, x0=None, generator=None):
+        """Fresh flow samples ``(n, D)``; with ``x0``, one back-and-forth MH move from it."""
         if x0 is None:
             return self.flow.sample(energy, n, generator=generator)
         x0 = energy.space.validate(x0, "x0", device=self.flow._device())

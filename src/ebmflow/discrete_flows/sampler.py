@@ -133,6 +133,7 @@ class DiscreteFlowSampler(Sampler):
 
     # -- helpers ---------------------------------------------------------------------------
     def get_proposal(self) -> Proposal:
+        """The proposal q used by data-free updates."""
         return self.proposal if "proposal" in self._modules else self._proposal
 
     def set_proposal(self, proposal: Proposal) -> None:

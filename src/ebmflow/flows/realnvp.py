@@ -58,6 +58,7 @@ class AffineCoupling(nn.Module):
         return z * torch.exp(s) + t, s.sum(-1)
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """z = (x - t(m x)) exp(-s(m x)) on the free coordinates; returns (z, -sum s) ``(B,)``."""
         s, t = self._shift_and_log_scale(x * self.mask)
         return (x - t) * torch.exp(-s), -s.sum(-1)
 

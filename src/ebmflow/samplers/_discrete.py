@@ -13,7 +13,7 @@ from torch import Tensor
 from ..energy.base import EnergyModel
 from ..spaces import Binary, Categorical, Space
 from ._fast import energy_and_grad
-from .base import ChainState, MCMCSampler, _energy_grad_rows
+from .base import ChainState, MCMCSampler, StepInfo, _energy_grad_rows
 
 __all__ = [
     "is_discrete_space",
@@ -195,7 +195,10 @@ class GradientDiscreteSampler(MCMCSampler):
     Caches E(x) and the relaxed gradient dE/dx in the ``ChainState`` (one energy-and-gradient
     evaluation per step), restricts itself to ``Binary``/``Categorical`` spaces, and checks
     only the cached energy and gradient for NaN/inf (the states are valid by construction).
-    Subclasses set ``self.check_gradient`` and implement ``transition``.
+    Subclasses set ``self.check_gradient`` and implement
+    ``_propose_and_accept(energy, x, e, g, generator) -> (ChainState, info)``, which receives
+    the current states with their cached E ``(B,)`` and gradient (``x.shape``, or one-hot
+    ``(B, D, K)``) and runs without autograd.
     """
 
     check_gradient: bool = True
@@ -208,6 +211,23 @@ class GradientDiscreteSampler(MCMCSampler):
         check_discrete_states(name, energy, x)
         e, g = relaxed_energy_and_grad(name, energy, x, check=self.check_gradient)
         return ChainState(x, energy=e, grad=g)
+
+    def transition(
+        self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
+    ) -> tuple[ChainState, StepInfo]:
+        if torch.is_grad_enabled():  # run() is already under no_grad: no context per step
+            with torch.no_grad():
+                return self.transition(energy, state, generator)
+        x, e, g = state.x, state.energy, state.grad
+        if e is None or g is None:
+            e, g = relaxed_energy_and_grad(type(self).__name__, energy, x)
+        return self._propose_and_accept(energy, x, e, g, generator)
+
+    def _propose_and_accept(
+        self, energy: EnergyModel, x: Tensor, e: Tensor, g: Tensor,
+        generator: torch.Generator | None,
+    ) -> tuple[ChainState, StepInfo]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _propose_and_accept")
 
     def _finite_rows(self, state: ChainState) -> Tensor:
         return _energy_grad_rows(state)

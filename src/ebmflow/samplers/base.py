@@ -66,6 +66,7 @@ class ChainState:
     extra: dict[str, Tensor] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> ChainState:
+        """A copy with the given fields replaced (tensors are not cloned)."""
         return replace(self, **changes)
 
 
@@ -91,6 +92,7 @@ class Sampler(nn.Module):
         x0: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
+        """Draw ``n`` states ``(n, *event)`` of ``energy.space`` (or continue from ``x0``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement sample()")
 
     def update(self, energy: EnergyModel, data: Tensor | None = None) -> dict[str, Tensor]:

@@ -112,16 +112,11 @@ class DiscreteLangevin(GradientDiscreteSampler):
         return self._log_q(energy, x, self._logits(energy, x, grad), y)
 
     # -- transition ----------------------------------------------------------------------
-    def transition(
-        self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
+    def _propose_and_accept(
+        self, energy: EnergyModel, x: Tensor, e: Tensor, g: Tensor,
+        generator: torch.Generator | None,
     ) -> tuple[ChainState, StepInfo]:
-        if torch.is_grad_enabled():  # run() is already under no_grad: no context per step
-            with torch.no_grad():
-                return self.transition(energy, state, generator)
         name = type(self).__name__
-        x, e, g = state.x, state.energy, state.grad
-        if e is None or g is None:
-            e, g = relaxed_energy_and_grad(name, energy, x)
         logits = self._logits(energy, x, g)
         binary = not isinstance(energy.space, Categorical)
         if binary:

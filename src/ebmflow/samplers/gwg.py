@@ -106,16 +106,11 @@ class GibbsWithGradients(GradientDiscreteSampler):
         return torch.where(one_move, out, torch.full_like(out, float("-inf")))
 
     # -- transition ----------------------------------------------------------------------
-    def transition(
-        self, energy: EnergyModel, state: ChainState, generator: torch.Generator | None = None
+    def _propose_and_accept(
+        self, energy: EnergyModel, x: Tensor, e: Tensor, g: Tensor,
+        generator: torch.Generator | None,
     ) -> tuple[ChainState, StepInfo]:
-        if torch.is_grad_enabled():  # run() is already under no_grad: no context per step
-            with torch.no_grad():
-                return self.transition(energy, state, generator)
         name = type(self).__name__
-        x, e, g = state.x, state.energy, state.grad
-        if e is None or g is None:
-            e, g = relaxed_energy_and_grad(name, energy, x)
         log_q_fwd_all = torch.log_softmax(self._move_logits(energy, x, g), dim=1)
         move = gumbel_argmax(log_q_fwd_all, generator)
         x_new, back = self._apply_move(energy, x, move)

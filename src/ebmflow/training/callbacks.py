@@ -30,16 +30,16 @@ class Callback:
     """
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        pass
+        """Called once when ``fit`` starts (after resume), before the first step."""
 
     def on_step(self, trainer: Trainer, step: int, stats: dict[str, Tensor]) -> None:
-        pass
+        """Called after every optimiser step with that step's 0-d tensor stats (do not ``.item()`` them every step)."""
 
     def on_eval(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        pass
+        """Called with the float metrics of a periodic evaluation."""
 
     def on_end(self, trainer: Trainer) -> None:
-        pass
+        """Called once when ``fit`` ends (also after an early stop)."""
 
 
 class LambdaCallback(Callback):
