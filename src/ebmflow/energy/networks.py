@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..spaces import Binary, Categorical, Continuous, Space
 from .base import EnergyModel
 
-__all__ = ["MLPEnergy", "ConvEnergy", "make_activation"]
+__all__ = ["MLPEnergy", "ConvEnergy", "make_activation", "mlp_energy_and_grad"]
 
 _ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "elu": nn.ELU,
                 "gelu": nn.GELU, "tanh": nn.Tanh, "softplus": nn.Softplus,
@@ -25,6 +27,72 @@ def make_activation(name: str) -> nn.Module:
         raise ValueError(
             f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}"
         ) from None
+
+
+_aten = torch.ops.aten
+
+# d act(a) / da applied to an upstream gradient g, given the pre-activation a and the output h
+# (the fused backward kernels autograd itself uses)
+_BACKWARD: dict[type, Callable[[nn.Module, Tensor, Tensor, Tensor], Tensor]] = {
+    nn.SiLU: lambda m, g, a, h: _aten.silu_backward(g, a),
+    nn.ReLU: lambda m, g, a, h: _aten.threshold_backward(g, h, 0),
+    nn.Tanh: lambda m, g, a, h: _aten.tanh_backward(g, h),
+    nn.Softplus: lambda m, g, a, h: _aten.softplus_backward(g, a, m.beta, m.threshold),
+    nn.ELU: lambda m, g, a, h: _aten.elu_backward(g, m.alpha, 1, 1, False, a),
+    nn.GELU: lambda m, g, a, h: _aten.gelu_backward(g, a, approximate=m.approximate),
+    nn.LeakyReLU: lambda m, g, a, h: _aten.leaky_relu_backward(g, a, m.negative_slope, False),
+}
+
+
+def _mlp_plan(net: nn.Sequential) -> list[tuple[nn.Linear, nn.Module | None]] | None:
+    """(Linear, activation) pairs of a plain Linear/activation stack ending in Linear(., 1);
+    None for any other structure (or one with hooks), which then uses autograd."""
+    mods = list(net)
+    if not mods or len(mods) % 2 != 1 or net._forward_hooks or net._forward_pre_hooks:
+        return None
+    plan: list[tuple[nn.Linear, nn.Module | None]] = []
+    for i in range(0, len(mods), 2):
+        lin = mods[i]
+        act = mods[i + 1] if i + 1 < len(mods) else None
+        if type(lin) is not nn.Linear or lin._forward_hooks or lin._forward_pre_hooks:
+            return None
+        if act is not None and (type(act) not in _BACKWARD or act._forward_hooks
+                                or act._forward_pre_hooks):
+            return None
+        plan.append((lin, act))
+    return plan if plan[-1][0].out_features == 1 else None
+
+
+def mlp_energy_and_grad(net: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """E = net(x).squeeze(-1) and dE/dx for a Linear/activation stack, by a hand-written
+    backward pass (no autograd graph is recorded):
+
+        a_l = h_{l-1} W_l^T + b_l,   h_l = act(a_l),   E = h_L w^T + c
+        g_L = act'(a_L) * w,   g_{l-1} = act'(a_{l-1}) * (g_l W_l),   dE/dx = g_1 W_1
+
+    ``x`` is ``(B, n_in)``. Same math and kernels as autograd's backward (fused activation
+    backward ops, one matrix product per layer), without the graph bookkeeping; returns None
+    when ``net`` is not such a stack.
+    """
+    plan = _mlp_plan(net)
+    if plan is None:
+        return None
+    with torch.no_grad():
+        h = x
+        saved: list[tuple[Tensor, Tensor]] = []
+        for lin, act in plan:
+            a = F.linear(h, lin.weight, lin.bias)
+            if act is not None:
+                h = act(a)
+                saved.append((a, h))
+            else:
+                h = a
+        e = h.squeeze(-1)
+        g = plan[-1][0].weight.expand(x.shape[0], -1)  # dE/dh_L, (B, H_L)
+        for (lin, act), (a, hl) in zip(reversed(plan[:-1]), reversed(saved)):
+            g = _BACKWARD[type(act)](act, g, a, hl)
+            g = g @ lin.weight
+    return e, g
 
 
 class MLPEnergy(EnergyModel):
@@ -68,6 +136,26 @@ class MLPEnergy(EnergyModel):
         if x.dim() != 2:
             x = x.flatten(1)
         return self.net(x).squeeze(-1)
+
+    def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(E(x), dE/dx)``, detached, by a hand-written backward pass through the MLP
+        (``mlp_energy_and_grad``): the same math as autograd, without recording a graph, which
+        is most of the cost of a sampler step for small and medium networks. Falls back to
+        autograd for subclasses that override ``energy``, modified networks, autocast and
+        non-float input. Categorical states must be one-hot ``(B, D, K)``.
+        """
+        if (type(self).energy is not MLPEnergy.energy or not isinstance(x, Tensor)
+                or not x.is_floating_point() or x.dim() < 2
+                or torch.is_autocast_enabled(x.device.type)):
+            return super().energy_and_grad(x)
+        try:
+            out = mlp_energy_and_grad(self.net, x if x.dim() == 2 else x.flatten(1))
+        except RuntimeError:
+            return super().energy_and_grad(x)  # the checked path names shape / device / dtype
+        if out is None:
+            return super().energy_and_grad(x)
+        e, g = out
+        return e, g.view_as(x)
 
 
 class ConvEnergy(EnergyModel):

@@ -36,8 +36,9 @@ class Gibbs(MCMCSampler):
         cuda_graph, graph_steps, compile: the fast path of ``MCMCSampler.run`` (steps recorded
             as one CUDA graph / compiled); every step here is free of host synchronisation.
 
-    Step info (per chain ``(B,)``): ``accept_rate`` (always 1: Gibbs moves are never
-    rejected) and ``flips`` (number of coordinates whose value changed in the step).
+    Step info (per chain ``(B,)``): ``flips`` (number of coordinates whose value changed in
+    the step); ``stats`` / ``chain_stats`` also hold ``accept_rate`` = 1 (Gibbs moves are
+    never rejected).
     """
 
     def __init__(self, sweep: bool = False, n_steps: int = 10, on_nonfinite: str = "raise",
@@ -129,7 +130,14 @@ class Gibbs(MCMCSampler):
             index = torch.randint(0, dim, (batch,), generator=generator, device=x.device)
             x, e, changed = self._update(energy, x, e, index, generator)
             flips = changed.to(e.dtype)
-        return ChainState(x, energy=e), {"accept_rate": torch.ones_like(flips), "flips": flips}
+        return ChainState(x, energy=e), {"flips": flips}
+
+    def end_run(self, energy: EnergyModel, state: ChainState) -> None:
+        """Gibbs moves are never rejected: ``accept_rate`` is 1 (set here, not summed per
+        step)."""
+        ones = torch.ones(state.x.shape[0], device=state.x.device)
+        self.chain_stats["accept_rate"] = ones
+        self.stats["accept_rate"] = ones.mean()
 
     def _update_binary(
         self, energy: EnergyModel, x: Tensor, e: Tensor, index: Tensor,
@@ -138,13 +146,22 @@ class Gibbs(MCMCSampler):
         """Binary random scan: flip bit ``index`` ``(B, 1)`` with its exact conditional
         probability p(flip) = sigmoid(E(x) - E(x')) (x' = x with the bit flipped); returns
         (x', E(x'), flips as 0/1 floats). A NaN/inf E(x') that is not +inf is taken (so
-        ``run`` reports it), as the general K-value path does."""
-        y = x.scatter(1, index, 1.0 - x.gather(1, index))
+        ``run`` reports it), as the general K-value path does.
+
+        The candidate x' is the only ``(B, D)`` copy made: the rejected flips are undone in it
+        in place (one ``(B, 1)`` scatter), instead of selecting rows of x or x' (a second
+        ``(B, D)`` pass). The energy must not keep a reference to its input (none of
+        ebmflow's do).
+        """
+        bit = x.gather(1, index)
+        flipped = 1.0 - bit
+        y = x.scatter(1, index, flipped)
         e_y = energy(y)
         log_u = torch.rand(e.shape, generator=generator, device=x.device, dtype=e.dtype).log_()
         keep = log_u >= logsigmoid(e - e_y)  # False (flip) when the right side is NaN
+        y.scatter_(1, index, torch.where(keep[:, None], bit, flipped))
         flips = keep.logical_not().to(e.dtype)
-        return torch.where(keep[:, None], x, y), torch.where(keep, e, e_y), flips
+        return y, torch.where(keep, e, e_y), flips
 
     def _finite_rows(self, state: ChainState) -> Tensor:
         # states are built from valid discrete values: only the cached energy can be NaN/inf
