@@ -328,3 +328,34 @@ def test_ising_closed_form_gradient_equals_autograd(gen):
     fixed.load_state_dict({"_coupling": torch.randn(16, 16, generator=gen), "bias": torch.zeros(16)})
     j = fixed.coupling
     assert torch.equal(j, j.T) and torch.equal(torch.diagonal(j), torch.zeros(16))
+
+
+@pytest.mark.parametrize("space", [Binary(7), Categorical(4, 5)])
+def test_conditional_energies_default_is_brute_force(space, gen):
+    model = MLPEnergy(space, hidden=(16,))
+    x = space.noise(6, generator=gen)
+    index = torch.randint(0, space.num_dims if isinstance(space, Categorical) else space.dim,
+                          (6,), generator=gen)
+    k = space.num_classes
+    with torch.no_grad():
+        got = model.conditional_energies(x, index)
+        cached = model.conditional_energies(x, index, model(x))
+        want = torch.empty(6, k)
+        for b in range(6):
+            for v in range(k):
+                y = x[b:b + 1].clone()
+                y[0, index[b]] = v
+                want[b, v] = model(y)[0]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(cached, want)
+
+
+def test_ising_local_field_formula_equals_default(gen):
+    model = IsingEnergy(torch.randn(12, 12, generator=gen), torch.randn(12, generator=gen))
+    x = torch.randint(0, 2, (20, 12), generator=gen).float()
+    index = torch.randint(0, 12, (20,), generator=gen)
+    want = EnergyModel.conditional_energies(model, x, index)
+    torch.testing.assert_close(model.conditional_energies(x, index), want)
+    torch.testing.assert_close(model.conditional_energies(x, index, model(x)), want)
+    with pytest.raises(ValueError, match="discrete states"):
+        MLPEnergy(Continuous(3)).conditional_energies(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))

@@ -6,9 +6,17 @@ One round on B persistent chains:
 2. global: ``n_global`` independent proposals x' ~ q (the flow), each accepted per chain with
 
        alpha = min(1, exp(f(x') - f(x) + log q(x) - log q(x'))),   f = -E,
+             = min(1, exp(v(x) - v(x'))),                          v = E + log q,
 
    the Metropolis-Hastings ratio of an independence sampler; it leaves p invariant for any
    q with full support, and alpha = 1 when q = p.
+
+The proposals of an independence sampler do not depend on the chain, so all n_global * B of
+a round are drawn (and their E and log q evaluated) in one batched call before the
+n_global sequential accept/reject steps: the same Markov chain as drawing them one at a
+time, with a few large tensor operations instead of many small ones. The energy of the
+chains after the local steps is taken from the local kernel's cache (MALA, HMC) rather than
+recomputed.
 
 During training the flow is fitted to the chains by maximum likelihood (forward KL on the
 current chain states, ``update``), with its own optimiser and schedule, so global moves jump
@@ -68,6 +76,10 @@ class FlowMC(Sampler):
         check_finite: raise ``ValueError`` at the end of a ``sample`` call (one host sync) if
             the flow produced non-finite log-densities (default True); when False such
             proposals are rejected and counted in ``stats["flow_nonfinite"]``.
+        proposal_batch_size: most flow proposals drawn and evaluated in one call during the
+            global moves (default 4096: large enough to amortise the per-call cost of small
+            states, small enough to stay in CPU cache; None: all n_global * B at once). At
+            least B (one proposal per chain) are drawn per call.
 
     After ``sample``: ``stats["local_accept"]`` (mean acceptance of the local kernel; 1 for
     kernels that report none, such as ULA), ``stats["global_accept"]`` (mean acceptance of
@@ -98,6 +110,7 @@ class FlowMC(Sampler):
         adapt_steps: int | None = None,
         init: str = "noise",
         check_finite: bool = True,
+        proposal_batch_size: int | None = 4096,
     ):
         super().__init__()
         if not isinstance(flow, Flow):
@@ -124,6 +137,13 @@ class FlowMC(Sampler):
                 f"flow_loss='flow_matching' needs a flow with flow_matching_loss (e.g. "
                 f"ContinuousFlow); {type(flow).__name__} has none, use flow_loss='ml'"
             )
+        if proposal_batch_size is not None and (
+            not isinstance(proposal_batch_size, int) or isinstance(proposal_batch_size, bool)
+            or proposal_batch_size < 1
+        ):
+            raise ValueError(
+                f"proposal_batch_size must be a positive int or None, got {proposal_batch_size!r}"
+            )
         if init not in ("noise", "flow"):
             raise ValueError(f"init must be 'noise' or 'flow', got {init!r}")
         self.flow = flow
@@ -137,6 +157,7 @@ class FlowMC(Sampler):
         self.adapt_steps = adapt_steps
         self.init = init
         self.check_finite = check_finite
+        self.proposal_batch_size = proposal_batch_size
         params = [p for p in flow.parameters() if p.requires_grad]
         self.optimizer = (
             (optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr))
@@ -228,12 +249,14 @@ class FlowMC(Sampler):
         global_acc = torch.zeros(b, device=x.device)
         bad_flow = torch.zeros((), dtype=torch.bool, device=x.device)
         for _ in range(rounds):
+            e_x = None
             if self.n_local > 0:
                 x = self.local.run(energy, x, self.n_local, generator=generator)
                 rate = self.local.stats.get("accept_rate")
                 local_acc = local_acc + (rate.float() if rate is not None else 1.0)
+                e_x = self._cached_energy(x)
             if self.n_global > 0:
-                x, acc, bad = self._global_moves(energy, x, generator)
+                x, acc, bad = self._global_moves(energy, x, e_x, generator)
                 global_acc = global_acc + acc
                 bad_flow = bad_flow | bad
         if self.check_finite and bool(bad_flow):
@@ -253,29 +276,58 @@ class FlowMC(Sampler):
         }
         return x
 
+    def _cached_energy(self, x: Tensor) -> Tensor | None:
+        """E(x) ``(B,)`` cached by the local kernel's last run when it ended at ``x`` (MALA,
+        HMC cache it in their chain state), else None."""
+        state = self.local.last_state
+        if state is None or state.x is not x or state.energy is None:
+            return None
+        e = state.energy
+        return e if e.shape == (x.shape[0],) else None
+
     def _global_moves(
-        self, energy: EnergyModel, x: Tensor, generator: torch.Generator | None
+        self,
+        energy: EnergyModel,
+        x: Tensor,
+        e_x: Tensor | None,
+        generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """n_global independence-MH moves; returns (x, accepted count (B,), any non-finite q)."""
+        """n_global independence-MH moves; returns (x, accepted count (B,), any non-finite q).
+
+        ``e_x``: E(x) ``(B,)`` if known (else computed). With v = E + log q, proposal k is
+        accepted on chain b when log u_kb < v(x_b) - v(x'_kb), i.e. log u_kb + v(x'_kb) <
+        v(x_b); the left side is computed for all proposals at once. A proposal with a
+        non-finite state or log q gets v = +inf (never accepted); a NaN energy gives a NaN
+        comparison (never accepted).
+        """
         b, event = x.shape[0], x.shape[1:]
-        f_x = -energy(x)
+        if e_x is None:
+            e_x = energy(x)
         logq_x = self.flow.log_prob(x.reshape(b, -1))
+        v_x = e_x + logq_x
         bad = ~torch.isfinite(logq_x).all()
-        n_acc = torch.zeros(b, device=x.device)
-        for _ in range(self.n_global):
-            xp, logq_p = self.flow.sample_and_log_prob(b, generator)
-            xp = xp.reshape(b, *event)
-            finite = torch.isfinite(logq_p) & torch.isfinite(xp.reshape(b, -1)).all(1)
+        # uniforms first (one call), then the proposals in as few flow calls as allowed
+        log_u = torch.rand(self.n_global, b, generator=generator, device=x.device,
+                           dtype=x.dtype).log_()
+        per_call = self.n_global
+        if self.proposal_batch_size is not None:
+            per_call = max(1, min(per_call, self.proposal_batch_size // b))
+        n_acc = torch.zeros(b, device=x.device, dtype=x.dtype)
+        mask_shape = (b,) + (1,) * len(event)
+        for k0 in range(0, self.n_global, per_call):
+            k = min(per_call, self.n_global - k0)
+            xp, logq_p = self.flow.sample_and_log_prob(k * b, generator)  # (k b, D), (k b,)
+            finite = torch.isfinite(logq_p) & torch.isfinite(xp).all(1)
             bad = bad | ~finite.all()
-            f_p = -energy(xp)
-            log_alpha = f_p - f_x + logq_x - logq_p
-            u = torch.rand(b, generator=generator, device=x.device, dtype=x.dtype)
-            accept = (u.log() < log_alpha) & finite
-            mask = accept.reshape((b,) + (1,) * len(event))
-            x = torch.where(mask, xp, x)
-            f_x = torch.where(accept, f_p, f_x)
-            logq_x = torch.where(accept, logq_p, logq_x)
-            n_acc = n_acc + accept.float()
+            xp = xp.reshape(k * b, *event)
+            v_p = torch.where(finite, energy(xp) + logq_p, torch.inf).view(k, b)
+            key = log_u[k0:k0 + k].add_(v_p)  # accept proposal j iff key[j] < v(x)
+            xp = xp.view(k, b, *event)
+            for j in range(k):
+                accept = key[j] < v_x
+                x = torch.where(accept.view(mask_shape), xp[j], x)
+                v_x = torch.where(accept, v_p[j], v_x)
+                n_acc.add_(accept)
         return x, n_acc, bad
 
     # -- adaptation --------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from einops import rearrange, repeat
 from torch import Tensor
 from torch.nn.functional import logsigmoid
 
@@ -15,6 +14,11 @@ from .base import ChainState, MCMCSampler, StepInfo
 __all__ = ["Gibbs"]
 
 
+def _has_local_formula(energy: EnergyModel) -> bool:
+    """True when the energy overrides ``conditional_energies`` (e.g. ``IsingEnergy``)."""
+    return type(energy).conditional_energies is not EnergyModel.conditional_energies
+
+
 class Gibbs(MCMCSampler):
     """Gibbs sampler for ``Binary`` and ``Categorical`` spaces.
 
@@ -22,10 +26,12 @@ class Gibbs(MCMCSampler):
 
         p(x_i = k | x_-i) ∝ exp(f(x with x_i = k)),   f = -E,
 
-    for every chain at once: the K - 1 alternative values of the chosen coordinate of every
-    chain are evaluated in one batched energy call on ``(B * (K - 1), D)`` states, and E(x) of
-    the current state is cached in the chain state, so a binary update costs one energy
-    evaluation per chain. The energy only has to be evaluable, never differentiable.
+    for every chain at once, from ``energy.conditional_energies``: by default the K - 1
+    alternative values of the chosen coordinate of every chain are evaluated in one batched
+    energy call on ``(B * (K - 1), D)`` states, and E(x) of the current state is cached in the
+    chain state, so a binary update costs one energy evaluation per chain; energies with a
+    local formula (``IsingEnergy``: O(D) per chain) override that method and skip the energy
+    call. The energy only has to be evaluable, never differentiable.
 
     Args:
         sweep: False (default): random scan, one step updates one uniformly chosen
@@ -62,17 +68,14 @@ class Gibbs(MCMCSampler):
         """Logits f(x with x_i = (x_i + j) mod K) for j = 0..K-1, shape ``(B, K)``.
 
         ``index`` ``(B,)`` is the coordinate of each chain; j = 0 is the current value, whose
-        energy ``energy_x`` ``(B,)`` is reused.
+        energy ``energy_x`` ``(B,)`` is reused. The energies come from
+        ``energy.conditional_energies`` (one batched call on the K - 1 alternatives by
+        default, a local formula where the energy has one).
         """
         k = energy.space.num_classes
-        shifts = torch.arange(1, k, device=x.device)
-        current = x.gather(1, index[:, None]).long()  # (B, 1)
-        values = (current + shifts) % k  # (B, K-1)
-        cand = repeat(x, "b d -> b j d", j=k - 1).clone()
-        cand.scatter_(2, repeat(index, "b -> b j 1", j=k - 1), values[..., None].to(x.dtype))
-        e_cand = energy(rearrange(cand, "b j d -> (b j) d"))
-        e_cand = rearrange(e_cand, "(b j) -> b j", j=k - 1)
-        return -torch.cat([energy_x[:, None], e_cand], dim=1)
+        e_cond = energy.conditional_energies(x, index, energy_x)  # (B, K), by value
+        current = x.gather(1, index[:, None]).long()
+        return -e_cond.gather(1, (current + torch.arange(k, device=x.device)) % k)
 
     @torch.no_grad()
     def conditional_log_probs(self, energy: EnergyModel, x: Tensor, index: int | Tensor) -> Tensor:
@@ -117,13 +120,18 @@ class Gibbs(MCMCSampler):
         x = state.x
         e = state.energy if state.energy is not None else energy(x)
         batch, dim = x.shape
+        binary = isinstance(energy.space, Binary) and not _has_local_formula(energy)
         if self.sweep:
             flips = torch.zeros(batch, device=x.device, dtype=e.dtype)
             for i in range(dim):
-                index = torch.full((batch,), i, device=x.device, dtype=torch.long)
-                x, e, changed = self._update(energy, x, e, index, generator)
+                if binary:  # one flip candidate: a Bernoulli draw
+                    index = torch.full((batch, 1), i, device=x.device, dtype=torch.long)
+                    x, e, changed = self._update_binary(energy, x, e, index, generator)
+                else:
+                    index = torch.full((batch,), i, device=x.device, dtype=torch.long)
+                    x, e, changed = self._update(energy, x, e, index, generator)
                 flips = flips + changed.to(e.dtype)
-        elif isinstance(energy.space, Binary):  # one flip candidate: a Bernoulli draw
+        elif binary:
             index = torch.randint(0, dim, (batch, 1), generator=generator, device=x.device)
             x, e, flips = self._update_binary(energy, x, e, index, generator)
         else:
