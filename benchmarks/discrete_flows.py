@@ -10,7 +10,8 @@ source, linear schedule. Measured:
 * ``train``: velocity-regression steps/s (batch 128 and 1024, D in {32, 784}); ``plain``
   writes the same loss by hand ((1 - t) u_theta - (delta_x1 - delta_xt) on masked rows).
 
-Ratios are ours / plain from the same run (interleaved, median of ``--repeats``). On CPU the
+Ratios are ours / plain from the same run (interleaved, median of ``--repeats``), of wall time
+and of this thread's CPU time (robust to other jobs on a shared machine). On CPU the
 largest configurations are skipped (marked in the JSON). Prints a table and writes
 benchmarks/results/discrete_flows.json.
 
@@ -41,15 +42,26 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time(fn, device, repeats):
-    out = []
+def _time(fn, device):
+    """(wall seconds, this thread's CPU seconds) of one call."""
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.thread_time()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0, time.thread_time() - c0
+
+
+def _interleaved(ours, plain, device, repeats):
+    """Median (wall, CPU) seconds of plain and ours, alternating within each repeat."""
+    t_ours, t_plain = [], []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+        t_plain.append(_time(plain, device))
+        t_ours.append(_time(ours, device))
+
+    def med(ts, i):
+        return statistics.median(t[i] for t in ts)
+
+    return (med(t_plain, 0), med(t_plain, 1)), (med(t_ours, 0), med(t_ours, 1))
 
 
 @torch.no_grad()
@@ -114,13 +126,10 @@ def run(args):
         ours = partial(sampler.sample_tokens, b, generator=gen)
         plain = partial(plain_sample, model, b, d, n_steps, gen, device)
         ours(), plain()  # warm-up
-        t_ours, t_plain = [], []
-        for _ in range(args.repeats):
-            t_plain.append(_time(plain, device, 1))
-            t_ours.append(_time(ours, device, 1))
-        tp, to = statistics.median(t_plain), statistics.median(t_ours)
+        (tp, cp), (to, co) = _interleaved(ours, plain, device, args.repeats)
         rows.append({"kind": "sample", "D": d, "steps": n_steps, "B": b,
-                     "plain_per_s": b / tp, "ours_per_s": b / to, "ratio": tp / to})
+                     "plain_per_s": b / tp, "ours_per_s": b / to, "ratio": tp / to,
+                     "cpu_ratio": cp / co})
     for d, b in train_grid:
         model = MLPVelocity(d, 2, hidden=HIDDEN, schedule=path.schedule).to(device)
         sampler = DiscreteFlowSampler(model, path, lr=1e-4)
@@ -133,13 +142,9 @@ def run(args):
         plain = partial(_repeat, n, plain_train_step, plain_model, opt, x1, gen)
 
         ours(), plain()
-        t_ours, t_plain = [], []
-        for _ in range(args.repeats):
-            t_plain.append(_time(plain, device, 1))
-            t_ours.append(_time(ours, device, 1))
-        tp, to = statistics.median(t_plain), statistics.median(t_ours)
+        (tp, cp), (to, co) = _interleaved(ours, plain, device, args.repeats)
         rows.append({"kind": "train", "D": d, "B": b, "plain_steps_per_s": n / tp,
-                     "ours_steps_per_s": n / to, "ratio": tp / to})
+                     "ours_steps_per_s": n / to, "ratio": tp / to, "cpu_ratio": cp / co})
     return device, rows
 
 
@@ -147,19 +152,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small CPU run (< 1 minute)")
     ap.add_argument("--cpu", action="store_true", help="force CPU")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "discrete_flows.json"))
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     device, rows = run(args)
     print(f"device: {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}")
-    print(f"{'kind':6} {'D':>4} {'steps':>5} {'B':>6} {'plain/s':>12} {'ours/s':>12} {'ours/plain':>10}")
+    print(f"{'kind':6} {'D':>4} {'steps':>5} {'B':>6} {'plain/s':>12} {'ours/s':>12} {'ours/plain':>10}"
+          f" {'(CPU time)':>10}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['kind']:6} {r['D']:>4} {r.get('steps', ''):>5} {r['B']:>6}  skipped ({r['skipped']})")
         elif r["kind"] == "sample":
-            print(f"sample {r['D']:>4} {r['steps']:>5} {r['B']:>6} {r['plain_per_s']:>12.0f} {r['ours_per_s']:>12.0f} {r['ratio']:>10.2f}")
+            print(f"sample {r['D']:>4} {r['steps']:>5} {r['B']:>6} {r['plain_per_s']:>12.0f} {r['ours_per_s']:>12.0f} {r['ratio']:>10.2f} {r['cpu_ratio']:>10.2f}")
         else:
-            print(f"train  {r['D']:>4} {'':>5} {r['B']:>6} {r['plain_steps_per_s']:>12.1f} {r['ours_steps_per_s']:>12.1f} {r['ratio']:>10.2f}")
-    out = Path(__file__).parent / "results" / "discrete_flows.json"
+            print(f"train  {r['D']:>4} {'':>5} {r['B']:>6} {r['plain_steps_per_s']:>12.1f} {r['ours_steps_per_s']:>12.1f} {r['ratio']:>10.2f} {r['cpu_ratio']:>10.2f}")
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": str(device), "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "quick": args.quick,

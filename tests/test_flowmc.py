@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ebmflow.energy import GaussianMixtureEnergy, MLPEnergy, TiltedEnergy
 from ebmflow.flows import ContinuousFlow, Flow, FlowMC, RealNVP
-from ebmflow.samplers import MALA
+from ebmflow.samplers import MALA, Langevin
 from ebmflow.spaces import Binary, Continuous
 
 W_HEAVY = 2 / 3
@@ -82,6 +82,106 @@ def test_gaussian_flow_exact_acceptance(kind, gen):
     assert float(sampler.stats["global_accept"]) > 0.999
     assert 0.0 < float(sampler.stats["local_accept"]) <= 1.0
     assert sampler.chain_stats["global_accept"].shape == (500,)
+
+
+def _perturbed_realnvp(seed: int = 0) -> RealNVP:
+    torch.manual_seed(seed)
+    flow = RealNVP(2, n_layers=2, hidden=(8,), loc=torch.tensor([-1.0, 0.0]),
+                   scale=torch.tensor([4.0, 1.2]))
+    with torch.no_grad():  # a flow that is not the identity, so acceptances vary
+        for p in flow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return flow
+
+
+def _reference_independence_mh(flow, target, x, n_global, per_call, gen):
+    """Textbook loop: uniforms (n_global, B) first, then proposals per_call * B at a time,
+    each accepted when log u < f(x') - f(x) + log q(x) - log q(x'), f = -E."""
+    b = x.shape[0]
+    log_u = torch.rand(n_global, b, generator=gen).log()
+    f, lq, n_acc = -target(x), flow.log_prob(x), torch.zeros(b)
+    for k0 in range(0, n_global, per_call):
+        k = min(per_call, n_global - k0)
+        xp_all, lqp_all = flow.sample_and_log_prob(k * b, gen)
+        for j in range(k):
+            xp, lqp = xp_all[j * b:(j + 1) * b], lqp_all[j * b:(j + 1) * b]
+            fp = -target(xp)
+            acc = log_u[k0 + j] < fp - f + lq - lqp
+            x = torch.where(acc[:, None], xp, x)
+            f, lq = torch.where(acc, fp, f), torch.where(acc, lqp, lq)
+            n_acc += acc
+    return x, n_acc / n_global
+
+
+@pytest.mark.parametrize("batch", [None, 128, 64])  # 5, 2 and 1 proposals per flow call
+def test_global_moves_equal_a_hand_written_independence_sampler(batch):
+    """Batched proposals + index bookkeeping give exactly the textbook chain (same random
+    numbers): same states, same per-chain acceptance."""
+    target, flow = _target(), _perturbed_realnvp()
+    x0 = target.sample(64, torch.Generator().manual_seed(1))
+    sampler = FlowMC(flow, MALA(0.1), n_local=0, n_global=5, flow_steps=0,
+                     proposal_batch_size=batch)
+    with torch.no_grad():
+        x = sampler.sample(target, x0=x0, generator=torch.Generator().manual_seed(2))
+        per_call = 5 if batch is None else batch // 64
+        x_ref, acc_ref = _reference_independence_mh(flow, target, x0, 5, per_call,
+                                                    torch.Generator().manual_seed(2))
+    torch.testing.assert_close(x, x_ref)
+    torch.testing.assert_close(sampler.chain_stats["global_accept"], acc_ref)
+    assert 0.1 < float(acc_ref.mean()) < 0.9  # the test exercises accepts and rejects
+
+
+def test_local_kernel_energy_cache_is_reused_only_when_valid(gen):
+    target = _target()
+    x0 = target.sample(32, gen)
+    mala = FlowMC(_perturbed_realnvp(), MALA(0.3), n_local=3, n_global=0)
+    with torch.no_grad():
+        x = mala.local.run(target, x0, 3, generator=gen)
+        torch.testing.assert_close(mala._cached_energy(x), target(x))
+        assert mala._cached_energy(x.clone()) is None  # not the state the kernel ended at
+        ula = FlowMC(_perturbed_realnvp(), Langevin(0.01), n_local=3, n_global=0)
+        x = ula.local.run(target, x0, 3, generator=gen)
+        assert ula._cached_energy(x) is None  # ULA caches no energy: FlowMC recomputes it
+
+
+def test_nonfinite_proposal_states_are_rejected(gen):
+    """A proposal with an infinite state (finite log q) is never accepted, even for an
+    energy that stays finite there; it is reported (or raised with check_finite)."""
+    target = _target()
+
+    class InfFlow(MixtureFlow):
+        def sample_and_log_prob(self, n, generator=None):
+            x, lq = super().sample_and_log_prob(n, generator)
+            return x.index_fill(0, torch.arange(0, n, 2), math.inf), lq
+
+    class Saturating(GaussianMixtureEnergy):
+        def energy(self, x):  # finite at x = inf
+            return torch.tanh(x.abs().sum(-1).nan_to_num())
+
+    sat = Saturating(target.means, target.scales, target.weights)
+    lenient = FlowMC(InfFlow(target), MALA(0.1), n_local=0, n_global=4, check_finite=False)
+    x = lenient.sample(sat, 16, generator=gen)
+    assert bool(torch.isfinite(x).all())
+    assert float(lenient.stats["flow_nonfinite"]) == 1.0
+    with pytest.raises(ValueError, match="non-finite"):
+        FlowMC(InfFlow(target), MALA(0.1), n_local=0, n_global=1).sample(sat, 8, generator=gen)
+
+
+def test_realnvp_functional_conditioner_honours_hooks(gen):
+    """The hook-free fast path of the coupling network equals ``net(x)``; a forward hook on
+    a sub-module makes the flow use the module call (the hook runs)."""
+    flow = _perturbed_realnvp()
+    z = torch.randn(16, 2, generator=gen)
+    layer = flow.layers[0]
+    torch.testing.assert_close(layer._conditioner(z), layer.net(z))
+    before = flow(z)[0]
+    handle = layer.net[0].register_forward_hook(lambda mod, inp, out: out * 2.0)
+    try:
+        after = flow(z)[0]
+    finally:
+        handle.remove()
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(flow(z)[0], before)
 
 
 def _fit_rounds(sampler: FlowMC, target, x0, gen, adapt_rounds: int, rounds: int) -> Tensor:
@@ -189,6 +289,8 @@ def test_clear_errors(gen):
     sampler = FlowMC(RealNVP(2), MALA(0.1), n_chains=8)
     with pytest.raises(ValueError, match="n_chains"):
         sampler.sample(target, 16)
+    with pytest.raises(ValueError, match="proposal_batch_size"):
+        FlowMC(RealNVP(2), MALA(0.1), proposal_batch_size=0)
 
     class NaNFlow(MixtureFlow):
         def log_prob(self, x):

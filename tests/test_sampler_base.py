@@ -206,3 +206,21 @@ def test_cuda_graph_default_generator_and_nonfinite() -> None:
     assert float(s.stats.get("nonfinite", 0)) == 0
     x = s.run(energy, x0)
     assert float(s.stats["nonfinite"]) == 8 and torch.isfinite(x).all()
+
+
+@pytest.mark.slow  # torch.compile takes 10-60 s per sampler on CPU
+def test_compile_gives_the_same_chains_as_eager() -> None:
+    from ebmflow.energy import MLPEnergy
+    from ebmflow.samplers import MALA, Langevin
+
+    torch.manual_seed(0)
+    energy = MLPEnergy(Continuous(2), hidden=(32, 32))
+    x0 = torch.randn(64, 2)
+    for cls in (Langevin, MALA):
+        out = []
+        for compiled in (False, True):
+            sampler = cls(step_size=0.01, compile=compiled)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no recompilation warnings (one graph)
+                out.append(sampler.run(energy, x0, 12, generator=torch.Generator().manual_seed(0)))
+        torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-5)

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from .._optim import default_adam
 from ..energy.base import EnergyModel
 from ..samplers.base import Sampler
 from ..spaces import Binary, Categorical, Space
@@ -129,7 +130,7 @@ class DiscreteFlowSampler(Sampler):
         self.ess_threshold = float(ess_threshold)
         self.check_weights = check_weights
         self.grad_clip = grad_clip
-        self.optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
+        self.optimizer = optimizer if optimizer is not None else default_adam(model.parameters(), lr)
 
     # -- helpers ---------------------------------------------------------------------------
     def get_proposal(self) -> Proposal:

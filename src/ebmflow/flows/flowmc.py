@@ -244,34 +244,39 @@ class FlowMC(Sampler):
         self, energy: EnergyModel, x: Tensor, rounds: int, generator: torch.Generator | None
     ) -> Tensor:
         b = x.shape[0]
-        zero = torch.zeros((), device=x.device)
-        local_acc = zero.clone()
-        global_acc = torch.zeros(b, device=x.device)
-        bad_flow = torch.zeros((), dtype=torch.bool, device=x.device)
+        # running sums start as None (no tensor op for the common single round)
+        local_acc: Tensor | None = None
+        global_acc: Tensor | None = None
+        bad_flow: Tensor | None = None
         for _ in range(rounds):
             e_x = None
             if self.n_local > 0:
                 x = self.local.run(energy, x, self.n_local, generator=generator)
                 rate = self.local.stats.get("accept_rate")
-                local_acc = local_acc + (rate.float() if rate is not None else 1.0)
+                rate = rate.float() if rate is not None else torch.ones((), device=x.device)
+                local_acc = rate if local_acc is None else local_acc + rate
                 e_x = self._cached_energy(x)
             if self.n_global > 0:
                 x, acc, bad = self._global_moves(energy, x, e_x, generator)
-                global_acc = global_acc + acc
-                bad_flow = bad_flow | bad
+                global_acc = acc if global_acc is None else global_acc + acc
+                bad_flow = bad if bad_flow is None else bad_flow | bad
+        if bad_flow is None:
+            bad_flow = torch.zeros((), dtype=torch.bool, device=x.device)
         if self.check_finite and bool(bad_flow):
             raise ValueError(
                 f"the flow {type(self.flow).__name__} returned non-finite log-densities "
                 "(NaN/inf in log q); check its parameters (e.g. a diverged fit: lower lr, "
                 "clip gradients) or pass check_finite=False to reject such proposals"
             )
-        per_chain = global_acc / max(rounds * self.n_global, 1)
+        per_chain = (global_acc / (rounds * self.n_global) if global_acc is not None
+                     else torch.zeros(b, device=x.device))
         self.chain_stats = {"global_accept": per_chain}
         kept = {"flow_loss": self.stats["flow_loss"]} if "flow_loss" in self.stats else {}
         self.stats = {
             **kept,
-            "local_accept": local_acc / rounds if self.n_local > 0 else zero.clone(),
-            "global_accept": per_chain.mean() if self.n_global > 0 else zero.clone(),
+            "local_accept": (local_acc / rounds if local_acc is not None
+                             else torch.zeros((), device=x.device)),
+            "global_accept": per_chain.mean(),
             "flow_nonfinite": bad_flow.float(),
         }
         return x
@@ -305,7 +310,7 @@ class FlowMC(Sampler):
             e_x = energy(x)
         logq_x = self.flow.log_prob(x.reshape(b, -1))
         v_x = e_x + logq_x
-        bad = ~torch.isfinite(logq_x).all()
+        finite_masks = [torch.isfinite(logq_x)]
         # uniforms first (one call), then the proposals in as few flow calls as allowed
         log_u = torch.rand(self.n_global, b, generator=generator, device=x.device,
                            dtype=x.dtype).log_()
@@ -318,16 +323,29 @@ class FlowMC(Sampler):
             k = min(per_call, self.n_global - k0)
             xp, logq_p = self.flow.sample_and_log_prob(k * b, generator)  # (k b, D), (k b,)
             finite = torch.isfinite(logq_p) & torch.isfinite(xp).all(1)
-            bad = bad | ~finite.all()
+            finite_masks.append(finite)
             xp = xp.reshape(k * b, *event)
             v_p = torch.where(finite, energy(xp) + logq_p, torch.inf).view(k, b)
             key = log_u[k0:k0 + k].add_(v_p)  # accept proposal j iff key[j] < v(x)
-            xp = xp.view(k, b, *event)
-            for j in range(k):
-                accept = key[j] < v_x
-                x = torch.where(accept.view(mask_shape), xp[j], x)
-                v_x = torch.where(accept, v_p[j], v_x)
+            if k == 1:
+                accept = key[0] < v_x
+                x = torch.where(accept.view(mask_shape), xp, x)
+                v_x = torch.where(accept, v_p[0], v_x)
                 n_acc.add_(accept)
+                continue
+            # the sequential accept/reject steps only track v and the index of the last
+            # accepted proposal per chain; the states are gathered once, O(B D) not O(k B D)
+            accepted = torch.empty((k, b), dtype=torch.bool, device=x.device)
+            last = torch.full((b,), -1, dtype=torch.long, device=x.device)
+            for j in range(k):
+                accept = torch.lt(key[j], v_x, out=accepted[j])
+                v_x = torch.where(accept, v_p[j], v_x)
+                last.masked_fill_(accept, j)
+            rows = torch.arange(b, device=x.device)
+            moved = (last >= 0).view(mask_shape)
+            x = torch.where(moved, xp.view(k, b, *event)[last.clamp_(min=0), rows], x)
+            n_acc.add_(accepted.sum(0))
+        bad = ~torch.cat(finite_masks).all()
         return x, n_acc, bad
 
     # -- adaptation --------------------------------------------------------------------

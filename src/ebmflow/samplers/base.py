@@ -230,8 +230,10 @@ class MCMCSampler(Sampler):
             Ignored (eager loop) for CPU states or when an outer CUDA graph is being captured.
         graph_steps: K, steps recorded per graph (default 32; fewer when ``n_steps`` is
             smaller).
-        compile: run each step through ``torch.compile`` (experimental; autograd calls inside
-            the energy gradient cause graph breaks, so gains are limited to the fused update).
+        compile: run each step through ``torch.compile`` (experimental: the same chains as
+            eager to float rounding; sampling with a ``torch.Generator`` causes graph breaks,
+            and on CPU no speed-up over eager was measured; the first run compiles for
+            10-60 s).
     """
 
     #: True when ``transition`` never moves a chain from a finite state (x, cached E and
@@ -365,6 +367,9 @@ class MCMCSampler(Sampler):
                 if self._compiled is None:
                     self._compiled = torch.compile(self._advance, dynamic=False)
                 advance = self._compiled
+                # a tensor step counter: a Python int would be specialised on (one
+                # recompilation per step)
+                carry.t = torch.as_tensor(carry.t, dtype=torch.long, device=x0.device)
             for _ in range(n_steps - done):
                 carry = advance(energy, carry, generator)
                 bar.update(1)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._optim import default_adam
 from .._version import __version__
 from ..energy.base import EnergyModel
 from ..losses.base import EBMLoss, LossOutput
@@ -281,10 +282,7 @@ class Trainer:
             # capturable Adam keeps its step counters on the GPU so the step can be graph-captured
             return torch.optim.Adam(self.params, lr=torch.tensor(self.lr, device=self.device),
                                     capturable=True)
-        # the fused kernel (one per parameter tensor instead of ~10 ops each) is the same
-        # Adam update up to float rounding; it needs floating parameters on CPU or CUDA
-        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in self.params)
-        return torch.optim.Adam(self.params, lr=self.lr, fused=fused or None)
+        return default_adam(self.params, self.lr)
 
     def _build_scheduler(self, total_steps: int) -> Any:
         spec = self._scheduler_spec
