@@ -359,3 +359,20 @@ def test_ising_local_field_formula_equals_default(gen):
     torch.testing.assert_close(model.conditional_energies(x, index, model(x)), want)
     with pytest.raises(ValueError, match="discrete states"):
         MLPEnergy(Continuous(3)).conditional_energies(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_sum_energy_combines_the_terms_fast_paths(gen):
+    space = Binary(12)
+    ising = IsingEnergy(torch.randn(12, 12, generator=gen), torch.randn(12, generator=gen))
+    total = MLPEnergy(space, hidden=(8,)) + ising + BernoulliBaseEnergy(torch.randn(12, generator=gen))
+    x = space.noise(10, generator=gen)
+    index = torch.randint(0, 12, (10,), generator=gen)
+    e, g = total.energy_and_grad(x)
+    e_ref, g_ref = _autograd_eag(total, x)
+    torch.testing.assert_close(e, e_ref)
+    torch.testing.assert_close(g, g_ref)
+    with torch.no_grad():
+        want = EnergyModel.conditional_energies(total, x, index)
+        torch.testing.assert_close(total.conditional_energies(x, index, total(x)), want)
+    assert total.has_local_conditionals and ising.has_local_conditionals
+    assert not (MLPEnergy(space) + BernoulliBaseEnergy(torch.zeros(12))).has_local_conditionals

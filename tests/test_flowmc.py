@@ -174,6 +174,8 @@ def test_realnvp_functional_conditioner_honours_hooks(gen):
     z = torch.randn(16, 2, generator=gen)
     layer = flow.layers[0]
     torch.testing.assert_close(layer._conditioner(z), layer.net(z))
+    with torch.no_grad():  # activations applied in place when no graph is recorded
+        torch.testing.assert_close(layer._conditioner(z), layer.net(z))
     before = flow(z)[0]
     handle = layer.net[0].register_forward_hook(lambda mod, inp, out: out * 2.0)
     try:

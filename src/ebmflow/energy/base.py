@@ -110,6 +110,12 @@ class EnergyModel(nn.Module):
         """Unnormalised log-density -E(x), ``(B,)``. Analytic targets override it exactly."""
         return -self(x)
 
+    @property
+    def has_local_conditionals(self) -> bool:
+        """True when ``conditional_energies`` is overridden by a local formula (cheaper than
+        evaluating the energy on the changed states); ``Gibbs`` picks its path by it."""
+        return type(self).conditional_energies is not EnergyModel.conditional_energies
+
     def conditional_energies(
         self, x: Tensor, index: Tensor, energy_x: Tensor | None = None
     ) -> Tensor:
@@ -197,4 +203,33 @@ class SumEnergy(EnergyModel):
         out = self.terms[0](x)
         for term in self.terms[1:]:
             out = out + term(x)
+        return out
+
+    @property
+    def has_local_conditionals(self) -> bool:
+        return type(self).energy is SumEnergy.energy and any(
+            t.has_local_conditionals for t in self.terms
+        )
+
+    def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Sum of the terms' ``(E_i(x), dE_i/dx)``, so each term's own fast path is used
+        (autograd for a subclass that overrides ``energy``)."""
+        if type(self).energy is not SumEnergy.energy:
+            return super().energy_and_grad(x)
+        e, g = self.terms[0].energy_and_grad(x)
+        for term in self.terms[1:]:
+            e_i, g_i = term.energy_and_grad(x)
+            e, g = e + e_i, g + g_i
+        return e, g
+
+    def conditional_energies(
+        self, x: Tensor, index: Tensor, energy_x: Tensor | None = None
+    ) -> Tensor:
+        """Sum of the terms' conditional energies when any term has a local formula (the
+        cached total ``energy_x`` cannot be split between terms, so it is not reused then)."""
+        if not self.has_local_conditionals:
+            return super().conditional_energies(x, index, energy_x)
+        out = self.terms[0].conditional_energies(x, index)
+        for term in self.terms[1:]:
+            out = out + term.conditional_energies(x, index)
         return out

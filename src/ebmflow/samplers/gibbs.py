@@ -14,11 +14,6 @@ from .base import ChainState, MCMCSampler, StepInfo
 __all__ = ["Gibbs"]
 
 
-def _has_local_formula(energy: EnergyModel) -> bool:
-    """True when the energy overrides ``conditional_energies`` (e.g. ``IsingEnergy``)."""
-    return type(energy).conditional_energies is not EnergyModel.conditional_energies
-
-
 class Gibbs(MCMCSampler):
     """Gibbs sampler for ``Binary`` and ``Categorical`` spaces.
 
@@ -120,7 +115,7 @@ class Gibbs(MCMCSampler):
         x = state.x
         e = state.energy if state.energy is not None else energy(x)
         batch, dim = x.shape
-        binary = isinstance(energy.space, Binary) and not _has_local_formula(energy)
+        binary = isinstance(energy.space, Binary) and not energy.has_local_conditionals
         if self.sweep:
             flips = torch.zeros(batch, device=x.device, dtype=e.dtype)
             for i in range(dim):
