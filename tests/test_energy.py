@@ -376,3 +376,19 @@ def test_sum_energy_combines_the_terms_fast_paths(gen):
         torch.testing.assert_close(total.conditional_energies(x, index, total(x)), want)
     assert total.has_local_conditionals and ising.has_local_conditionals
     assert not (MLPEnergy(space) + BernoulliBaseEnergy(torch.zeros(12))).has_local_conditionals
+
+
+def test_mixture_closed_form_gradient_equals_autograd(gen):
+    mixtures = [
+        GaussianMixtureEnergy.ring(),
+        GaussianMixtureEnergy.two_modes(dim=16),
+        GaussianMixtureEnergy(torch.randn(5, 3, generator=gen), torch.rand(5, 3, generator=gen) + 0.2,
+                              torch.rand(5, generator=gen)),
+    ]
+    for model in mixtures:
+        model = model.double()
+        x = 4 * torch.randn(50, model.means.shape[1], generator=gen, dtype=torch.float64)
+        e, g = model.energy_and_grad(x)
+        e_ref, g_ref = _autograd_eag(model, x)
+        torch.testing.assert_close(e, e_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)

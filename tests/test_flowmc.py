@@ -184,6 +184,8 @@ def test_realnvp_functional_conditioner_honours_hooks(gen):
         handle.remove()
     assert not torch.allclose(before, after)
     torch.testing.assert_close(flow(z)[0], before)
+    layer.scale_bound = 1.5  # the cached b * (1 - m) follows the bound
+    torch.testing.assert_close(layer.free_bound, 1.5 * (1 - layer.mask))
 
 
 def _fit_rounds(sampler: FlowMC, target, x0, gen, adapt_rounds: int, rounds: int) -> Tensor:

@@ -343,7 +343,7 @@ class FlowMC(Sampler):
                 last.masked_fill_(accept, j)
             rows = torch.arange(b, device=x.device)
             moved = (last >= 0).view(mask_shape)
-            x = torch.where(moved, xp.view(k, b, *event)[last.clamp_(min=0), rows], x)
+            x = torch.where(moved, xp.reshape(k, b, *event)[last.clamp_(min=0), rows], x)
             n_acc.add_(accepted.sum(0))
         bad = ~torch.cat(finite_masks).all()
         return x, n_acc, bad

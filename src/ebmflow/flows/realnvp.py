@@ -59,18 +59,31 @@ class AffineCoupling(nn.Module):
         nn.init.zeros_(last.bias)
         layers.append(last)
         self.net = nn.Sequential(*layers)
-        self.scale_bound = float(scale_bound)
         # derived from the mask (not saved): 1 - m, and b * (1 - m) for the bounded log-scale
         self.register_buffer("free", 1.0 - self.mask, persistent=False)
-        self.register_buffer("free_bound", self.scale_bound * (1.0 - self.mask), persistent=False)
+        self.register_buffer("free_bound", torch.empty_like(self.free), persistent=False)
+        self.scale_bound = scale_bound
+
+    @property
+    def scale_bound(self) -> float:
+        """b, the bound on |log-scale| (setting it updates the derived buffer b * (1 - m))."""
+        return self._scale_bound
+
+    @scale_bound.setter
+    def scale_bound(self, value: float) -> None:
+        self._scale_bound = float(value)
+        with torch.no_grad():
+            self.free_bound.copy_(self._scale_bound * self.free)
 
     def _conditioner(self, x: Tensor) -> Tensor:
         """``net(x)``; a Linear/activation stack without hooks is run functionally (the same
         kernels without the per-module call overhead, which dominates for small states)."""
-        mods = self.net._modules.values()
-        if (_global_hooks() or self.net._forward_hooks or self.net._forward_pre_hooks
+        net = self.net
+        mods = net._modules.values()
+        if (type(net) is not nn.Sequential or _global_hooks() or net._forward_hooks
+                or net._forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in mods)):
-            return self.net(x)
+            return net(x)
         inplace = _INPLACE if not torch.is_grad_enabled() else {}  # no graph: reuse buffers
         for m in mods:
             if type(m) is nn.Linear:
