@@ -81,11 +81,71 @@ def make_recipe(recipe, flow, r):
     return BackAndForth(flow, t_star=r["t_star"])
 
 
+def toy_encoder(name, seed):
+    """(enc, bound): the 32-bit Gray code of toy ``name`` (16 bits per coordinate), with the
+    quantisation bound from 5,000 points drawn under ``seed``."""
+    bound = quantisation_bound(toy_2d(name, 5000, torch.Generator().manual_seed(seed)))
+    return (lambda x: gray_encode(x, 16, bound)), bound
+
+
+def train_ed_bern(cfg, space, next_batch, iterations, gen, seed, callback=None):
+    """ED-Bern (eps 0.1, M 32, w 1) on a fresh ``MLPEnergy`` (``cfg["energy"]``), seeded by
+    ``seed``: ``iterations`` Adam steps on batches ``next_batch()``; ``callback(step, energy)``
+    after each step (step from 1). Returns the energy with gradients off."""
+    torch.manual_seed(seed)
+    energy = MLPEnergy(space, hidden=cfg["energy"]["hidden"])
+    opt = torch.optim.Adam(energy.parameters(), lr=cfg["energy"]["lr"])
+    ed = EnergyDiscrepancy(BernoulliPerturbation(0.1), m=32, w=1.0)
+    for step in range(1, iterations + 1):
+        opt.zero_grad()
+        ed(energy, next_batch(), generator=gen).loss.backward()
+        opt.step()
+        if callback is not None:
+            callback(step, energy)
+    energy.requires_grad_(False)
+    return energy
+
+
+def train_recipe(recipe, cfg, space, next_batch, gen, seed, callback=None):
+    """One EBM (``MLPEnergy``, CD alpha from ``cfg["recipes"]``) trained with its own flow by
+    ``recipe`` for ``cfg["recipes"]["iterations"]`` steps on batches ``next_batch()``;
+    ``callback(step, energy, flow, stats)`` after each step (step from 1). Returns (energy
+    with gradients off, flow, last step's stats)."""
+    torch.manual_seed(seed)
+    energy = MLPEnergy(space, hidden=cfg["energy"]["hidden"])
+    flow = make_flow(cfg, seed)
+    flow.batch_size = cfg["data"]["batch_size"]
+    r = cfg["recipes"]
+    sampler = make_recipe(recipe, flow, r)
+    loss = ContrastiveDivergence(alpha=r["alpha"])
+    opt = torch.optim.Adam(energy.parameters(), lr=cfg["energy"]["lr"])
+    stats: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, r["iterations"] + 1):
+            stats = ebm_step(energy, loss, sampler, next_batch(), opt, gen)
+            if callback is not None:
+                callback(step, energy, flow, stats)
+    energy.requires_grad_(False)
+    return energy, flow, stats
+
+
+def evaluate_recipe(energy, flow, test, cfg, gen):
+    """NLL of ``energy`` on ``test``, MMD x 1e-4 of the flow's samples to ``test`` and of the
+    same samples after ``cfg["recipes"]["dmala_steps"]`` DMALA steps on the energy.
+    Returns (metrics dict, flow samples)."""
+    n_mmd, n_nll = cfg["eval"]["mmd_samples"], cfg["eval"]["nll_samples"]
+    x_flow = flow.sample(energy, n_mmd, generator=gen)
+    x_ref = DiscreteLangevin(metropolis=True).run(energy, x_flow, cfg["recipes"]["dmala_steps"],
+                                                  generator=gen)
+    return {"nll": nll(energy, test, n_nll, gen), "flow_mmd": mmd_e4(x_flow, test[:n_mmd]),
+            "flow_plus_dmala_mmd": mmd_e4(x_ref, test[:n_mmd])}, x_flow
+
+
 def run_dataset(name, cfg, quick, log):
     seed = cfg["eval"]["seed"]
     gen = torch.Generator().manual_seed(seed)
-    bound = quantisation_bound(toy_2d(name, 5000, torch.Generator().manual_seed(seed)))
-    enc = lambda x: gray_encode(x, 16, bound)  # noqa: E731
+    enc, bound = toy_encoder(name, seed)
     batch = cfg["data"]["batch_size"]
     test = enc(toy_2d(name, cfg["eval"]["test_points"], gen))
     n_mmd, n_nll = cfg["eval"]["mmd_samples"], cfg["eval"]["nll_samples"]
@@ -101,15 +161,8 @@ def run_dataset(name, cfg, quick, log):
     x_data_flow = flow.sample(probe, n_mmd, generator=gen)
     out["flow_from_data_mmd"] = mmd_e4(x_data_flow, test[:n_mmd])
     # ED-Bern energy, then a data-free flow from it
-    torch.manual_seed(seed)
-    ed_energy = MLPEnergy(space, hidden=cfg["energy"]["hidden"])
-    opt = torch.optim.Adam(ed_energy.parameters(), lr=cfg["energy"]["lr"])
-    ed = EnergyDiscrepancy(BernoulliPerturbation(0.1), m=32, w=1.0)
-    for _ in range(cfg["energy"]["ed_iterations"]):
-        opt.zero_grad()
-        ed(ed_energy, enc(toy_2d(name, batch, gen)), generator=gen).loss.backward()
-        opt.step()
-    ed_energy.requires_grad_(False)
+    next_batch = lambda: enc(toy_2d(name, batch, gen))  # noqa: E731
+    ed_energy = train_ed_bern(cfg, space, next_batch, cfg["energy"]["ed_iterations"], gen, seed)
     out["ed_bern_nll"] = nll(ed_energy, test, n_nll, gen)
     free = make_flow(cfg, seed)
     free.set_proposal(FactorizedProposal.fit(enc(toy_2d(name, 10_000, gen)).long(), 2))
@@ -131,25 +184,9 @@ def run_dataset(name, cfg, quick, log):
     # (b) recipes
     for recipe in RECIPES:
         t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        energy = MLPEnergy(space, hidden=cfg["energy"]["hidden"])
-        flow = make_flow(cfg, seed)
-        flow.batch_size = batch
-        r = cfg["recipes"]
-        sampler = make_recipe(recipe, flow, r)
-        loss = ContrastiveDivergence(alpha=r["alpha"])
-        opt = torch.optim.Adam(energy.parameters(), lr=cfg["energy"]["lr"])
-        stats: dict = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(r["iterations"]):
-                stats = ebm_step(energy, loss, sampler, enc(toy_2d(name, batch, gen)), opt, gen)
-        energy.requires_grad_(False)
-        x_flow = flow.sample(energy, n_mmd, generator=gen)
-        x_ref = DiscreteLangevin(metropolis=True).run(energy, x_flow, r["dmala_steps"], generator=gen)
-        res = {"nll": nll(energy, test, n_nll, gen), "flow_mmd": mmd_e4(x_flow, test[:n_mmd]),
-               "flow_plus_dmala_mmd": mmd_e4(x_ref, test[:n_mmd]),
-               "seconds": time.perf_counter() - t0,
+        energy, flow, stats = train_recipe(recipe, cfg, space, next_batch, gen, seed)
+        metrics, x_flow = evaluate_recipe(energy, flow, test, cfg, gen)
+        res = {**metrics, "seconds": time.perf_counter() - t0,
                **{k: float(v) for k, v in stats.items() if k in ("ess_fraction", "accept_rate")}}
         out[recipe] = res
         samples[recipe] = x_flow
