@@ -68,10 +68,20 @@ def velocity_regression_loss(
     """
     _check("velocity", velocity, x_t, x1, t, path, weights)
     one_minus_kappa = 1.0 - path.schedule.kappa(t)[:, None, None]
-    target = path.scaled_conditional_velocity(x_t, x1, t)
+    # the target (1 - kappa) u_t = kappa' (delta(j = x1) - delta(j = x_t)) of
+    # ``scaled_conditional_velocity``, on the rows and entries the loss sums over
+    d_kappa = path.schedule.d_kappa(t)[:, None, None]
+    if path.mask_token is not None:
+        # mask source: only MASK rows count, and there delta(j = x_t) = 0 and every j is
+        # off-diagonal, so target = kappa' delta(j = x1) and the mask is the row's
+        target = d_kappa * path.one_hot_data(x1)
+        mask = path.active(x_t)[..., None]
+    else:
+        delta_t = path.one_hot_data(x_t)
+        target = d_kappa * (path.one_hot_data(x1) - delta_t)
+        mask = delta_t == 0
     resid = one_minus_kappa * velocity - target
-    mask = path.off_diagonal(x_t) & path.active(x_t)[..., None]
-    per_sample = (resid.pow(2) * mask).sum(dim=(1, 2))
+    per_sample = (resid.square() * mask).sum(dim=(1, 2))
     return _weighted_mean(per_sample, weights)
 
 

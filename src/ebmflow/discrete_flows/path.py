@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from .schedules import LinearSchedule, Schedule
 
@@ -150,7 +149,8 @@ class MixturePath:
 
     def one_hot_data(self, x: Tensor) -> Tensor:
         """delta(j = x^d) over the S data tokens, float ``(B, D, S)`` (all zero at MASK)."""
-        return F.one_hot(x, self.vocab_size)[..., : self.num_classes].float()
+        classes = torch.arange(self.num_classes, device=x.device)
+        return (x.unsqueeze(-1) == classes).float()  # MASK = S matches no class: a zero row
 
     def off_diagonal(self, x_t: Tensor) -> Tensor:
         """Bool ``(B, D, S)``: True for j != x_t^d (every j where x_t^d is MASK)."""
