@@ -53,7 +53,8 @@ CONFIG = ROOT / "examples" / "configs" / "discrete_flow_budget.toml"
 METHODS = (*RECIPES, "ed_bern")
 LABELS = {"negatives": "1 flow negatives", "bootstrap": "2 bootstrap (10 DMALA)",
           "back_and_forth": "3 back-and-forth", "ed_bern": "ED-Bern"}
-# 8gaussians, 32-bit Gray code (Schroeder et al., /work/shared/PUBLISHED.md; runs ~100x longer).
+# 8gaussians, 32-bit Gray code: published NLLs of the discrete energy-discrepancy paper
+# (Schroeder et al.), from runs ~100x longer than ours.
 PUBLISHED_NLL = {"PCD": 19.991, "ED-Bern": 19.992}
 UNIFORM_NLL = 32 * math.log(2)
 
