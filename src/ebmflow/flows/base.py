@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._optim import default_adam
 from ..spaces import Continuous
 
 __all__ = ["Flow", "standard_normal_log_prob"]
@@ -124,7 +125,7 @@ class Flow(nn.Module):
         ``(n_steps,)`` (detached; one host copy at the end, none inside the loop).
         """
         self._check_input(data, "data")
-        opt = torch.optim.Adam(self.parameters(), lr=lr)
+        opt = default_adam(self.parameters(), lr)
         losses = torch.zeros(n_steps, device=data.device)
         for i in range(n_steps):
             idx = torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),),

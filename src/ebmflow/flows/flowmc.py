@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._optim import default_adam
 from ..energy.base import EnergyModel
 from ..samplers import MALA
 from ..samplers.base import MCMCSampler, Sampler
@@ -160,7 +161,7 @@ class FlowMC(Sampler):
         self.proposal_batch_size = proposal_batch_size
         params = [p for p in flow.parameters() if p.requires_grad]
         self.optimizer = (
-            (optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr))
+            (optimizer(params) if optimizer is not None else default_adam(params, lr))
             if params else None
         )
         self.scheduler = scheduler(self.optimizer) if (scheduler and self.optimizer) else None
