@@ -14,9 +14,8 @@ def default_adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Adam:
     """Adam(lr) with PyTorch's fused kernel when every parameter is a CPU or CUDA float tensor.
 
     The fused kernel is the same update as the default implementation up to float rounding
-    (one kernel per parameter tensor instead of about ten ops each: ~3x faster optimiser steps
-    for small networks on CPU). Parameters on other devices or of other dtypes get the
-    default implementation.
+    (one kernel per parameter tensor instead of about ten ops each). Parameters on other
+    devices or of other dtypes get the default implementation.
     """
     params = list(params)
     fused = bool(params) and all(

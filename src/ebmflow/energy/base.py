@@ -207,6 +207,7 @@ class SumEnergy(EnergyModel):
 
     @property
     def has_local_conditionals(self) -> bool:
+        """True when some term has a local formula for ``conditional_energies``."""
         return type(self).energy is SumEnergy.energy and any(
             t.has_local_conditionals for t in self.terms
         )

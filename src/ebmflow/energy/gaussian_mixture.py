@@ -81,7 +81,8 @@ class GaussianMixtureEnergy(EnergyModel):
         return -self.log_prob(x)
 
     def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(E(x), dE/dx)`` in closed form (no autograd), detached:
+        """``(E(x), dE/dx)`` of shapes ``(B,)`` and ``x.shape`` in closed form (no autograd),
+        detached:
 
             E(x) = -logsumexp_k l_k,   l_k = log w_k + log N(x; mu_k, diag(s_k^2)),
             dE/dx = sum_k r_k (x - mu_k) / s_k^2,   r = softmax(l)  (responsibilities).

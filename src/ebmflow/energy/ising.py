@@ -115,7 +115,8 @@ class IsingEnergy(EnergyModel):
         return -(((s @ self.coupling) * s).sum(-1) + s @ self.bias)
 
     def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(E(x), dE/dx)`` in closed form, one matrix product for both (no autograd):
+        """``(E(x), dE/dx)`` of shapes ``(B,)`` and ``(B, D)`` for float bits ``x`` ``(B, D)``, in
+        closed form, one matrix product for both (no autograd):
 
             s = 2x - 1,  E = -(s^T J s + b^T s),  dE/dx = 2 dE/ds = -2 (2 J s + b)
 
