@@ -103,5 +103,7 @@ def test_bad_sigma(sigma):
 def test_bad_space_and_shape():
     with pytest.raises(ValueError, match="Continuous"):
         DenoisingScoreMatching()(MLPEnergy(Binary(4), hidden=(4,)), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="float"):
+    with pytest.raises(ValueError, match=r"data has shape \(2, 4\).*\(B, 3\)"):
         DenoisingScoreMatching()(Quadratic(3, 1.0), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="data has dtype torch.int64.*data.float()"):
+        DenoisingScoreMatching()(Quadratic(3, 1.0), torch.zeros(2, 3, dtype=torch.long))

@@ -41,6 +41,9 @@ class ContrastiveDivergence(EBMLoss):
             energies by keeping them near 0, at the cost of a small bias).
         init: see above (default "default").
         n_steps: sampler steps per loss call (default None: the sampler's own default).
+        check_data: when the values of ``data`` are checked against the energy's space
+            (``"auto"``: every call on CPU, once on an accelerator; ``"always"``; ``"never"``);
+            shape and dtype are always checked. See ``EBMLoss``.
 
     Stats (0-d tensors): ``energy_pos``, ``energy_neg`` (batch means), ``energy_gap``
     (energy_pos - energy_neg) and the sampler's stats (``accept_rate``, ``nonfinite``,
@@ -50,8 +53,8 @@ class ContrastiveDivergence(EBMLoss):
     requires_sampler = True
 
     def __init__(self, alpha: float = 0.0, init: str | InitFn = "default",
-                 n_steps: int | None = None):
-        super().__init__()
+                 n_steps: int | None = None, *, check_data: str = "auto"):
+        super().__init__(check_data=check_data)
         alpha = float(alpha)
         if not alpha >= 0 or alpha == float("inf"):
             raise ValueError(f"alpha must be finite and >= 0, got {alpha!r}")
@@ -77,7 +80,7 @@ class ContrastiveDivergence(EBMLoss):
                 *, generator: torch.Generator | None = None) -> LossOutput:
         """Loss for one data batch ``(B, *event)``; see the class docstring."""
         sampler = self._check_sampler(sampler)
-        self._check_data(energy, data)
+        self.check_data(energy, data)
         batch = data.shape[0]
         x0 = self._start(energy, data, generator)
         kwargs = {} if self.n_steps is None else {"n_steps": self.n_steps}

@@ -36,6 +36,9 @@ class EnergyDiscrepancy(EBMLoss):
             categorical).
         m: number of negatives M per data point (default 4; the discrete papers use 32).
         w: stabiliser w >= 0 (default 1.0). w = 0 gives the unstabilised estimator.
+        check_data: when the values of ``data`` are checked against the energy's space
+            (``"auto"``: every call on CPU, once on an accelerator; ``"always"``; ``"never"``);
+            shape and dtype are always checked. See ``EBMLoss``.
 
     Shapes: ``data`` is a batch of states ``(B, *event)`` of the energy's space. The energy is
     evaluated once on the concatenation of the B data points and the B * M negatives.
@@ -47,8 +50,9 @@ class EnergyDiscrepancy(EBMLoss):
 
     requires_sampler = False
 
-    def __init__(self, perturbation: Perturbation, m: int = 4, w: float = 1.0):
-        super().__init__()
+    def __init__(self, perturbation: Perturbation, m: int = 4, w: float = 1.0, *,
+                 check_data: str = "auto"):
+        super().__init__(check_data=check_data)
         if not isinstance(perturbation, Perturbation):
             raise ValueError(
                 f"perturbation must be an ebmflow Perturbation (e.g. GaussianPerturbation(t=1.0)),"
@@ -72,7 +76,7 @@ class EnergyDiscrepancy(EBMLoss):
         generator: torch.Generator | None = None,
     ) -> LossOutput:
         """ED loss of ``energy`` on ``data`` ``(B, *event)``; ``sampler`` is ignored."""
-        self._check_data(energy, data)
+        self.check_data(energy, data)
         self.perturbation.check_space(energy.space)
         shape = tuple(energy.space.shape)
         b, m = data.shape[0], self.m

@@ -31,6 +31,9 @@ class DenoisingScoreMatching(EBMLoss):
 
     Args:
         sigma: noise standard deviation (> 0), default 0.1.
+        check_data: when the values of ``data`` are checked (``"auto"``: every call on CPU,
+            once on an accelerator; ``"always"``; ``"never"``); shape and dtype are always
+            checked. See ``EBMLoss``.
 
     Shapes: ``data`` float ``(B, *event)`` of a ``Continuous`` space. Returns
     ``LossOutput(loss, stats)`` with stats ``energy_pos`` (mean E(x~), 0-d, detached).
@@ -38,8 +41,8 @@ class DenoisingScoreMatching(EBMLoss):
 
     requires_sampler = False
 
-    def __init__(self, sigma: float = 0.1):
-        super().__init__()
+    def __init__(self, sigma: float = 0.1, *, check_data: str = "auto"):
+        super().__init__(check_data=check_data)
         if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (
             math.isfinite(sigma) and sigma > 0
         ):
@@ -54,17 +57,13 @@ class DenoisingScoreMatching(EBMLoss):
         generator: torch.Generator | None = None,
     ) -> LossOutput:
         """DSM loss of ``energy`` on ``data`` ``(B, *event)``; ``sampler`` is ignored."""
-        if not isinstance(energy.space, Continuous):
+        if isinstance(energy, EnergyModel) and not isinstance(energy.space, Continuous):
             raise ValueError(
                 f"DenoisingScoreMatching needs a Continuous space (it differentiates with "
                 f"respect to x), got {energy.space!r}; use EnergyDiscrepancy with a discrete "
                 f"perturbation instead"
             )
-        if not data.is_floating_point() or tuple(data.shape[1:]) != tuple(energy.space.shape):
-            raise ValueError(
-                f"data must be float (B, {', '.join(map(str, energy.space.shape))}) for "
-                f"{energy.space!r}, got {data.dtype} {tuple(data.shape)}"
-            )
+        self.check_data(energy, data)
         xi = torch.randn(data.shape, generator=generator, device=data.device, dtype=data.dtype)
         x_noisy = (data.detach() + self.sigma * xi).requires_grad_(True)
         with torch.enable_grad():
