@@ -86,7 +86,7 @@ def make_flow(cfg: dict, seed: int, proposal=None) -> DiscreteFlowSampler:
     path = MixturePath(2, "mask")
     model = MLPVelocity(DIM, 2, hidden=f["hidden"], schedule=path.schedule)
     return DiscreteFlowSampler(model, path, CTMCSolver(path, f["step_size"]), proposal=proposal,
-                               lr=f["lr"], batch_size=f["proposal_batch"])
+                               lr=f["lr"], batch_size=f["proposal_batch"], fit_to="data")
 
 
 def fit_flow(flow, energy, cfg, data_iter, gen) -> list[float]:

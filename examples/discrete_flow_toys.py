@@ -70,7 +70,8 @@ def make_flow(cfg, gen_seed):
     path = MixturePath(2, "mask")
     model = MLPVelocity(32, 2, hidden=cfg["flow"]["hidden"], schedule=path.schedule)
     return DiscreteFlowSampler(model, path, CTMCSolver(path, cfg["flow"]["step_size"]),
-                               lr=cfg["flow"]["lr"], batch_size=cfg["flow"]["proposal_batch"])
+                               lr=cfg["flow"]["lr"], batch_size=cfg["flow"]["proposal_batch"],
+                               fit_to="data")
 
 
 def make_recipe(recipe, flow, r):

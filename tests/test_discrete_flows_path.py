@@ -45,7 +45,7 @@ def exact_euler_law(path: MixturePath, solver: CTMCSolver, support, probs) -> to
     for k in range(len(times) - 1):
         t, dt = times[k], times[k + 1] - times[k]
         u = path.marginal_velocity(states, t, support, probs)
-        p = solver.step_probs(u, states, dt, last=k == len(times) - 2).double()  # (N, D, V)
+        p = solver.step_probs(u, states, t, dt, last=k == len(times) - 2).double()  # (N, D, V)
         # joint transition: product over coordinates of the per-coordinate jump law
         trans = torch.ones(len(states), len(states), dtype=torch.float64)
         for d in range(D):

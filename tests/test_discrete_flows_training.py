@@ -50,7 +50,7 @@ def euler_law(velocity_fn, solver: CTMCSolver, dim: int) -> torch.Tensor:
     for k in range(len(times) - 1):
         t, dt = times[k], times[k + 1] - times[k]
         u = velocity_fn(states, torch.full((len(states),), t))
-        p = solver.step_probs(u, states, dt, k == len(times) - 2).double()
+        p = solver.step_probs(u, states, t, dt, k == len(times) - 2).double()
         new = torch.zeros_like(dist)
         for rows, mdims, target in groups:
             a = dist[rows][:, None]
@@ -79,7 +79,7 @@ def make_sampler(dim: int, lr: float = 5e-3, **kw) -> DiscreteFlowSampler:
 
 def test_regression_on_8bit_samples_reaches_tv_below_005(gen):
     states, p = mixture_8bit()
-    sampler = make_sampler(8)
+    sampler = make_sampler(8, fit_to="data")
     steps = 800
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(sampler.optimizer, steps)
     energy = MLPEnergy(Binary(8), hidden=(4,))  # only its space is used
@@ -160,7 +160,7 @@ def test_sample_follows_energy_space_convention(gen):
     cat_space = Categorical(4, 3)
     cat = MLPEnergy(cat_space, hidden=(8,))
     path = MixturePath(3, "uniform")
-    cs = DiscreteFlowSampler(MLPVelocity(4, 3, hidden=(16,), schedule=path.schedule), path)
+    cs = DiscreteFlowSampler(MLPVelocity(4, 3, hidden=(16,), schedule=path.schedule), path, fit_to="data")
     y = cs.sample(cat, 32, generator=gen)
     assert y.dtype == torch.long and y.shape == (32, 4) and int(y.max()) < 3
     stats = cs.update(cat, cat_space.noise(8, gen), generator=gen)
@@ -169,7 +169,7 @@ def test_sample_follows_energy_space_convention(gen):
 
 def test_sample_is_deterministic_under_seed():
     energy = MLPEnergy(Binary(6), hidden=(8,))
-    sampler = make_sampler(6)
+    sampler = make_sampler(6, fit_to="data")
     sampler.update(energy, Binary(6).noise(32, torch.Generator().manual_seed(1)))
     a = sampler.sample(energy, 20, generator=torch.Generator().manual_seed(5))
     b = sampler.sample(energy, 20, generator=torch.Generator().manual_seed(5))
@@ -190,7 +190,8 @@ def test_posterior_objective_trains(gen):
     states, p = mixture_8bit()
     path = MixturePath(2, "mask")
     torch.manual_seed(0)
-    sampler = DiscreteFlowSampler(MLPVelocity(8, 2, hidden=(64,)), path, objective="posterior", lr=5e-3)
+    sampler = DiscreteFlowSampler(MLPVelocity(8, 2, hidden=(64,)), path, objective="posterior", lr=5e-3,
+                                  fit_to="data")
     energy = MLPEnergy(Binary(8), hidden=(4,))
     first = None
     for _ in range(100):
@@ -212,7 +213,13 @@ def test_bad_inputs(gen):
         sampler.sample(MLPEnergy(Binary(5), hidden=(8,)), 3)
     binary = MLPEnergy(Binary(4), hidden=(8,))
     with pytest.raises(ValueError, match="outside"):
-        sampler.update(binary, torch.full((3, 4), 2.0))
+        make_sampler(4, fit_to="data").update(binary, torch.full((3, 4), 2.0))
+    with pytest.raises(ValueError, match="fit_to"):
+        make_sampler(4, fit_to="dat")
+    with pytest.raises(ValueError, match="scale_by_rate"):
+        make_sampler(4, scale_by_rate=True)  # the model already scales by its schedule
+    with pytest.raises(ValueError, match="jump"):
+        CTMCSolver(MixturePath(2), 0.1, jump="euler")
     with pytest.raises(ValueError, match="t0"):
         sampler.sample(binary, x0=torch.zeros(2, 4), t0=1.5)
     with pytest.raises(ValueError, match="VelocityModel"):

@@ -30,7 +30,11 @@ _SOURCES = ("mask", "uniform")
 
 
 def check_time(t: Tensor | float, batch: int, device: torch.device, name: str = "t") -> Tensor:
-    """Return ``t`` as a float ``(batch,)`` tensor on ``device``; ``ValueError`` outside [0, 1]."""
+    """Return ``t`` as a float ``(batch,)`` tensor on ``device``; ``ValueError`` outside [0, 1].
+
+    Python floats and CPU tensors are range-checked; on an accelerator only the shape and
+    device are (reading the values would synchronise with the device on every call).
+    """
     if not isinstance(t, Tensor):
         t = torch.tensor(float(t), device=device)
     if t.device != device:
@@ -40,10 +44,16 @@ def check_time(t: Tensor | float, batch: int, device: torch.device, name: str = 
         t = t.expand(batch)
     if t.shape != (batch,):
         raise ValueError(f"{name} must be a scalar or have shape (B,)=({batch},), got {tuple(t.shape)}")
-    if bool(((t < 0) | (t > 1) | ~torch.isfinite(t)).any()):
+    if _readable(t) and bool(((t < 0) | (t > 1) | ~torch.isfinite(t)).any()):
         bad = t[(t < 0) | (t > 1) | ~torch.isfinite(t)][0].item()
         raise ValueError(f"{name} must lie in [0, 1], got {bad}; times run from source 0 to data 1")
     return t
+
+
+def _readable(x: Tensor) -> bool:
+    """Whether the values of ``x`` can be read without a host-device synchronisation (CPU
+    tensors). Value checks run only then; shapes and dtypes are checked on every device."""
+    return x.device.type == "cpu"
 
 
 class MixturePath:
@@ -80,11 +90,17 @@ class MixturePath:
 
     # -- checks ----------------------------------------------------------------------------
     def check_tokens(self, x: Tensor, name: str = "x", allow_mask: bool = False) -> Tensor:
-        """``ValueError`` unless ``x`` is long ``(B, D)`` with tokens in the vocabulary."""
+        """``ValueError`` unless ``x`` is long ``(B, D)`` with tokens in the vocabulary.
+
+        Token values are checked for CPU tensors only (dtype and shape on every device), so
+        no call synchronises with an accelerator.
+        """
         if not isinstance(x, Tensor) or x.dtype != torch.long or x.dim() != 2:
             got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{name} must be a long (B, D) tensor of tokens, got {got}")
         high = self.vocab_size if allow_mask else self.num_classes
+        if not _readable(x):
+            return x  # values on an accelerator are not read (no synchronisation per call)
         bad = (x < 0) | (x >= high)
         if bool(bad.any()):
             val = x[bad][0].item()
@@ -177,7 +193,10 @@ class MixturePath:
         Args: logits ``(B, D, S)``, x_t ``(B, D)``, t scalar or ``(B,)``. Returns ``(B, D, S)``.
         """
         t = check_time(t, x_t.shape[0], x_t.device)
-        rate = self.schedule.rate(t)[:, None, None]
+        return self._posterior_to_velocity(logits, x_t, t)
+
+    def _posterior_to_velocity(self, logits: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        rate = self.schedule.rate(t)[:, None, None].to(logits.dtype)
         return rate * (torch.softmax(logits, dim=-1) - self.one_hot_data(x_t))
 
     @torch.no_grad()

@@ -159,7 +159,10 @@ class BootstrapFlow(_FlowRecipe):
     def update(self, energy, data=None, *, generator=None):
         self.flow._check_energy(energy)
         if self._kept is None:
-            stats = self.flow.update(energy, data, generator=generator) if data is not None else {}
+            stats = {}
+            if data is not None:
+                data = energy.space.validate(data, "data", device=self.flow._device())
+                stats = self.flow.fit_step(to_tokens(data, energy.space), None, generator)
         else:
             x, e_old = self._kept
             with torch.no_grad():

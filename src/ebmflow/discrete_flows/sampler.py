@@ -3,13 +3,23 @@
 ``sample(energy, n)`` simulates the CTMC from the source to t = 1 and returns states in the
 energy's convention (float {0, 1} for ``Binary``, long for ``Categorical``).
 
-``update(energy, data)`` takes one (or ``updates_per_call``) optimiser step(s) of the flow:
+``update(energy, data)`` takes one (or ``updates_per_call``) optimiser step(s) of the flow.
+What it learns is set by ``fit_to``:
 
-* with data: unweighted regression on x1 = data;
-* without data (data-free, from the energy alone): x1 ~ q (the proposal), importance weights
-  log w = -E(x1)/T - log q(x1), self-normalised to mean 1 and detached, then weighted regression.
-  The effective sample size (sum w)^2 / sum w^2 and weight statistics are returned with every
-  update, and ``LowESSWarning`` is raised when ESS / B falls below ``ess_threshold``.
+* ``"energy"`` (default; the flow is a sampler of the energy, as every learned ``Sampler``):
+  data-free, x1 ~ q (the proposal), importance weights log w = -E(x1)/T - log q(x1),
+  self-normalised to mean 1 and detached, then weighted regression. A data batch passed by a
+  training loop is not used: a flow fitted to the data would hand contrastive divergence
+  negatives distributed like the data, whose gradient vanishes whatever the energy.
+* ``"data"``: unweighted regression on x1 = data when a batch is given (data-free without one):
+  the flow as a model of the data.
+
+Data-free updates return the effective sample size (sum w)^2 / sum w^2 and weight statistics
+(0-d tensors); ``LowESSWarning`` is raised when ESS / B falls below ``ess_threshold``. Value
+checks (NaN / -inf energies, log q = -inf, the ESS warning) read tensors on the host: every
+update on the CPU (free there), on an accelerator at the first update and then every
+``check_every`` updates (one synchronisation per ``check_every``; the flags and the minimum ESS
+fraction are accumulated on the device in between).
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from .weights import LowESSWarning, importance_weights
 __all__ = ["DiscreteFlowSampler", "Proposal", "to_tokens", "from_tokens"]
 
 _OBJECTIVES = ("velocity", "posterior")
+_FIT_TO = ("energy", "data")
 
 
 class Proposal(Protocol):
@@ -65,18 +76,26 @@ class DiscreteFlowSampler(Sampler):
         model: the ``VelocityModel`` (its output is the velocity for objective "velocity",
             posterior logits of x1 for objective "posterior").
         path: default ``MixturePath(model.num_classes, "mask")``.
-        solver: default ``CTMCSolver(path, step_size=0.05)``.
+        solver: default ``CTMCSolver(path, step_size=0.05)`` (jump "exact").
         objective: "velocity" (velocity regression, default) or "posterior" (cross-entropy).
+        fit_to: what ``update`` trains the flow on: "energy" (default; data-free, importance
+            weighted, any data batch unused) or "data" (the batch, when one is given).
+        scale_by_rate: velocity objective only: the velocity is u = kappa'(t)/(1 - kappa(t)) *
+            model(x_t, t), so the network learns a bounded quantity although u grows like
+            1/(1 - t). Default None: on unless the model scales by a schedule itself
+            (``MLPVelocity(schedule=...)``).
         proposal: q for data-free training (default uniform on {0..S-1}^D); a
             ``FactorizedProposal`` or any object with ``sample(n, generator)`` and ``log_prob``.
         temperature: T of the target p ∝ exp(-E/T) (default 1).
         batch_size: proposal draws per data-free update (default 128).
-        lr: Adam learning rate (default 1e-3) of the optimiser made here, unless ``optimizer``
+        lr: Adam learning rate (default 3e-3) of the optimiser made here, unless ``optimizer``
             (built on ``model.parameters()``) is given.
         updates_per_call: optimiser steps per ``update`` (default 1).
         ess_threshold: warn when ESS / B < this (default 0.05); 0 disables the warning.
-        check_weights: check energies and log q for NaN / -inf proposals each data-free update
-            (default True; it reads values, i.e. synchronises with the device once per update).
+        check_weights: check energies and log q for NaN / -inf on proposals, and the ESS
+            against ``ess_threshold`` (default True).
+        check_every: on an accelerator, read those checks every this many data-free updates
+            (default 100; the first update is always read). On the CPU every update is read.
         grad_clip: max gradient norm (default None).
     """
 
@@ -87,14 +106,17 @@ class DiscreteFlowSampler(Sampler):
         solver: CTMCSolver | None = None,
         *,
         objective: str = "velocity",
+        fit_to: str = "energy",
+        scale_by_rate: bool | None = None,
         proposal: Proposal | None = None,
         temperature: float = 1.0,
         batch_size: int = 128,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         optimizer: torch.optim.Optimizer | None = None,
         updates_per_call: int = 1,
         ess_threshold: float = 0.05,
         check_weights: bool = True,
+        check_every: int = 100,
         grad_clip: float | None = None,
     ):
         super().__init__()
@@ -113,6 +135,27 @@ class DiscreteFlowSampler(Sampler):
         if self.solver.path is not self.path:
             raise ValueError("solver must be built on the same path object: CTMCSolver(path, h)")
         self.objective = objective
+        if fit_to not in _FIT_TO:
+            raise ValueError(
+                f"fit_to must be one of {_FIT_TO}, got {fit_to!r}: \"energy\" trains the flow as a "
+                "sampler of the energy, \"data\" on the data batches given to update"
+            )
+        self.fit_to = fit_to
+        own_scale = getattr(model, "schedule", None) is not None
+        if scale_by_rate is None:
+            scale_by_rate = objective == "velocity" and not own_scale
+        if scale_by_rate and objective != "velocity":
+            raise ValueError("scale_by_rate applies to objective='velocity' only (posterior logits "
+                             "are turned into a velocity by the path); pass scale_by_rate=False")
+        if scale_by_rate and own_scale:
+            raise ValueError("the model already multiplies its output by its schedule's rate; pass "
+                             "scale_by_rate=False (or build the model without schedule=)")
+        self.scale_by_rate = bool(scale_by_rate)
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be a positive int, got {check_every!r}")
+        self.check_every = check_every
+        self._monitor: dict[str, Tensor] = {}
+        self._free_updates = 0
         proposal = proposal if proposal is not None else FactorizedProposal.uniform(model.dim, model.num_classes)
         if isinstance(proposal, nn.Module):
             self.proposal = proposal
@@ -170,8 +213,13 @@ class DiscreteFlowSampler(Sampler):
         """The generating velocity u(j | x_t) ``(B, D, S)`` used by the solver."""
         out = self.model(x_t, t)
         if self.objective == "posterior":
-            return self.path.posterior_to_velocity(out, x_t, t)
-        return out
+            return self.path._posterior_to_velocity(out, x_t, t)
+        return self._scaled(out, t)
+
+    def _scaled(self, out: Tensor, t: Tensor) -> Tensor:
+        if not self.scale_by_rate:
+            return out
+        return out * self.path.schedule.rate(t)[:, None, None].to(out.dtype)
 
     def renoise(self, x1: Tensor, t0: float, generator: torch.Generator | None = None) -> Tensor:
         """Send tokens x1 back to time t0 along the path: x_t0 ~ p_t0(. | x1).
@@ -246,7 +294,7 @@ class DiscreteFlowSampler(Sampler):
         out = self.model(x_t, t)
         if self.objective == "posterior":
             return posterior_loss(out, x_t, x1, t, self.path, weights)
-        return velocity_regression_loss(out, x_t, x1, t, self.path, weights)
+        return velocity_regression_loss(self._scaled(out, t), x_t, x1, t, self.path, weights)
 
     def fit_step(self, x1: Tensor, weights: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """One optimiser step on tokens x1 ``(B, D)`` with optional weights ``(B,)`` (mean 1)."""
@@ -267,10 +315,48 @@ class DiscreteFlowSampler(Sampler):
         x1 = proposal.sample(n, generator=generator)
         log_q = proposal.log_prob(x1)
         e = energy(from_tokens(x1, energy.space))
-        if self.check_weights:
-            _check_weights(e, log_q)
         w, stats = importance_weights(e, log_q, self.temperature)
+        if self.check_weights:
+            self._check(e, log_q, stats["ess_fraction"])
         return x1, w, stats
+
+    def _check(self, e: Tensor, log_q: Tensor, ess_fraction: Tensor) -> None:
+        """Value checks of one data-free update, read on the host only when it costs no
+        synchronisation (CPU) or when due (first update, then every ``check_every``)."""
+        flags = _weight_flags(e, log_q)
+        self._free_updates += 1
+        if e.device.type == "cpu":
+            if bool(flags.any()):
+                _check_weights(e, log_q)
+            self._warn_low_ess(float(ess_fraction), 1)
+            return
+        mon = self._monitor
+        mon["flags"] = flags if "flags" not in mon else mon["flags"] | flags
+        frac = ess_fraction.detach().reshape(1).float()
+        mon["ess_min"] = frac if "ess_min" not in mon else torch.minimum(mon["ess_min"], frac)
+        if self._free_updates != 1 and self._free_updates % self.check_every != 0:
+            return
+        *bad, ess_min = torch.cat([mon.pop("flags").float(), mon.pop("ess_min")]).tolist()
+        if any(bad):
+            _check_weights(e, log_q)  # the current batch: a detailed message when it is this one
+            raise ValueError(
+                "the energy returned NaN or -inf, or the proposal's log q was -inf where the "
+                f"energy is finite, on proposal states within the last {self.check_every} "
+                "data-free updates; check the energy and give the proposal full support"
+            )
+        self._warn_low_ess(ess_min, self.check_every)
+
+    def _warn_low_ess(self, frac: float, window: int) -> None:
+        if self.ess_threshold > 0 and frac < self.ess_threshold:
+            when = "" if window == 1 else f" (lowest of the last {window} updates)"
+            warnings.warn(
+                f"importance-weight ESS collapsed to {frac:.3g} of the batch{when} (< "
+                f"ess_threshold={self.ess_threshold}); use a proposal closer to the "
+                "target (FactorizedProposal.fit(data), a higher temperature) or a "
+                "larger batch_size",
+                LowESSWarning,
+                stacklevel=5,
+            )
 
     def update(
         self,
@@ -279,12 +365,13 @@ class DiscreteFlowSampler(Sampler):
         *,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """Train the flow: on ``data`` (unweighted) or, with no data, from the energy alone by
-        importance weighting proposals. Returns (and keeps in ``self.stats``) ``flow_loss``
-        and, data-free, ``ess``, ``ess_fraction``, ``weight_max``, ``log_weight_std``."""
+        """Train the flow from the energy alone by importance weighting proposals, or (with
+        ``fit_to="data"`` and a batch) on ``data``, unweighted. Returns (and keeps in
+        ``self.stats``) ``flow_loss`` and, data-free, ``ess``, ``ess_fraction``,
+        ``weight_max``, ``log_weight_std`` (0-d tensors)."""
         self._check_energy(energy)
         stats: dict[str, Tensor] = {}
-        if data is not None:
+        if data is not None and self.fit_to == "data":
             data = energy.space.validate(data, "data", device=self._device())
             x1 = to_tokens(data, energy.space)
             for _ in range(self.updates_per_call):
@@ -293,19 +380,17 @@ class DiscreteFlowSampler(Sampler):
             for _ in range(self.updates_per_call):
                 x1, w, wstats = self.weighted_proposals(energy, self.batch_size, generator)
                 stats = {**self.fit_step(x1, w, generator), **wstats}
-            if self.ess_threshold > 0 and self.check_weights:
-                frac = float(stats["ess_fraction"])
-                if frac < self.ess_threshold:
-                    warnings.warn(
-                        f"importance-weight ESS collapsed to {frac:.3g} of the batch (< "
-                        f"ess_threshold={self.ess_threshold}); use a proposal closer to the "
-                        "target (FactorizedProposal.fit(data), a higher temperature) or a "
-                        "larger batch_size",
-                        LowESSWarning,
-                        stacklevel=2,
-                    )
         self.stats = stats
         return stats
+
+
+def _weight_flags(e: Tensor, log_q: Tensor) -> Tensor:
+    """Bool ``(3,)`` on the energies' device: [NaN or -inf energy, log q = -inf where the
+    energy is finite, every log-weight -inf]; computed without reading values."""
+    nan = (torch.isnan(e) | (e == float("-inf"))).any()
+    support = (torch.isfinite(e) & ~torch.isfinite(log_q)).any()
+    all_inf = ~torch.isfinite(-e - log_q).any()
+    return torch.stack([nan, support, all_inf])
 
 
 def _check_weights(e: Tensor, log_q: Tensor) -> None:
