@@ -15,6 +15,9 @@ close to the base Gaussian, where local MCMC mixes easily (``TiltedEnergy.latent
 The flow is duck-typed (this module does not import ``ebmflow.flows``): anything with
 ``log_prob(x) -> (B,)`` on flat states ``(B, D)``, and for the latent view a ``forward(z) ->
 (x, log|det dT/dz|)`` (``__call__``). An integer ``dim`` attribute, when present, is checked.
+A zuko flow (a module whose call ``flow()`` returns a distribution with ``log_prob``, e.g.
+``zuko.flows.NSF``) is accepted as well: log q(x) = flow().log_prob(x), and the latent view
+uses its ``transform`` (x = f^{-1}(z)).
 """
 
 from __future__ import annotations
@@ -28,6 +31,51 @@ from ..spaces import Continuous
 from .base import EnergyModel
 
 __all__ = ["TiltedEnergy", "LatentEnergy"]
+
+
+class _LazyDensity(nn.Module):
+    """A zuko-style lazy distribution (``module() -> distribution``) seen as a flow:
+    ``log_prob(x) = module().log_prob(x)``, ``forward(z) = transform.inv.call_and_ladj(z)``."""
+
+    def __init__(self, lazy: nn.Module, dim: int):
+        super().__init__()
+        self.lazy = lazy
+        self.dim = dim
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.lazy().log_prob(x)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        transform = getattr(self.lazy(), "transform", None)
+        if transform is None:
+            raise ValueError(
+                f"the latent view needs a normalizing flow with a transform; "
+                f"{type(self.lazy).__name__}() has none"
+            )
+        return transform.inv.call_and_ladj(z)
+
+
+def _as_density(flow: nn.Module) -> nn.Module:
+    """``flow`` if it has ``log_prob``; a zuko-style lazy distribution wrapped in
+    ``_LazyDensity``; otherwise a ValueError."""
+    if not isinstance(flow, nn.Module):
+        raise ValueError(
+            f"flow must be an nn.Module with log_prob(x) -> (B,) or a zuko flow, got "
+            f"{type(flow).__name__}"
+        )
+    if callable(getattr(flow, "log_prob", None)):
+        return flow
+    try:
+        dist = flow()
+    except TypeError:
+        dist = None
+    if dist is None or not callable(getattr(dist, "log_prob", None)):
+        raise ValueError(
+            f"flow must be an nn.Module with log_prob(x) -> (B,) or a zuko flow (flow() -> "
+            f"distribution), got {type(flow).__name__}"
+        )
+    shape = tuple(getattr(dist, "event_shape", ()))
+    return _LazyDensity(flow, shape[0] if len(shape) == 1 else -1)
 
 
 @contextmanager
@@ -50,7 +98,8 @@ class TiltedEnergy(EnergyModel):
     Args:
         energy: the learned correction E_theta (an ``EnergyModel`` on a ``Continuous`` space).
         flow: a module with ``log_prob(x (B, D)) -> (B,)`` where D = energy.space.dim
-            (e.g. ``ebmflow.flows.RealNVP``); states of shape ``(B, *event)`` are flattened.
+            (e.g. ``ebmflow.flows.RealNVP``, ``ebmflow.flows.ZukoFlow``) or a zuko flow
+            (``flow() -> distribution``); states of shape ``(B, *event)`` are flattened.
         learn_flow: if False (default) the flow's parameters get no gradient through this
             energy (the flow is fitted separately, e.g. by ``FlowMC.update``); gradients with
             respect to x always include -grad log q.
@@ -74,10 +123,7 @@ class TiltedEnergy(EnergyModel):
                 f"TiltedEnergy needs a continuous energy, got space {energy.space!r}; flows "
                 "model real-valued states"
             )
-        if not isinstance(flow, nn.Module) or not callable(getattr(flow, "log_prob", None)):
-            raise ValueError(
-                f"flow must be an nn.Module with log_prob(x) -> (B,), got {type(flow).__name__}"
-            )
+        flow = _as_density(flow)
         dim = getattr(flow, "dim", None)
         if isinstance(dim, int) and dim != energy.space.dim:
             raise ValueError(

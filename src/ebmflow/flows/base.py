@@ -43,6 +43,13 @@ class Flow(nn.Module):
             same number of coordinates (``FlowMC`` and ``TiltedEnergy`` check this).
     """
 
+    #: log_prob is the exact log-density of the sampler (False for stochastic estimates);
+    #: FlowMC refuses flows without it
+    exact_log_prob: bool = True
+    #: the inverse is computed numerically (an ODE solve), so FlowMC checks that
+    #: sample_and_log_prob and log_prob agree
+    numerical_inverse: bool = False
+
     def __init__(self, dim: int):
         super().__init__()
         if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
@@ -119,7 +126,8 @@ class Flow(nn.Module):
         batch_size: int = 256,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Fit the flow to ``data`` ``(N, D)`` by maximum likelihood with Adam.
+        """Fit the flow to ``data`` ``(N, D)`` by maximum likelihood with Adam,
+        L(phi) = -mean_b log q_phi(x_b) over minibatches.
 
         Minibatches are drawn uniformly with replacement. Returns the loss of every step
         ``(n_steps,)`` (detached; one host copy at the end, none inside the loop).

@@ -126,7 +126,9 @@ class ContinuousFlow(Flow):
         noise: Hutchinson noise, "rademacher" (default, lower variance) or "gaussian".
 
     With ``trace="hutchinson"``, ``log_prob`` is a noisy (unbiased in log q) estimate; pass
-    ``generator=`` to make it deterministic.
+    ``generator=`` to make it deterministic. ``FlowMC`` needs an exact log q (an MH proposal
+    density): use ``trace="exact"`` (D backward passes per ODE evaluation) and a solver
+    accurate enough that forward and inverse solves agree (FlowMC checks it).
     """
 
     def __init__(
@@ -169,6 +171,13 @@ class ContinuousFlow(Flow):
     @property
     def exact_trace(self) -> bool:
         return self.trace == "exact" or (self.trace == "auto" and self.dim <= 8)
+
+    numerical_inverse = True
+
+    @property
+    def exact_log_prob(self) -> bool:  # type: ignore[override]
+        """True with an exact trace (Hutchinson log q is a stochastic estimate)."""
+        return self.exact_trace
 
     def _integrate(
         self, x: Tensor, t0: float, t1: float, generator: torch.Generator | None

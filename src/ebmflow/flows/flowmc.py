@@ -18,13 +18,22 @@ time, with a few large tensor operations instead of many small ones. The energy 
 chains after the local steps is taken from the local kernel's cache (MALA, HMC) rather than
 recomputed.
 
-During training the flow is fitted to the chains by maximum likelihood (forward KL on the
-current chain states, ``update``), with its own optimiser and schedule, so global moves jump
-between modes that local moves cannot connect and rebalance their weights.
+During training the flow is fitted to the chains by maximum likelihood (forward KL,
+``update``), with its own optimiser and schedule, so global moves jump between modes that
+local moves cannot connect and rebalance their weights. The training set is either the
+current chain states (default) or, as in flowMC, a buffer of chain history: the last
+``history`` snapshots of every chain, resampled to ``train_examples`` points and fitted for
+``flow_epochs`` epochs per ``update`` (``FlowMC.flowmc_schedule`` builds flowMC's settings).
+
+Step-size conventions: flowMC's MALA proposal is x' = x + (dt^2 / 2) grad log p(x) + dt xi;
+ours is x' = x - eta grad E(x) + sqrt(2 eta) xi, so eta = dt^2 / 2 (flowMC's dt = 0.1 is
+eta = 0.005, the default here).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,45 +51,141 @@ __all__ = ["FlowMC"]
 
 
 def _default_local_kernel() -> MCMCSampler:
-    """MALA(step_size=0.1, n_warmup=200): adapts its step size during its first 200 steps."""
-    return MALA(step_size=0.1, n_warmup=200)
+    """MALA(step_size=0.005, n_warmup=100): flowMC's dt = 0.1 (eta = dt^2 / 2), adapted toward
+    acceptance 0.574 during the 100 steps after every flow fit (``retune_local``)."""
+    return MALA(step_size=0.005, n_warmup=100)
+
+
+def _as_flow(flow: Any) -> Flow:
+    """``flow`` itself if it is a ``Flow``; a zuko ``LazyDistribution`` wrapped in
+    ``ZukoFlow``; otherwise a ValueError."""
+    if isinstance(flow, Flow):
+        return flow
+    if type(flow).__module__.split(".")[0] == "zuko":
+        from .zuko_adapter import ZukoFlow
+
+        return ZukoFlow(flow)
+    raise ValueError(
+        f"flow must be an ebmflow.flows.Flow (RealNVP, ContinuousFlow or a subclass) or a zuko "
+        f"flow (zuko.lazy.LazyDistribution, wrapped by ebmflow.flows.ZukoFlow), got "
+        f"{type(flow).__name__}"
+    )
+
+
+def check_exact_log_prob_kind(flow: Flow) -> None:
+    """ValueError (naming the fix) if ``flow.exact_log_prob`` is False (a Hutchinson trace)."""
+    if not getattr(flow, "exact_log_prob", True):
+        raise ValueError(
+            f"FlowMC needs an exact log q for its Metropolis-Hastings proposals, but "
+            f"{flow!r} estimates the trace stochastically (Hutchinson; ContinuousFlow uses it "
+            f"for trace='auto' above 8 dimensions); build it with "
+            f"ContinuousFlow(dim, trace='exact') (D backward passes per ODE evaluation)"
+        )
+
+
+def _make_optimizer(
+    optimizer: str | Callable[[Any], torch.optim.Optimizer], params: list[Tensor], lr: float
+) -> torch.optim.Optimizer:
+    if callable(optimizer):
+        return optimizer(params)
+    if optimizer == "adam":
+        return default_adam(params, lr)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    raise ValueError(
+        f"optimizer must be 'adam', 'adamw' or a callable params -> Optimizer, got {optimizer!r}"
+    )
+
+
+def check_exact_log_prob(flow: Flow, n: int = 256, tol: float = 1e-3,
+                         generator: torch.Generator | None = None) -> float:
+    """Refuse a flow whose log q is not exact enough for a Metropolis-Hastings proposal.
+
+    An independence-MH step is invariant only if log q(x') of a proposal (from the sampling
+    pass) and log q(x) of the current state (from ``log_prob``) are the same function.
+    Flows that report ``exact_log_prob = False`` (a ``ContinuousFlow`` with a Hutchinson
+    trace) are refused; for flows with a numerical inverse (``ContinuousFlow``) n samples
+    are drawn and the largest |log q_sample(x) - log_prob(x)| must be <= tol nats.
+
+    Returns that largest gap (0.0 for flows with an analytic inverse); raises ``ValueError``
+    naming the fix otherwise (one host read).
+    """
+    check_exact_log_prob_kind(flow)
+    if not getattr(flow, "numerical_inverse", False):
+        return 0.0
+    with torch.no_grad():
+        x, logq_sample = flow.sample_and_log_prob(n, generator)
+        gap = float((logq_sample - flow.log_prob(x)).abs().nan_to_num(math.inf).max())
+    if not gap <= tol:
+        raise ValueError(
+            f"the forward and inverse ODE solves of {type(flow).__name__} disagree by {gap:.3g} "
+            f"nats in log q (tolerance {tol:g}): the independence proposals would not keep "
+            f"the target invariant; solve more accurately, e.g. more n_steps (now "
+            f"{getattr(flow, 'n_steps', '?')}) or method='dopri5' with atol=rtol=1e-7, or "
+            f"raise FlowMC(logq_tol=...)"
+        )
+    return gap
 
 
 class FlowMC(Sampler):
     """Flow-assisted MCMC with persistent chains and an adaptive flow proposal.
 
     Args:
-        flow: any ``Flow`` (``RealNVP``, ``ContinuousFlow`` or a subclass providing
-            ``sample_and_log_prob`` and ``log_prob``) with ``flow.dim == energy.space.dim``.
-        local: the local kernel, a continuous ``MCMCSampler`` (default ``MALA(step_size=0.1,
-            n_warmup=200)``). When the energy is being trained, keep the local kernel's step
-            size adapting (a large ``n_warmup``): a step size adapted while the energy is still
-            flat grows huge, local acceptance then drops to ~0 and only the flow moves the
-            chains (seen in the 2:1 experiment, docs/results-flowmc.md).
+        flow: any ``Flow`` (``RealNVP``, ``ContinuousFlow`` with ``trace="exact"``, a
+            ``ZukoFlow``, or a subclass providing ``sample_and_log_prob`` and ``log_prob``)
+            or a zuko flow (wrapped in ``ZukoFlow``), with ``flow.dim == energy.space.dim``.
+            Its log q must be exact (see ``check_exact_log_prob``): a Hutchinson trace is
+            refused with a ``ValueError``.
+        local: the local kernel, a continuous ``MCMCSampler`` (default ``MALA(step_size=0.005,
+            n_warmup=100)``, flowMC's dt = 0.1 as eta = dt^2 / 2).
         n_local: local steps per round (default 10).
         n_global: independent flow proposals per round (default 10).
         n_rounds: rounds per ``sample`` call (default 1).
         n_chains: number of persistent chains (default: the ``n`` of the first ``sample``
             call, or the size of the first ``data`` given to ``update``).
-        lr: learning rate of the default Adam optimiser of the flow (default 1e-3).
-        flow_steps: optimiser steps per ``update`` call (default 1).
-        flow_batch_size: chain states per flow step (default: all chains).
+        lr: learning rate of the default optimiser of the flow (default 1e-3).
+        flow_steps: optimiser steps per ``update`` call when ``flow_epochs`` is None
+            (default 1).
+        flow_batch_size: states per flow step (default: the whole training set).
         flow_loss: "ml" (maximum likelihood, -mean log q(x); default) or "flow_matching"
             (for flows with ``flow_matching_loss``, e.g. ``ContinuousFlow``).
-        optimizer: ``params -> torch.optim.Optimizer`` (default Adam(lr)).
+        optimizer: "adam" (default, ``default_adam``), "adamw" (flowMC's ``AdamW(lr)``) or
+            a callable ``params -> torch.optim.Optimizer``.
         scheduler: ``optimizer -> LRScheduler`` stepped after each flow step (default none).
-        max_grad_norm: gradient clipping of the flow (default 10; None disables).
-        adapt_steps: after this many flow steps the flow is frozen (default None: keeps
-            adapting).
+        max_grad_norm: global-norm gradient clipping of the flow (default 10; flowMC: 1;
+            None disables).
+        adapt_steps: after this many flow steps the flow is frozen (default None).
+        train_updates: after this many ``update`` calls that fitted the flow it is frozen
+            (flowMC's number of training loops; default None: keeps adapting, as EBM
+            training needs).
+        history: snapshots of every chain kept as training data (default 0: the current
+            states only). A snapshot is taken after the local steps and after the global
+            moves of every round, so ``history=100`` holds the last 50 rounds.
+        train_examples: points drawn with replacement from the history per ``update``
+            (flowMC: 10,000; default None: the whole history once).
+        flow_epochs: if set, every ``update`` makes this many passes over the training set
+            in minibatches of ``flow_batch_size`` (flowMC's ``n_epochs``) instead of
+            ``flow_steps`` steps.
+        retune_local: restart the local kernel's step-size adaptation (kernels with
+            ``reset_adaptation`` and ``n_warmup > 0``, e.g. MALA, HMC) at every ``update``
+            that fits the flow, so the step size follows an energy that is being trained;
+            once the flow is frozen the kernel stops adapting and is exact (default True).
+        logq_tol: largest |log q_sample(x) - log_prob(x)| (nats) accepted for flows with a
+            numerical inverse (``ContinuousFlow``), checked at the first ``sample`` and at
+            every health check (default 1e-3).
+        check_every: health check every this many flow fits (default 25; 0 disables): one
+            host read of the flow loss, the chains' spread and their farthest excursion; a
+            ``RuntimeWarning`` is issued when the flow loss explodes (more than 10 nats per
+            coordinate above its best), the chains collapse (spread below 2% of the first
+            check's) or run away (farthest excursion 50 times the first check's).
         init: initial chain states when neither ``x0`` nor ``data`` was given: "noise" (the
             space's N(0, I), default) or "flow" (flow samples).
         check_finite: raise ``ValueError`` at the end of a ``sample`` call (one host sync) if
             the flow produced non-finite log-densities (default True); when False such
             proposals are rejected and counted in ``stats["flow_nonfinite"]``.
         proposal_batch_size: most flow proposals drawn and evaluated in one call during the
-            global moves (default 4096: large enough to amortise the per-call cost of small
-            states, small enough to stay in CPU cache; None: all n_global * B at once). At
-            least B (one proposal per chain) are drawn per call.
+            global moves (default 4096; None: all n_global * B at once). At least B (one
+            proposal per chain) are drawn per call.
 
     After ``sample``: ``stats["local_accept"]`` (mean acceptance of the local kernel; 1 for
     kernels that report none, such as ULA), ``stats["global_accept"]`` (mean acceptance of
@@ -88,8 +193,8 @@ class FlowMC(Sampler):
     per-chain rate ``(B,)``. ``stats["flow_loss"]`` is the loss of the last ``update``. All
     0-d tensors.
 
-    Persistent state (``state_dict``): the chains, the flow, the local kernel, and (as extra
-    state) the flow optimiser, scheduler and step counter.
+    Persistent state (``state_dict``): the chains, the history, the flow, the local kernel,
+    and (as extra state) the flow optimiser, scheduler and counters.
     """
 
     def __init__(
@@ -105,20 +210,24 @@ class FlowMC(Sampler):
         flow_steps: int = 1,
         flow_batch_size: int | None = None,
         flow_loss: str = "ml",
-        optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
+        optimizer: str | Callable[[Any], torch.optim.Optimizer] = "adam",
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         max_grad_norm: float | None = 10.0,
         adapt_steps: int | None = None,
+        train_updates: int | None = None,
+        history: int = 0,
+        train_examples: int | None = None,
+        flow_epochs: int | None = None,
+        retune_local: bool = True,
+        logq_tol: float = 1e-3,
+        check_every: int = 25,
         init: str = "noise",
         check_finite: bool = True,
         proposal_batch_size: int | None = 4096,
     ):
         super().__init__()
-        if not isinstance(flow, Flow):
-            raise ValueError(
-                f"flow must be an ebmflow.flows.Flow (RealNVP, ContinuousFlow or a subclass), "
-                f"got {type(flow).__name__}"
-            )
+        flow = _as_flow(flow)
+        check_exact_log_prob_kind(flow)
         local = _default_local_kernel() if local is None else local
         if not isinstance(local, MCMCSampler):
             raise ValueError(
@@ -126,11 +235,17 @@ class FlowMC(Sampler):
                 f"{type(local).__name__}"
             )
         for name, val, low in (("n_local", n_local, 0), ("n_global", n_global, 0),
-                               ("n_rounds", n_rounds, 1), ("flow_steps", flow_steps, 0)):
+                               ("n_rounds", n_rounds, 1), ("flow_steps", flow_steps, 0),
+                               ("history", history, 0), ("check_every", check_every, 0)):
             if not isinstance(val, int) or isinstance(val, bool) or val < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {val!r}")
-        if n_chains is not None and (not isinstance(n_chains, int) or n_chains < 1):
-            raise ValueError(f"n_chains must be a positive int or None, got {n_chains!r}")
+        for name, val in (("n_chains", n_chains), ("train_examples", train_examples),
+                          ("flow_epochs", flow_epochs), ("train_updates", train_updates),
+                          ("flow_batch_size", flow_batch_size), ("adapt_steps", adapt_steps)):
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool)
+                                    or val < (0 if name in ("train_updates", "adapt_steps")
+                                              else 1)):
+                raise ValueError(f"{name} must be a positive int or None, got {val!r}")
         if flow_loss not in ("ml", "flow_matching"):
             raise ValueError(f"flow_loss must be 'ml' or 'flow_matching', got {flow_loss!r}")
         if flow_loss == "flow_matching" and not hasattr(flow, "flow_matching_loss"):
@@ -147,6 +262,10 @@ class FlowMC(Sampler):
             )
         if init not in ("noise", "flow"):
             raise ValueError(f"init must be 'noise' or 'flow', got {init!r}")
+        if not (isinstance(logq_tol, (int, float)) and logq_tol > 0):
+            raise ValueError(f"logq_tol must be a positive number (nats), got {logq_tol!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         self.flow = flow
         self.local = local
         self.n_local, self.n_global, self.n_rounds = n_local, n_global, n_rounds
@@ -156,18 +275,61 @@ class FlowMC(Sampler):
         self.flow_loss = flow_loss
         self.max_grad_norm = max_grad_norm
         self.adapt_steps = adapt_steps
+        self.train_updates = train_updates
+        self.history = history
+        self.train_examples = train_examples
+        self.flow_epochs = flow_epochs
+        self.retune_local = retune_local
+        self.logq_tol = float(logq_tol)
+        self.check_every = check_every
         self.init = init
         self.check_finite = check_finite
         self.proposal_batch_size = proposal_batch_size
         params = [p for p in flow.parameters() if p.requires_grad]
-        self.optimizer = (
-            (optimizer(params) if optimizer is not None else default_adam(params, lr))
-            if params else None
-        )
+        self.optimizer = _make_optimizer(optimizer, params, lr) if params else None
         self.scheduler = scheduler(self.optimizer) if (scheduler and self.optimizer) else None
-        self.n_flow_updates = 0
+        self.n_flow_updates = 0  # optimiser steps
+        self.n_fits = 0  # update calls that fitted the flow
         self.register_buffer("chains", torch.empty(0))
+        self.register_buffer("history_states", torch.empty(0))
+        self._hist_pos = 0
+        self._hist_len = 0
+        self._flow_checked = False
+        self._warned_tilt = False
+        self._health_ref: tuple[float, float] | None = None
+        self._best_loss = math.inf
         self.chain_stats: dict[str, Tensor] = {}
+
+    @classmethod
+    def flowmc_schedule(
+        cls,
+        flow: Flow,
+        local: MCMCSampler | None = None,
+        *,
+        n_epochs: int = 5,
+        history: int = 100,
+        train_examples: int = 10_000,
+        batch_size: int = 10_000,
+        lr: float = 1e-3,
+        train_updates: int | None = None,
+        **kwargs: Any,
+    ) -> FlowMC:
+        """FlowMC with flowMC's flow-training schedule: every ``update`` resamples
+        ``train_examples`` points from the last ``history`` snapshots of every chain and
+        fits them for ``n_epochs`` epochs (minibatches of ``batch_size``) with AdamW(lr) and
+        global-norm clipping 1.0; after ``train_updates`` fits (flowMC's training loops) the
+        flow is frozen for production. Other arguments as for ``FlowMC``."""
+        kwargs.setdefault("max_grad_norm", 1.0)
+        kwargs.setdefault("optimizer", "adamw")
+        return cls(flow, local, lr=lr, history=history, train_examples=train_examples,
+                   flow_epochs=n_epochs, flow_batch_size=batch_size,
+                   train_updates=train_updates, **kwargs)
+
+    @property
+    def frozen(self) -> bool:
+        """True once ``adapt_steps`` flow steps or ``train_updates`` fits have been made."""
+        return ((self.adapt_steps is not None and self.n_flow_updates >= self.adapt_steps)
+                or (self.train_updates is not None and self.n_fits >= self.train_updates))
 
     # -- checks ------------------------------------------------------------------------
     def supports(self, energy: EnergyModel) -> bool:
@@ -218,6 +380,8 @@ class FlowMC(Sampler):
         without replacement. Detached.
         """
         self._check_energy(energy)
+        if not self._flow_checked:
+            self._check_flow()
         if x0 is not None:
             x = self._initial_states(energy, n, x0, generator)
         else:
@@ -240,6 +404,29 @@ class FlowMC(Sampler):
         idx = torch.randperm(x.shape[0], generator=generator, device=x.device)[:n]
         return x[idx]
 
+    def _check_flow(self) -> None:
+        """``check_exact_log_prob`` with a private generator (the caller's random stream is
+        not touched)."""
+        ref = self.flow._reference_tensor()
+        device = ref.device if ref is not None else torch.device("cpu")
+        gen = torch.Generator(device=device).manual_seed(0)
+        check_exact_log_prob(self.flow, tol=self.logq_tol, generator=gen)
+        self._flow_checked = True
+
+    def _record(self, x: Tensor) -> None:
+        """Write the chain states into the history ring buffer ``(history, B, D)``."""
+        if self.history == 0:
+            return
+        flat = x.reshape(x.shape[0], -1)
+        buf = self.history_states
+        if buf.dim() != 3 or buf.shape[1:] != flat.shape or buf.device != flat.device:
+            self.history_states = torch.empty((self.history, *flat.shape), device=flat.device,
+                                              dtype=flat.dtype)
+            self._hist_pos = self._hist_len = 0
+        self.history_states[self._hist_pos].copy_(flat)
+        self._hist_pos = (self._hist_pos + 1) % self.history
+        self._hist_len = min(self._hist_len + 1, self.history)
+
     @torch.no_grad()
     def _run_rounds(
         self, energy: EnergyModel, x: Tensor, rounds: int, generator: torch.Generator | None
@@ -257,10 +444,12 @@ class FlowMC(Sampler):
                 rate = rate.float() if rate is not None else torch.ones((), device=x.device)
                 local_acc = rate if local_acc is None else local_acc + rate
                 e_x = self._cached_energy(x)
+                self._record(x)
             if self.n_global > 0:
                 x, acc, bad = self._global_moves(energy, x, e_x, generator)
                 global_acc = acc if global_acc is None else global_acc + acc
                 bad_flow = bad if bad_flow is None else bad_flow | bad
+                self._record(x)
         if bad_flow is None:
             bad_flow = torch.zeros((), dtype=torch.bool, device=x.device)
         if self.check_finite and bool(bad_flow):
@@ -357,14 +546,17 @@ class FlowMC(Sampler):
         *,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """Fit the flow to the current chain states: ``flow_steps`` optimiser steps on
+        """Fit the flow to the chains by maximum likelihood,
 
             L(phi) = -mean_b log q_phi(x_b)       (flow_loss="ml"; forward KL to the chains)
 
-        or on the flow-matching loss. If no chains exist yet and ``data`` is given, the
-        chains start at a copy of the data (so the first fit models the data). Returns (and
-        stores in ``stats``) ``{"flow_loss": 0-d tensor}``, or ``{}`` when nothing was fitted
-        (no chains, frozen flow, ``flow_steps=0``).
+        or by flow matching. The training set is the current chain states, or with
+        ``history > 0`` the stored snapshots of every chain, resampled to ``train_examples``
+        points; it is fitted for ``flow_steps`` steps or ``flow_epochs`` epochs. If no chains
+        exist yet and ``data`` is given, the chains start at a copy of the data (so the first
+        fit models the data). Returns (and stores in ``stats``) ``{"flow_loss": 0-d tensor}``
+        (loss of the last step), or ``{}`` when nothing was fitted (no chains, frozen flow,
+        ``flow_steps=0``).
         """
         self._check_energy(energy)
         if self.chains.numel() == 0:
@@ -374,18 +566,27 @@ class FlowMC(Sampler):
             self.chains = energy.space.validate(
                 data, "data", device=ref.device if ref is not None else None
             ).detach().clone()
-        frozen = self.adapt_steps is not None and self.n_flow_updates >= self.adapt_steps
-        if self.optimizer is None or self.flow_steps == 0 or frozen:
+        if self.optimizer is None or self.frozen or (
+            self.flow_epochs is None and self.flow_steps == 0
+        ):
             return {}
-        states = self.chains.reshape(self.chains.shape[0], -1)
-        size = min(self.flow_batch_size or states.shape[0], states.shape[0])
-        loss = torch.zeros((), device=states.device)
-        for _ in range(self.flow_steps):
-            if size < states.shape[0]:
-                idx = torch.randperm(states.shape[0], generator=generator, device=states.device)
-                batch = states[idx[:size]]
-            else:
-                batch = states
+        self._warn_tilt_feedback(energy)
+        train = self._training_set(generator)
+        n = train.shape[0]
+        size = min(self.flow_batch_size or n, n)
+        if self.flow_epochs is not None:
+            batches: list[Tensor | None] = []
+            for _ in range(self.flow_epochs):
+                perm = torch.randperm(n, generator=generator, device=train.device)
+                batches += [perm[i:i + size] for i in range(0, n, size)]
+        else:
+            batches = [None] * self.flow_steps
+        loss = torch.zeros((), device=train.device)
+        for idx in batches:
+            if idx is None:
+                idx = (torch.randperm(n, generator=generator, device=train.device)[:size]
+                       if size < n else None)
+            batch = train if idx is None else train[idx]
             if self.flow_loss == "ml":
                 loss = self.flow.nll(batch)
             else:
@@ -398,13 +599,109 @@ class FlowMC(Sampler):
             if self.scheduler is not None:
                 self.scheduler.step()
             self.n_flow_updates += 1
+        self.n_fits += 1
+        if self.retune_local:
+            self._retune_local()
         out = {"flow_loss": loss.detach()}
         self.stats = {**self.stats, **out}
+        if self.check_every and (self.n_fits == 1 or self.n_fits % self.check_every == 0):
+            self.check_health(out["flow_loss"])
         return out
 
+    def _training_set(self, generator: torch.Generator | None) -> Tensor:
+        """The chain states (history > 0: the stored snapshots) ``(N, D)``, resampled with
+        replacement to ``train_examples`` points when that is set."""
+        if self.history > 0 and self._hist_len > 0:
+            pool = self.history_states[: self._hist_len].reshape(-1, self.flow.dim)
+        else:
+            pool = self.chains.reshape(self.chains.shape[0], -1)
+        if self.train_examples is None:
+            return pool
+        idx = torch.randint(0, pool.shape[0], (self.train_examples,), generator=generator,
+                            device=pool.device)
+        return pool[idx]
+
+    def _retune_local(self) -> None:
+        """Restart the local kernel's step-size adaptation (from its current step size)."""
+        reset = getattr(self.local, "reset_adaptation", None)
+        if reset is not None and getattr(self.local, "n_warmup", 0) > 0:
+            reset()
+
+    def _warn_tilt_feedback(self, energy: EnergyModel) -> None:
+        tilt_flow = getattr(energy, "flow", None)
+        if self._warned_tilt:
+            return
+        if tilt_flow is not None and (tilt_flow is self.flow
+                                      or tilt_flow is getattr(self.flow, "flow", None)):
+            warnings.warn(
+                "FlowMC is fitting the flow to the chains of an energy tilted by that same "
+                "flow (TiltedEnergy): each fit absorbs the tilt into q and feeds it back, and "
+                "the model drifts or collapses; fit the flow to the data first "
+                "(flow.fit(data)) and freeze it (FlowMC(..., flow_steps=0))",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._warned_tilt = True
+
+    def check_health(self, flow_loss: Tensor | None = None) -> dict[str, float]:
+        """One host read: the flow loss, the chains' spread (mean over coordinates of the
+        standard deviation over chains) and their farthest excursion from the chains'
+        median. Warns (``RuntimeWarning``) on an exploding flow loss (non-finite, or more than
+        10 nats per coordinate above its best so far), collapsed chains (spread below 2% of
+        the first check's) or runaway chains (excursion above 50 times the first check's),
+        and re-checks the flow's log q (``check_exact_log_prob``). Called by ``update`` every
+        ``check_every`` fits; returns the three numbers."""
+        x = self.chains.reshape(self.chains.shape[0], -1)
+        if x.numel() == 0:
+            return {}
+        spread = x.std(0).mean() if x.shape[0] > 1 else torch.zeros((), device=x.device)
+        far = (x - x.median(0).values).abs().max()
+        loss = flow_loss if flow_loss is not None else torch.zeros((), device=x.device)
+        loss_v, spread_v, far_v = torch.stack([loss.float(), spread.float(), far.float()]).tolist()
+        if self._health_ref is None:
+            self._health_ref = (max(spread_v, 1e-12), max(far_v, 1e-12))
+        ref_spread, ref_far = self._health_ref
+        d = self.flow.dim
+        if flow_loss is not None:
+            if not math.isfinite(loss_v) or loss_v > self._best_loss + 10 * d:
+                warnings.warn(
+                    f"FlowMC: the flow loss exploded ({loss_v:.4g}, best so far "
+                    f"{self._best_loss:.4g}); the flow or the chains diverged. Lower the flow "
+                    f"lr, clip harder (max_grad_norm=1.0), or freeze a flow fitted to the "
+                    f"data (flow_steps=0)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            if math.isfinite(loss_v):
+                self._best_loss = min(self._best_loss, loss_v)
+        if spread_v < 0.02 * ref_spread:
+            warnings.warn(
+                f"FlowMC: the chains collapsed (spread {spread_v:.3g}, first check "
+                f"{ref_spread:.3g}); the energy or the flow concentrated on one point. Check "
+                f"the energy's training (lower its lr, add the CD regulariser alpha) and do "
+                f"not fit a flow to the chains of an energy tilted by it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if far_v > 50 * ref_far:
+            warnings.warn(
+                f"FlowMC: the chains ran away (farthest {far_v:.3g} from their median, first "
+                f"check {ref_far:.3g}); the energy is not confining or the local step is too "
+                f"large. Add the CD regulariser alpha, lower the energy's lr or the local "
+                f"step size",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if getattr(self.flow, "numerical_inverse", False):
+            self._check_flow()
+        return {"flow_loss": loss_v, "spread": spread_v, "farthest": far_v}
+
     def reset(self) -> None:
-        """Forget the persistent chains (the next ``sample`` re-initialises them)."""
+        """Forget the persistent chains and their history (the next ``sample``
+        re-initialises them)."""
         self.chains = torch.empty(0, device=self.chains.device)
+        self.history_states = torch.empty(0, device=self.history_states.device)
+        self._hist_pos = self._hist_len = 0
 
     # -- checkpoints -------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -412,6 +709,8 @@ class FlowMC(Sampler):
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "n_flow_updates": self.n_flow_updates,
+            "n_fits": self.n_fits,
+            "history": (self._hist_pos, self._hist_len),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -420,12 +719,18 @@ class FlowMC(Sampler):
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.n_flow_updates = int(state.get("n_flow_updates", 0))
+        self.n_fits = int(state.get("n_fits", 0))
+        self._hist_pos, self._hist_len = state.get("history", (0, 0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         key = prefix + "chains"
         if key in state_dict:
             # the number of chains is only known once they exist: take the saved shape
             self.chains = torch.empty_like(state_dict[key], device=self.chains.device)
+        key = prefix + "history_states"
+        if key in state_dict:
+            self.history_states = torch.empty_like(state_dict[key],
+                                                   device=self.history_states.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
