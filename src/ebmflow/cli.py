@@ -118,7 +118,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=float, help="EMA decay of the evaluated energy (default 0.99)")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--threads", type=int, help="CPU threads (default 1: fastest for small models)")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads (default 1: small models run fastest single-threaded, "
+                        "and many times slower multi-threaded on busy cores)")
     p.add_argument("--sampler-steps", dest="sampler_steps", type=int,
                    help="MCMC steps per training step for cd/pcd (default 10)")
     p.add_argument("--eval-steps", dest="eval_steps", type=int,
@@ -161,7 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--path", help="the benchmarks folder (default: found from the repository)")
     bench.add_argument("--full", action="store_true", help="full runs instead of --quick")
     bench.add_argument("--only", nargs="*", help="names of benchmarks to run (default all)")
+    bench.add_argument("--update-reference", dest="update_reference", action="store_true",
+                       help="write the reference results in benchmarks/results/ (default: "
+                            "runs/benchmarks/, which git ignores)")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.set_defaults(_subparsers={"train": train, "sample": sample, "evaluate": ev, "bench": bench})
     return parser
 
 
@@ -239,6 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from .training import Trainer
+    from .training.baselines import baseline_warning, trivial_baseline
     from .training.evaluation import draw_samples, evaluate_model, write_figures
     from .training.registry import (
         build_data,
@@ -270,6 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     samples = draw_samples(cfg, eval_energy, sampler_eval, train2d, cfg.eval_samples)
     metrics: dict[str, Any] = {"steps": trainer.step}
     metrics.update(evaluate_model(cfg, eval_energy, samples, test, test2d))
+    metrics.update(trivial_baseline(cfg.encoding, train, test, train2d, test2d))
     metrics["train_seconds"] = round(train_seconds, 2)
     metrics["eval_seconds"] = round(time.perf_counter() - t1, 2)
     last = next((r for r in reversed(trainer.history) if "loss" in r), {})
@@ -283,9 +291,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     write_figures(cfg, eval_energy, samples, test2d, out)
     if not args.quiet:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                          if isinstance(v, float) and k in ("mmd", "nll", "nll_true", "mode_tv"))
+                          if isinstance(v, float) and k in ("mmd", "nll", "nll_baseline", "nll_true", "mode_tv"))
         print(f"trained {cfg.loss} on {cfg.data} for {trainer.step} steps in {train_seconds:.1f}s: "
-              f"{shown}\nwrote {', '.join(OUTPUT_FILES)} to {out}")
+              f"{shown} (baseline: {metrics['baseline']})\nwrote {', '.join(OUTPUT_FILES)} to {out}")
+    warning = baseline_warning(metrics)
+    if warning is not None:
+        print(f"ebmflow: warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -303,6 +314,7 @@ def _list_components() -> int:
 def _load_run(checkpoint: str) -> tuple[Any, Any, Any]:
     """Config, energy (EMA weights when saved) and the trained sampler of a checkpoint."""
     from .training.checkpoint import load_checkpoint, load_module_state
+    from .training.loading import load_energy
     from .training.registry import RunConfig, build_energy, build_sampler, check_config
 
     ckpt = load_checkpoint(checkpoint)
@@ -314,12 +326,7 @@ def _load_run(checkpoint: str) -> tuple[Any, Any, Any]:
         import torch
 
         torch.set_num_threads(int(cfg.threads))
-    energy = build_energy(cfg)
-    state = ckpt["energy"]
-    if ckpt.get("ema"):
-        state = {k[len("module."):]: v for k, v in ckpt["ema"].items() if k.startswith("module.")}
-    energy.load_state_dict(state)
-    energy.eval()
+    energy = load_energy(checkpoint, energy=build_energy(cfg))
     sampler = build_sampler(cfg)
     if sampler is not None and ckpt.get("sampler"):
         load_module_state(sampler, ckpt["sampler"], "sampler")
@@ -363,19 +370,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .training.baselines import trivial_baseline
     from .training.evaluation import draw_samples, evaluate_model
     from .training.registry import build_eval_sampler
 
     cfg, energy, sampler = _load_run(args.checkpoint)
-    _, test, train2d, test2d = _run_data(cfg)
+    train, test, train2d, test2d = _run_data(cfg)
     n = args.n or cfg.eval_samples
     samples = draw_samples(cfg, energy, build_eval_sampler(cfg, sampler), train2d, n)
     metrics = evaluate_model(cfg, energy, samples, test, test2d)
-    text = json.dumps(metrics, indent=2)
+    metrics.update(trivial_baseline(cfg.encoding, train, test, train2d, test2d))
+    text = json.dumps(_rounded(metrics), indent=2)
     print(text)
     if args.out:
         _write_json(Path(args.out), metrics)
     return 0
+
+
+def _rounded(obj: Any, digits: int = 4) -> Any:
+    """``obj`` with every float rounded to ``digits`` significant digits (for printing)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v, digits) for v in obj]
+    return obj
 
 
 # -- bench -----------------------------------------------------------------------------------
@@ -404,6 +424,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cmd.append("--quick")
     if args.only:
         cmd += ["--only", *args.only]
+    if args.update_reference:
+        cmd.append("--update-reference")
     return subprocess.call(cmd)
 
 
@@ -413,7 +435,10 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ebmflow`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # an unknown flag: show the usage of the command it was given to
+        sub = args._subparsers.get(args.command) if args.command else None
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

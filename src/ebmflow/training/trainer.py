@@ -10,6 +10,7 @@ graph in fast mode).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import warnings
@@ -47,10 +48,14 @@ from .distributed import (
 )
 from .ema import EMA
 from .loggers import JSONLLogger, ProgressBar, TensorBoardLogger
+from .resume import apply_changed_arguments, scalar_attributes
+from .run_folder import check_run_folder
+from .threads import ThreadChoice, choose_threads, warn_if_oversubscribed
 
 __all__ = ["Trainer", "TrainingDiverged"]
 
 CHECKPOINT_FORMAT = 1
+_log = logging.getLogger("ebmflow.training")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -88,8 +93,8 @@ class Trainer:
         lr: learning rate of the default optimiser (default 1e-3).
         scheduler: None, "cosine" (cosine decay to 0 over the ``steps`` of ``fit``), an
             ``LRScheduler`` or a function ``optimizer -> LRScheduler``; stepped once per step.
-        ema: EMA decay (e.g. 0.999) or an ``EMA``; ``trainer.eval_energy`` is then the
-            averaged energy.
+        ema: None (default: no averaging), an EMA decay (e.g. 0.999) or an ``EMA``;
+            ``trainer.eval_energy`` is then the averaged energy.
         grad_clip: clip the global gradient norm to this value (logged as ``grad_norm``).
         device: "cpu", "cuda", ... ; energy, sampler, loss buffers and batches are moved there
             once. Default: where the energy's parameters are.
@@ -99,14 +104,28 @@ class Trainer:
             steps (falls back to eager with a warning when the step cannot be captured; eager
             on CPU).
         callbacks: ``Callback`` objects (evaluation, plots, early stopping).
-        out_dir: folder of ``log.jsonl``, TensorBoard files and ``checkpoint.pt``.
+        out_dir: folder of ``log.jsonl``, TensorBoard files and ``checkpoint.pt``. A folder
+            holding an earlier run (its checkpoint or log) is refused unless ``fit`` is called
+            with ``resume=True`` or the Trainer with ``overwrite=True``.
+        overwrite: start over in an ``out_dir`` that holds an earlier run (its log, TensorBoard
+            files and checkpoint are removed when ``fit`` starts). Default False.
         log_every: steps between log records (and progress bar updates); default 100.
         checkpoint_every: steps between checkpoints (default: only at the end of ``fit``);
             needs ``out_dir`` or ``checkpoint_path``.
         checkpoint_path: default ``out_dir / "checkpoint.pt"``.
         progress: show a tqdm bar (default True); ``quiet=True`` turns off the bar and prints.
-        seed: seeds torch's generators (plus the rank under data parallelism) and the data
-            order; None keeps the current RNG state.
+        seed: seeds torch's generators (plus the rank under data parallelism) when ``fit``
+            starts, and the data order; None keeps the current RNG state. It does not cover
+            what happened before ``fit``, such as the energy's random initialisation: call
+            ``ebmflow.seed_everything(seed)`` before building the energy for a fully
+            repeatable script.
+        threads: CPU threads during ``fit``: "auto" (default), an int, or None (leave torch's
+            setting). "auto" keeps a setting you made (``torch.set_num_threads``,
+            ``OMP_NUM_THREADS``) and otherwise uses the cores the load average leaves free, at
+            most 4 for energies under 1M parameters, because small ops run far slower
+            multi-threaded on busy cores (see ``ebmflow.training.threads``). The choice is
+            printed with the progress bar, logged to ``log.jsonl`` and kept in
+            ``trainer.thread_choice``; the previous setting is restored when ``fit`` returns.
         distributed: "auto" (join a ``torchrun`` process group when WORLD_SIZE > 1), True, False.
         tensorboard: "auto" (when installed and ``out_dir`` is set), True, False.
         on_nonfinite: "raise" (default) raises ``TrainingDiverged``; "stop" ends ``fit``
@@ -145,6 +164,8 @@ class Trainer:
         on_nonfinite: str = "raise",
         check_every: int | None = None,
         config: dict[str, Any] | None = None,
+        threads: int | str | None = "auto",
+        overwrite: bool = False,
     ):
         if not isinstance(energy, EnergyModel):
             raise ValueError(f"energy must be an ebmflow EnergyModel, got {type(energy).__name__}")
@@ -223,6 +244,12 @@ class Trainer:
             1 if self.device.type == "cpu" else self.log_every
         )
         self.config = dict(config or {})
+        self.overwrite = bool(overwrite)
+        self.threads = threads
+        self.thread_choice: ThreadChoice = choose_threads(
+            threads, self.device, sum(p.numel() for p in self.params))
+        # constructor arguments of the sampler, loss and EMA, to tell on resume what changed
+        self._built = self._scalar_state()
 
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -243,8 +270,15 @@ class Trainer:
         if self.compile:
             self._loss_fn = torch.compile(self._compute_loss)
         self._loggers: list[Any] = []
+        self._threads_unlogged = False
 
     # -- construction helpers ------------------------------------------------------------
+    def _resumable(self) -> dict[str, Any]:
+        return {"sampler": self.sampler, "loss": self.loss, "ema": self.ema}
+
+    def _scalar_state(self) -> dict[str, dict[str, dict[str, Any]]]:
+        return {k: scalar_attributes(m) for k, m in self._resumable().items() if m is not None}
+
     def _resolve_device(self, energy: EnergyModel, device: Any) -> torch.device:
         if device is None:
             ref = energy._reference_tensor()
@@ -468,6 +502,10 @@ class Trainer:
         record.update(dict(zip(self._layout or [], values)))
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         record["it_per_s"] = steps_done / elapsed if elapsed > 0 else float("nan")
+        record["threads"] = torch.get_num_threads()
+        if self._threads_unlogged:  # the first record of each fit says why
+            record["threads_reason"] = self.thread_choice.reason
+            self._threads_unlogged = False
         self._acc.zero_()  # type: ignore[union-attr]
         self._acc_n = 0
         if self.is_main:
@@ -510,6 +548,7 @@ class Trainer:
             "loss": module_state(self.loss),
             "rng": rng,
             "config": self.config,
+            "constructed": self._built,
         }
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
@@ -538,7 +577,12 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by ``save_checkpoint`` (energy, optimiser, scheduler,
-        EMA, sampler and loss state, RNG states, step and data order)."""
+        EMA, sampler and loss state, RNG states, step and data order).
+
+        Sampler, loss and EMA attributes (``n_steps``, ``step_size``, ``reinit_prob``, ...)
+        take the checkpoint's values, except those whose constructor argument differs from
+        the saved run's: the new argument wins, with a warning naming each one, its old and
+        its new value (``ebmflow.training.resume``)."""
         ckpt = load_checkpoint(path, map_location=self.device)
         if ckpt.get("format") != CHECKPOINT_FORMAT or "energy" not in ckpt:
             raise CheckpointError(f"{path} is not an ebmflow Trainer checkpoint")
@@ -549,6 +593,7 @@ class Trainer:
                 f"the checkpoint's energy ({ckpt.get('energy_class')}) does not match "
                 f"{type(self.energy).__name__}: {str(err).splitlines()[0]}"
             ) from err
+        before = self._scalar_state()
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -558,6 +603,13 @@ class Trainer:
             load_module_state(self.sampler, ckpt["sampler"], "sampler", self.device)
         if ckpt.get("loss") is not None:
             load_module_state(self.loss, ckpt["loss"], "loss", self.device)
+        saved_built = ckpt.get("constructed")
+        for what, module in self._resumable().items():
+            if module is not None and ckpt.get(what) is not None:
+                apply_changed_arguments(
+                    module, what, self._built.get(what, {}),
+                    saved_built.get(what, {}) if isinstance(saved_built, dict) else None,
+                    before.get(what, {}))
         rng = ckpt["rng"]
         if "ranks" in rng:
             ranks = rng["ranks"]
@@ -622,6 +674,9 @@ class Trainer:
             steps: total number of optimiser steps (a resumed run continues to this number).
             batch_size: per-process batch size for tensor/Dataset data (default 128).
             resume: a checkpoint path, or True for ``checkpoint_path`` when it exists.
+                Without it, an ``out_dir`` holding an earlier run raises ``RunExistsError``
+                (unless the Trainer was built with ``overwrite=True``, or this Trainer wrote
+                or loaded that run itself, as in a second ``fit`` call).
 
         Returns the last log record (floats). Raises ``TrainingDiverged`` when a monitored
         quantity becomes NaN/inf (``on_nonfinite="raise"``).
@@ -638,10 +693,35 @@ class Trainer:
             self.scheduler = self._build_scheduler(steps)
         if resume is True:
             resume = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.exists() else None
+        own_run = self.last_checkpoint is not None or self.step > 0
+        if self.is_main:
+            check_run_folder(self.out_dir, self.checkpoint_path, resuming=bool(resume) or own_run,
+                             overwrite=self.overwrite)
         if resume:
             self.load_checkpoint(resume)
         stream = self._prepare_data(data, batch_size)
+        previous_threads = torch.get_num_threads()
+        self._apply_threads()
+        try:
+            return self._fit(stream, steps)
+        finally:
+            if torch.get_num_threads() != previous_threads:
+                torch.set_num_threads(previous_threads)
+
+    def _apply_threads(self) -> None:
+        choice = self.thread_choice
+        if choice.threads is not None and choice.changed:
+            torch.set_num_threads(choice.threads)
+        _log.info("%s", choice.reason)
+        if self.progress and self.is_main and self.step == 0:
+            print(f"ebmflow: CPU {choice.reason}" if self.device.type == "cpu" else
+                  f"ebmflow: {choice.reason}")
+        if choice.threads is None:
+            warn_if_oversubscribed(sum(p.numel() for p in self.params), self.device)
+
+    def _fit(self, stream: BatchStream, steps: int) -> dict[str, Any]:
         self._open_loggers()
+        self._threads_unlogged = True
         bar = ProgressBar(total=steps, initial=self.step, disable=not (self.progress and self.is_main))
         self._stop_reason = None
         record: dict[str, Any] = {}
