@@ -17,10 +17,14 @@ _SUBMODULES = (
     "metrics",
 )
 
-__all__ = ["__version__", *_SUBMODULES]
+__all__ = ["__version__", "seed_everything", *_SUBMODULES]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "seed_everything":  # lazily, like the subpackages (it imports torch)
+        from ._seed import seed_everything
+
+        return seed_everything
     if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ebmflow' has no attribute {name!r}")

@@ -112,39 +112,74 @@ class EvalCallback(Callback):
 
 class PlotCallback(Callback):
     """Every ``every`` steps (and at the end) save a figure of samples and energy contours of a
-    2-D continuous energy: ``<out_dir>/samples_<step>.png`` and ``energy_<step>.png``
-    (``name_format`` changes the names). Needs matplotlib (the ``plot`` extra).
+    2-D model: ``<out_dir>/samples_<step>.png`` and ``energy_<step>.png`` (``name_format``
+    changes the names). Needs matplotlib (the ``plot`` extra).
+
+    The energy must be 2-D continuous, or binary Gray-coded 2-D points (``gray_bits``: bits
+    per coordinate of ``ebmflow.data.gray_encode``); those are decoded to the plane before
+    plotting. The settings are checked when ``fit`` starts, not at the first figure.
 
     Args:
         out_dir: folder of the figures.
-        sample_fn: ``trainer -> Tensor (N, 2)`` of model samples (default: the Trainer's
-            sampler on ``trainer.eval_energy``, 2,000 states).
+        sample_fn: ``trainer -> Tensor (N, 2)`` (or Gray-coded bits) of model samples
+            (default: the Trainer's sampler on ``trainer.eval_energy``, 2,000 states).
         every: period in steps (default None: only at the end).
         data: optional reference points ``(N, 2)`` drawn beside the samples.
+        gray_bits: bits per coordinate of a Gray-coded binary energy (e.g. 16 for the
+            32-bit code of ``ebmflow train --encoding gray``); None for continuous energies.
     """
 
     def __init__(self, out_dir: str | Path, sample_fn: Callable[[Trainer], Tensor] | None = None,
                  every: int | None = None, data: Tensor | None = None,
-                 name_format: str = "{kind}_{step}.png"):
+                 name_format: str = "{kind}_{step}.png", gray_bits: int | None = None):
+        if every is not None and int(every) < 1:
+            raise ValueError(f"every must be a positive int or None, got {every!r}")
         self.out_dir = Path(out_dir)
         self.sample_fn = sample_fn
         self.every = every
         self.data = data
         self.name_format = name_format
+        self.gray_bits = gray_bits
+
+    def on_fit_start(self, trainer):
+        from ..spaces import Binary, Continuous
+
+        if self.sample_fn is None and trainer.sampler is None:
+            raise ValueError(
+                "PlotCallback draws its samples with the Trainer's sampler, but the Trainer has "
+                "none (the loss draws its own negatives); pass sample_fn=lambda trainer: "
+                "MALA(n_steps=300).sample(trainer.eval_energy, 2000), or a sampler to the Trainer"
+            )
+        space = trainer.energy.space
+        if self.gray_bits is not None:
+            if not isinstance(space, Binary) or space.dim != 2 * int(self.gray_bits):
+                raise ValueError(
+                    f"gray_bits={self.gray_bits} means Gray-coded 2-D points, i.e. "
+                    f"Binary({2 * int(self.gray_bits)}), but the energy's space is {space!r}"
+                )
+        elif not (isinstance(space, Continuous) and space.dim == 2):
+            hint = (f"; for Gray-coded 2-D points pass gray_bits={space.dim // 2}"
+                    if isinstance(space, Binary) and space.dim % 2 == 0 else "")
+            raise ValueError(f"PlotCallback plots 2-D models, but the energy's space is {space!r}{hint}")
 
     def _plot(self, trainer: Trainer, step: int) -> None:
+        from .evaluation import GrayDecodedEnergy
         from .plots import plot_energy, plot_samples
 
         if self.sample_fn is not None:
             x = self.sample_fn(trainer)
         else:
-            if trainer.sampler is None:
-                raise ValueError("PlotCallback needs sample_fn or a Trainer with a sampler")
-            x = trainer.sampler.sample(trainer.eval_energy, 2000)
+            x = trainer.sampler.sample(trainer.eval_energy, 2000)  # type: ignore[union-attr]
+        energy = trainer.eval_energy
+        if self.gray_bits is not None:
+            from ..data import gray_decode
+
+            x = gray_decode(x.detach().cpu(), int(self.gray_bits))
+            energy = GrayDecodedEnergy(energy, int(self.gray_bits))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         plot_samples(x, self.out_dir / self.name_format.format(kind="samples", step=step),
                      data=self.data)
-        plot_energy(trainer.eval_energy, self.out_dir / self.name_format.format(kind="energy", step=step),
+        plot_energy(energy, self.out_dir / self.name_format.format(kind="energy", step=step),
                     data=self.data if self.data is not None else x)
 
     def on_step(self, trainer, step, stats):

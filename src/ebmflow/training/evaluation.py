@@ -18,19 +18,21 @@ from ..samplers.base import Sampler
 from ..spaces import Continuous
 from .registry import GRAY_BITS, RunConfig, _get, eval_init
 
-__all__ = ["draw_samples", "evaluate_model", "grid_log_partition", "write_figures"]
+__all__ = ["GrayDecodedEnergy", "draw_samples", "evaluate_model", "grid_log_partition", "write_figures"]
 
 
-class _GrayDecodedEnergy(EnergyModel):
-    """E(x) = E_bits(gray_encode(x)) on 2-D points (for contour plots of a binary model)."""
+class GrayDecodedEnergy(EnergyModel):
+    """E(x) = E_bits(gray_encode(x, bits)) on 2-D points: a Gray-coded binary model seen in
+    the plane it encodes (for contour plots)."""
 
-    def __init__(self, energy: EnergyModel):
+    def __init__(self, energy: EnergyModel, bits: int = GRAY_BITS):
         super().__init__(Continuous(2))
         self.inner = energy
+        self.bits = int(bits)
 
     def energy(self, x: Tensor) -> Tensor:
         gray_encode = _get("ebmflow.data", "gray_encode")
-        return self.inner(gray_encode(x.cpu(), GRAY_BITS).to(x.device))
+        return self.inner(gray_encode(x.cpu(), self.bits).to(x.device))
 
 
 def to_points(cfg: RunConfig, x: Tensor) -> Tensor:
@@ -147,7 +149,7 @@ def write_figures(cfg: RunConfig, energy: EnergyModel, samples: Tensor, test2d: 
 
     points = to_points(cfg, samples)
     plot_samples(points, out_dir / "samples.png", data=test2d[: points.shape[0]])
-    shown = _GrayDecodedEnergy(energy) if cfg.encoding == "gray" else energy
+    shown = GrayDecodedEnergy(energy) if cfg.encoding == "gray" else energy
     lo, hi = test2d.min(0).values - 1.0, test2d.max(0).values + 1.0
     plot_energy(shown, out_dir / "energy.png",
                 limits=(float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])))
