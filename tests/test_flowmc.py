@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -340,8 +341,10 @@ def test_fitting_the_tilting_flow_to_its_chains_warns(gen):
     sampler = FlowMC(flow, n_local=1, n_global=1, check_every=0)
     with pytest.warns(RuntimeWarning, match="tilted by that same flow"):
         sampler.update(energy, target.sample(32, gen), generator=gen)
-    sampler.update(energy, generator=gen)  # not again (pytest turns warnings into errors)
-    FlowMC(flow, n_local=1, n_global=1, check_every=0).update(target, target.sample(8, gen))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.update(energy, generator=gen)  # warned once only
+        FlowMC(flow, n_local=1, n_global=1, check_every=0).update(target, target.sample(8, gen))
 
 
 def _quadrature_heavy(energy, box: float = 9.0, n: int = 120) -> float:
@@ -396,3 +399,134 @@ def test_flowmc_training_keeps_the_heavy_mode_weight(gen):
     assert float(sampler.stats["local_accept"]) > 0.2
     assert abs(sum(fractions) / len(fractions) - W_HEAVY) < _tol(256 * len(fractions)) + 0.02
     assert abs(sum(weights) / len(weights) - W_HEAVY) < 0.06, weights
+
+
+# -- chain history, flowMC's schedule, retuned local kernel ----------------------------------
+
+
+def _one_sided(n: int, gen) -> Tensor:
+    """n chains, all in the heavy mode."""
+    return torch.tensor([-4.0, 0.0]) + torch.randn(n, 2, generator=gen)
+
+
+def test_history_buffer_holds_the_last_snapshots(gen):
+    target = _target()
+    sampler = FlowMC(RealNVP(2, n_layers=2, hidden=(8,)), MALA(0.3), n_local=2, n_global=2,
+                     history=5, flow_steps=0)
+    seen = []
+    x = sampler.sample(target, x0=_one_sided(16, gen), generator=gen)
+    for _ in range(3):  # 2 snapshots per round: after the local and after the global moves
+        seen.append(x)
+        x = sampler.sample(target, generator=gen)
+    assert sampler._hist_len == 5 and sampler.history_states.shape == (5, 16, 2)
+    train = sampler._training_set(gen)
+    assert train.shape == (80, 2)
+    # the newest snapshot is the current chains; each global-phase snapshot is a past state
+    newest = sampler.history_states[(sampler._hist_pos - 1) % 5]
+    torch.testing.assert_close(newest, sampler.chains)
+    assert any(torch.equal(s, seen[-1]) for s in sampler.history_states)
+    sampler.train_examples = 1000
+    assert sampler._training_set(gen).shape == (1000, 2)
+    sampler.reset()
+    assert sampler._hist_len == 0 and sampler.history_states.numel() == 0
+
+
+def test_flowmc_schedule_settings_and_freeze(gen):
+    target = _target()
+    sampler = FlowMC.flowmc_schedule(RealNVP(2, n_layers=2, hidden=(8,)), n_local=2,
+                                     n_global=2, n_epochs=3, train_examples=500,
+                                     batch_size=200, train_updates=2)
+    assert isinstance(sampler.optimizer, torch.optim.AdamW)
+    assert sampler.max_grad_norm == 1.0 and sampler.history == 100
+    sampler.sample(target, x0=_one_sided(32, gen), generator=gen)
+    assert sampler.update(target, generator=gen) != {}
+    assert sampler.n_flow_updates == 9  # 3 epochs of ceil(500 / 200) = 3 minibatches
+    sampler.update(target, generator=gen)
+    assert sampler.frozen and sampler.update(target, generator=gen) == {}
+    assert sampler.n_fits == 2
+
+
+def test_flowmc_schedule_recovers_weights_from_one_sided_start(gen):
+    """flowMC's schedule (history buffer, epochs, AdamW, clip 1) then production with the
+    flow frozen: chains that all start in the heavy mode end with the 2:1 weights."""
+    torch.manual_seed(0)
+    target, n = _target(), 600
+    sampler = FlowMC.flowmc_schedule(RealNVP(2, n_layers=4, hidden=(32, 32)), n_local=5,
+                                     n_global=5, history=20, train_examples=2000,
+                                     batch_size=500, n_epochs=3, train_updates=10)
+    sampler.sample(target, x0=_one_sided(n, gen), generator=gen)
+    for _ in range(10):
+        sampler.update(target, generator=gen)
+        sampler.sample(target, generator=gen)
+    assert sampler.frozen
+    x = sampler.sample(target, generator=gen, n_rounds=3)
+    assert float(sampler.stats["global_accept"]) > 0.2
+    assert abs(_heavy_fraction(x) - W_HEAVY) < _tol(n)
+
+
+def test_default_local_kernel_is_retuned_after_each_fit(gen):
+    """An energy that sharpens during training (scale 10, then 0.3): the default MALA
+    (eta = 0.005, restarted adaptation after every fit) follows it and keeps local
+    acceptance useful; a step size adapted on the flat energy only does not."""
+
+    def run(retune: bool) -> float:
+        wide = GaussianMixtureEnergy(torch.zeros(1, 2), torch.full((1, 2), 10.0))
+        sharp = GaussianMixtureEnergy(torch.zeros(1, 2), torch.full((1, 2), 0.3))
+        sampler = FlowMC(RealNVP(2, n_layers=2, hidden=(8,)), n_local=10, n_global=1,
+                         retune_local=retune, check_every=0)
+        assert isinstance(sampler.local, MALA) and sampler.local.step_size == 0.005
+        sampler.sample(wide, x0=torch.randn(128, 2, generator=gen), generator=gen)
+        for energy in [wide] * 20 + [sharp] * 5:
+            sampler.update(energy, generator=gen)
+            sampler.sample(energy, generator=gen)
+        return float(sampler.stats["local_accept"])
+
+    assert run(True) > 0.3
+    assert run(False) < 0.05
+
+
+def test_continuous_flow_needs_an_exact_log_density(gen):
+    """A Hutchinson trace (trace='auto' above 8 dimensions) or inconsistent forward/inverse
+    ODE solves would break the invariance of the independence step: refused."""
+    with pytest.raises(ValueError, match="trace='exact'"):
+        FlowMC(ContinuousFlow(10))
+    with pytest.raises(ValueError, match="trace='exact'"):
+        FlowMC(ContinuousFlow(2, trace="hutchinson"))
+    torch.manual_seed(0)
+    coarse = ContinuousFlow(2, hidden=(16,), method="euler", n_steps=2)
+    with torch.no_grad():
+        for p in coarse.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    sampler = FlowMC(coarse, MALA(0.1), n_local=1, n_global=1, flow_steps=0)
+    with pytest.raises(ValueError, match="n_steps"):
+        sampler.sample(_target(), 8, generator=gen)
+    # exact trace in 10-D: the flow equals the target, every proposal is accepted
+    mean, scale = torch.linspace(-1, 1, 10), torch.linspace(0.5, 2.1, 10)
+    a = scale.log()
+    flow = ContinuousFlow(10, LinearVelocity(a, mean * a / (scale - 1)), n_steps=8,
+                          trace="exact")
+    target = GaussianMixtureEnergy(mean[None], scale[None])
+    ok = FlowMC(flow, MALA(0.05), n_local=1, n_global=2, flow_steps=0)
+    x = ok.sample(target, 200, generator=gen)
+    assert float(ok.stats["global_accept"]) > 0.999
+    assert x.shape == (200, 10)
+
+
+def test_health_checks_warn_on_collapse_runaway_and_exploding_loss(gen):
+    target = _target()
+    sampler = FlowMC(RealNVP(2, n_layers=2, hidden=(8,)), MALA(0.1), n_local=1, n_global=1,
+                     flow_steps=1, check_every=2)
+    sampler.update(target, target.sample(64, gen), generator=gen)  # first check: reference
+    sampler.chains = torch.full((64, 2), 1.0) + 1e-5 * torch.randn(64, 2, generator=gen)
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        sampler.update(target, generator=gen)  # 2nd fit: checked
+    sampler.chains = target.sample(64, gen)
+    sampler.chains[0] = 1e5
+    with pytest.warns(RuntimeWarning, match="ran away"):
+        sampler.check_health()
+    sampler.chains = target.sample(64, gen)
+    with pytest.warns(RuntimeWarning, match="exploded"):
+        sampler.check_health(torch.tensor(4.0e5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sampler.check_health(torch.tensor(3.0))  # healthy: no warning
