@@ -5,7 +5,10 @@ periodic lattice ``IsingEnergy`` (D = 1024, sigma = 0.2); chains B in {128, 4096
 (``--quick``: B = 128 only, few steps, for CPU). For each sampler:
 
 * ``plain``: a hand-written PyTorch loop doing the same update on the same energy function
-  (autograd gradient, eager, cached E and gradient of the current state where ours caches);
+  (autograd gradient, eager, cached E and gradient of the current state where ours caches).
+  On the Ising target the plain Gibbs loops use the local field (O(D) per coordinate), as
+  ours does there; the gradient samplers' plain loops take the autograd gradient of the
+  energy while ours uses the closed form ``energy_and_grad`` (both O(D^2));
 * ``ours``: ``ebmflow.samplers`` eager (``cuda_graph=False``);
 * ``ours+graph`` (CUDA only): ``cuda_graph=True`` (``--graph-steps`` steps per replay).
 
@@ -16,7 +19,7 @@ per step). ``sweeps/s`` counts D single-coordinate updates as one sweep: a GWG o
 Gibbs step is 1/D sweep, a DULA/DMALA or Gibbs-sweep step is one sweep. Ratios are to
 ``plain`` from the same run (variants interleaved, median of ``--repeats``), of wall time and
 of this thread's CPU time (robust to other jobs on a shared machine). Prints a table and
-writes benchmarks/results/discrete_samplers.json.
+writes runs/benchmarks/discrete_samplers.json (``--update-reference``: benchmarks/results/discrete_samplers.json).
 
     python benchmarks/discrete_samplers.py --quick     # CPU, about a minute on an idle core
     python benchmarks/discrete_samplers.py             # full grid (use a GPU)
@@ -25,13 +28,12 @@ writes benchmarks/results/discrete_samplers.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _output import add_output_arguments, output_path, write_json
 from torch.nn.functional import logsigmoid
 
 from ebmflow.energy import IsingEnergy, MLPEnergy
@@ -123,6 +125,38 @@ def plain_gibbs_sweep(f, x, n, gen):
     return x
 
 
+def _plain_ising_gibbs_update(coupling, bias, x, i, gen):
+    """Resample bit i (B, 1) from its exact conditional by the local field: with s = 2x - 1
+    and E = -(s^T J s + b^T s), flipping s_i changes E by 2 s_i (2 (J s)_i + b_i), O(D)."""
+    s = 2.0 * x - 1.0
+    s_i = s.gather(1, i).squeeze(1)
+    field = (coupling[i.squeeze(1)] * s).sum(1)
+    delta = 2.0 * s_i * (2.0 * field + bias[i.squeeze(1)])  # E(flip_i x) - E(x)
+    flip = torch.rand(x.shape[0], generator=gen, device=x.device).log() < logsigmoid(-delta)
+    return torch.where(flip[:, None], x.scatter(1, i, 1 - x.gather(1, i)), x)
+
+
+@torch.no_grad()
+def plain_gibbs_ising(energy, x, n, gen):
+    coupling, bias = energy.coupling, energy.bias
+    for _ in range(n):
+        i = torch.randint(0, x.shape[1], (x.shape[0], 1), generator=gen, device=x.device)
+        x = _plain_ising_gibbs_update(coupling, bias, x, i, gen)
+    return x
+
+
+@torch.no_grad()
+def plain_gibbs_sweep_ising(energy, x, n, gen):
+    coupling, bias = energy.coupling, energy.bias
+    for _ in range(n):
+        for j in range(x.shape[1]):
+            i = torch.full((x.shape[0], 1), j, device=x.device, dtype=torch.long)
+            x = _plain_ising_gibbs_update(coupling, bias, x, i, gen)
+    return x
+
+
+# plain Gibbs on the Ising target uses the local field too, as ebmflow's Gibbs does there
+PLAIN_ISING = {"Gibbs": plain_gibbs_ising, "Gibbs-sweep": plain_gibbs_sweep_ising}
 PLAIN = {"GWG": plain_gwg, "DULA": plain_dula, "DMALA": plain_dmala, "Gibbs": plain_gibbs,
          "Gibbs-sweep": plain_gibbs_sweep}
 SWEEPS_PER_STEP = {"GWG": "1/D", "DULA": 1, "DMALA": 1, "Gibbs": "1/D", "Gibbs-sweep": 1}
@@ -184,8 +218,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 with --quick)")
     ap.add_argument("--samplers", nargs="*", default=None, choices=list(PLAIN),
                     help="default: all (--quick: all but Gibbs-sweep, D energy calls per step)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" /
-                                         "discrete_samplers.json"))
+    add_output_arguments(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.threads or args.quick:
@@ -205,6 +238,9 @@ def main(argv=None):
                 gen = torch.Generator(device=device).manual_seed(0)
                 f = energy.energy
                 fns = {"plain": lambda p=PLAIN[name], f=f, x=x0, n=n, g=gen: p(f, x, n, g)}
+                if isinstance(energy, IsingEnergy) and name in PLAIN_ISING:
+                    fns["plain"] = (lambda p=PLAIN_ISING[name], e=energy, x=x0, n=n, g=gen:
+                                    p(e, x, n, g))
                 s = make_ours(name, False, args.graph_steps)
                 fns["ours"] = lambda s=s, e=energy, x=x0, n=n, g=gen: s.run(e, x, n, generator=g)
                 if device.type == "cuda" and name != "Gibbs-sweep":
@@ -234,13 +270,10 @@ def main(argv=None):
         print(f"{r['target']:12} {r['sampler']:11} {r['B']:>5} {r['variant']:11} "
               f"{r['steps_per_s']:>9.1f} {r['sweeps_per_s']:>9.3f} {r['ratio_vs_plain']:>8.2f} "
               f"{r['cpu_ratio_vs_plain']:>13.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": str(device), "device_name": dev_name, "torch": torch.__version__,
             "quick": args.quick, "threads": torch.get_num_threads(), "alpha": ALPHA,
             "graph_steps": args.graph_steps, "repeats": repeats}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_json(output_path(args, "discrete_samplers"), {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

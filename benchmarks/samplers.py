@@ -10,7 +10,7 @@ Energy: MLPEnergy, 3 hidden layers of 256, SiLU. Grid: D in {2, 64, 784}, chains
 
 Ratios are to ``plain`` from the same run (medians of ``--repeats`` interleaved timings), both
 of wall time and of this thread's CPU time (robust to other jobs on a shared machine). HMC counts one HMC transition (L = 5 leapfrog
-steps) as a step. Prints a table and writes benchmarks/results/samplers.json.
+steps) as a step. Prints a table and writes runs/benchmarks/samplers.json (``--update-reference``: benchmarks/results/samplers.json).
 
     python benchmarks/samplers.py --quick          # CPU, < 1 minute
     python benchmarks/samplers.py                  # full grid (use a GPU)
@@ -19,14 +19,13 @@ steps) as a step. Prints a table and writes benchmarks/results/samplers.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _output import add_output_arguments, output_path, write_json
 
 from ebmflow.energy import MLPEnergy
 from ebmflow.samplers import HMC, MALA, Langevin
@@ -161,7 +160,7 @@ def main(argv=None):
     ap.add_argument("--dims", type=int, nargs="*", default=None, help="override the D grid")
     ap.add_argument("--batches", type=int, nargs="*", default=None, help="override the B grid")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 with --quick)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "samplers.json"))
+    add_output_arguments(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.threads or args.quick:
@@ -202,15 +201,12 @@ def main(argv=None):
     for r in rows:
         print(f"{r['sampler']:9} {r['D']:>4} {r['B']:>6} {r['variant']:11} "
               f"{r['steps_per_s']:>10.1f} {r['ratio_vs_plain']:>8.2f} {r['cpu_ratio_vs_plain']:>18.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": str(device), "torch": torch.__version__, "quick": args.quick,
             "threads": torch.get_num_threads(), "eta": ETA, "hmc_eps": HMC_EPS, "hmc_L": HMC_L,
             "graph_steps": args.graph_steps, "repeats": repeats, "statistic": "median"}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_json(output_path(args, "samplers"), {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Workloads (2-D data, MLPEnergy with 3 hidden layers of 128, SiLU, Adam lr 1e-3):
 Each is timed as
 
 * ``plain``: a hand-written PyTorch loop doing the same math eagerly (random batch from a
-  data tensor, loss, backward, Adam step);
+  data tensor, loss, backward, Adam step with the same fused Adam kernel as the Trainer,
+  ``ebmflow._optim.default_adam``);
 * ``plain+graph`` (CUDA only): the same plain step captured as ONE CUDA graph and replayed;
 * ``loop``: a hand-written loop calling the library's loss and sampler (separates the
   Trainer's own overhead from the losses' and samplers');
@@ -21,7 +22,7 @@ Each is timed as
 Ratios are to ``plain`` from the same run (and ``fast/graph`` to ``plain+graph``). Reported
 number: median of ``--repeats`` timings (variants alternate within each repeat), of wall time
 and of this thread's CPU time (robust to other jobs on a shared machine). Prints a table and writes
-benchmarks/results/training.json.
+runs/benchmarks/training.json (``--update-reference``: benchmarks/results/training.json).
 
     python benchmarks/training.py --quick          # CPU, < 1 minute
     python benchmarks/training.py                  # CPU and, when present, CUDA
@@ -30,17 +31,17 @@ benchmarks/results/training.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
 import time
 import warnings
-from pathlib import Path
 
 import torch
+from _output import add_output_arguments, output_path, write_json
 from torch import nn
 
+from ebmflow._optim import default_adam
 from ebmflow.energy import MLPEnergy
 from ebmflow.losses import ContrastiveDivergence, EnergyDiscrepancy, GaussianPerturbation
 from ebmflow.samplers import Langevin
@@ -93,7 +94,9 @@ def time_plain(kind: str, batch: int, data: torch.Tensor, n: int,
                graph: bool) -> tuple[float, float]:
     device = data.device
     net = _net(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=graph)
+    # the same optimiser kernel as the Trainer: fused Adam eagerly, capturable Adam in a graph
+    opt = (torch.optim.Adam(net.parameters(), lr=1e-3, capturable=True) if graph
+           else default_adam(list(net.parameters()), 1e-3))
     loss_fn = plain_ed_loss if kind == "ed" else plain_cd_loss
 
     def step(x: torch.Tensor) -> None:
@@ -151,7 +154,7 @@ def _library(kind: str, device: torch.device):
 def time_library_loop(kind: str, batch: int, data: torch.Tensor, n: int) -> tuple[float, float]:
     device = data.device
     energy, loss, sampler = _library(kind, device)
-    opt = torch.optim.Adam(energy.parameters(), lr=1e-3)
+    opt = default_adam(list(energy.parameters()), 1e-3)
 
     def run() -> None:
         x = data[torch.randint(0, data.shape[0], (batch,), device=device)]
@@ -169,7 +172,7 @@ def time_trainer(kind: str, batch: int, data: torch.Tensor, n: int,
     device = data.device
     energy, loss, sampler = _library(kind, device)
     trainer = Trainer(energy, loss, sampler=sampler, device=device, fast=fast, progress=False,
-                      log_every=100, seed=0)
+                      log_every=100, seed=0, threads=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(data, steps=10, batch_size=batch)  # warm-up (and capture in fast mode)
@@ -183,7 +186,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CPU only, fewer steps (< 1 minute)")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (3 with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "training.json"))
+    add_output_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.repeats is None:
@@ -238,9 +241,7 @@ def main() -> None:
             "machine": platform.machine(), "threads": torch.get_num_threads(), "quick": args.quick,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "repeats": args.repeats, "hidden": HIDDEN, "m": M, "cd_steps": CD_STEPS}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out = write_json(output_path(args, "training"), {"meta": meta, "rows": rows})
     print("\n| device | workload | batch | plain it/s | library loop it/s | Trainer it/s | Trainer / plain | Trainer / loop | CPU time: loop / plain | CPU time: Trainer / plain |"
           + (" graph it/s | fast it/s | fast / graph |" if any(r["device"] == "cuda" for r in rows) else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if any(r["device"] == "cuda" for r in rows) else ""))
@@ -253,7 +254,7 @@ def main() -> None:
         if r["device"] == "cuda":
             line += f" {s['plain+graph']:.1f} | {s['trainer+fast']:.1f} | {r['fast_vs_graph']:.2f} |"
         print(line)
-    print(f"\nwrote {out}")
+    print(f"\nwrote {out}")  # again below the table
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ excluded).
     python examples/ed_25gaussians.py --quick     # 300 iterations each (< 1 min)
     python examples/ed_25gaussians.py             # the config's iterations
 
-Writes docs/figures/ed_25gaussians.png and docs/results/ed_25gaussians.json.
+Writes runs/examples/figures/ed_25gaussians.png and runs/examples/results/ed_25gaussians.json
+(``--update-docs``: docs/figures and docs/results) and prints where.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from _output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.data import TOY_MIXTURES, toy_2d
@@ -164,8 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="docs folder")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    out = output_dir(args)
     torch.set_num_threads(1)
     cfg = load_example_settings(args.config)
     iterations = args.iterations or (300 if args.quick else cfg["train"]["iterations"])
@@ -177,15 +180,17 @@ def main(argv: list[str] | None = None) -> dict:
     for m in args.methods.split(","):
         results["methods"][m] = train(m, cfg, iterations)
     name = "ed_25gaussians" + ("_quick" if args.quick else "")
-    plot(results, exact_target(cfg["data"]["name"]), args.out / "figures" / f"{name}.png")
+    figure = out / "figures" / f"{name}.png"
+    plot(results, exact_target(cfg["data"]["name"]), figure)
     for r in results["methods"].values():
         r.pop("model")
-    (args.out / "results").mkdir(parents=True, exist_ok=True)
-    (args.out / "results" / f"{name}.json").write_text(json.dumps(results, indent=1))
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(f"\n{'method':6s} {'final MSE':>10s} {'best MSE':>10s} {'it/s':>8s}")
     for m, r in results["methods"].items():
         print(f"{m:6s} {r['final_mse']:10.4f} {r['best_mse']:10.4f} "
               f"{r['iterations_per_second']:8.1f}")
+    report_written(out / "results" / f"{name}.json", figure)
     return results
 
 

@@ -15,7 +15,8 @@ and the exp(-0.1 Hamming) MMD against Gibbs samples.
     python examples/ed_categorical.py --quick    # 150 iterations (< 1 min)
     python examples/ed_categorical.py            # the config's iterations
 
-Writes docs/figures/ed_categorical.png and docs/results/ed_categorical.json.
+Writes runs/examples/figures/ed_categorical.png and runs/examples/results/ed_categorical.json
+(``--update-docs``: docs/figures and docs/results) and prints where.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ Hyperparameters: the ``[example.*]`` tables of examples/configs/ed_discrete_toys
     python examples/ed_discrete_toys.py --quick    # one data set, 150 iterations (< 1 min)
     python examples/ed_discrete_toys.py            # the config's data sets and iterations
 
-Writes docs/figures/ed_discrete_toys.png and docs/results/ed_discrete_toys.json.
+Writes runs/examples/figures/ed_discrete_toys.png and runs/examples/results/ed_discrete_toys.json
+(``--update-docs``: docs/figures and docs/results) and prints where.
 ``ed_categorical.py`` reuses these functions for the 5-state categorical version.
 """
 
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.data import gray_decode, gray_encode, quantisation_bound, toy_2d
@@ -232,7 +234,7 @@ def plot(results: dict, make_task: Callable[[str], Task], path: Path) -> None:
 
 def save(results: dict, name: str, out: Path, make_task: Callable[[str], Task],
          merge: bool = False) -> dict:
-    """Write docs/results/<name>.json and docs/figures/<name>.png; the model samples are kept
+    """Write <out>/results/<name>.json and <out>/figures/<name>.png; the model samples are kept
     in the JSON decoded to 2-D (``samples_2d``, 3 decimals) for the figure. ``merge=True``
     adds these runs to an existing JSON (runs of other data sets or methods are kept)."""
     for ds, runs in results["runs"].items():
@@ -250,6 +252,7 @@ def save(results: dict, name: str, out: Path, make_task: Callable[[str], Task],
     plot(results, make_task, out / "figures" / f"{name}.png")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1))
+    report_written(json_path, out / "figures" / f"{name}.png")
     return results
 
 
@@ -260,11 +263,12 @@ def parse(argv, description: str, config: Path, methods: str):
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--methods", default=methods)
     parser.add_argument("--datasets", default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="docs folder")
+    add_output_arguments(parser)
     parser.add_argument("--merge", action="store_true",
                         help="add these runs to the existing results JSON (run data sets in "
                              "separate processes)")
     args = parser.parse_args(argv)
+    args.out = output_dir(args)
     cfg = load_example_settings(args.config)
     datasets = args.datasets.split(",") if args.datasets else cfg["data"]["datasets"]
     iterations = args.iterations or cfg["train"]["iterations"]

@@ -20,7 +20,9 @@ grows.
 Settings: the ``[example]`` table of examples/configs/ed_nearsightedness.toml (the defaults
 above; ``--seed`` overrides it).
 
-Writes docs/figures/ed_nearsightedness.png and docs/results/ed_nearsightedness.json.
+Writes runs/examples/figures/ed_nearsightedness.png and
+runs/examples/results/ed_nearsightedness.json (``--update-docs``: docs/figures and docs/results)
+and prints where.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from _output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.energy import GaussianMixtureEnergy
@@ -140,7 +143,7 @@ def plot(results: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="25 values of rho")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs", help="docs folder")
+    add_output_arguments(parser)
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed (0)")
     args = parser.parse_args(argv)
@@ -153,12 +156,14 @@ def main(argv: list[str] | None = None) -> dict:
     results["seconds"] = time.perf_counter() - start
     results["quick"] = args.quick
     name = "ed_nearsightedness" + ("_quick" if args.quick else "")
-    plot(results, args.out / "figures" / f"{name}.png")
-    (args.out / "results").mkdir(parents=True, exist_ok=True)
-    (args.out / "results" / f"{name}.json").write_text(json.dumps(results, indent=1))
+    out = output_dir(args)
+    plot(results, out / "figures" / f"{name}.png")
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(f"{'loss':16s} {'argmin rho':>10s} {'rise 0.2->0.5':>14s} {'range':>10s}")
     for key, s in results["summary"].items():
         print(f"{key:16s} {s['argmin_rho']:10.3f} {s['rise_at_0.5']:14.4f} {s['range']:10.4f}")
+    report_written(out / "results" / f"{name}.json", out / "figures" / f"{name}.png")
     return results
 
 

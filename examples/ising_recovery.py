@@ -22,8 +22,9 @@ nearest-neighbour correlation of the data is compared with that of exact samples
     python examples/ising_recovery.py             # the config (Gibbs data, 8,000 updates)
     python examples/ising_recovery.py --sigmas 0.1 --set train.l1=0.02 train.iterations=2000
 
-Writes docs/figures/ising_recovery.png and docs/results/ising_recovery.json (``--quick``:
-``*_quick.png`` / ``*_quick.json``).
+Writes runs/examples/figures/ising_recovery.png and runs/examples/results/ising_recovery.json
+(``--quick``: ``*_quick.png`` / ``*_quick.json``; ``--update-docs``: docs/figures and
+docs/results) and prints where.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from _output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.energy import IsingEnergy, lattice_adjacency
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any setting, e.g. train.l1=0.02 data.gibbs_sweeps=100")
     parser.add_argument("--no-save", action="store_true", help="do not write JSON / figure")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.quick)
@@ -250,9 +253,11 @@ def main(argv: list[str] | None = None) -> dict:
             },
         }
         name = "ising_recovery_quick" if args.quick else "ising_recovery"
-        (ROOT / "docs" / "results").mkdir(parents=True, exist_ok=True)
-        (ROOT / "docs" / "results" / f"{name}.json").write_text(json.dumps(out, indent=2))
-        plot(results, side, ROOT / "docs" / "figures" / f"{name}.png")
+        folder = output_dir(args)
+        (folder / "results").mkdir(parents=True, exist_ok=True)
+        (folder / "results" / f"{name}.json").write_text(json.dumps(out, indent=2))
+        plot(results, side, folder / "figures" / f"{name}.png")
+        report_written(folder / "results" / f"{name}.json", folder / "figures" / f"{name}.png")
     return results
 
 
