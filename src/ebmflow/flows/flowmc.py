@@ -173,7 +173,7 @@ class FlowMC(Sampler):
         logq_tol: largest |log q_sample(x) - log_prob(x)| (nats) accepted for flows with a
             numerical inverse (``ContinuousFlow``), checked at the first ``sample`` and at
             every health check (default 1e-3).
-        check_every: health check every this many flow fits (default 25; 0 disables): one
+        check_every: health check every this many ``update`` calls (default 25; 0 disables): one
             host read of the flow loss, the chains' spread and their farthest excursion; a
             ``RuntimeWarning`` is issued when the flow loss explodes (more than 10 nats per
             coordinate above its best), the chains collapse (spread below 2% of the first
@@ -296,6 +296,7 @@ class FlowMC(Sampler):
         self._hist_len = 0
         self._flow_checked = False
         self._warned_tilt = False
+        self._n_calls = 0
         self._health_ref: tuple[float, float] | None = None
         self._best_loss = math.inf
         self.chain_stats: dict[str, Tensor] = {}
@@ -566,9 +567,13 @@ class FlowMC(Sampler):
             self.chains = energy.space.validate(
                 data, "data", device=ref.device if ref is not None else None
             ).detach().clone()
+        self._n_calls += 1
+        due = self.check_every and (self._n_calls == 1 or self._n_calls % self.check_every == 0)
         if self.optimizer is None or self.frozen or (
             self.flow_epochs is None and self.flow_steps == 0
         ):
+            if due:  # the chains are still watched when the flow is frozen
+                self.check_health()
             return {}
         self._warn_tilt_feedback(energy)
         train = self._training_set(generator)
@@ -604,7 +609,7 @@ class FlowMC(Sampler):
             self._retune_local()
         out = {"flow_loss": loss.detach()}
         self.stats = {**self.stats, **out}
-        if self.check_every and (self.n_fits == 1 or self.n_fits % self.check_every == 0):
+        if due:
             self.check_health(out["flow_loss"])
         return out
 
@@ -650,7 +655,7 @@ class FlowMC(Sampler):
         10 nats per coordinate above its best so far), collapsed chains (spread below 2% of
         the first check's) or runaway chains (excursion above 50 times the first check's),
         and re-checks the flow's log q (``check_exact_log_prob``). Called by ``update`` every
-        ``check_every`` fits; returns the three numbers."""
+        ``check_every`` calls (also when the flow is frozen); returns the three numbers."""
         x = self.chains.reshape(self.chains.shape[0], -1)
         if x.numel() == 0:
             return {}
