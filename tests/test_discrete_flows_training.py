@@ -247,3 +247,59 @@ def test_fitted_proposal_matches_marginals(gen):
     draws = q.sample(20_000, generator=gen)
     assert abs(draws[:, 0].float().mean().item() - 0.25) < 0.015
     assert torch.allclose(q.log_prob(torch.tensor([[1, 1]])), torch.log(torch.tensor([0.25 * 0.75])))
+
+
+def test_no_host_reads_between_checks_on_an_accelerator():
+    """On the meta device any read of a value raises, so it stands in for an accelerator where a
+    read would synchronise: data-free updates read their checks only at the first update and
+    every ``check_every``-th; sampling and the path's input checks read nothing."""
+    energy = MLPEnergy(Binary(6), hidden=(8,)).to("meta")
+    flow = DiscreteFlowSampler(MLPVelocity(6, 2, hidden=(8,)), check_every=5).to("meta")
+    flow.optimizer = torch.optim.SGD(flow.model.parameters(), lr=0.1)
+    with pytest.raises(NotImplementedError, match="meta"):
+        flow.update(energy)  # update 1: checked (read)
+    for _ in range(3):
+        stats = flow.update(energy)  # updates 2-4: no read
+        assert stats["ess"].device.type == "meta"
+    with pytest.raises(NotImplementedError, match="meta"):
+        flow.update(energy)  # update 5: checked
+    x = flow.sample(energy, 4)
+    assert x.shape == (4, 6) and x.device.type == "meta"
+    tokens = torch.zeros(3, 6, dtype=torch.long, device="meta")
+    flow.path.check_tokens(tokens)
+    flow.path.sample(tokens, torch.full((3,), 0.5, device="meta"))
+    flow.path.conditional_velocity(tokens, tokens, torch.full((3,), 0.5, device="meta"))
+
+
+def test_checks_on_cpu_every_update(gen):
+    """On the CPU reading costs no synchronisation: a NaN energy is caught at any update."""
+    calls = {"n": 0}
+
+    class LateNan(EnergyModel):
+        def __init__(self):
+            super().__init__(Binary(4))
+
+        def energy(self, x):
+            calls["n"] += 1
+            bad = float("nan") if calls["n"] == 3 else 0.0
+            return torch.full((x.shape[0],), bad)
+
+    sampler = make_sampler(4, check_every=100)
+    sampler.update(LateNan(), generator=gen)
+    sampler.update(LateNan(), generator=gen)
+    with pytest.raises(ValueError, match="NaN"):
+        sampler.update(LateNan(), generator=gen)
+
+
+def test_cd_with_flow_negatives_learns_from_the_energy(gen):
+    """The default ``fit_to="energy"``: a data batch given to ``update`` (as the Trainer does)
+    does not pull the flow towards the data; the flow follows the energy instead."""
+    energy = IsingEnergy.lattice(2, 0.2)  # 4 spins
+    p = energy.probabilities()
+    sampler = make_sampler(4, batch_size=256)
+    data = torch.zeros(64, 4)  # one state only: a data-fitted flow would put all its mass there
+    for _ in range(200):
+        sampler.update(energy, data, generator=gen)
+    law = euler_law(sampler.velocity, sampler.solver, 4)
+    assert law[0] < p[0] + 0.05, (law[0], p[0])
+    assert 0.5 * (law - p).abs().sum().item() < 0.1
