@@ -157,6 +157,8 @@ class EnergyModel(nn.Module):
         ``torch.no_grad()`` (the gradient is enabled locally). For categorical spaces pass the
         one-hot state ``(B, D, K)`` to get the gradient in the relaxed space.
         """
+        if torch.compiler.is_compiling():
+            return functional_energy_and_grad(self, x)
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             e = self(xg)
@@ -234,3 +236,20 @@ class SumEnergy(EnergyModel):
         for term in self.terms[1:]:
             out = out + term.conditional_energies(x, index)
         return out
+
+
+def functional_energy_and_grad(energy: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(E(x), dE/dx)`` by ``torch.func.grad_and_value`` (what compiled sampler blocks use).
+
+    A function transform instead of ``torch.autograd.grad``: ``torch.compile`` traces it into
+    one forward-and-backward graph (with ``autograd.grad`` inside a compiled region the
+    backward runs eagerly). Differentiates $\\sum_b E(x_b)$ with respect to x only; the
+    parameters are constants here, so no ``.grad`` is written.
+    """
+
+    def total(xs: Tensor) -> tuple[Tensor, Tensor]:
+        e = energy(xs)
+        return e.sum(), e
+
+    g, (_, e) = torch.func.grad_and_value(total, has_aux=True)(x.detach())
+    return e.detach(), g.detach()

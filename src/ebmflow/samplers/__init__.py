@@ -1,5 +1,7 @@
 """MCMC samplers for continuous and discrete states, persistent chains and replay buffers."""
 
+from . import rng
+from ._compiled import CompileFallbackWarning
 from .base import ChainState, MCMCSampler, NonFiniteError, Sampler
 from .hmc import HMC
 from .langevin import Langevin
@@ -11,6 +13,8 @@ __all__ = [
     "MCMCSampler",
     "ChainState",
     "NonFiniteError",
+    "CompileFallbackWarning",
+    "rng",
     "Langevin",
     "MALA",
     "HMC",

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..energy.base import EnergyModel
 from ..spaces import Binary, Categorical, Space
+from . import rng
 from ._fast import energy_and_grad
 from .base import ChainState, MCMCSampler, StepInfo, _energy_grad_rows
 
@@ -154,7 +155,7 @@ def gumbel_argmax(logits: Tensor, generator: torch.Generator | None = None) -> T
     Uses no host synchronisation, so it can be captured in a CUDA graph. Returns long indices
     of shape ``logits.shape[:-1]``.
     """
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    u = rng.rand(logits.shape, generator, logits.device, logits.dtype)
     tiny = torch.finfo(logits.dtype).tiny
     # Gumbel noise is -log(-log u); logits + gumbel = logits - log(-log u)
     neg_gumbel = u.clamp_min_(tiny).log_().neg_().log_()
@@ -163,7 +164,7 @@ def gumbel_argmax(logits: Tensor, generator: torch.Generator | None = None) -> T
 
 def log_uniform(batch: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """log u with u ~ U(0, 1), shape ``(batch,)`` (for Metropolis-Hastings tests)."""
-    u = torch.rand(batch, generator=generator, device=like.device, dtype=like.dtype)
+    u = rng.rand((batch,), generator, like.device, like.dtype)
     return torch.log(u)
 
 

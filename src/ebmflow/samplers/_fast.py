@@ -25,11 +25,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..energy.base import EnergyModel
+from ..energy.base import EnergyModel, functional_energy_and_grad
 
 __all__ = ["GraphRunner", "flatten_carry", "unflatten_carry", "carry_spec", "graph_key"]
 
 _WARMUP_STEPS = 2
+# public attributes that record results of runs, not settings (``last_state`` is None before
+# the first run only: keying on it would record every graph twice)
+_RUN_RESULTS = frozenset({"last_state", "compile_after"})
 _BASE_EAG = EnergyModel.energy_and_grad
 _BASE_FORWARD = EnergyModel.forward
 
@@ -64,13 +67,13 @@ def carry_spec(flat: dict[str, Tensor]) -> tuple:
     return tuple((k, tuple(v.shape), v.dtype, str(v.device)) for k, v in flat.items())
 
 
-def _hyperparameters(obj: Any) -> tuple:
-    """Public scalar attributes, plus the private ones a class lists in ``_graph_baked`` (Python
-    values its transition reads, e.g. a fixed step size)."""
+def _hyperparameters(obj: Any, baked: bool = True) -> tuple:
+    """Public scalar attributes, plus (``baked``) the private ones a class lists in
+    ``_graph_baked`` (Python values its transition reads, e.g. a fixed step size)."""
     out = []
-    baked = getattr(obj, "_graph_baked", ())
+    baked = getattr(obj, "_graph_baked", ()) if baked else ()
     for k, v in sorted(vars(obj).items()):
-        if k.startswith("_") and k not in baked:
+        if (k.startswith("_") and k not in baked) or k in _RUN_RESULTS:
             continue
         if isinstance(v, (bool, int, float, str, type(None))):
             out.append((k, v))
@@ -194,6 +197,8 @@ def energy_and_grad(energy: Any, x: Tensor) -> tuple[Tensor, Tensor]:
     cls = type(energy)
     if cls.energy_and_grad is not _BASE_EAG or cls.forward is not _BASE_FORWARD:
         return energy.energy_and_grad(x)
+    if torch.compiler.is_compiling():  # one traced forward-and-backward graph
+        return functional_energy_and_grad(energy, x)
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
         try:

@@ -11,14 +11,15 @@ Subclassing ``MCMCSampler`` takes one method:
             self.step_size = step_size
 
         def step(self, energy, x, generator=None):
-            prop = x + self.step_size * torch.randn(x.shape, generator=generator, device=x.device)
+            prop = x + self.step_size * rng.randn(x.shape, generator, x.device, x.dtype)
             log_alpha = energy(x) - energy(prop)           # f(x') - f(x), f = -E
-            u = torch.rand(x.shape[0], generator=generator, device=x.device)
+            u = rng.rand(x.shape[:1], generator, x.device, x.dtype)
             accept = u.log() < log_alpha
             x = torch.where(accept[:, None], prop, x)
             return x, {"accept_rate": accept.float()}      # per-chain info is averaged by run()
 
-``run`` then gives the loop, the averaged diagnostics (``sampler.stats``), non-finite
+(``rng`` is ``ebmflow.samplers.rng``: it draws like ``torch.randn`` / ``torch.rand``, and lets
+the compiled executor hand in pre-drawn noise.) ``run`` then gives the loop, the averaged diagnostics (``sampler.stats``), non-finite
 detection, a progress bar and the fast path (``cuda_graph=True``: K steps recorded once as a
 CUDA graph and replayed; see ``MCMCSampler``). Samplers that cache the energy and gradient of
 the current state between steps (MALA, HMC) override ``init_state`` and ``transition`` instead.
@@ -36,7 +37,16 @@ from tqdm.auto import tqdm
 
 from ..energy.base import EnergyModel
 from ..spaces import Categorical, check_same_device
-from ._fast import GraphRunner, carry_spec, flatten_carry, graph_key, unflatten_carry
+from ._compiled import CompiledBlock, compile_available, predraw, warn_fallback
+from ._fast import (
+    GraphRunner,
+    _hyperparameters,
+    carry_spec,
+    flatten_carry,
+    graph_key,
+    unflatten_carry,
+)
+from .rng import RecordingTape, real_generator
 
 __all__ = ["Sampler", "MCMCSampler", "ChainState", "NonFiniteError", "StepInfo"]
 
@@ -187,6 +197,10 @@ class _NoBar:
 
 _NO_BAR = _NoBar()
 _CHECK_BLOCK = 32  # steps per non-finite check in the eager "raise" loop
+_COMPILE_AFTER = 2000  # compile="auto": steps run eagerly before compiling
+_GRAPH_BLOCK = 32  # default steps per recorded CUDA graph
+_COMPILE_BLOCK = 8  # default steps per compiled block (compile time grows with it)
+_MAX_BLOCKS = 4  # compiled blocks kept per sampler (one per energy / shape / K)
 
 
 @dataclass
@@ -228,12 +242,24 @@ class MCMCSampler(Sampler):
             tensors in ``ChainState.extra``. Parameters of the energy may be updated in place
             (optimiser steps) between runs; moving them (``.to()``) triggers a new capture.
             Ignored (eager loop) for CPU states or when an outer CUDA graph is being captured.
-        graph_steps: K, steps recorded per graph (default 32; fewer when ``n_steps`` is
-            smaller).
-        compile: run each step through ``torch.compile`` (experimental: the same chains as
-            eager to float rounding; sampling with a ``torch.Generator`` causes graph breaks,
-            and on CPU no speed-up over eager was measured; the first run compiles for
-            10-60 s).
+        graph_steps: K, steps per recorded CUDA graph or compiled block (default None: 32
+            for CUDA graphs, 8 for compiled blocks, whose compile time grows with K; fewer
+            when ``n_steps`` is smaller).
+        compile: the compiled executor (CPU and CUDA): ``True`` runs every ``run`` of two or
+            more steps as blocks of K steps, each one ``torch.compile``'d function (fused
+            kernels, no per-op dispatch; gradients of a user's ``energy`` by
+            ``torch.func.grad_and_value`` inside the block). Random numbers are drawn from
+            ``generator`` just before each block in the eager order, so the chains are the
+            eager chains to float rounding. ``"auto"`` compiles once the sampler has run
+            ``compile_after`` steps (default 2000) eagerly, i.e. when it is used for long
+            enough to amortise compiling; ``False`` (default) never compiles. Compiling takes
+            seconds to minutes the first time (``compile_seconds`` reports it) and much less
+            when inductor's on-disk cache holds the kernels. A transition that cannot be
+            compiled falls back to eager with a ``CompileFallbackWarning`` naming why. The
+            block is specialised on the carry's shapes, K and the sampler's scalar
+            hyper-parameters; the number of steps, the states' and the parameters' values do
+            not cause recompilation. Transitions must draw random numbers through
+            ``ebmflow.samplers.rng`` (``rng.randn(shape, generator, device, dtype)`` etc.).
     """
 
     #: True when ``transition`` never moves a chain from a finite state (x, cached E and
@@ -249,26 +275,36 @@ class MCMCSampler(Sampler):
         progress: bool = False,
         *,
         cuda_graph: bool = False,
-        graph_steps: int = 32,
-        compile: bool = False,
+        graph_steps: int | None = None,
+        compile: bool | str = False,
     ):
         super().__init__()
         if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 0:
             raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
         if on_nonfinite not in ("raise", "reset"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'reset', got {on_nonfinite!r}")
-        if not isinstance(graph_steps, int) or isinstance(graph_steps, bool) or graph_steps < 1:
-            raise ValueError(f"graph_steps must be a positive int, got {graph_steps!r}")
+        if graph_steps is not None and (not isinstance(graph_steps, int)
+                                        or isinstance(graph_steps, bool) or graph_steps < 1):
+            raise ValueError(f"graph_steps must be a positive int or None, got {graph_steps!r}")
         self.n_steps = n_steps
         self.on_nonfinite = on_nonfinite
         self.progress = progress
         self.cuda_graph = bool(cuda_graph)
         self.graph_steps = graph_steps
-        self.compile = bool(compile)
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+        self.compile = compile
+        self.compile_after = _COMPILE_AFTER
+        #: ``torch.compile`` backend of compiled blocks ("inductor"; "eager" / "aot_eager" or a
+        #: callable for debugging and tests)
+        self.compile_backend: Any = "inductor"
+        self._compile_seconds: float | None = None
         self.chain_stats: dict[str, Tensor] = {}
         self.last_state: ChainState | None = None
         self._graph: GraphRunner | None = None
-        self._compiled: Any = None
+        self._compiled: dict[tuple, CompiledBlock] = {}
+        self._compile_failed: str | None = None
+        self._auto_steps = 0
 
     # -- subclass surface --------------------------------------------------------------
     def step(
@@ -345,7 +381,9 @@ class MCMCSampler(Sampler):
                else _NO_BAR)
         capturing = x0.is_cuda and torch.cuda.is_current_stream_capturing()
         graphed = self.cuda_graph and x0.is_cuda and not capturing and n_steps > 0
-        eager = self.on_nonfinite == "raise" and not self.compile and not capturing
+        compiled = (not graphed and not capturing and n_steps > 1
+                    and self._use_compiled(x0, n_steps))
+        eager = self.on_nonfinite == "raise" and not compiled and not capturing
         if eager and not graphed:  # bookkeeping tensors are made only when needed
             carry = _Carry(state, {}, None, None, 0)  # type: ignore[arg-type]
         else:
@@ -359,19 +397,13 @@ class MCMCSampler(Sampler):
         done = 0
         if graphed:
             carry, done = self._run_graphed(energy, carry, n_steps, generator, bar)
+        elif compiled:
+            carry, done = self._run_compiled(energy, carry, n_steps, generator, bar)
         if eager:
             carry = self._run_eager(energy, carry, n_steps - done, done, generator, bar)
         else:
-            advance = self._advance
-            if self.compile:
-                if self._compiled is None:
-                    self._compiled = torch.compile(self._advance, dynamic=False)
-                advance = self._compiled
-                # a tensor step counter: a Python int would be specialised on (one
-                # recompilation per step)
-                carry.t = torch.as_tensor(carry.t, dtype=torch.long, device=x0.device)
             for _ in range(n_steps - done):
-                carry = advance(energy, carry, generator)
+                carry = self._advance(energy, carry, generator)
                 bar.update(1)
         bar.close()
         first_bad = carry.first_bad  # None: every state was finite (eager loop on CPU)
@@ -406,7 +438,7 @@ class MCMCSampler(Sampler):
     def clear_graphs(self) -> None:
         """Drop the recorded CUDA graph and its memory pool (the next run records again)."""
         self._graph = None
-        self._compiled = None
+        self._compiled = {}
 
     # -- internals ---------------------------------------------------------------------
     def _advance(
@@ -480,6 +512,99 @@ class MCMCSampler(Sampler):
             first_bad = _fold_bad(first_bad, buf[:j], start)  # type: ignore[index]
         return _Carry(state, acc, first_bad, carry.n_reset, t0 + n)
 
+    @property
+    def compile_seconds(self) -> float | None:
+        """Wall time of the first block of the last compiled block used (tracing, compiling
+        and one run of K steps), or None before any compiled run. Near zero when inductor's
+        on-disk cache already held the kernels."""
+        return self._compile_seconds
+
+    def _use_compiled(self, x0: Tensor, n_steps: int) -> bool:
+        """Whether this run goes through the compiled executor (``compile`` True, or "auto"
+        once the sampler has run enough steps to amortise compiling)."""
+        mode = self.compile
+        if mode is False or self._compile_failed is not None:
+            return False
+        if mode == "auto":
+            self._auto_steps += n_steps
+            if self._auto_steps < self.compile_after:
+                return False
+        ok, why = compile_available()
+        if not ok:
+            self._compile_failed = why
+            warn_fallback(type(self).__name__, why)
+            return False
+        return True
+
+    def _run_compiled(
+        self,
+        energy: EnergyModel,
+        carry: _Carry,
+        n_steps: int,
+        generator: torch.Generator | None,
+        bar: Any,
+    ) -> tuple[_Carry, int]:
+        """Run blocks of K compiled steps; returns (carry, steps done).
+
+        Step 0 runs eagerly with a ``RecordingTape`` (it learns what the transition draws);
+        each block then gets its K steps of noise pre-drawn from ``generator`` in the eager
+        order. The remainder (< K steps) is left to the eager loop.
+        """
+        device = carry.state.x.device
+        if carry.first_bad is None:
+            carry.first_bad = torch.full((carry.state.x.shape[0],), _NEVER, dtype=torch.long,
+                                         device=device)
+            carry.n_reset = torch.zeros((), device=device)
+        carry.t = torch.as_tensor(carry.t, dtype=torch.long, device=device)
+        rec = RecordingTape(generator)
+        try:
+            carry = self._advance(energy, carry, rec)
+        except TypeError as err:  # e.g. torch.randn(generator=<tape>) in a user's step()
+            self._compile_failed = (
+                f"{type(self).__name__}.step draws random numbers without "
+                f"ebmflow.samplers.rng ({err})")
+            warn_fallback(type(self).__name__, self._compile_failed)
+            carry.t = 0
+            return carry, 0
+        bar.update(1)
+        k = min(self.graph_steps or _COMPILE_BLOCK, n_steps - 1)
+        blocks = (n_steps - 1) // k
+        flat = flatten_carry(carry)
+        key = (id(energy), carry_spec(flat), k, tuple(rec.spec),
+               _hyperparameters(self, baked=False))
+        block = self._compiled.get(key)
+        if block is None:
+            block = self._new_block(energy, k, rec.spec, key)
+        draws: list[Tensor] | None = None
+        real = real_generator(generator)
+        for _ in range(blocks):
+            draws = predraw(rec.spec, k, real, draws)
+            try:
+                flat = block(energy, flat, draws)
+            except Exception as err:  # noqa: BLE001 - any compile failure falls back
+                if block.calls > 0:
+                    raise
+                self._compiled.pop(key, None)
+                self._compile_failed = f"torch.compile failed: {type(err).__name__}: {err}"
+                warn_fallback(type(self).__name__, self._compile_failed)
+                return unflatten_carry(flat, _Carry, ChainState), 1
+            bar.update(k)
+        self._compile_seconds = block.compile_seconds
+        return unflatten_carry(flat, _Carry, ChainState), 1 + blocks * k
+
+    def _new_block(self, energy: EnergyModel, k: int, spec: list, key: tuple) -> CompiledBlock:
+        """A compiled K-step block for ``key`` (a few are kept: e.g. a live and an EMA energy)."""
+
+        def advance(e: EnergyModel, flat: dict[str, Tensor], tape: Any) -> dict[str, Tensor]:
+            c = self._advance(e, unflatten_carry(flat, _Carry, ChainState), tape)
+            return flatten_carry(c)
+
+        block = CompiledBlock(advance, k, list(spec), key, backend=self.compile_backend)
+        if len(self._compiled) >= _MAX_BLOCKS:
+            self._compiled.pop(next(iter(self._compiled)))
+        self._compiled[key] = block
+        return block
+
     def _run_graphed(
         self,
         energy: EnergyModel,
@@ -489,7 +614,7 @@ class MCMCSampler(Sampler):
         bar: Any,
     ) -> tuple[_Carry, int]:
         """Replay a recorded K-step CUDA graph ``n_steps // K`` times; returns (carry, done)."""
-        k = min(self.graph_steps, n_steps)
+        k = min(self.graph_steps or _GRAPH_BLOCK, n_steps)
         device = carry.first_bad.device
         carry.t = torch.as_tensor(carry.t, dtype=torch.long, device=device)
         flat = flatten_carry(carry)

@@ -10,6 +10,7 @@ from torch.nn.functional import logsigmoid
 
 from ..energy.base import EnergyModel
 from ..spaces import Categorical
+from . import rng
 from ._discrete import (
     GradientDiscreteSampler,
     flip_gain,
@@ -57,8 +58,8 @@ class DiscreteLangevin(GradientDiscreteSampler):
 
     def __init__(self, step_size: float = 0.1, metropolis: bool = False, n_steps: int = 10,
                  check_gradient: bool = True, on_nonfinite: str = "raise",
-                 progress: bool = False, *, cuda_graph: bool = False, graph_steps: int = 32,
-                 compile: bool = False):
+                 progress: bool = False, *, cuda_graph: bool = False, graph_steps: int | None = None,
+                 compile: bool | str = False):
         super().__init__(n_steps=n_steps, on_nonfinite=on_nonfinite, progress=progress,
                          cuda_graph=cuda_graph, graph_steps=graph_steps, compile=compile)
         if not isinstance(step_size, (int, float)) or not 0 < step_size < math.inf:
@@ -102,7 +103,7 @@ class DiscreteLangevin(GradientDiscreteSampler):
     def _propose_binary(x: Tensor, logits: Tensor,
                         generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Flip each bit with probability sigmoid(logit): returns (y, flip mask)."""
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=logits.dtype)
+        u = rng.rand(x.shape, generator, x.device, logits.dtype)
         flip = u.log_() < logsigmoid(logits)
         return torch.where(flip, 1.0 - x, x), flip
 

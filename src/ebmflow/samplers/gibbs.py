@@ -8,6 +8,7 @@ from torch.nn.functional import logsigmoid
 
 from ..energy.base import EnergyModel
 from ..spaces import Binary
+from . import rng
 from ._discrete import check_discrete_states, gumbel_argmax, is_discrete_space
 from .base import ChainState, MCMCSampler, StepInfo
 
@@ -43,8 +44,8 @@ class Gibbs(MCMCSampler):
     """
 
     def __init__(self, sweep: bool = False, n_steps: int = 10, on_nonfinite: str = "raise",
-                 progress: bool = False, *, cuda_graph: bool = False, graph_steps: int = 32,
-                 compile: bool = False):
+                 progress: bool = False, *, cuda_graph: bool = False, graph_steps: int | None = None,
+                 compile: bool | str = False):
         super().__init__(n_steps=n_steps, on_nonfinite=on_nonfinite, progress=progress,
                          cuda_graph=cuda_graph, graph_steps=graph_steps, compile=compile)
         self.sweep = bool(sweep)
@@ -127,10 +128,10 @@ class Gibbs(MCMCSampler):
                     x, e, changed = self._update(energy, x, e, index, generator)
                 flips = flips + changed.to(e.dtype)
         elif binary:
-            index = torch.randint(0, dim, (batch, 1), generator=generator, device=x.device)
+            index = rng.randint(0, dim, (batch, 1), generator, x.device)
             x, e, flips = self._update_binary(energy, x, e, index, generator)
         else:
-            index = torch.randint(0, dim, (batch,), generator=generator, device=x.device)
+            index = rng.randint(0, dim, (batch,), generator, x.device)
             x, e, changed = self._update(energy, x, e, index, generator)
             flips = changed.to(e.dtype)
         return ChainState(x, energy=e), {"flips": flips}
@@ -160,7 +161,7 @@ class Gibbs(MCMCSampler):
         flipped = 1.0 - bit
         y = x.scatter(1, index, flipped)
         e_y = energy(y)
-        log_u = torch.rand(e.shape, generator=generator, device=x.device, dtype=e.dtype).log_()
+        log_u = rng.rand(e.shape, generator, x.device, e.dtype).log_()
         keep = log_u >= logsigmoid(e - e_y)  # False (flip) when the right side is NaN
         y.scatter_(1, index, torch.where(keep[:, None], bit, flipped))
         flips = keep.logical_not().to(e.dtype)

@@ -54,7 +54,7 @@ class GibbsWithGradients(GradientDiscreteSampler):
 
     def __init__(self, n_steps: int = 10, check_gradient: bool = True,
                  on_nonfinite: str = "raise", progress: bool = False, *,
-                 cuda_graph: bool = False, graph_steps: int = 32, compile: bool = False):
+                 cuda_graph: bool = False, graph_steps: int | None = None, compile: bool | str = False):
         super().__init__(n_steps=n_steps, on_nonfinite=on_nonfinite, progress=progress,
                          cuda_graph=cuda_graph, graph_steps=graph_steps, compile=compile)
         self.check_gradient = bool(check_gradient)

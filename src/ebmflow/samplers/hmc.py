@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..energy.base import EnergyModel
+from . import rng
 from ._adapt import accept_prob, check_count
 from ._fast import energy_and_grad
 from .base import ChainState, StepInfo
@@ -53,8 +54,8 @@ class HMC(AdaptiveStepSize):
         on_nonfinite: str = "raise",
         progress: bool = False,
         cuda_graph: bool = False,
-        graph_steps: int = 32,
-        compile: bool = False,
+        graph_steps: int | None = None,
+        compile: bool | str = False,
     ):
         super().__init__(step_size, n_steps, target_accept, n_warmup, adapt_rate,
                          on_nonfinite=on_nonfinite, progress=progress, cuda_graph=cuda_graph,
@@ -67,9 +68,10 @@ class HMC(AdaptiveStepSize):
         x, e, g = state.x, state.energy, state.grad
         assert e is not None and g is not None, "HMC needs the state from init_state"
         extra = state.extra
-        adapting = "adapt_t" in extra
+        # compiled blocks read eps from the state too: a Python float would be baked in
+        adapting = "adapt_t" in extra or torch.compiler.is_compiling()
         last = self.n_leapfrog - 1
-        p = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        p = rng.randn(x.shape, generator, x.device, x.dtype)
         h0 = torch.add(e, _rows(p.square()), alpha=0.5)
         xn, en, gn = x, e, g
         if adapting:  # eps is a 0-d tensor of the chain state, changing every step
@@ -90,7 +92,7 @@ class HMC(AdaptiveStepSize):
         log_alpha = h0.sub_(en).sub_(_rows(pn.square()), alpha=0.5)
         nonfinite = (log_alpha + _rows(xn)).mul_(0).ne_(0)  # 1.0 where non-finite
         log_alpha = log_alpha.nan_to_num_(nan=-math.inf, posinf=-math.inf)
-        u = torch.rand(log_alpha.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = rng.rand(log_alpha.shape, generator, x.device, x.dtype)
         accept = u.log_() < log_alpha
         mask = _mask(accept, x)
         new = ChainState(

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..energy.base import EnergyModel
 from ..spaces import Continuous
+from . import rng
 from ._adapt import check_positive
 from ._fast import energy_and_grad
 from .base import ChainState, MCMCSampler, StepInfo
@@ -57,8 +58,8 @@ class Langevin(MCMCSampler):
         on_nonfinite: str = "raise",
         progress: bool = False,
         cuda_graph: bool = False,
-        graph_steps: int = 32,
-        compile: bool = False,
+        graph_steps: int | None = None,
+        compile: bool | str = False,
     ):
         super().__init__(n_steps, on_nonfinite, progress, cuda_graph=cuda_graph,
                          graph_steps=graph_steps, compile=compile)
@@ -92,6 +93,6 @@ class Langevin(MCMCSampler):
         # and a NaN state is caught (raise / reset) by run()
         e0 = e - e  # 0, or NaN where E is NaN/inf
         grad = grad.add_(e0[:, None] if x.dim() == 2 else e0.reshape((-1,) + (1,) * (x.dim() - 1)))
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = rng.randn(x.shape, generator, x.device, x.dtype)
         # two fused passes: x - eta * g, then + sigma * xi in place
         return torch.add(x, grad, alpha=-self.step_size).add_(noise, alpha=self.sigma)

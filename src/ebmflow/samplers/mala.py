@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..energy.base import EnergyModel
 from ..spaces import Continuous
+from . import rng
 from ._adapt import (
     accept_prob,
     check_count,
@@ -146,8 +147,8 @@ class MALA(AdaptiveStepSize):
         on_nonfinite: str = "raise",
         progress: bool = False,
         cuda_graph: bool = False,
-        graph_steps: int = 32,
-        compile: bool = False,
+        graph_steps: int | None = None,
+        compile: bool | str = False,
     ):
         super().__init__(step_size, n_steps, target_accept, n_warmup, adapt_rate,
                          on_nonfinite=on_nonfinite, progress=progress, cuda_graph=cuda_graph,
@@ -159,8 +160,9 @@ class MALA(AdaptiveStepSize):
         x, e, g = state.x, state.energy, state.grad
         assert e is not None and g is not None, "MALA needs the state from init_state"
         extra = state.extra
-        adapting = "adapt_t" in extra
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        # compiled blocks read eta from the state too: a Python float would be baked in
+        adapting = "adapt_t" in extra or torch.compiler.is_compiling()
+        noise = rng.randn(x.shape, generator, x.device, x.dtype)
         # log q(x'|x) = -|sqrt(2 eta) xi|^2 / (4 eta) = -|xi|^2 / 2 (constants cancel);
         # log q(x|x') = -|x - x' + eta grad E(x')|^2 / (4 eta)
         if adapting:  # eta is a 0-d tensor of the chain state, changing every step
@@ -179,7 +181,7 @@ class MALA(AdaptiveStepSize):
         # a NaN/inf in E(x'), grad E(x') or x' makes log_alpha non-finite: reject the move
         nonfinite = torch.sub(log_alpha, log_alpha).ne_(0)  # 1.0 where NaN/inf
         log_alpha = log_alpha.nan_to_num_(nan=-math.inf, posinf=-math.inf)
-        u = torch.rand(log_alpha.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = rng.rand(log_alpha.shape, generator, x.device, x.dtype)
         accept = u.log_() < log_alpha
         mask = _mask(accept, x)
         new = ChainState(

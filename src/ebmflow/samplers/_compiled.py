@@ -1,0 +1,110 @@
+"""Compiled executor of ``MCMCSampler.run``: K chain steps as one ``torch.compile``'d function.
+
+The chain loop carries a fixed set of tensors (see ``_fast.flatten_carry``). A block is
+
+    carry_{t+K} = advance(... advance(carry_t, noise_t) ..., noise_{t+K-1})
+
+unrolled into one graph by ``torch.compile`` (inductor: fused kernels, no per-op dispatch, no
+autograd tape; gradients inside come from ``torch.func.grad_and_value``). Randomness cannot be
+drawn inside the block from a ``torch.Generator``, so it is drawn just before each block
+(``rng.Draw.fill``: the same calls, sizes and order as the eager loop, hence the same numbers)
+and handed to the transitions through ``rng.NoiseTape``. The compiled chains are therefore the
+eager chains for the same generator, up to float rounding of the fused arithmetic.
+
+The compiled function is cached on the sampler and specialised on the carry's shapes and
+dtypes, K and the sampler's Python hyper-parameters; parameter *values* of the energy, the
+chains' values and the number of steps of a run do not trigger a recompilation (the
+remainder ``n_steps % K`` runs eagerly). Inductor caches the generated kernels on disk (see
+``docs/samplers-continuous.md``, "Compiled chains"), so a new process compiles faster.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .rng import Draw, NoiseTape
+
+__all__ = ["CompiledBlock", "CompileFallbackWarning", "predraw", "compile_available"]
+
+
+def compile_available() -> tuple[bool, str]:
+    """Whether ``torch.compile`` can run here, and why not."""
+    import importlib.util
+
+    if not hasattr(torch, "compile"):
+        return False, "this torch has no torch.compile"
+
+    if importlib.util.find_spec("torch._dynamo") is None:  # pragma: no cover
+        return False, "torch._dynamo is missing from this torch build"
+    return True, ""
+
+
+def predraw(spec: list[Draw], k: int, generator: torch.Generator | None,
+            out: list[Tensor] | None = None) -> list[Tensor]:
+    """K steps of draws ``(K, *shape)`` per entry of ``spec``, filled step by step in the
+    eager order (step 0's draws, then step 1's, ...)."""
+    if out is None:
+        out = [torch.empty((k, *d.shape), dtype=d.dtype, device=d.device) for d in spec]
+    for j in range(k):
+        for d, buf in zip(spec, out):
+            d.fill(buf[j], generator)
+    return out
+
+
+class CompiledBlock:
+    """``K`` calls of ``advance(energy, flat_carry, tape) -> flat_carry`` compiled as one.
+
+    Attributes:
+        k: steps per block.
+        compile_seconds: wall time of the first call (tracing + compiling + running once).
+        calls: number of blocks run.
+    """
+
+    def __init__(self, advance: Callable[[Any, dict[str, Tensor], NoiseTape], dict[str, Tensor]],
+                 k: int, spec: list[Draw], key: tuple, backend: Any = "inductor"):
+        self.k = k
+        self.spec = spec
+        self.key = key
+        self.compile_seconds: float | None = None
+        self.calls = 0
+        n_draws = len(spec)
+
+        def block(energy: Any, flat: dict[str, Tensor], draws: list[Tensor]) -> dict[str, Tensor]:
+            for j in range(k):
+                tape = NoiseTape([draws[i][j] for i in range(n_draws)])
+                flat = advance(energy, flat, tape)
+            return flat
+
+        # a code object of its own: dynamo keeps one cache (and one recompile limit) per code
+        # object, and every block of every sampler would otherwise share this one
+        block.__code__ = block.__code__.replace()
+        self._fn = torch.compile(block, dynamic=False, backend=backend)
+
+    def __call__(self, energy: Any, flat: dict[str, Tensor], draws: list[Tensor]) -> dict[str, Tensor]:
+        if self.compile_seconds is None:
+            t0 = time.perf_counter()
+            out = self._fn(energy, flat, draws)
+            self.compile_seconds = time.perf_counter() - t0
+        else:
+            out = self._fn(energy, flat, draws)
+        self.calls += 1
+        return out
+
+
+class CompileFallbackWarning(UserWarning):
+    """A sampler asked to compile runs eagerly instead (the message says why)."""
+
+
+def warn_fallback(name: str, why: str) -> None:
+    warnings.warn(
+        f"{name}: compiled chains are not available ({why}); running eagerly. Pass "
+        "compile=False to silence this warning.",
+        CompileFallbackWarning,
+        stacklevel=4,
+    )

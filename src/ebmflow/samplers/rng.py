@@ -1,0 +1,125 @@
+"""Random draws of sampler transitions, replaceable by pre-drawn noise.
+
+Transitions draw their randomness through ``randn`` / ``rand`` / ``randint`` below instead of
+calling ``torch.randn(..., generator=generator)`` directly. With a ``torch.Generator`` (or
+None: the global generator) they draw as torch would. With a ``NoiseTape`` they return the
+tape's next pre-drawn tensor instead: this is how the compiled executor runs K steps as one
+compiled function without a generator inside it (``torch.compile`` cannot trace a
+``torch.Generator``), while consuming the generator's stream exactly as K eager steps would.
+
+How the tape is filled (``samplers/_compiled.py``):
+
+1. the first step of a compiled run is eager, with a ``RecordingTape`` that draws from the
+   real generator and records each draw's kind, shape, dtype and bounds (the *draw spec*);
+2. before each block of K compiled steps, K x spec draws are made from the generator, in the
+   order the eager loop makes them (same calls, same sizes: the same numbers), into
+   ``(K, *shape)`` buffers;
+3. the compiled block gives step k a ``NoiseTape`` of the k-th slices.
+
+So the compiled chains equal the eager chains for the same generator, up to float rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["NoiseTape", "RecordingTape", "Draw", "randn", "rand", "randint", "Rng"]
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One random draw of a transition: ``kind`` in {"randn", "rand", "randint"}."""
+
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    low: int = 0
+    high: int = 0
+
+    def fill(self, out: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Fill ``out`` (shape ``self.shape``) exactly as the eager draw would."""
+        if self.kind == "randn":
+            return out.normal_(generator=generator)
+        if self.kind == "rand":
+            return out.uniform_(generator=generator)
+        return out.random_(self.low, self.high, generator=generator)
+
+
+class NoiseTape:
+    """Pre-drawn random tensors handed out in order (one step's draws)."""
+
+    def __init__(self, draws: list[Tensor]):
+        self.draws = draws
+        self.i = 0
+
+    def next(self) -> Tensor:
+        if self.i >= len(self.draws):
+            raise RuntimeError(
+                "the transition drew more random tensors than its first step did; a compiled "
+                "block needs the same draws every step"
+            )
+        t = self.draws[self.i]
+        self.i += 1
+        return t
+
+
+class RecordingTape:
+    """Draws from ``generator`` like torch and records each draw's ``Draw`` spec."""
+
+    def __init__(self, generator: torch.Generator | None):
+        self.generator = generator
+        self.spec: list[Draw] = []
+
+
+Rng = torch.Generator | NoiseTape | RecordingTape | None
+
+
+def _shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    return tuple(int(s) for s in shape)
+
+
+def randn(shape: tuple[int, ...] | torch.Size, generator: Rng, device: torch.device,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal draws of ``shape`` (``torch.randn`` or the tape's next tensor)."""
+    if isinstance(generator, NoiseTape):
+        return generator.next()
+    if isinstance(generator, RecordingTape):
+        generator.spec.append(Draw("randn", _shape(shape), dtype, torch.device(device)))
+        generator = generator.generator
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def rand(shape: tuple[int, ...] | torch.Size, generator: Rng, device: torch.device,
+         dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform [0, 1) draws of ``shape`` (``torch.rand`` or the tape's next tensor)."""
+    if isinstance(generator, NoiseTape):
+        return generator.next()
+    if isinstance(generator, RecordingTape):
+        generator.spec.append(Draw("rand", _shape(shape), dtype, torch.device(device)))
+        generator = generator.generator
+    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+
+def randint(low: int, high: int, shape: tuple[int, ...] | torch.Size, generator: Rng,
+            device: torch.device) -> Tensor:
+    """Integer draws in ``[low, high)`` of ``shape`` (``torch.randint`` or the tape's next)."""
+    if isinstance(generator, NoiseTape):
+        return generator.next()
+    if isinstance(generator, RecordingTape):
+        generator.spec.append(
+            Draw("randint", _shape(shape), torch.long, torch.device(device), low, high))
+        generator = generator.generator
+    return torch.randint(low, high, shape, generator=generator, device=device)
+
+
+def real_generator(generator: Rng) -> torch.Generator | None:
+    """The torch generator behind ``generator`` (None for the global one or a tape)."""
+    if isinstance(generator, RecordingTape):
+        return generator.generator
+    if isinstance(generator, NoiseTape):
+        return None
+    return generator

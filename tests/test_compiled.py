@@ -1,0 +1,238 @@
+"""The compiled executor of ``MCMCSampler.run``: same chains as eager, no recompilation.
+
+Most tests compile with the ``eager`` / ``aot_eager`` backends (dynamo traces the K-step block
+exactly as for inductor, without generating C++), which keeps them fast; the slow test runs
+inductor itself.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from ebmflow.energy import EnergyModel, GaussianMixtureEnergy, IsingEnergy, MLPEnergy
+from ebmflow.samplers import (
+    HMC,
+    MALA,
+    CompileFallbackWarning,
+    DiscreteLangevin,
+    Gibbs,
+    GibbsWithGradients,
+    Langevin,
+    MCMCSampler,
+    rng,
+)
+from ebmflow.samplers._compiled import predraw
+from ebmflow.spaces import Binary, Categorical, Continuous
+
+
+def _mixture() -> GaussianMixtureEnergy:
+    return GaussianMixtureEnergy(
+        torch.tensor([[-1.5, 0.0], [1.5, 0.5]]), torch.tensor([0.6, 0.8]), torch.tensor([0.7, 0.3])
+    )
+
+
+class QuarticEnergy(EnergyModel):
+    """A user energy that defines only ``energy(x)`` (gradients by autograd / torch.func)."""
+
+    def __init__(self) -> None:
+        super().__init__(Continuous(2))
+        self.a = torch.nn.Parameter(torch.tensor([0.5, 1.0]))
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.a * x.square()).sum(1) + 0.1 * x.pow(4).sum(1)
+
+
+def _binary_mlp() -> MLPEnergy:
+    torch.manual_seed(3)
+    return MLPEnergy(Binary(12), hidden=(16,))
+
+
+def _categorical_mlp() -> MLPEnergy:
+    torch.manual_seed(4)
+    return MLPEnergy(Categorical(6, 3), hidden=(16,))
+
+
+def _x0(energy: EnergyModel, n: int = 32) -> torch.Tensor:
+    return energy.space.noise(n, generator=torch.Generator().manual_seed(11))
+
+
+CASES = [
+    ("langevin", lambda: Langevin(0.05), _mixture),
+    ("mala", lambda: MALA(0.2), _mixture),
+    ("mala-adapt", lambda: MALA(0.2, n_warmup=30), _mixture),
+    ("hmc", lambda: HMC(0.2, n_leapfrog=3), _mixture),
+    ("mala-user-energy", lambda: MALA(0.1), QuarticEnergy),
+    ("gibbs-binary", lambda: Gibbs(), _binary_mlp),
+    ("gibbs-categorical", lambda: Gibbs(), _categorical_mlp),
+    ("gibbs-ising", lambda: Gibbs(), lambda: IsingEnergy.lattice(3, 0.3)),
+    ("gwg-binary", lambda: GibbsWithGradients(), _binary_mlp),
+    ("gwg-categorical", lambda: GibbsWithGradients(), _categorical_mlp),
+    ("dula", lambda: DiscreteLangevin(0.3), _binary_mlp),
+    ("dmala", lambda: DiscreteLangevin(0.3, metropolis=True), _binary_mlp),
+    ("dmala-categorical", lambda: DiscreteLangevin(0.3, metropolis=True), _categorical_mlp),
+]
+
+
+def test_rng_draws_are_torch_draws() -> None:
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    cpu = torch.device("cpu")
+    torch.testing.assert_close(rng.randn((5, 3), g1, cpu), torch.randn((5, 3), generator=g2))
+    torch.testing.assert_close(rng.rand((7,), g1, cpu), torch.rand((7,), generator=g2))
+    torch.testing.assert_close(rng.randint(0, 9, (4, 1), g1, cpu),
+                               torch.randint(0, 9, (4, 1), generator=g2))
+
+
+def test_predraw_follows_the_eager_order() -> None:
+    """K steps of (randn (B, D), rand (B,), randint) pre-drawn = the same draws made step by
+    step, interleaved as the eager loop makes them."""
+    rec = rng.RecordingTape(torch.Generator().manual_seed(5))
+    cpu = torch.device("cpu")
+    rng.randn((6, 3), rec, cpu)
+    rng.rand((6,), rec, cpu)
+    rng.randint(0, 4, (6, 1), rec, cpu)
+    assert [d.kind for d in rec.spec] == ["randn", "rand", "randint"]
+    k = 4
+    bufs = predraw(rec.spec, k, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    for j in range(k):
+        torch.testing.assert_close(bufs[0][j], torch.randn((6, 3), generator=g), rtol=0, atol=0)
+        torch.testing.assert_close(bufs[1][j], torch.rand((6,), generator=g), rtol=0, atol=0)
+        torch.testing.assert_close(bufs[2][j], torch.randint(0, 4, (6, 1), generator=g),
+                                   rtol=0, atol=0)
+
+
+def test_noise_tape_refuses_extra_draws() -> None:
+    tape = rng.NoiseTape([torch.zeros(2)])
+    tape.next()
+    with pytest.raises(RuntimeError, match="same draws every step"):
+        tape.next()
+
+
+@pytest.mark.parametrize("name,make_sampler,make_energy", CASES, ids=[c[0] for c in CASES])
+def test_compiled_chains_equal_eager_chains(name, make_sampler, make_energy) -> None:
+    """21 steps = 1 recording step + 2 compiled blocks of 8 + 4 eager steps: every part of the
+    executor is crossed, and the result must be the eager chain for the same generator."""
+    torch._dynamo.reset()
+    energy = make_energy()
+    x0 = _x0(energy)
+    out = {}
+    for compiled in (False, True):
+        s = make_sampler()
+        s.compile = compiled
+        s.compile_backend = "aot_eager" if "user" in name else "eager"
+        x = s.run(energy, x0, 21, generator=torch.Generator().manual_seed(7))
+        out[compiled] = (x, {k: v.clone() for k, v in s.stats.items()}, s)
+    x_e, stats_e, _ = out[False]
+    x_c, stats_c, s_c = out[True]
+    assert s_c.compile_seconds is not None, "the compiled executor did not run"
+    assert x_c.dtype == x_e.dtype and x_c.shape == x_e.shape
+    if x_e.is_floating_point() and isinstance(energy.space, Continuous):
+        torch.testing.assert_close(x_c, x_e, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(x_c, x_e)
+    assert set(stats_c) == set(stats_e)
+    for k in stats_e:
+        torch.testing.assert_close(stats_c[k], stats_e[k], rtol=1e-5, atol=1e-5)
+    if name == "mala-adapt":  # the adapted step size reached the sampler in both runs
+        assert math.isclose(out[True][2].step_size, out[False][2].step_size, rel_tol=1e-5)
+        assert out[True][2].step_size != 0.2
+
+
+def test_no_recompilation_when_steps_data_or_parameter_values_change() -> None:
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    energy = MLPEnergy(Continuous(2), hidden=(8,))
+    s = MALA(0.05, compile=True)
+    s.compile_backend = counting
+    g = torch.Generator().manual_seed(0)
+    s.run(energy, torch.randn(16, 2), 17, generator=g)
+    assert len(graphs) == 1
+    for n_steps in (9, 25, 40):
+        s.run(energy, torch.randn(16, 2), n_steps, generator=g)
+    with torch.no_grad():
+        for p in energy.parameters():
+            p.mul_(1.1)
+    s.run(energy, torch.randn(16, 2), 17, generator=g)
+    assert len(graphs) == 1, f"{len(graphs)} compilations"
+    # a new batch size is a new specialisation (one more graph), and nothing else
+    s.run(energy, torch.randn(8, 2), 17, generator=g)
+    assert len(graphs) == 2
+
+
+def test_compile_auto_waits_until_it_pays() -> None:
+    torch._dynamo.reset()
+    energy = _mixture()
+    s = Langevin(0.05, compile="auto")
+    s.compile_backend = "eager"
+    s.compile_after = 50
+    x0 = _x0(energy)
+    s.run(energy, x0, 20)
+    assert s.compile_seconds is None  # 20 steps so far: eager
+    s.run(energy, x0, 20)
+    assert s.compile_seconds is None
+    s.run(energy, x0, 20)  # 60 >= 50: compiled from now on
+    assert s.compile_seconds is not None
+
+
+class TorchRandnWalk(MCMCSampler):
+    """A user sampler drawing with torch.randn directly (cannot take pre-drawn noise)."""
+
+    def step(self, energy, x, generator=None):
+        prop = x + 0.1 * torch.randn(x.shape, generator=generator)
+        log_alpha = energy(x) - energy(prop)
+        u = torch.rand(x.shape[0], generator=generator)
+        return torch.where((u.log() < log_alpha)[:, None], prop, x)
+
+
+def test_uncompilable_sampler_falls_back_with_a_warning() -> None:
+    energy = _mixture()
+    x0 = _x0(energy)
+    eager = TorchRandnWalk().run(energy, x0, 12, generator=torch.Generator().manual_seed(1))
+    s = TorchRandnWalk(compile=True)
+    with pytest.warns(CompileFallbackWarning, match="ebmflow.samplers.rng"):
+        x = s.run(energy, x0, 12, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x, eager)
+    with warnings.catch_warnings():  # said once, then eager without a word
+        warnings.simplefilter("error")
+        s.run(energy, x0, 12)
+
+
+def test_compile_argument_is_checked() -> None:
+    with pytest.raises(ValueError, match="compile must be True, False or 'auto'"):
+        Langevin(compile="yes")
+
+
+@pytest.mark.slow  # inductor compiles C++: tens of seconds per sampler on a small CPU
+@pytest.mark.parametrize("cls", [Langevin, MALA, HMC])
+def test_inductor_chains_equal_eager_chains(cls) -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    energy = MLPEnergy(Continuous(2), hidden=(32, 32))
+    x0 = torch.randn(64, 2)
+    out = []
+    for compiled in (False, True):
+        s = cls(step_size=0.01, compile=compiled)
+        out.append(s.run(energy, x0, 20, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-4)
+
+
+def test_cuda_graph_key_is_stable_across_runs() -> None:
+    """The recorded-graph key must not change because a run happened (``last_state`` went
+    from None to a state): otherwise the second run records a second graph."""
+    from ebmflow.samplers._fast import graph_key
+
+    energy = _mixture()
+    s = MALA(0.1)
+    before = graph_key(s, energy, (), 8, None)
+    s.run(energy, _x0(energy), 3)
+    assert graph_key(s, energy, (), 8, None) == before
