@@ -236,3 +236,23 @@ def test_cuda_graph_key_is_stable_across_runs() -> None:
     before = graph_key(s, energy, (), 8, None)
     s.run(energy, _x0(energy), 3)
     assert graph_key(s, energy, (), 8, None) == before
+
+
+@pytest.mark.parametrize("cls", [MALA, HMC])
+def test_chains_under_autocast_are_exact_float32_chains(cls) -> None:
+    """A loss under ``torch.autocast(bfloat16)`` calls its sampler: the chain must be the
+    float32 chain (bf16 energies of size ~50 would reject exact moves by rounding alone)."""
+    energy = GaussianMixtureEnergy(torch.tensor([[10.0, 0.0]]), torch.tensor([[1.0, 1.0]]))
+    torch.manual_seed(0)
+    mlp = MLPEnergy(Continuous(2), hidden=(16,))
+    for target in (energy, mlp + energy):
+        x0 = torch.zeros(64, 2)  # E ~ 50 at the start
+        ref = cls(1e-4, n_steps=10)
+        x_ref = ref.run(target, x0, generator=torch.Generator().manual_seed(0))
+        s = cls(1e-4, n_steps=10)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = s.run(target, x0, generator=torch.Generator().manual_seed(0))
+        assert x.dtype == torch.float32
+        assert torch.equal(x, x_ref)
+        assert float(s.stats["accept_rate"]) == float(ref.stats["accept_rate"])
+        assert float(ref.stats["accept_rate"]) == 1.0  # eta = 1e-4: every exact move accepted

@@ -361,7 +361,15 @@ class MCMCSampler(Sampler):
         non-finite, which is 0 unless an outer CUDA-graph capture prevented raising) are left
         in ``self.stats`` as 0-d tensors, per-chain means in ``self.chain_stats`` as ``(B,)``
         tensors, and the final ``ChainState`` in ``self.last_state``.
+
+        Chains always run in the states' own precision: under ``torch.autocast`` (e.g. a loss
+        computed with mixed precision, which calls its sampler) autocast is switched off for
+        the run, because Metropolis-Hastings corrections computed from bfloat16 energies are
+        no longer exact (rounding of E ~ 50 alone rejects about 1% of exact moves).
         """
+        if isinstance(x0, Tensor) and torch.is_autocast_enabled(x0.device.type):
+            with torch.autocast(x0.device.type, enabled=False):
+                return self.run(energy, x0, n_steps, generator=generator, progress=progress)
         n_steps = self.n_steps if n_steps is None else n_steps
         if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 0:
             raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
