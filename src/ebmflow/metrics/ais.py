@@ -22,22 +22,31 @@ class GeometricPathEnergy(EnergyModel):
 
         E_b(x) = (1 - b) E_base(x) + b E(x),   E_base(x) = -base.log_prob(x),
 
-    so p_0 = base exactly and p_1 ∝ exp(-E). ``beta`` is a plain float attribute that AIS
-    moves along the schedule; the module holds no state of its own.
+    so p_0 = base exactly and p_1 ∝ exp(-E). ``beta`` lives in a 0-d buffer (set it with
+    ``path.beta = b``): a sampler's recorded CUDA graph or compiled block reads the current
+    value at every temperature instead of baking the first one in.
     """
 
     def __init__(self, energy: EnergyModel, base: EnergyModel, beta: float = 0.0):
         super().__init__(energy.space)
         self.target = energy
         self.base = base
-        self.beta = float(beta)
+        ref = next(iter([*energy.parameters(), *energy.buffers()]), None)
+        dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+        device = ref.device if ref is not None else None
+        self.register_buffer("beta_t", torch.tensor(float(beta), dtype=dtype, device=device))
+
+    @property
+    def beta(self) -> float:
+        """The inverse temperature b (a host read of the buffer)."""
+        return float(self.beta_t)
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.beta_t.fill_(float(value))
 
     def energy(self, x: Tensor) -> Tensor:
-        b = self.beta
-        if b == 0.0:
-            return -self.base.log_prob(x)
-        if b == 1.0:
-            return self.target(x)
+        b = self.beta_t
         return (1.0 - b) * (-self.base.log_prob(x)) + b * self.target(x)
 
 
@@ -123,10 +132,12 @@ def ais_log_partition(
         raise ValueError(f"sampler must be an MCMCSampler, got {type(sampler).__name__}")
     check_positive_int(n_particles, "n_particles")
     check_positive_int(mcmc_steps, "mcmc_steps")
-    betas = annealing_schedule(n_temps, schedule).tolist()
+    path = GeometricPathEnergy(energy, base)
+    # the schedule rounded to the path's precision: the weights use the very temperatures
+    # the transitions keep invariant
+    betas = annealing_schedule(n_temps, schedule).to(path.beta_t.dtype).double().tolist()
 
     x = base.sample(n_particles, generator=generator)
-    path = GeometricPathEnergy(energy, base)
     log_w = torch.zeros(n_particles, dtype=torch.float64, device=x.device)
     acc: dict[str, Tensor] = {}
     for t in range(1, len(betas)):

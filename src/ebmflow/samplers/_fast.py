@@ -88,8 +88,15 @@ def graph_key(sampler: Any, energy: torch.nn.Module, spec: tuple, k: int,
     addresses = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in tensors)
     return (
         id(energy), energy.training, addresses, spec, k, _hyperparameters(sampler),
-        id(generator) if generator is not None else None,
+        energy_attributes(energy), id(generator) if generator is not None else None,
     )
+
+
+def energy_attributes(energy: torch.nn.Module) -> tuple:
+    """Python scalar attributes of the energy and its submodules (a temperature, a flag...):
+    a recorded graph or compiled block reads them once, so a change must mean a new one.
+    Values that change from run to run belong in buffers instead."""
+    return tuple((name, _hyperparameters(m)) for name, m in energy.named_modules())
 
 
 def _acc_spec(flat: dict[str, Tensor]) -> tuple:

@@ -42,6 +42,7 @@ from ._fast import (
     GraphRunner,
     _hyperparameters,
     carry_spec,
+    energy_attributes,
     flatten_carry,
     graph_key,
     unflatten_carry,
@@ -579,7 +580,7 @@ class MCMCSampler(Sampler):
         blocks = (n_steps - 1) // k
         flat = flatten_carry(carry)
         key = (id(energy), carry_spec(flat), k, tuple(rec.spec),
-               _hyperparameters(self, baked=False))
+               _hyperparameters(self, baked=False), energy_attributes(energy))
         block = self._compiled.get(key)
         if block is None:
             block = self._new_block(energy, k, rec.spec, key)
