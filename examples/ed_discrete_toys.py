@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _output import add_output_arguments, output_dir, report_written
+from example_output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.data import gray_decode, gray_encode, quantisation_bound, toy_2d

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from _output import add_output_arguments, output_dir, report_written
+from example_output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.energy import GaussianMixtureEnergy

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from _output import add_output_arguments, output_dir, report_written
+from example_output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.energy import IsingEnergy, lattice_adjacency

@@ -29,7 +29,8 @@ def _module(path: Path, name: str):
     ("examples", "--update-docs", ROOT / "docs"),
 ])
 def test_output_helpers_default_to_runs(folder, flag, reference):
-    out = _module(ROOT / folder / "_output.py", f"_output_{folder}")
+    helper = "_output.py" if folder == "benchmarks" else "example_output.py"
+    out = _module(ROOT / folder / helper, f"_output_{folder}")
     parser = argparse.ArgumentParser()
     out.add_output_arguments(parser)
     default = parser.parse_args([])
@@ -51,6 +52,7 @@ def test_run_all_passes_update_reference_only_when_asked(monkeypatch):
         run_all = _module(ROOT / "benchmarks" / "run_all.py", "run_all_under_test")
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop("_output", None)  # benchmarks' helper, imported by run_all
     calls = []
     monkeypatch.setattr(run_all.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     assert run_all.main(["--only", "training", "--quick"]) == 0

@@ -6,7 +6,7 @@ show. An example run writes ``runs/examples/results/<name>.json`` and
 ``--update-docs`` (then ``docs/results/`` and ``docs/figures/``) or ``--out FOLDER``.
 Every example script uses::
 
-    from _output import add_output_arguments, output_dir, report_written
+    from example_output import add_output_arguments, output_dir, report_written
 
     add_output_arguments(parser)          # --out, --update-docs
     out = output_dir(args)                # folder holding results/ and figures/
