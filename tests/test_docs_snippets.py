@@ -29,10 +29,7 @@ PAGES_TESTED_ELSEWHERE = {
     "docs/discrete-flows.md": "its snippets run in the discrete flows' own test modules",
 }
 # (page, index, how the block's first line starts): reason
-SKIP_BLOCKS = {
-    ("docs/design.md", 0, "class EnergyModel(nn.Module):"):
-        "interface sketch of the design contract: method signatures without bodies",
-}
+SKIP_BLOCKS: dict[tuple[str, int, str], str] = {}
 # page: [(pattern, replacement)]: step counts scaled down in the default suite
 SHORTEN = {
     "README.md": [(r"range\(2000\)", "range(20)"), (r"MALA\(n_steps=500\)", "MALA(n_steps=5)")],
