@@ -10,6 +10,11 @@ log|det dT^{-1}/dx|)``; ``log_prob``, ``sample_and_log_prob`` (one pass, zuko-st
 ``sample`` and ``nll`` then come for free. A flow that has an exact sampler and density but
 no explicit map (a mixture, a tabulated proposal) may instead override ``log_prob`` and
 ``sample_and_log_prob`` directly; ``FlowMC`` only needs those two.
+
+Sampling is split in two: ``base_sample(n, generator)`` draws the base noise z through
+``ebmflow.samplers.rng`` (so ``generator`` may also be a ``NoiseTape`` of pre-drawn noise, as
+in ``FlowMC``'s compiled global moves), and ``sample_from_base(z)`` is the deterministic rest,
+x = T(z) with log q(x) = log rho(z) - log|det dT/dz|.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .._optim import default_adam
+from ..samplers import rng
 from ..spaces import Continuous
 
 __all__ = ["Flow", "standard_normal_log_prob"]
@@ -76,19 +82,29 @@ class Flow(nn.Module):
         """log rho(z) = log N(z; 0, I), ``(B,)``."""
         return standard_normal_log_prob(z)
 
-    def base_sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """z ~ N(0, I): ``(n, D)`` on the flow's device and dtype."""
+    def base_sample(self, n: int, generator: rng.Rng = None) -> Tensor:
+        """z ~ N(0, I): ``(n, D)`` on the flow's device and dtype.
+
+        Drawn with ``ebmflow.samplers.rng.randn``: ``generator`` is a ``torch.Generator``
+        (or None, the global one) or a tape of pre-drawn noise (``rng.NoiseTape``,
+        ``rng.RecordingTape``)."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         ref = self._reference_tensor()
         device = ref.device if ref is not None else torch.device("cpu")
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
-        if generator is not None and generator.device.type != device.type:
+        if isinstance(generator, torch.Generator) and generator.device.type != device.type:
             raise ValueError(
                 f"generator is on {generator.device} but the flow is on {device}; create it "
                 f"with torch.Generator(device='{device}')"
             )
-        return torch.randn((n, self.dim), generator=generator, device=device, dtype=dtype)
+        return rng.randn((n, self.dim), generator, device, dtype)
+
+    def sample_from_base(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """The deterministic part of sampling: x = T(z) and log q(x) = log rho(z) -
+        log|det dT/dz| for given base noise z ``(n, D)`` (from ``base_sample``)."""
+        x, logdet = self(z)
+        return x, self.base_log_prob(z) - logdet
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log q(x) = log rho(z) + log|det dT^{-1}/dx|, ``(B, D) -> (B,)``."""
@@ -97,16 +113,15 @@ class Flow(nn.Module):
         return self.base_log_prob(z) + logdet
 
     def sample_and_log_prob(
-        self, n: int, generator: torch.Generator | None = None
+        self, n: int, generator: rng.Rng = None
     ) -> tuple[Tensor, Tensor]:
         """One pass: x = T(z), z ~ N(0, I), and log q(x) = log rho(z) - log|det dT/dz|.
 
         Returns ``x`` ``(n, D)`` and ``log_q`` ``(n,)``; differentiable with respect to the
-        flow's parameters unless called under ``torch.no_grad()``.
+        flow's parameters unless called under ``torch.no_grad()``. ``generator``: see
+        ``base_sample`` (a tape of pre-drawn noise is accepted).
         """
-        z = self.base_sample(n, generator)
-        x, logdet = self(z)
-        return x, self.base_log_prob(z) - logdet
+        return self.sample_from_base(self.base_sample(n, generator))
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Same as ``sample_and_log_prob``: ``(x (n, D), log_q (n,))``."""

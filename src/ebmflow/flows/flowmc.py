@@ -25,6 +25,14 @@ current chain states (default) or, as in flowMC, a buffer of chain history: the 
 ``history`` snapshots of every chain, resampled to ``train_examples`` points and fitted for
 ``flow_epochs`` epochs per ``update`` (``FlowMC.flowmc_schedule`` builds flowMC's settings).
 
+Compiled rounds (``compile=True`` or ``"auto"``): the local steps run through the local
+kernel's compiled executor (``MCMCSampler(compile=...)``), and each chunk of global moves
+(the proposals of one flow call, ``proposal_batch_size``) is one ``torch.compile``'d function:
+flow pass, energies, log q, the sequential accept/reject steps. The uniforms and the flow's
+base noise are drawn before the chunk through ``ebmflow.samplers.rng`` in the eager order
+(same calls, same sizes) and handed in as a ``NoiseTape``, so the compiled chains are the
+eager chains for the same generator, up to float rounding.
+
 Step-size conventions: flowMC's MALA proposal is x' = x + (dt^2 / 2) grad log p(x) + dt xi;
 ours is x' = x - eta grad E(x) + sqrt(2 eta) xi, so eta = dt^2 / 2 (flowMC's dt = 0.1 is
 eta = 0.005, the default here).
@@ -42,12 +50,19 @@ from torch import Tensor, nn
 
 from .._optim import default_adam
 from ..energy.base import EnergyModel
-from ..samplers import MALA
+from ..samplers import MALA, rng
+from ..samplers._compiled import CompiledBlock, compile_available, predraw, warn_fallback
+from ..samplers._fast import energy_attributes
 from ..samplers.base import MCMCSampler, Sampler
 from ..spaces import Continuous, check_same_device
 from .base import Flow
 
 __all__ = ["FlowMC"]
+
+
+_COMPILE_AFTER = 2000  # compile="auto": global moves per chain made eagerly before compiling
+_MAX_BLOCKS = 8  # compiled chunks of global moves kept (per energy / shape / chunk size)
+_MAX_LOCAL_BLOCK = 16  # largest local block FlowMC sets (graph_steps = n_local - 1)
 
 
 def _default_local_kernel() -> MCMCSampler:
@@ -224,6 +239,7 @@ class FlowMC(Sampler):
         init: str = "noise",
         check_finite: bool = True,
         proposal_batch_size: int | None = 4096,
+        compile: bool | str = False,
     ):
         super().__init__()
         flow = _as_flow(flow)
@@ -262,6 +278,8 @@ class FlowMC(Sampler):
             )
         if init not in ("noise", "flow"):
             raise ValueError(f"init must be 'noise' or 'flow', got {init!r}")
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
         if not (isinstance(logq_tol, (int, float)) and logq_tol > 0):
             raise ValueError(f"logq_tol must be a positive number (nats), got {logq_tol!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -300,6 +318,43 @@ class FlowMC(Sampler):
         self._health_ref: tuple[float, float] | None = None
         self._best_loss = math.inf
         self.chain_stats: dict[str, Tensor] = {}
+        # compiled rounds
+        self.compile = compile
+        #: ``compile="auto"``: global moves per chain made eagerly before compiling
+        self.compile_after = _COMPILE_AFTER
+        self._compile_backend: Any = "inductor"
+        self._blocks: dict[tuple, CompiledBlock] = {}
+        self._flow_specs: dict[tuple, list[rng.Draw]] = {}
+        self._compile_failed: str | None = None
+        self._auto_moves = 0
+        if compile is not False and local.compile is False:
+            local.compile = compile
+            if local.graph_steps is None and 2 <= n_local - 1 <= _MAX_LOCAL_BLOCK:
+                local.graph_steps = n_local - 1
+
+    @property
+    def compile_backend(self) -> Any:
+        """``torch.compile`` backend of the compiled global moves and of the local kernel
+        ("inductor" by default; "eager" / "aot_eager" or a callable for tests)."""
+        return self._compile_backend
+
+    @compile_backend.setter
+    def compile_backend(self, backend: Any) -> None:
+        self._compile_backend = backend
+        self.local.compile_backend = backend
+        self._blocks = {}
+
+    @property
+    def compile_seconds(self) -> float | None:
+        """Wall time of the first call of every compiled chunk of global moves (tracing,
+        compiling, one run) plus the local kernel's ``compile_seconds``; None before any
+        compiled round."""
+        times = [b.compile_seconds for b in self._blocks.values()
+                 if b.compile_seconds is not None]
+        local = self.local.compile_seconds
+        if local is not None:
+            times.append(local)
+        return sum(times) if times else None
 
     @classmethod
     def flowmc_schedule(
@@ -492,52 +547,186 @@ class FlowMC(Sampler):
 
         ``e_x``: E(x) ``(B,)`` if known (else computed). With v = E + log q, proposal k is
         accepted on chain b when log u_kb < v(x_b) - v(x'_kb), i.e. log u_kb + v(x'_kb) <
-        v(x_b); the left side is computed for all proposals at once. A proposal with a
-        non-finite state or log q gets v = +inf (never accepted); a NaN energy gives a NaN
-        comparison (never accepted).
+        v(x_b). Random numbers, in this order: the uniforms u ``(n_global, B)`` (one call),
+        then the flow's base noise of each chunk of k moves (k B proposals per flow call,
+        ``proposal_batch_size``). A proposal with a non-finite state or log q gets v = +inf
+        (never accepted); a NaN energy gives a NaN comparison (never accepted).
         """
-        b, event = x.shape[0], x.shape[1:]
-        if e_x is None:
-            e_x = energy(x)
-        logq_x = self.flow.log_prob(x.reshape(b, -1))
-        v_x = e_x + logq_x
-        finite_masks = [torch.isfinite(logq_x)]
-        # uniforms first (one call), then the proposals in as few flow calls as allowed
-        log_u = torch.rand(self.n_global, b, generator=generator, device=x.device,
-                           dtype=x.dtype).log_()
+        b = x.shape[0]
         per_call = self.n_global
         if self.proposal_batch_size is not None:
             per_call = max(1, min(per_call, self.proposal_batch_size // b))
-        n_acc = torch.zeros(b, device=x.device, dtype=x.dtype)
+        chunks = [(k0, min(per_call, self.n_global - k0))
+                  for k0 in range(0, self.n_global, per_call)]
+        flat: dict[str, Tensor] = {"x": x} if e_x is None else {"x": x, "e": e_x}
+        if self._use_compiled(x):
+            out = self._compiled_moves(energy, flat, chunks, generator)
+            if out is not None:
+                return out["x"], out["acc"], out["bad"]
+        flat = self._global_init(energy, flat)
+        log_u = rng.rand((self.n_global, b), generator, x.device, x.dtype).log_()
+        for k0, k in chunks:
+            flat = self._global_chunk(energy, flat, log_u[k0:k0 + k], generator, k)
+        return flat["x"], flat["acc"], flat["bad"]
+
+    def _global_init(self, energy: EnergyModel, flat: dict[str, Tensor]) -> dict[str, Tensor]:
+        """v(x) = E(x) + log q(x) of the chains ``x`` (E from ``flat["e"]`` when cached),
+        zero acceptance counts, and whether log q(x) is non-finite anywhere (0-d bool)."""
+        x = flat["x"]
+        b = x.shape[0]
+        e_x = flat["e"] if "e" in flat else energy(x)
+        logq_x = self.flow.log_prob(x.reshape(b, -1))
+        return {"x": x, "v": e_x + logq_x, "acc": torch.zeros(b, device=x.device, dtype=x.dtype),
+                "bad": ~torch.isfinite(logq_x).all()}
+
+    def _global_chunk(
+        self,
+        energy: EnergyModel,
+        flat: dict[str, Tensor],
+        log_u: Tensor,
+        generator: rng.Rng,
+        k: int,
+    ) -> dict[str, Tensor]:
+        """k sequential independence-MH moves from k B proposals of one flow call.
+
+        ``log_u``: ``(k, B)`` log-uniforms; ``generator``: the flow's base draw (a
+        ``torch.Generator`` or a tape of pre-drawn noise). Pure tensor code, no host sync:
+        run eagerly or as a compiled chunk. Only v and the index of the last accepted
+        proposal per chain are tracked through the k steps; the states are gathered once,
+        O(B D) not O(k B D).
+        """
+        x, v_x, n_acc = flat["x"], flat["v"], flat["acc"]
+        b, event = x.shape[0], x.shape[1:]
+        xp, logq_p = self.flow.sample_and_log_prob(k * b, generator)  # (k b, D), (k b,)
+        finite = torch.isfinite(logq_p) & torch.isfinite(xp).all(1)
+        bad = flat["bad"] | ~finite.all()
+        xp = xp.reshape(k * b, *event)
+        v_p = torch.where(finite, energy(xp) + logq_p, torch.inf).view(k, b)
+        key = log_u + v_p  # accept proposal j iff key[j] < v(x)
         mask_shape = (b,) + (1,) * len(event)
-        for k0 in range(0, self.n_global, per_call):
-            k = min(per_call, self.n_global - k0)
-            xp, logq_p = self.flow.sample_and_log_prob(k * b, generator)  # (k b, D), (k b,)
-            finite = torch.isfinite(logq_p) & torch.isfinite(xp).all(1)
-            finite_masks.append(finite)
-            xp = xp.reshape(k * b, *event)
-            v_p = torch.where(finite, energy(xp) + logq_p, torch.inf).view(k, b)
-            key = log_u[k0:k0 + k].add_(v_p)  # accept proposal j iff key[j] < v(x)
-            if k == 1:
-                accept = key[0] < v_x
-                x = torch.where(accept.view(mask_shape), xp, x)
-                v_x = torch.where(accept, v_p[0], v_x)
-                n_acc.add_(accept)
-                continue
-            # the sequential accept/reject steps only track v and the index of the last
-            # accepted proposal per chain; the states are gathered once, O(B D) not O(k B D)
-            accepted = torch.empty((k, b), dtype=torch.bool, device=x.device)
-            last = torch.full((b,), -1, dtype=torch.long, device=x.device)
-            for j in range(k):
-                accept = torch.lt(key[j], v_x, out=accepted[j])
-                v_x = torch.where(accept, v_p[j], v_x)
-                last.masked_fill_(accept, j)
-            rows = torch.arange(b, device=x.device)
-            moved = (last >= 0).view(mask_shape)
-            x = torch.where(moved, xp.reshape(k, b, *event)[last.clamp_(min=0), rows], x)
-            n_acc.add_(accepted.sum(0))
-        bad = ~torch.cat(finite_masks).all()
-        return x, n_acc, bad
+        if k == 1:
+            accept = key[0] < v_x
+            return {"x": torch.where(accept.view(mask_shape), xp, x),
+                    "v": torch.where(accept, v_p[0], v_x), "acc": n_acc + accept, "bad": bad}
+        last = torch.full((b,), -1, dtype=torch.long, device=x.device)
+        count = torch.zeros_like(last)
+        for j in range(k):
+            accept = key[j] < v_x
+            v_x = torch.where(accept, v_p[j], v_x)
+            last = torch.where(accept, j, last)
+            count = count + accept
+        rows = torch.arange(b, device=x.device)
+        moved = (last >= 0).view(mask_shape)
+        x = torch.where(moved, xp.reshape(k, b, *event)[last.clamp(min=0), rows], x)
+        return {"x": x, "v": v_x, "acc": n_acc + count, "bad": bad}
+
+    # -- compiled global moves ---------------------------------------------------------
+    def _use_compiled(self, x: Tensor) -> bool:
+        """Whether this round's global moves go through compiled chunks (``compile`` True,
+        or "auto" once ``compile_after`` moves were made)."""
+        mode = self.compile
+        if mode is False or self._compile_failed is not None:
+            return False
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        if mode == "auto":
+            self._auto_moves += self.n_global
+            if self._auto_moves < self.compile_after:
+                return False
+        if getattr(self.flow, "numerical_inverse", False):
+            return self._fail(f"{type(self.flow).__name__} solves an ODE (torchdiffeq), which "
+                              "is not compiled")
+        ok, why = compile_available()
+        return ok or self._fail(why)
+
+    def _fail(self, why: str) -> bool:
+        self._compile_failed = why
+        warn_fallback(type(self).__name__, why)
+        return False
+
+    def _flow_spec(self, n: int, x: Tensor) -> list[rng.Draw] | None:
+        """The draws of ``flow.sample_and_log_prob(n, ...)`` (kind, shape, dtype), recorded
+        once per size on a private generator (the caller's stream is not touched); None
+        (after a ``CompileFallbackWarning``) if the flow does not draw through
+        ``ebmflow.samplers.rng``."""
+        key = (id(self.flow), n, x.dtype, str(x.device))
+        spec = self._flow_specs.get(key)
+        if spec is None:
+            rec = rng.RecordingTape(torch.Generator(device=x.device).manual_seed(0))
+            try:
+                self.flow.sample_and_log_prob(n, rec)
+            except TypeError as err:  # torch.randn(generator=<tape>) in a user's flow
+                self._fail(f"{type(self.flow).__name__}.sample_and_log_prob draws random "
+                           f"numbers without ebmflow.samplers.rng ({err})")
+                return None
+            spec = self._flow_specs[key] = list(rec.spec)
+        return spec
+
+    def _compiled_moves(
+        self,
+        energy: EnergyModel,
+        flat: dict[str, Tensor],
+        chunks: list[tuple[int, int]],
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor] | None:
+        """The global moves as compiled chunks, or None (nothing drawn, nothing moved) when
+        the flow cannot take pre-drawn noise. All of the round's noise is pre-drawn in the
+        eager order: u ``(n_global, B)``, then each chunk's base noise."""
+        x = flat["x"]
+        b = x.shape[0]
+        specs = []
+        for _, k in chunks:
+            spec = self._flow_spec(k * b, x)
+            if spec is None:
+                return None
+            specs.append(spec)
+        u_draw = rng.Draw("rand", (self.n_global, b), x.dtype, x.device)
+        full = [u_draw] + [d for spec in specs for d in spec]
+        draws = [d[0] for d in predraw(full, 1, rng.real_generator(generator))]
+        log_u, pos = draws[0].log_(), 1
+        for (k0, k), spec in zip(chunks, specs):
+            mine = draws[pos:pos + len(spec)]
+            pos += len(spec)
+            block = None if self._compile_failed else self._block(energy, flat, k, spec)
+            if block is not None:
+                try:
+                    flat = block(energy, flat, [log_u[None, k0:k0 + k]] + [d[None] for d in mine])
+                    continue
+                except Exception as err:  # noqa: BLE001 - any compile failure falls back
+                    if block.calls > 0:
+                        raise
+                    self._blocks = {}
+                    self._fail(f"torch.compile failed: {type(err).__name__}: {err}")
+            # fallback after a failed compile: the same moves eagerly, from the drawn noise
+            if "v" not in flat:
+                flat = self._global_init(energy, flat)
+            flat = self._global_chunk(energy, flat, log_u[k0:k0 + k], rng.NoiseTape(mine), k)
+        return flat
+
+    def _block(self, energy: EnergyModel, flat: dict[str, Tensor], k: int,
+               spec: list[rng.Draw]) -> CompiledBlock:
+        """The compiled chunk of k moves for this energy, flow, carry layout and noise."""
+        carry = tuple((n, tuple(t.shape), t.dtype, str(t.device)) for n, t in flat.items())
+        key = (id(energy), id(self.flow), carry, k, tuple(spec), energy.training,
+               self.flow.training, energy_attributes(energy), energy_attributes(self.flow))
+        block = self._blocks.get(key)
+        if block is not None:
+            return block
+
+        def advance(e: EnergyModel, state: dict[str, Tensor],
+                    tape: rng.NoiseTape) -> dict[str, Tensor]:
+            log_u = tape.next()
+            if "v" not in state:
+                state = self._global_init(e, state)
+            return self._global_chunk(e, state, log_u, tape, k)
+
+        x = flat["x"]
+        u_draw = rng.Draw("rand", (k, x.shape[0]), x.dtype, x.device)  # log-uniforms, first
+        block = CompiledBlock(advance, 1, [u_draw, *spec], key, backend=self._compile_backend)
+        if len(self._blocks) >= _MAX_BLOCKS:
+            self._blocks.pop(next(iter(self._blocks)))
+        self._blocks[key] = block
+        return block
 
     # -- adaptation --------------------------------------------------------------------
     def update(

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..samplers import rng
 from .base import Flow
 
 __all__ = ["ZukoFlow"]
@@ -45,8 +46,9 @@ class ZukoFlow(Flow):
 
     ``log_prob(x)`` and ``sample_and_log_prob(n, generator)`` work for every zuko
     distribution; ``forward``/``inverse`` (used by ``TiltedEnergy.latent``) need a
-    ``NormalizingFlow``. With a ``generator`` and a Gaussian base (the zuko default), the base
-    draw uses that generator; for other bases, the global RNG is seeded from it.
+    ``NormalizingFlow``. With a Gaussian base (the zuko default) the base noise is drawn through
+    ``ebmflow.samplers.rng`` from ``generator`` (or a tape of pre-drawn noise: ``FlowMC``'s
+    compiled global moves); for other bases, the global RNG is seeded from the generator.
     """
 
     def __init__(self, flow: nn.Module, dim: int | None = None):
@@ -82,33 +84,74 @@ class ZukoFlow(Flow):
         """log rho(z) of the zuko flow's base, ``(B,)``."""
         return self._transform_and_base()[1].log_prob(z)
 
+    def base_sample(self, n: int, generator: rng.Rng = None) -> Tensor:
+        """Standard normal noise eps ``(n, D)`` for a Gaussian base (the base draw is
+        z = loc + scale * eps, made in ``sample_from_base``); drawn with
+        ``ebmflow.samplers.rng``, so ``generator`` may be a tape of pre-drawn noise."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        return self._gaussian_noise(self.flow(), n, generator)
+
+    def sample_from_base(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """x = f^{-1}(loc + scale * eps) and log q(x) = log rho(z) - log|det dx/dz| for
+        standard normal noise ``eps`` ``(n, D)`` (Gaussian bases only)."""
+        transform, base = self._transform_and_base()
+        return self._from_noise(transform, base, z)
+
     def sample_and_log_prob(
-        self, n: int, generator: torch.Generator | None = None
+        self, n: int, generator: rng.Rng = None
     ) -> tuple[Tensor, Tensor]:
-        """x ~ q and log q(x) in one pass: ``(n, D)``, ``(n,)`` (differentiable)."""
+        """x ~ q and log q(x) in one pass: ``(n, D)``, ``(n,)`` (differentiable).
+
+        With a Gaussian base the noise is drawn through ``ebmflow.samplers.rng`` from
+        ``generator`` (a ``torch.Generator``, None for the global one, or a tape of pre-drawn
+        noise). Other bases sample with zuko under the global RNG, seeded from ``generator``;
+        they cannot take pre-drawn noise (``TypeError``).
+        """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         dist = self.flow()
-        if generator is None:
-            return dist.rsample_and_log_prob((n,))
         transform, base = getattr(dist, "transform", None), getattr(dist, "base", None)
         if transform is not None and base is not None and _is_gaussian(base):
-            loc, scale = base.mean, base.stddev
-            if generator.device != loc.device and generator.device.type != loc.device.type:
-                raise ValueError(
-                    f"generator is on {generator.device} but the flow is on {loc.device}; "
-                    f"create it with torch.Generator(device='{loc.device}')"
-                )
-            eps = torch.randn((n, *loc.shape), generator=generator, device=loc.device,
-                              dtype=loc.dtype)
-            z = loc + scale * eps
-            x, ladj = transform.inv.call_and_ladj(z)
-            return x, base.log_prob(z) - ladj
+            return self._from_noise(transform, base, self._gaussian_noise(dist, n, generator))
+        if generator is None:
+            return dist.rsample_and_log_prob((n,))
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"a zuko flow with a {type(base).__name__} base samples with its own RNG and "
+                f"cannot take pre-drawn noise"
+            )
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         devices = [generator.device] if generator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             return dist.rsample_and_log_prob((n,))
+
+    def _gaussian_noise(self, dist: Any, n: int, generator: rng.Rng) -> Tensor:
+        base = getattr(dist, "base", None)
+        if getattr(dist, "transform", None) is None or base is None or not _is_gaussian(base):
+            raise TypeError(
+                f"{type(dist).__name__} has no Gaussian base: it cannot be sampled from "
+                f"standard normal noise"
+            )
+        loc = base.mean
+        if (isinstance(generator, torch.Generator) and generator.device != loc.device
+                and generator.device.type != loc.device.type):
+            raise ValueError(
+                f"generator is on {generator.device} but the flow is on {loc.device}; "
+                f"create it with torch.Generator(device='{loc.device}')"
+            )
+        return rng.randn((n, *loc.shape), generator, loc.device, loc.dtype)
+
+    @staticmethod
+    def _from_noise(transform: Any, base: Any, eps: Tensor) -> tuple[Tensor, Tensor]:
+        if not _is_gaussian(base):
+            raise TypeError(
+                f"sample_from_base needs a Gaussian base, this flow's is {type(base).__name__}"
+            )
+        z = base.mean + base.stddev * eps
+        x, ladj = transform.inv.call_and_ladj(z)
+        return x, base.log_prob(z) - ladj
 
     # -- map view (NormalizingFlow) ----------------------------------------------------
     def _transform_and_base(self) -> tuple[Any, Any]:
