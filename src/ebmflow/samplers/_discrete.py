@@ -40,12 +40,14 @@ def _capturing(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def check_discrete_states(sampler: str, energy: EnergyModel, x: Tensor) -> None:
+def check_discrete_states(sampler: str, energy: EnergyModel, x: Tensor,
+                          values: bool = True) -> None:
     """Validate ``x`` against the energy's discrete space (reads values: once per run).
 
     Raises ``ValueError`` for a non-discrete space, a wrong dtype (e.g. float states for a
-    categorical space) or values outside {0, 1} / [0, K). Skipped while a CUDA graph is being
-    captured, where reading values is not allowed.
+    categorical space) or values outside {0, 1} / [0, K). The value check (a host read) is
+    skipped with ``values=False`` and while a CUDA graph is being captured, where reading
+    values is not allowed.
     """
     if not isinstance(energy, EnergyModel):
         raise ValueError(
@@ -57,6 +59,11 @@ def check_discrete_states(sampler: str, energy: EnergyModel, x: Tensor) -> None:
             f"{sampler} samples Binary or Categorical spaces, got {energy.space!r}; use "
             "Langevin, MALA or HMC for continuous states"
         )
+    if not values:
+        if x.dtype != (torch.long if isinstance(energy.space, Categorical) else x.dtype) or (
+                not isinstance(energy.space, Categorical) and not x.is_floating_point()):
+            energy.space.validate(x, "x0")  # a dtype error needs no value read
+        return
     if _capturing(x) or _valid_fast(energy.space, x):
         return
     energy.space.validate(x, "x0")  # raises the informative error
@@ -190,6 +197,18 @@ def mh_select(
     return x, e, g, accept.to(e.dtype), nonfinite
 
 
+def _read_values(sampler: MCMCSampler, x: Tensor) -> bool:
+    """Whether this run may read state values for its input checks: always for CPU states;
+    for CUDA states only at the sampler's first run (a host synchronisation per run would
+    stall training loops, and later runs start from states the sampler produced or the
+    replay buffer drew from the space's noise)."""
+    if not x.is_cuda:
+        return True
+    first = not getattr(sampler, "_values_checked", False)
+    sampler._values_checked = True  # type: ignore[attr-defined]
+    return first
+
+
 class GradientDiscreteSampler(MCMCSampler):
     """Shared base of the gradient-informed discrete samplers (GWG, DULA/DMALA).
 
@@ -209,8 +228,9 @@ class GradientDiscreteSampler(MCMCSampler):
 
     def init_state(self, energy: EnergyModel, x: Tensor) -> ChainState:
         name = type(self).__name__
-        check_discrete_states(name, energy, x)
-        e, g = relaxed_energy_and_grad(name, energy, x, check=self.check_gradient)
+        values = _read_values(self, x)
+        check_discrete_states(name, energy, x, values)
+        e, g = relaxed_energy_and_grad(name, energy, x, check=self.check_gradient and values)
         return ChainState(x, energy=e, grad=g)
 
     def transition(

@@ -157,9 +157,9 @@ class GraphRunner:
             )
             return None
         graph = torch.cuda.CUDAGraph()
-        if generator is not None:
-            graph.register_generator_state(generator)
         try:
+            if generator is not None:  # (older torch has no register_generator_state)
+                graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
                 c = unflatten_carry(dict(static), carry_cls, state_cls)
                 for _ in range(k):

@@ -528,6 +528,12 @@ class MCMCSampler(Sampler):
         on-disk cache already held the kernels."""
         return self._compile_seconds
 
+    def _compile_block_steps(self) -> int:
+        """Default K of a compiled block (``graph_steps=None``): about eight energy-and-gradient
+        evaluations per block; compile time grows with the unrolled graph, the speed-up does
+        not. Samplers with several evaluations per step (HMC, Gibbs sweeps) override it."""
+        return _COMPILE_BLOCK
+
     def _use_compiled(self, x0: Tensor, n_steps: int) -> bool:
         """Whether this run goes through the compiled executor (``compile`` True, or "auto"
         once the sampler has run enough steps to amortise compiling)."""
@@ -576,7 +582,7 @@ class MCMCSampler(Sampler):
             carry.t = 0
             return carry, 0
         bar.update(1)
-        k = min(self.graph_steps or _COMPILE_BLOCK, n_steps - 1)
+        k = min(self.graph_steps or self._compile_block_steps(), n_steps - 1)
         blocks = (n_steps - 1) // k
         flat = flatten_carry(carry)
         key = (id(energy), carry_spec(flat), k, tuple(rec.spec),

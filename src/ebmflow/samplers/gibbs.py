@@ -9,7 +9,7 @@ from torch.nn.functional import logsigmoid
 from ..energy.base import EnergyModel
 from ..spaces import Binary
 from . import rng
-from ._discrete import check_discrete_states, gumbel_argmax, is_discrete_space
+from ._discrete import _read_values, check_discrete_states, gumbel_argmax, is_discrete_space
 from .base import ChainState, MCMCSampler, StepInfo
 
 __all__ = ["Gibbs"]
@@ -89,7 +89,7 @@ class Gibbs(MCMCSampler):
 
     # -- transition ----------------------------------------------------------------------
     def init_state(self, energy: EnergyModel, x: Tensor) -> ChainState:
-        check_discrete_states(type(self).__name__, energy, x)
+        check_discrete_states(type(self).__name__, energy, x, _read_values(self, x))
         with torch.no_grad():
             return ChainState(x, energy=energy(x))
 
@@ -135,6 +135,9 @@ class Gibbs(MCMCSampler):
             x, e, changed = self._update(energy, x, e, index, generator)
             flips = changed.to(e.dtype)
         return ChainState(x, energy=e), {"flips": flips}
+
+    def _compile_block_steps(self) -> int:
+        return 1 if self.sweep else 8  # a sweep is D conditional updates already
 
     def end_run(self, energy: EnergyModel, state: ChainState) -> None:
         """Gibbs moves are never rejected: ``accept_rate`` is 1 (set here, not summed per

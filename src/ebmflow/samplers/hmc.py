@@ -104,5 +104,8 @@ class HMC(AdaptiveStepSize):
         info = {"accept_rate": accept.to(x.dtype), "nonfinite_rate": nonfinite}
         return new, info
 
+    def _compile_block_steps(self) -> int:
+        return max(1, 8 // self.n_leapfrog)  # ~8 gradient evaluations per compiled block
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", n_leapfrog={self.n_leapfrog}"

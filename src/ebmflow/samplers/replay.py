@@ -204,7 +204,7 @@ class PersistentSampler(Sampler):
         self.stats = {
             **self.mcmc.stats,
             **self.buffer.stats,
-            "buffer_capacity": torch.tensor(float(self.buffer.capacity)),
+            "buffer_capacity": torch.full((), float(self.buffer.capacity), device=x.device),
         }
         return x
 
