@@ -217,3 +217,34 @@ def test_inductor_rounds_equal_eager_rounds() -> None:
     assert float(close) > 0.95
     torch.testing.assert_close(s_c.stats["global_accept"], s_e.stats["global_accept"],
                                rtol=0, atol=0.05)
+
+
+def test_python_attributes_of_the_flow_and_energy_are_followed() -> None:
+    """A Python scalar read inside a chunk (a coupling's scale bound, an energy's
+    temperature) is not baked in: changing it between rounds changes the compiled moves as
+    it changes the eager ones."""
+    torch._dynamo.reset()
+
+    class Tempered(GaussianMixtureEnergy):
+        temperature = 1.0
+
+        def energy(self, x):
+            return super().energy(x) / self.temperature
+
+    def make():
+        t = _target()
+        e = Tempered(t.means, t.scales, t.weights)
+        return e
+
+    out = []
+    for compiled in (False, True):
+        energy, flow = make(), _realnvp()
+        s = FlowMC(flow, MALA(0.1), n_local=0, n_global=4, flow_steps=0, compile=compiled,
+                   proposal_batch_size=None)
+        s.compile_backend = "eager"
+        g = torch.Generator().manual_seed(0)
+        s.sample(energy, x0=_x0(), generator=g)
+        flow.layers[0].scale_bound = 0.5
+        energy.temperature = 3.0
+        out.append(s.sample(energy, generator=g, n_rounds=2))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-5)

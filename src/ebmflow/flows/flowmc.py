@@ -52,7 +52,6 @@ from .._optim import default_adam
 from ..energy.base import EnergyModel
 from ..samplers import MALA, rng
 from ..samplers._compiled import CompiledBlock, compile_available, predraw, warn_fallback
-from ..samplers._fast import energy_attributes
 from ..samplers.base import MCMCSampler, Sampler
 from ..spaces import Continuous, check_same_device
 from .base import Flow
@@ -706,9 +705,11 @@ class FlowMC(Sampler):
     def _block(self, energy: EnergyModel, flat: dict[str, Tensor], k: int,
                spec: list[rng.Draw]) -> CompiledBlock:
         """The compiled chunk of k moves for this energy, flow, carry layout and noise."""
-        carry = tuple((n, tuple(t.shape), t.dtype, str(t.device)) for n, t in flat.items())
+        # Python attributes the chunk reads (a temperature, a coupling's scale bound) are
+        # guarded by dynamo itself: a change recompiles this chunk, it needs no key of its own
+        carry = tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in flat.items())
         key = (id(energy), id(self.flow), carry, k, tuple(spec), energy.training,
-               self.flow.training, energy_attributes(energy), energy_attributes(self.flow))
+               self.flow.training)
         block = self._blocks.get(key)
         if block is not None:
             return block
