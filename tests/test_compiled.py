@@ -308,3 +308,21 @@ def test_mixture_chains_last_gradient_equals_autograd() -> None:
     e_ref, g_ref = Base.energy_and_grad(target, x)
     torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nonfinite_x0_is_bad_input_naming_x0() -> None:
+    energy = _mixture()
+    x0 = torch.zeros(6, 2)
+    x0[2, 1] = math.nan
+    x0[4, 0] = math.inf
+    for s in (Langevin(0.01), MALA(0.1), Langevin(0.01, on_nonfinite="reset")):
+        with pytest.raises(ValueError, match=r"x0 holds NaN/inf values in 2 chain\(s\) \(\[2, 4\]"):
+            s.run(energy, x0, 3)
+    # finite x0 with a NaN energy stays a sampler-side report (NonFiniteError)
+
+
+def test_wrong_space_error_lists_the_samplers_that_can() -> None:
+    with pytest.raises(ValueError, match="samplers for this space: Langevin, MALA, HMC"):
+        Gibbs().sample(_mixture(), 4)
+    with pytest.raises(ValueError, match="Gibbs, GibbsWithGradients, DiscreteLangevin"):
+        MALA().sample(_binary_mlp(), 4)

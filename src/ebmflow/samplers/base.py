@@ -122,8 +122,8 @@ class Sampler(nn.Module):
             )
         if not self.supports(energy):
             raise ValueError(
-                f"{type(self).__name__} cannot sample {energy.space!r}; pick a sampler for "
-                f"this space"
+                f"{type(self).__name__} cannot sample {energy.space!r}; samplers for this "
+                f"space: {', '.join(_samplers_for(energy.space))}"
             )
 
     def _initial_states(
@@ -149,6 +149,18 @@ class Sampler(nn.Module):
                 f"with torch.Generator(device='{device}')"
             )
         return energy.space.noise(n, generator=generator, device=device)
+
+
+def _samplers_for(space: Any) -> list[str]:
+    """Names of ebmflow's samplers that can draw states of ``space``."""
+    from ..spaces import Binary, Continuous
+
+    if isinstance(space, Continuous):
+        return ["Langevin", "MALA", "HMC", "FlowMC (ebmflow.flows)"]
+    if isinstance(space, (Binary, Categorical)):
+        return ["Gibbs", "GibbsWithGradients", "DiscreteLangevin",
+                "DiscreteFlowSampler (ebmflow.discrete_flows)"]
+    return ["none built in: subclass ebmflow.samplers.MCMCSampler"]
 
 
 def _reduce_info(acc: dict[str, Tensor], info: StepInfo) -> None:
@@ -384,6 +396,8 @@ class MCMCSampler(Sampler):
                     f"x0 has dtype {x0.dtype} but the energy's parameters are {ref.dtype}; "
                     f"cast one of them, e.g. x0.to({ref.dtype})"
                 )
+        if x0.is_floating_point() and not x0.is_cuda and not math.isfinite(float(x0.sum())):
+            _check_finite_start(x0, None)  # CPU: one read; CUDA states are checked on failure
         state = self.init_state(energy, x0.detach())
         show = self.progress if progress is None else progress
         bar = (tqdm(total=n_steps, desc=type(self).__name__, leave=False) if show
@@ -417,7 +431,7 @@ class MCMCSampler(Sampler):
         bar.close()
         first_bad = carry.first_bad  # None: every state was finite (eager loop on CPU)
         if self.on_nonfinite == "raise" and n_steps > 0 and not capturing and first_bad is not None:
-            _raise_if_bad(first_bad, type(self).__name__)
+            _raise_if_bad(first_bad, type(self).__name__, x0)
         denom = max(n_steps, 1)
         self.chain_stats = {k: v / denom for k, v in carry.acc.items() if v.dim() > 0}
         self.stats = {k: (v / denom).mean() for k, v in carry.acc.items()}
@@ -711,12 +725,32 @@ def _where_state(bad: Tensor, old: ChainState, new: ChainState) -> ChainState:
     return ChainState(pick(old.x, new.x), pick(old.energy, new.energy), pick(old.grad, new.grad), extra)  # type: ignore[arg-type]
 
 
-def _raise_if_bad(first_bad: Tensor, name: str) -> None:
+def _check_finite_start(x0: Tensor, chains: Tensor | None) -> None:
+    """ValueError naming ``x0`` when initial states (of ``chains``, or all) hold NaN/inf."""
+    rows = x0 if chains is None else x0[chains]
+    bad = ~torch.isfinite(rows.reshape(rows.shape[0], -1)).all(1)
+    if not bool(bad.any()):
+        return
+    idx = torch.nonzero(bad).flatten()
+    if chains is not None:
+        idx = chains[idx]
+    shown = idx[:8].tolist()
+    raise ValueError(
+        f"x0 holds NaN/inf values in {idx.numel()} chain(s) ({shown}"
+        f"{'...' if idx.numel() > 8 else ''}): initial states must be finite; check how x0 "
+        "was made (e.g. data with missing values), or start from the space's noise "
+        "(sampler.sample(energy, n))"
+    )
+
+
+def _raise_if_bad(first_bad: Tensor, name: str, x0: Tensor | None = None) -> None:
     bad = first_bad < _NEVER
     if not bool(bad.any()):
         return
     bad_chains = torch.nonzero(bad).flatten()
     step = int(first_bad[bad_chains].min())
+    if step == 0 and x0 is not None and x0.is_floating_point():
+        _check_finite_start(x0, bad_chains)  # bad input, not a sampler failure
     shown = bad_chains[:8].tolist()
     raise NonFiniteError(
         f"{name}: {bad_chains.numel()} chain(s) became NaN/inf, first at step {step} "
