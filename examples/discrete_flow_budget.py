@@ -19,7 +19,9 @@ checkpoints along training (e.g. after 400, 1200, 2400, ... EBM steps):
 Checkpoint evaluations draw from their own generator, so they do not perturb training: the
 numbers at a checkpoint are those of a run stopped there. Hyperparameters: the ``[example.*]``
 tables of examples/configs/discrete_flow_budget.toml. Writes
-docs/results/discrete_flow_budget.json and docs/figures/discrete_flow_budget.png.
+runs/examples/results/discrete_flow_budget.json and
+runs/examples/figures/discrete_flow_budget.png (``_quick`` suffix with --quick) and prints
+where (``--update-docs``: docs/results and docs/figures; ``--out FOLDER``).
 
     python examples/discrete_flow_budget.py --quick     # < 1 minute on CPU
     python examples/discrete_flow_budget.py             # the documented run (~20 min, 1 thread)
@@ -43,6 +45,7 @@ from discrete_flow_toys import (
     train_ed_bern,
     train_recipe,
 )
+from example_output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.data import toy_2d
@@ -162,6 +165,7 @@ def main():
     ap.add_argument("--methods", nargs="*", default=None, choices=METHODS)
     ap.add_argument("--checkpoints", nargs="*", type=int, default=None,
                     help="EBM steps at which to evaluate (overrides the config)")
+    add_output_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_example_settings(args.config)
@@ -179,7 +183,8 @@ def main():
     test = enc(toy_2d(cfg["data"]["dataset"], cfg["eval"]["test_points"],
                       torch.Generator().manual_seed(seed + 2)))
     suffix = "_quick" if args.quick else ""
-    out = ROOT / "docs" / "results" / f"discrete_flow_budget{suffix}.json"
+    folder = output_dir(args)
+    out = folder / "results" / f"discrete_flow_budget{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results: dict = {}
@@ -190,10 +195,11 @@ def main():
                                    "published_nll": PUBLISHED_NLL, "uniform_nll": UNIFORM_NLL,
                                    "results": results, "seconds": time.perf_counter() - start},
                                   indent=2))
-    fig = ROOT / "docs" / "figures" / f"discrete_flow_budget{suffix}.png"
+    fig = folder / "figures" / f"discrete_flow_budget{suffix}.png"
     fig.parent.mkdir(parents=True, exist_ok=True)
     plot(results, fig)
-    print(f"wrote {out} and {fig} ({time.perf_counter() - start:.0f}s)")
+    report_written(out, fig)
+    print(f"took {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Issue 7 asks how the discrete flow samplers of the samplingEBMs report fare beyo
 
 Hyperparameters: the ``[example.*]`` tables of examples/configs/discrete_flow_digits.toml (its
 ``[train]`` table is the closest ``ebmflow train`` run; the CLI has no image data). Writes
-docs/results/discrete_flow_digits.json and docs/figures/discrete_flow_digits.png.
+runs/examples/results/discrete_flow_digits.json and
+runs/examples/figures/discrete_flow_digits.png (``_quick`` suffix with --quick) and prints
+where (``--update-docs``: docs/results and docs/figures; ``--out FOLDER``).
 
     python examples/discrete_flow_digits.py --quick     # < 1 minute on CPU
     python examples/discrete_flow_digits.py             # the documented run
@@ -30,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from example_output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.data import digits
@@ -200,6 +203,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny counts (< 1 min)")
     ap.add_argument("--config", type=Path, default=CONFIG)
+    add_output_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_example_settings(args.config)
@@ -210,14 +214,16 @@ def main() -> None:
     start = time.perf_counter()
     res, samples = run(cfg, print)
     suffix = "_quick" if args.quick else ""
-    out = ROOT / "docs" / "results" / f"discrete_flow_digits{suffix}.json"
+    folder = output_dir(args)
+    out = folder / "results" / f"discrete_flow_digits{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": cfg, "quick": args.quick, "results": res,
                                "seconds": time.perf_counter() - start}, indent=2))
-    fig = ROOT / "docs" / "figures" / f"discrete_flow_digits{suffix}.png"
+    fig = folder / "figures" / f"discrete_flow_digits{suffix}.png"
     fig.parent.mkdir(parents=True, exist_ok=True)
     plot(samples, fig)
-    print(f"wrote {out} and {fig} ({time.perf_counter() - start:.0f}s)")
+    report_written(out, fig)
+    print(f"took {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@
 
 Hyperparameters: the ``[example.*]`` tables of examples/configs/discrete_flow_toys.toml
 (its ``[train]`` table is the closest ``ebmflow train`` run). Writes
-docs/results/discrete_flow_toys.json and docs/figures/discrete_flow_toys.png.
+runs/examples/results/discrete_flow_toys.json and
+runs/examples/figures/discrete_flow_toys.png (``_quick`` suffix with --quick) and prints
+where (``--update-docs``: docs/results and docs/figures; ``--out FOLDER``).
 
     python examples/discrete_flow_toys.py --quick     # < 1 minute on CPU
     python examples/discrete_flow_toys.py             # the documented run
@@ -27,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from example_output import add_output_arguments, output_dir, report_written
 
 from ebmflow.cli import load_example_settings
 from ebmflow.data import gray_decode, gray_encode, quantisation_bound, toy_2d
@@ -224,6 +227,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny counts, one dataset (< 1 min)")
     ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--datasets", nargs="*", default=None)
+    add_output_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg = load_example_settings(args.config)
@@ -241,14 +245,16 @@ def main():
         results.append(res)
         all_samples[name] = samples
     suffix = "_quick" if args.quick else ""
-    out = ROOT / "docs" / "results" / f"discrete_flow_toys{suffix}.json"
+    folder = output_dir(args)
+    out = folder / "results" / f"discrete_flow_toys{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": cfg, "quick": args.quick, "results": results,
                                "seconds": time.perf_counter() - start}, indent=2))
-    fig = ROOT / "docs" / "figures" / f"discrete_flow_toys{suffix}.png"
+    fig = folder / "figures" / f"discrete_flow_toys{suffix}.png"
     fig.parent.mkdir(parents=True, exist_ok=True)
     plot(all_samples, fig)
-    print(f"wrote {out} and {fig} ({time.perf_counter() - start:.0f}s)")
+    report_written(out, fig)
+    print(f"took {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

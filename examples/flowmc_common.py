@@ -13,6 +13,11 @@ L = mean E(x+) - mean E(x-) + alpha * (mean E(x+)^2 + mean E(x-)^2)):
 * ``flowmc_tilted``: the energy tilted by the flow, E = E_theta - log q (``TiltedEnergy``);
   the flow is fitted to the data (``tilt_pretrain`` Adam steps, before training, untimed)
   and then frozen; FlowMC samples the tilted energy.
+
+Outputs (``example_output``): ``runs/examples/results/<name>.json`` and
+``runs/examples/figures/<name>.png`` by default, ``docs/`` with ``--update-docs``, or
+``--out FOLDER``; ``load_config`` reads these flags and ``save_json`` / ``figure_path`` /
+``load_json`` use the folder it chose.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from example_output import DOCS_DIR, RUNS_DIR, add_output_arguments, output_dir, report_written
 from torch import Tensor
 
 from ebmflow.energy import EnergyModel, MLPEnergy, TiltedEnergy
@@ -34,6 +40,9 @@ from ebmflow.spaces import Continuous
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ula", "pcd", "flowmc", "flowmc_tilted")
+# the folder holding results/ and figures/, chosen by load_config (--out, --update-docs); kept
+# out of the config so that the JSON written stays the same wherever it goes
+_OUT: dict[str, Path] = {"dir": RUNS_DIR}
 
 
 def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
@@ -51,7 +60,9 @@ def load_config(defaults: dict[str, Any], argv: list[str] | None = None) -> dict
         action="store_true",
         help="redraw the figure from the saved JSON, no training",
     )
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    _OUT["dir"] = output_dir(args)
     cfg = {k: v for k, v in defaults.items() if k != "quick"}
     quick = dict(defaults.get("quick", {}))
     if args.config is not None:
@@ -217,18 +228,37 @@ def out_name(name: str, cfg: dict[str, Any]) -> str:
     return f"{name}_quick" if cfg.get("quick_mode") else name
 
 
+def out_dir() -> Path:
+    """The folder holding results/ and figures/ (``runs/examples`` unless ``--out`` or
+    ``--update-docs`` was given to ``load_config``)."""
+    return _OUT["dir"]
+
+
+def results_path(name: str) -> Path:
+    return out_dir() / "results" / f"{name}.json"
+
+
 def save_json(name: str, payload: dict[str, Any]) -> Path:
-    path = ROOT / "docs" / "results" / f"{name}.json"
+    path = results_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     return path
 
 
 def load_json(name: str) -> dict[str, Any]:
-    return json.loads((ROOT / "docs" / "results" / f"{name}.json").read_text())
+    """The saved results ``name`` from the output folder, else the committed docs/results."""
+    path = results_path(name)
+    if not path.is_file():
+        path = DOCS_DIR / "results" / f"{name}.json"
+    return json.loads(path.read_text())
 
 
 def figure_path(name: str) -> Path:
-    path = ROOT / "docs" / "figures" / f"{name}.png"
+    path = out_dir() / "figures" / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def report(name: str, plot_only: bool = False) -> None:
+    """Print where the run wrote (the JSON unless only the figure was redrawn, the figure)."""
+    report_written(*(() if plot_only else (results_path(name),)), figure_path(name))

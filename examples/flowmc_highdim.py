@@ -7,8 +7,10 @@ proposal (``importance_weights``).
 
     python examples/flowmc_highdim.py [--quick] [--config examples/configs/flowmc_highdim.toml]
 
-Writes (``_quick`` suffix with --quick) docs/results/flowmc_highdim.json (after every
-evaluation) and docs/figures/flowmc_highdim.png; ``--plot-only`` redraws from the JSON.
+Writes (``_quick`` suffix with --quick) runs/examples/results/flowmc_highdim.json (after
+every evaluation) and runs/examples/figures/flowmc_highdim.png and prints where
+(``--update-docs``: docs/results and docs/figures; ``--out FOLDER``); ``--plot-only`` redraws
+from the JSON.
 The CD regulariser alpha is small (0.001) because its bias on the weights grows with the
 spread of the energy within a mode (about D / 2).
 """
@@ -24,6 +26,7 @@ from flowmc_common import (
     load_config,
     load_json,
     out_name,
+    report,
     save_json,
     train,
 )
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg["plot_only"]:
         payload = load_json(name)
         plot(payload["results"], cfg)
+        report(name, plot_only=True)
         return payload
     results: dict = {}
     payload = {"config": cfg, "truth": 2 / 3, "results": results}
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"error {abs(heavy - 2 / 3):.3f} ({out['times'][-1]:.1f} s)"
             )
     plot(results, cfg)
+    report(name)
     return payload
 
 

@@ -16,9 +16,13 @@ Two measurements (modes at (-4, 0) and (4, 0), unit scale, heavy-mode weight 2/3
   previous default (MALA eta = 0.1 adapted during its first 200 steps only), and the default
   kernel with the ``history`` schedule.
 
-    python examples/flowmc_schedules.py [--quick] [--seeds 0 1 2]
+    python examples/flowmc_schedules.py [--quick] [--seeds 0 1 2] [--parts sampling training]
 
-Writes runs/flowmc_schedules.json (``--out`` to change).
+Settings: the ``[example]`` table of examples/configs/flowmc_schedules.toml (``--quick``
+applies ``[example.quick]``; ``--seeds`` and ``--parts`` override it). Prints one JSON line per
+run; writes runs/examples/results/flowmc_schedules.json and
+runs/examples/figures/flowmc_schedules.png (``_quick`` suffix with --quick) and prints where
+(``--update-docs``: docs/results and docs/figures; ``--out FOLDER``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ import time
 from pathlib import Path
 
 import torch
+from example_output import add_output_arguments, output_dir, report_written
 
+from ebmflow.cli import load_example_settings
 from ebmflow.energy import GaussianMixtureEnergy, MLPEnergy
 from ebmflow.flows import FlowMC, RealNVP
 from ebmflow.losses import ContrastiveDivergence
@@ -38,6 +44,10 @@ from ebmflow.samplers import MALA
 from ebmflow.spaces import Continuous
 
 TRUTH = 2 / 3
+CONFIG = Path(__file__).resolve().parent / "configs" / "flowmc_schedules.toml"
+DEFAULTS = {"seeds": [0, 1, 2], "parts": ["sampling", "training"], "rounds": 40,
+            "production": 20, "iters": 400, "threads": 1,
+            "quick": {"rounds": 10, "production": 5, "iters": 60}}
 
 
 def target() -> GaussianMixtureEnergy:
@@ -125,33 +135,100 @@ def training(kernel: str, seed: int, iters: int, schedule: str = "current") -> d
             "step_size": float(sampler.local.step_size)}
 
 
+def load_settings(path: Path | None, quick: bool) -> dict:
+    """``DEFAULTS`` overridden by the ``[example]`` table of ``path`` (``[example.quick]`` too
+    with ``quick``); unknown keys are refused."""
+    cfg = {k: v for k, v in DEFAULTS.items() if k != "quick"}
+    quick_cfg = dict(DEFAULTS["quick"])
+    if path is not None:
+        table = dict(load_example_settings(path))
+        quick_cfg.update(table.pop("quick", {}))
+        unknown = sorted(set(table) - set(cfg)) + sorted(set(quick_cfg) - set(cfg))
+        if unknown:
+            raise SystemExit(f"{path}: unknown key(s) {unknown} in [example]; valid: {sorted(cfg)}")
+        cfg.update(table)
+    if quick:
+        cfg.update(quick_cfg)
+    return cfg
+
+
+def plot(out: dict, path: Path) -> None:
+    """Left: heavy-mode error of the chains per schedule (after training, in production);
+    right: learned heavy-mode error and local acceptance per kernel / schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, key in enumerate(("err_after_training", "err_production")):
+        groups: dict[str, list[float]] = {}
+        for r in out["sampling"]:
+            groups.setdefault(r["schedule"], []).append(r[key])
+        xs = range(len(groups))
+        ax.bar([x + 0.4 * i for x in xs], [statistics.fmean(v) for v in groups.values()],
+               width=0.4, color=f"C{i}", label=key.replace("_", " "))
+        ax.set_xticks([x + 0.2 for x in xs], list(groups))
+    ax.set_ylabel("|w_heavy - 2/3| of the chains")
+    ax.set_title(f"sampling, fixed target ({out['rounds']} rounds)", fontsize=10)
+    if out["sampling"]:
+        ax.legend(fontsize=8)
+    groups = {}
+    for r in out["training"]:
+        groups.setdefault(f"{r['kernel']}\n{r['schedule']}", []).append(r)
+    xs = range(len(groups))
+    ax2.bar([x - 0.2 for x in xs], [statistics.fmean(r["weight_error"] for r in v)
+                                    for v in groups.values()], width=0.4, color="C2",
+            label="|learned w_heavy - 2/3|")
+    ax2.bar([x + 0.2 for x in xs], [statistics.fmean(r["local_accept"] for r in v)
+                                    for v in groups.values()], width=0.4, color="C3",
+            label="local acceptance")
+    ax2.set_xticks(list(xs), list(groups), fontsize=8)
+    ax2.set_title(f"CD training with FlowMC negatives ({out['iters']} steps)", fontsize=10)
+    if out["training"]:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--parts", nargs="+", default=["sampling", "training"])
-    parser.add_argument("--out", type=Path, default=Path("runs/flowmc_schedules.json"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a < 1 minute CPU run")
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--parts", nargs="+", default=None, choices=["sampling", "training"])
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    rounds, production, iters = (10, 5, 60) if args.quick else (40, 20, 400)
-    out: dict = {"rounds": rounds, "production": production, "iters": iters,
-                 "sampling": [], "training": []}
-    if "sampling" in args.parts:
+    cfg = load_settings(args.config, args.quick)
+    seeds = args.seeds or cfg["seeds"]
+    parts = args.parts or cfg["parts"]
+    torch.set_num_threads(int(cfg["threads"]))
+    rounds, production, iters = cfg["rounds"], cfg["production"], cfg["iters"]
+    out: dict = {"rounds": rounds, "production": production, "iters": iters, "seeds": seeds,
+                 "quick": args.quick, "sampling": [], "training": []}
+    if "sampling" in parts:
         for schedule in ("current", "history", "flowmc"):
-            for seed in args.seeds:
+            for seed in seeds:
                 r = sampling(schedule, seed, rounds, production)
                 out["sampling"].append(r)
-                print(json.dumps(r))
-    if "training" in args.parts:
+                print(json.dumps(r), flush=True)
+    if "training" in parts:
         for kernel, schedule in (("default", "current"), ("mala0.1_warmup200", "current"),
                                  ("default", "history")):
-            for seed in args.seeds:
+            for seed in seeds:
                 r = training(kernel, seed, iters, schedule)
                 out["training"].append(r)
-                print(json.dumps(r))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+                print(json.dumps(r), flush=True)
+    name = "flowmc_schedules_quick" if args.quick else "flowmc_schedules"
+    folder = output_dir(args)
+    json_path = folder / "results" / f"{name}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(out, indent=2))
+    png_path = folder / "figures" / f"{name}.png"
+    plot(out, png_path)
+    report_written(json_path, png_path)
     return out
 
 

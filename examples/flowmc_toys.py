@@ -6,8 +6,9 @@ Mode weights of the learned density p ∝ exp(-E) are computed by quadrature on 
 
     python examples/flowmc_toys.py [--quick] [--config examples/configs/flowmc_toys.toml]
 
-Writes (``_quick`` suffix with --quick) docs/results/flowmc_toys.json (after every
-evaluation) and docs/figures/flowmc_toys.png; ``--plot-only`` redraws from the JSON.
+Writes (``_quick`` suffix with --quick) runs/examples/results/flowmc_toys.json (after every
+evaluation) and runs/examples/figures/flowmc_toys.png and prints where (``--update-docs``:
+docs/results and docs/figures; ``--out FOLDER``); ``--plot-only`` redraws from the JSON.
 ``name`` is the stem of the output files. ``overrides`` sets per-data-set options: the rings (radial std 0.05) need ULA steps below
 2 / curvature = 2 * 0.05^2 = 0.005 once the energy is sharp.
 """
@@ -22,6 +23,7 @@ from flowmc_common import (
     load_json,
     out_name,
     quadrature_weights,
+    report,
     save_json,
     train,
 )
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg["plot_only"]:
         payload = load_json(fname)
         plot(payload, cfg)
+        report(fname, plot_only=True)
         return payload
     points, _ = grid(cfg["box"], cfg["grid"])
     dpoints, _ = grid(cfg["box"], PLOT_GRID)
@@ -129,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
     plot(payload, cfg)
+    report(fname)
     return payload
 
 

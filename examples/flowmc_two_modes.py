@@ -22,9 +22,10 @@ heavy-mode weight an unbiased sampler would converge to for the chosen alpha.
     python examples/flowmc_two_modes.py [--quick] [--config examples/configs/flowmc_two_modes.toml]
     python examples/flowmc_two_modes.py --plot-only   # redraw the figure from the JSON
 
-Writes (``_quick`` suffix with --quick) docs/results/flowmc_two_modes.json (after every
-evaluation, so an interrupted run leaves its partial results) and
-docs/figures/flowmc_two_modes.png.
+Writes (``_quick`` suffix with --quick) runs/examples/results/flowmc_two_modes.json (after
+every evaluation, so an interrupted run leaves its partial results) and
+runs/examples/figures/flowmc_two_modes.png and prints where (``--update-docs``: docs/results
+and docs/figures; ``--out FOLDER``).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from flowmc_common import (
     load_json,
     out_name,
     quadrature_weights,
+    report,
     save_json,
     train,
 )
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg["plot_only"]:
         payload = load_json(name)
         plot(payload, cfg)
+        report(name, plot_only=True)
         return payload
     target = GaussianMixtureEnergy.two_modes(dim=2, separation=8.0, scale=1.0)
     points, _ = grid(cfg["box"], cfg["grid"])
@@ -226,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     plot(payload, cfg)
+    report(name)
     return payload
 
 
