@@ -13,7 +13,8 @@ source, linear schedule. Measured:
 Ratios are ours / plain from the same run (interleaved, median of ``--repeats``), of wall time
 and of this thread's CPU time (robust to other jobs on a shared machine). On CPU the
 largest configurations are skipped (marked in the JSON). Prints a table and writes
-benchmarks/results/discrete_flows.json.
+runs/benchmarks/discrete_flows.json (``--update-reference``: the committed
+benchmarks/results/discrete_flows.json; ``--out PATH``) and prints where.
 
     python benchmarks/discrete_flows.py --quick    # CPU, < 1 minute
     python benchmarks/discrete_flows.py            # full grid (CUDA when available)
@@ -23,14 +24,13 @@ benchmarks/results/discrete_flows.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
+from _output import add_output_arguments, output_path, write_json
 from torch.nn import functional as F
 
 from ebmflow.discrete_flows import CTMCSolver, DiscreteFlowSampler, MixturePath, MLPVelocity
@@ -157,7 +157,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     ap.add_argument("--all", action="store_true",
                     help="CPU: also the largest sampling rows (minutes per timing)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "discrete_flows.json"))
+    add_output_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device, rows = run(args)
@@ -171,12 +171,9 @@ def main():
             print(f"sample {r['D']:>4} {r['steps']:>5} {r['B']:>6} {r['plain_per_s']:>12.0f} {r['ours_per_s']:>12.0f} {r['ratio']:>10.2f} {r['cpu_ratio']:>10.2f}")
         else:
             print(f"train  {r['D']:>4} {'':>5} {r['B']:>6} {r['plain_steps_per_s']:>12.1f} {r['ours_steps_per_s']:>12.1f} {r['ratio']:>10.2f} {r['cpu_ratio']:>10.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": str(device), "torch": torch.__version__,
-                               "threads": torch.get_num_threads(), "quick": args.quick,
-                               "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_json(output_path(args, "discrete_flows"),
+               {"device": str(device), "torch": torch.__version__,
+                "threads": torch.get_num_threads(), "quick": args.quick, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ ebmflow: ``FlowMC.flowmc_schedule`` with a ``RealNVP`` and the default MALA (eta
 and the error are reported; "time to error" is the smallest wall time whose error is below
 ``--threshold``.
 
-    python benchmarks/flowmc_reference.py [--quick] [--update-docs]
+    python benchmarks/flowmc_reference.py [--quick] [--update-reference]
 
-Writes runs/flowmc_reference.json (``--update-docs``: docs/results/flowmc_reference.json).
+Writes runs/benchmarks/flowmc_reference.json (``--update-reference``: the committed
+benchmarks/results/flowmc_reference.json; ``--out PATH``) and prints where.
 Needs the ``bench`` extra (``pip install ebmflow[bench]``); without flowMC/JAX only the
 ebmflow rows are run and the script says so.
 """
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from _output import add_output_arguments, output_path, write_json
 
 from ebmflow.energy import GaussianMixtureEnergy
 from ebmflow.flows import FlowMC, RealNVP
@@ -111,8 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dims", type=int, nargs="+", default=None)
     parser.add_argument("--threshold", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--update-docs", action="store_true")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "flowmc_reference.json")
+    add_output_arguments(parser)
+    parser.add_argument("--update-docs", dest="update_reference", action="store_true",
+                        help=argparse.SUPPRESS)  # the former name of --update-reference
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
@@ -157,13 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {"config": cfg, "threshold": args.threshold, "seed": args.seed,
                "torch_threads": 1, "rows": rows, "summary": summary,
                "reference_available": have_ref}
-    paths = [args.out]
-    if args.update_docs:
-        paths.append(ROOT / "docs" / "results" / "flowmc_reference.json")
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {path}")
+    write_json(output_path(args, "flowmc_reference"), payload)
     return payload
 
 

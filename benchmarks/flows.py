@@ -30,7 +30,8 @@ mean and max of |w_heavy - 2/3| and the sd of w_heavy over the last quarter.
 
     python benchmarks/flows.py [--quick] [--threads 1] [--device cuda]
 
-Prints tables and writes benchmarks/results/flows.json.
+Prints tables and writes runs/benchmarks/flows.json (``--update-reference``: the committed
+benchmarks/results/flows.json; ``--out PATH``) and prints where.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _output import add_output_arguments, output_path, write_json
 
 from ebmflow.energy import GaussianMixtureEnergy
 from ebmflow.flows import ContinuousFlow, FlowMC, RealNVP
@@ -232,6 +234,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--repeats", type=int, default=None, help="default 7 (--quick) / 25")
+    add_output_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -324,15 +327,13 @@ def main() -> None:
                   + ", ".join(f"{v:.3f}" for v in e["last_quarter_err_mean"])
                   + "; err max " + ", ".join(f"{v:.3f}" for v in e["last_quarter_err_max"])
                   + "; w sd " + ", ".join(f"{v:.3f}" for v in e["last_quarter_w_sd"]))
-    out = ROOT / "benchmarks" / "results" / "flows.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    write_json(output_path(args, "flows"), {
         "device": str(device), "device_name": name, "torch": torch.__version__,
         "threads": torch.get_num_threads(), "quick": args.quick, "repeats": repeats,
         "flowmc_round": {"n_local": N_LOCAL, "n_global": N_GLOBAL, "mala_step": ETA,
                          "proposal_batch_size": MAX_BATCH},
         "rows": rows, "settling_2to1": settle,
-    }, indent=2))
+    })
 
 
 if __name__ == "__main__":
