@@ -236,7 +236,10 @@ def _learned(cfg: RunConfig, n_chains: int) -> Sampler:
         return _get("ebmflow.flows", "FlowMC")(flow, local, n_local=cfg.sampler_steps, n_global=5,
                                                n_chains=n_chains)
     model = _get("ebmflow.discrete_flows", "MLPVelocity")(space_of(cfg).dim, 2, hidden=(256, 256))
-    return _get("ebmflow.discrete_flows", "DiscreteFlowSampler")(model, batch_size=cfg.batch)
+    # fit_to="energy": the flow learns the current model p ∝ exp(-E) (data-free, importance
+    # weighted), so its samples are negatives of the model, not copies of the data
+    return _get("ebmflow.discrete_flows", "DiscreteFlowSampler")(model, batch_size=cfg.batch,
+                                                                   fit_to="energy")
 
 
 def build_sampler(cfg: RunConfig) -> Sampler | None:
