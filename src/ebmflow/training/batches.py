@@ -43,6 +43,9 @@ class BatchStream:
       default collate function.
     * ``DataLoader``: iterated as given, epoch after epoch; on resume the batches already used
       in the current epoch are skipped (the order is as reproducible as the loader's sampler).
+      Under data parallelism a loader whose sampler is a ``DistributedSampler`` (has
+      ``set_epoch``) is used as is; any other loader is sharded by batch: rank r takes
+      batches r, r + W, r + 2W, ... of each epoch (W processes, equal counts per rank).
 
     Under data parallelism the global batch is ``batch_size * world_size`` rows, and rank r
     takes rows ``[r * batch_size, (r + 1) * batch_size)`` of it: ranks see disjoint shards and
@@ -68,7 +71,17 @@ class BatchStream:
         self.rank, self.world_size = rank, world_size
         if isinstance(data, DataLoader):
             self.batch_size = data.batch_size
-            self.batches_per_epoch = len(data)
+            # a loader without a DistributedSampler yields the same batches on every rank:
+            # rank r then takes batches r, r + world, r + 2 world, ... of each epoch
+            self._shard = world_size > 1 and not hasattr(getattr(data, "sampler", None),
+                                                         "set_epoch")
+            total = len(data)
+            self.batches_per_epoch = total // world_size if self._shard else total
+            if self._shard and self.batches_per_epoch < 1:
+                raise ValueError(
+                    f"the DataLoader yields {total} batches per epoch, fewer than the "
+                    f"{world_size} processes; use a smaller batch_size or a DistributedSampler"
+                )
             return
         if batch_size is None or int(batch_size) < 1:
             raise ValueError(f"batch_size must be a positive int for tensor data, got {batch_size!r}")
@@ -129,8 +142,15 @@ class BatchStream:
             sampler = getattr(loader, "sampler", None)
             if hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)  # DistributedSampler reshuffles per epoch
+            mine = 0
             for j, batch in enumerate(loader):
-                if j < skip:
+                if self._shard:
+                    if j % self.world_size != self.rank:
+                        continue
+                    if mine >= self.batches_per_epoch:  # equal counts on every rank
+                        break
+                mine += 1
+                if mine <= skip:
                     continue
                 yield batch
             skip = 0

@@ -63,6 +63,22 @@ class TrainingDiverged(FloatingPointError):
     names the step and the quantity. The last good checkpoint is kept."""
 
 
+def keep_tensor_lr(optimizer: torch.optim.Optimizer, tensors: list[Tensor | None]) -> None:
+    """After an LR scheduler step: write each group's new learning rate into the tensor the
+    group started with, and put that tensor back.
+
+    A scheduler assigns ``group["lr"] = <float>``; a CUDA graph recorded with a tensor learning
+    rate keeps reading the old tensor, so without this the schedule would silently stop at
+    capture time.
+    """
+    for group, t in zip(optimizer.param_groups, tensors):
+        lr = group["lr"]
+        if t is None or lr is t:
+            continue
+        t.fill_(float(lr))
+        group["lr"] = t
+
+
 def _scalar(v: Tensor) -> Tensor:
     """``v`` (one element) as a detached 0-d tensor (no op when it already is one)."""
     v = v.detach()
@@ -193,9 +209,12 @@ class Trainer:
         if checkpoint_every is not None and int(checkpoint_every) < 1:
             raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
 
-        self.dist: DistInfo = setup_distributed(
-            distributed, torch.device(device) if device is not None else None
-        )
+        if device is None:  # the energy's own device decides the backend (NCCL on CUDA)
+            ref = energy._reference_tensor()
+            hint = ref.device if ref is not None else None
+        else:
+            hint = torch.device(device)
+        self.dist: DistInfo = setup_distributed(distributed, hint)
         self.device = self._resolve_device(energy, device)
         self.energy = energy.to(self.device)
         self.loss = loss.to(self.device)
@@ -211,6 +230,9 @@ class Trainer:
         self.fast = bool(fast) and self.device.type == "cuda"
         self.lr = float(lr)
         self.optimizer = self._build_optimizer(optimizer)
+        # tensor learning rates as built (a captured graph reads these very tensors)
+        self._lr_tensors: list[Tensor | None] = [
+            g["lr"] if isinstance(g["lr"], Tensor) else None for g in self.optimizer.param_groups]
         self._scheduler_spec = scheduler
         self.scheduler: Any = None
         if isinstance(ema, EMA):
@@ -430,6 +452,8 @@ class Trainer:
         self._acc_n += 1
         if self.scheduler is not None:
             self.scheduler.step()
+            if self.fast:
+                keep_tensor_lr(self.optimizer, self._lr_tensors)
         if self.ema is not None:
             self.ema.update(self.energy)
         self.step += 1
