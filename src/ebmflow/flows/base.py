@@ -83,7 +83,7 @@ class Flow(nn.Module):
         return standard_normal_log_prob(z)
 
     def base_sample(self, n: int, generator: rng.Rng = None) -> Tensor:
-        """z ~ N(0, I): ``(n, D)`` on the flow's device and dtype.
+        r"""Base noise $z \sim \mathcal{N}(0, I)$: ``(n, D)`` on the flow's device and dtype.
 
         Drawn with ``ebmflow.samplers.rng.randn``: ``generator`` is a ``torch.Generator``
         (or None, the global one) or a tape of pre-drawn noise (``rng.NoiseTape``,
@@ -101,8 +101,9 @@ class Flow(nn.Module):
         return rng.randn((n, self.dim), generator, device, dtype)
 
     def sample_from_base(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """The deterministic part of sampling: x = T(z) and log q(x) = log rho(z) -
-        log|det dT/dz| for given base noise z ``(n, D)`` (from ``base_sample``)."""
+        r"""The deterministic part of sampling: $x = T(z)$ and
+        $\log q(x) = \log \rho(z) - \log|\det \partial T / \partial z|$ for given base noise
+        z ``(n, D)`` (from ``base_sample``). Returns ``(x (n, D), log_q (n,))``."""
         x, logdet = self(z)
         return x, self.base_log_prob(z) - logdet
 

@@ -569,7 +569,7 @@ class FlowMC(Sampler):
         return flat["x"], flat["acc"], flat["bad"]
 
     def _global_init(self, energy: EnergyModel, flat: dict[str, Tensor]) -> dict[str, Tensor]:
-        """v(x) = E(x) + log q(x) of the chains ``x`` (E from ``flat["e"]`` when cached),
+        r"""$v(x) = E(x) + \log q(x)$ of the chains ``x`` (E from ``flat["e"]`` when cached),
         zero acceptance counts, and whether log q(x) is non-finite anywhere (0-d bool)."""
         x = flat["x"]
         b = x.shape[0]
@@ -586,7 +586,9 @@ class FlowMC(Sampler):
         generator: rng.Rng,
         k: int,
     ) -> dict[str, Tensor]:
-        """k sequential independence-MH moves from k B proposals of one flow call.
+        r"""k sequential independence-MH moves from $kB$ proposals of one flow call: move j
+        accepts proposal $x'_j$ on a chain when $\log u_j + v(x'_j) < v(x)$, $v = E + \log q$
+        (i.e. $\log u_j < f(x'_j) - f(x) + \log q(x) - \log q(x'_j)$, $f = -E$).
 
         ``log_u``: ``(k, B)`` log-uniforms; ``generator``: the flow's base draw (a
         ``torch.Generator`` or a tape of pre-drawn noise). Pure tensor code, no host sync:

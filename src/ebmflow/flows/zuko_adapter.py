@@ -93,8 +93,9 @@ class ZukoFlow(Flow):
         return self._gaussian_noise(self.flow(), n, generator)
 
     def sample_from_base(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """x = f^{-1}(loc + scale * eps) and log q(x) = log rho(z) - log|det dx/dz| for
-        standard normal noise ``eps`` ``(n, D)`` (Gaussian bases only)."""
+        r"""$x = f^{-1}(z)$, $z = \mu + \sigma \odot \epsilon$, and
+        $\log q(x) = \log \rho(z) - \log|\det \partial x / \partial z|$ for standard normal
+        noise ``eps`` ``(n, D)`` (Gaussian bases only)."""
         transform, base = self._transform_and_base()
         return self._from_noise(transform, base, z)
 
