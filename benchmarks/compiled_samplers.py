@@ -81,21 +81,24 @@ def _grad(energy, x):
 def plain(sampler: str, energy, x, n, gen):
     import torch
 
+    def randn(shape):
+        return torch.randn(shape, generator=gen, device=x.device)
+
     if sampler == "ula":
         for _ in range(n):
             _, g = _grad(energy, x)
-            x = x - ETA * g + math.sqrt(2 * ETA) * torch.randn(x.shape, generator=gen)
+            x = x - ETA * g + math.sqrt(2 * ETA) * randn(x.shape)
         return x
     e, g = _grad(energy, x)
     for _ in range(n):
         if sampler == "mala":
-            xi = torch.randn(x.shape, generator=gen)
+            xi = randn(x.shape)
             y = x - ETA * g + math.sqrt(2 * ETA) * xi
             ey, gy = _grad(energy, y)
             log_a = (e - ey - ((x - y + ETA * gy) ** 2).sum(1) / (4 * ETA)
                      + 0.5 * (xi**2).sum(1))
         else:
-            p = torch.randn(x.shape, generator=gen)
+            p = randn(x.shape)
             h0 = e + 0.5 * (p**2).sum(1)
             y, pn = x, p - 0.5 * HMC_EPS * g
             for i in range(HMC_L):
@@ -103,21 +106,22 @@ def plain(sampler: str, energy, x, n, gen):
                 ey, gy = _grad(energy, y)
                 pn = pn - (0.5 if i == HMC_L - 1 else 1.0) * HMC_EPS * gy
             log_a = h0 - ey - 0.5 * (pn**2).sum(1)
-        acc = torch.rand(x.shape[0], generator=gen).log() < log_a
+        acc = torch.rand(x.shape[0], generator=gen, device=x.device).log() < log_a
         x = torch.where(acc[:, None], y, x)
         e = torch.where(acc, ey, e)
         g = torch.where(acc[:, None], gy, g)
     return x
 
 
-def make_ours(sampler: str, compiled: bool):
+def make_ours(sampler: str, compiled: bool, graph: bool = False):
     from ebmflow.samplers import HMC, MALA, Langevin
 
+    kw = {"compile": compiled, "cuda_graph": graph}
     if sampler == "ula":
-        return Langevin(ETA, compile=compiled)
+        return Langevin(ETA, **kw)
     if sampler == "mala":
-        return MALA(ETA, compile=compiled)
-    return HMC(HMC_EPS, n_leapfrog=HMC_L, compile=compiled)
+        return MALA(ETA, **kw)
+    return HMC(HMC_EPS, n_leapfrog=HMC_L, **kw)
 
 
 # -- blackjax --------------------------------------------------------------------------------
@@ -215,26 +219,36 @@ def make_torchebm(energy):
     return lambda x: s.sample(x=x, n_steps=STEPS)
 
 
-def timed(fn):
+def timed(fn, cuda: bool = False):
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
     w, c = time.perf_counter(), time.process_time()
     fn()
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - w, time.process_time() - c
 
 
-def bench_row(sampler: str, kind: str, n_chains: int, repeats: int) -> dict:
+def bench_row(sampler: str, kind: str, n_chains: int, repeats: int, device: str = "cpu") -> dict:
     import numpy as np
     import torch
 
-    energy = make_torch_energy(kind)
-    x0 = torch.randn(n_chains, 2, generator=torch.Generator().manual_seed(1))
-    gen = torch.Generator().manual_seed(0)
+    cuda = device.startswith("cuda")
+    energy = make_torch_energy(kind).to(device)
+    x0 = torch.randn(n_chains, 2, generator=torch.Generator().manual_seed(1)).to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
     eager, comp = make_ours(sampler, False), make_ours(sampler, True)
     fns = {
         "plain": lambda: plain(sampler, energy, x0, STEPS, gen),
         "eager": lambda: eager.run(energy, x0, STEPS, generator=gen),
         "compiled": lambda: comp.run(energy, x0, STEPS, generator=gen),
     }
-    bj = make_blackjax(sampler, kind, energy, n_chains)
+    if cuda:
+        graph = make_ours(sampler, False, graph=True)
+        fns["cuda_graph"] = lambda: graph.run(energy, x0, STEPS, generator=gen)
+    bj = None if cuda else make_blackjax(sampler, kind, energy, n_chains)
     if bj is not None:
         x_np = np.asarray(x0.numpy())
         fns["blackjax"] = lambda: bj(x_np, 0)
@@ -242,14 +256,14 @@ def bench_row(sampler: str, kind: str, n_chains: int, repeats: int) -> dict:
         te = make_torchebm(energy)
         if te is not None:
             fns["torchebm"] = lambda: te(x0)
-    warm = {k: timed(f)[0] for k, f in fns.items()}  # compile / jit / first-call costs
+    warm = {k: timed(f, cuda)[0] for k, f in fns.items()}  # compile / jit / first-call costs
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
-            times[k].append(timed(f))
+            times[k].append(timed(f, cuda))
     med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
            for k, v in times.items()}
-    row = {"sampler": sampler, "energy": kind, "chains": n_chains,
+    row = {"sampler": sampler, "energy": kind, "chains": n_chains, "device": device,
            "warmup_s": {k: round(v, 2) for k, v in warm.items()},
            "steps_per_s_cpu": {k: round(STEPS / c, 1) for k, (_, c) in med.items()},
            "steps_per_s_wall": {k: round(STEPS / w, 1) for k, (w, _) in med.items()}}
@@ -270,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", choices=["1", "default"], default="1")
     parser.add_argument("--samplers", nargs="+", default=["ula", "mala", "hmc"])
     parser.add_argument("--energies", nargs="+", default=["mixture", "mlp"])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--chains", type=int, nargs="+", default=None,
+                        help="override the chain counts (default 256 4096; --quick: 256)")
     from _output import add_output_arguments, output_path, write_json
 
     add_output_arguments(parser)
@@ -281,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads == "1":
         torch.set_num_threads(1)
-    chains = [256] if args.quick else [256, 4096]
+    chains = args.chains or ([256] if args.quick else [256, 4096])
     rows = []
     head = (f"{'sampler':8} {'energy':8} {'B':>5} | {'compiled':>9} {'eager':>8} {'plain':>8} "
             f"{'blackjax':>9} | vs eager  vs plain  vs bjax | compile s")
@@ -290,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in chains:
         for kind in args.energies:
             for s in args.samplers:
-                r = bench_row(s, kind, n, args.repeats)
+                r = bench_row(s, kind, n, args.repeats, args.device)
                 rows.append(r)
                 sp, vs = r["steps_per_s_cpu"], r["compiled_vs_cpu"]
                 print(f"{s:8} {kind:8} {n:5d} | {sp['compiled']:9.0f} {sp['eager']:8.0f} "
@@ -305,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         versions.update(blackjax=blackjax.__version__, jax=jax.__version__)
     except ImportError:
         pass
-    write_json(output_path(args, "compiled_samplers"), {
-        "steps_per_run": STEPS, "threads": args.threads, "repeats": args.repeats,
+    name = "compiled_samplers" if args.device == "cpu" else "compiled_samplers_cuda"
+    write_json(output_path(args, name), {
+        "steps_per_run": STEPS, "threads": args.threads, "device": args.device, "repeats": args.repeats,
         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
         "versions": versions, "rows": rows,
     })
