@@ -3,10 +3,14 @@
 Builds the site once with ``mkdocs build --strict`` (a few seconds) into a temporary folder and
 checks the HTML:
 
-* the method pages' formulas are typeset: the math extension (``pymdownx.arithmatex``) wrapped
-  them in ``arithmatex`` spans/divs, and no code block on a method page holds LaTeX
-  (``\\frac``, ``\\sum``, ``_{``) that the reader would see raw;
-* every figure under ``docs/figures`` is shown by some built page;
+* the formulas of the pages that explain methods, samplers, training and results are typeset:
+  the math extension (``pymdownx.arithmatex``) wrapped them in ``arithmatex`` spans/divs, and
+  no code block on those pages holds LaTeX (``\\frac``, ``\\sum``, ``_{``) that the reader
+  would see raw;
+* every figure under ``docs/figures`` is shown by some built page, and each method page shows
+  at least one, as a link to the full-size image;
+* files of the repository (``examples/``, ``benchmarks/``, ``tests/``) named in prose are
+  links (commands in code blocks stay as typed);
 * no page talks about how the work was organised rather than about the library
   (phrases such as "this session" or "device tool").
 
@@ -28,6 +32,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 METHOD_PAGES = ["energy-discrepancy.md", "discrete-flows.md", "flows.md"]
+# Pages whose formulas must be typeset (every page that states one).
+MATH_PAGES = METHOD_PAGES + [
+    "samplers-continuous.md", "samplers-discrete.md", "training.md", "design.md",
+    "user-guide/energies.md", "user-guide/losses.md", "user-guide/samplers.md",
+    "user-guide/spaces.md",
+    "results.md", "results-energy-discrepancy.md", "results-discrete-flows.md",
+    "results-flowmc.md", "results-ising.md",
+]
+# Pages whose prose names repository files; those maintained with the benchmarks and the
+# command line are checked by their own owners' conventions.
+LINK_EXEMPT = {"benchmarks.md", "benchmarks-samplers.md", "getting-started.md", "cli.md"}
+REPO_FILE = re.compile(r"(?<![\w/.-])(?:examples|benchmarks|tests)/[\w./-]*\w\.(?:py|toml|json|md)\b")
+ANCHOR = re.compile(r"<a\b.*?</a>", flags=re.S)
+# Inline commands (``python examples/x.py --quick``) stay as typed, like code blocks.
+COMMAND = re.compile(r"<code>\s*(?:python|ebmflow|pytest|torchrun|pip)\b.*?</code>", flags=re.S)
 LATEX_IN_CODE = re.compile(r"\\frac|\\sum|_\{")
 FORBIDDEN = ["this session", "the issue", "lent to", "device tool", "was not drawn"]
 PRE = re.compile(r"<pre\b.*?</pre>", flags=re.S)
@@ -80,8 +99,8 @@ def test_site_builds_every_page(site):
     assert not missing, f"pages not built: {missing}"
 
 
-@pytest.mark.parametrize("page", METHOD_PAGES)
-def test_method_page_formulas_are_typeset(site, page):
+@pytest.mark.parametrize("page", MATH_PAGES)
+def test_page_formulas_are_typeset(site, page):
     text = article(built_path(site, page).read_text())
     n_math = len(re.findall(r'class="arithmatex"', text))
     assert n_math > 0, f"{page}: no formula is typeset (write them as $...$ or $$...$$)"
@@ -93,6 +112,24 @@ def test_method_page_formulas_are_typeset(site, page):
                 raw.append(line.strip())
     assert not raw, (f"{page}: LaTeX shown raw in code blocks (move it to $$...$$):\n  "
                      + "\n  ".join(raw[:10]))
+
+
+@pytest.mark.parametrize("page", METHOD_PAGES)
+def test_method_page_shows_a_clickable_figure(site, page):
+    text = article(built_path(site, page).read_text())
+    linked = re.findall(r'<a\b[^>]*href="[^"]*figures/([^"/]+\.png)"[^>]*>\s*<img\b', text)
+    assert linked, f"{page}: no figure, or none links to its full-size image"
+
+
+@pytest.mark.parametrize("page", [p for p in source_pages() if p not in LINK_EXEMPT])
+def test_repository_files_in_prose_are_links(site, page):
+    text = article(built_path(site, page).read_text())
+    text = PRE.sub(" ", text)
+    text = ANCHOR.sub(" ", text)
+    text = COMMAND.sub(" ", text)
+    plain = sorted(set(REPO_FILE.findall(visible_text(text))))
+    assert not plain, (f"{page}: repository files named without a link "
+                       f"(https://github.com/ebmflow/ebmflow/blob/main/<path>): {plain}")
 
 
 def test_every_figure_is_shown(site):
