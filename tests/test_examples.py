@@ -155,9 +155,10 @@ def test_example_runs_quick(name, tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=QUICK_TIMEOUT_S,
     )
     assert proc.returncode == 0, f"{name} --quick failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    # runs/examples/ by default (docs/ only with --update-docs); docs/ for scripts not yet moved
-    folders = [tmp_path / "runs" / "examples", tmp_path / "docs"]
-    figures = [f for d in folders for f in (d / "figures").glob("*.png")]
-    results = [f for d in folders for f in (d / "results").glob("*.json")]
+    # runs/examples/ by default (docs/ only with --update-docs)
+    assert not (tmp_path / "docs").exists(), f"{name} wrote into docs/ without --update-docs"
+    folder = tmp_path / "runs" / "examples"
+    figures = list((folder / "figures").glob("*.png"))
+    results = list((folder / "results").glob("*.json"))
     assert figures and all(f.stat().st_size > 0 for f in figures), f"{name} wrote no figure"
     assert results, f"{name} wrote no JSON results"
