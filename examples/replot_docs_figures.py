@@ -12,8 +12,10 @@ ring on ``8gaussians`` is titled so, not only by its mode-weight error).
     python examples/replot_docs_figures.py --only flowmc_toys ed_nearsightedness
 
 Redrawn: ``flowmc_toys`` (and ``_quick``), ``flowmc_rings_long``, ``flowmc_two_modes`` (and
-``_quick``) and ``ed_nearsightedness``. The other figures show samples or matrices that the
-JSON files do not store; their scripts redraw them.
+``_quick``), ``flowmc_highdim`` (and ``_quick``), ``discrete_flow_budget`` and
+``ed_nearsightedness``. The other figures show samples, learned densities or matrices that the
+JSON files do not store (``ed_25gaussians`` keeps only the error curves, not the learned
+densities); their scripts redraw them.
 """
 
 from __future__ import annotations
@@ -202,6 +204,95 @@ def plot_ed_nearsightedness(name: str, out: Path) -> Path | None:
     return _save(fig, out, name)
 
 
+def _late_error(row: dict, truth: float) -> float:
+    """Mean |w - truth| over the checkpoints of the second half of training (as the example
+    reports it: checkpoints at or after half the last step)."""
+    last = row["steps"][-1]
+    return float(np.mean([abs(w - truth) for w, step in zip(row["history"], row["steps"])
+                          if step >= last / 2]))
+
+
+def plot_flowmc_highdim(name: str, out: Path) -> Path | None:
+    payload = _load(name)
+    if payload is None:
+        return None
+    cfg, results, truth = payload["config"], payload["results"], payload["truth"]
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(PAGE_WIDTH, 9.0))
+    styles = ("-", "--", ":")
+    dims_all: list[int] = []
+    for i, method in enumerate(cfg["methods"]):
+        done = sorted((r for r in results.values() if r["method"] == method and r["finished"]),
+                      key=lambda r: r["dim"])
+        dims = [r["dim"] for r in done]
+        dims_all += dims
+        ax.plot(dims, [r["error"] for r in done], "o-", color=f"C{i}", lw=2, ms=8,
+                label=f"{method}: final")
+        ax.plot(dims, [_late_error(r, truth) for r in done], "s--", color=f"C{i}", alpha=0.7,
+                ms=7, label=f"{method}: mean over 2nd half")
+        for j, r in enumerate(done):
+            ax2.plot(r["steps"], r["history"], color=f"C{i}", ls=styles[j % 3], lw=2,
+                     label=f"{method}, D = {r['dim']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(dims_all)), [str(d) for d in sorted(set(dims_all))])
+    ax.set_xticks([], minor=True)
+    ax.set_xlabel("dimension D")
+    ax.set_ylabel("|heavy-mode weight - 2/3|")
+    ax.set_title(f"Error of the learned heavy-mode weight ({cfg['iters']} iterations, one seed)")
+    ax.legend(ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    ax2.axhline(truth, color="k", lw=1.2, ls="--", label=f"truth {truth:.3f}")
+    ax2.set_xlabel("training iteration")
+    ax2.set_ylabel("heavy-mode weight")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_title("Learned heavy-mode weight during training")
+    ax2.legend(ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    fig.tight_layout()
+    return _save(fig, out, name)
+
+
+BUDGET_LABELS = {"negatives": "1 flow negatives", "bootstrap": "2 bootstrap",
+                 "back_and_forth": "3 back-and-forth", "ed_bern": "ED-Bern"}
+
+
+def plot_discrete_flow_budget(name: str, out: Path) -> Path | None:
+    payload = _load(name)
+    if payload is None:
+        return None
+    results, published = payload["results"], payload["published_nll"]
+    steps = payload["checkpoints"]
+    plt = _plt()
+    fig, (ax_nll, ax_mmd) = plt.subplots(2, 1, figsize=(PAGE_WIDTH, 11.0))
+    for i, (method, rows) in enumerate(results.items()):
+        label, color = BUDGET_LABELS.get(method, method), f"C{i}"
+        x = [r["step"] for r in rows]
+        ax_nll.plot(x, [r["nll"] for r in rows], "o-", color=color, lw=2, label=label)
+        ax_nll.plot(x, [r["nll_ema"] for r in rows], "x--", color=color, alpha=0.7,
+                    label=f"{label}, EMA weights")
+        if "flow_mmd" in rows[0]:
+            ax_mmd.plot(x, [r["flow_mmd"] for r in rows], "o-", color=color, lw=2,
+                        label=f"{label}: flow")
+            ax_mmd.plot(x, [r["flow_plus_dmala_mmd"] for r in rows], "x--", color=color,
+                        alpha=0.7, label=f"{label}: flow + 10 DMALA")
+    by_value: dict[float, list[str]] = {}
+    for pub, value in published.items():  # methods published at the same NLL share one line
+        by_value.setdefault(round(value, 2), []).append(pub)
+    for j, (value, pubs) in enumerate(by_value.items()):
+        ax_nll.axhline(value, color="k", ls=(":", "-.")[j % 2], lw=1.5,
+                       label=f"published {' and '.join(pubs)} ({value:.2f}, far longer runs)")
+    ax_nll.set(ylabel="held-out NLL (nats)",
+               title="Test NLL against training budget (8gaussians, 32-bit Gray code)")
+    ax_mmd.set(yscale="log", ylabel="MMD x 1e-4 (log scale)",
+               title="Flow samples against held-out data")
+    for ax in (ax_nll, ax_mmd):
+        ax.set_xscale("log")
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xticks([], minor=True)
+        ax.set_xlabel("EBM training steps (one run per method)")
+        ax.legend(ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.17))
+    fig.tight_layout()
+    return _save(fig, out, name)
+
+
 FIGURES: dict[str, Callable[[str, Path], Path | None]] = {
     "flowmc_toys": plot_flowmc_toys,
     "flowmc_toys_quick": plot_flowmc_toys,
@@ -209,6 +300,9 @@ FIGURES: dict[str, Callable[[str, Path], Path | None]] = {
     "flowmc_two_modes": plot_flowmc_two_modes,
     "flowmc_two_modes_quick": plot_flowmc_two_modes,
     "ed_nearsightedness": plot_ed_nearsightedness,
+    "flowmc_highdim": plot_flowmc_highdim,
+    "flowmc_highdim_quick": plot_flowmc_highdim,
+    "discrete_flow_budget": plot_discrete_flow_budget,
 }
 
 

@@ -110,7 +110,7 @@ class TiltedEnergy(EnergyModel):
     Caution: do not keep fitting the flow to the chains of the *tilted* model during training
     (what ``FlowMC.update`` does by default): the fitted flow then absorbs the tilt and feeds it
     back at every fit, and in our 2:1 experiment the model collapsed (heavy-mode weight 0.38).
-    Fit the flow to the data first and freeze it, as in ``examples/flowmc_two_modes.py``.
+    Fit the flow to the data first and freeze it, as in [`examples/flowmc_two_modes.py`](https://github.com/ebmflow/ebmflow/blob/main/examples/flowmc_two_modes.py).
     """
 
     def __init__(self, energy: EnergyModel, flow: nn.Module, learn_flow: bool = False):
