@@ -18,13 +18,18 @@ _INITS = ("default", "noise", "data")
 
 
 class ContrastiveDivergence(EBMLoss):
-    """Contrastive divergence with an energy-magnitude regulariser.
+    r"""Contrastive divergence with an energy-magnitude regulariser.
 
-        L = mean_i E(x+_i) - mean_j E(x-_j) + alpha * (mean_i E(x+_i)^2 + mean_j E(x-_j)^2)
+    $$
+    L = \frac{1}{B} \sum_i E(x^+_i) - \frac{1}{B} \sum_j E(x^-_j)
+        + \alpha \Big( \frac{1}{B} \sum_i E(x^+_i)^2 + \frac{1}{B} \sum_j E(x^-_j)^2 \Big)
+    $$
 
-    x+ is the data batch ``(B, *event)``; the B negatives x- = sampler.sample(energy, n=B,
-    x0=...) are drawn without gradient (detached), so the loss's gradient reaches only the
-    energy's parameters: grad L = E_data[grad E] - E_model[grad E] + regulariser.
+    $x^+$ is the data batch ``(B, *event)``; the $B$ negatives
+    $x^-$ = ``sampler.sample(energy, n=B, x0=...)`` are drawn without gradient (detached), so
+    the loss's gradient reaches only the energy's parameters:
+    $\nabla_\theta L = \mathbb{E}_{\text{data}}[\nabla_\theta E] - \mathbb{E}_{\text{model}}[\nabla_\theta E]$
+    + regulariser.
 
     Where chains start (``init``):
 
@@ -37,7 +42,7 @@ class ContrastiveDivergence(EBMLoss):
     * a callable ``init(data, generator) -> x0``.
 
     Args:
-        alpha: regulariser weight >= 0 (default 0: plain CD; 0.1 to 1 stabilises neural
+        alpha: regulariser weight $\alpha \ge 0$ (default 0: plain CD; 0.1 to 1 stabilises neural
             energies by keeping them near 0, at the cost of a small bias).
         init: see above (default "default").
         n_steps: sampler steps per loss call (default None: the sampler's own default).

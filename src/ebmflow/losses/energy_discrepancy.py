@@ -16,26 +16,28 @@ __all__ = ["EnergyDiscrepancy"]
 
 
 class EnergyDiscrepancy(EBMLoss):
-    """Stabilised energy-discrepancy loss with a symmetric perturbation kernel q.
+    r"""Stabilised energy-discrepancy loss with a symmetric perturbation kernel $q$.
 
-    For every data point x_i draw one perturbed point y_i ~ q(. | x_i) and M negatives
-    x'_ij ~ q(. | y_i), j = 1..M; then
+    For every data point $x_i$ draw one perturbed point $y_i \sim q(\cdot \mid x_i)$ and $M$
+    negatives $x'_{ij} \sim q(\cdot \mid y_i)$, $j = 1, \dots, M$; then
 
-        L = mean_i log( w + sum_j exp(E(x_i) - E(x'_ij)) ) - log M.
+    $$
+    L = \frac{1}{B} \sum_i \log\Big( w + \sum_{j=1}^{M} e^{E(x_i) - E(x'_{ij})} \Big) - \log M .
+    $$
 
-    With w = 1 this is the cross-entropy of picking the data point among the M + 1
-    candidates {x_i, x'_i1, ..., x'_iM} with logits -E, minus log M. At a constant energy
-    L = log(w + M) - log M. The negatives are drawn under ``torch.no_grad`` and the data are
+    With $w = 1$ this is the cross-entropy of picking the data point among the $M + 1$
+    candidates $\{x_i, x'_{i1}, \dots, x'_{iM}\}$ with logits $-E$, minus $\log M$. At a
+    constant energy $L = \log(w + M) - \log M$. The negatives are drawn under ``torch.no_grad`` and the data are
     detached, so gradients reach the energy's parameters only. No MCMC sampler is needed:
     pass ``sampler=None`` (the Trainer does).
 
     Args:
-        perturbation: the kernel q (``GaussianPerturbation(t)`` for continuous states,
+        perturbation: the kernel $q$ (``GaussianPerturbation(t)`` for continuous states,
             ``BernoulliPerturbation(eps)`` / ``GridPerturbation()`` for binary,
             ``GridPerturbation(num_classes=K)`` / ``CategoricalPerturbation(K, kind, t)`` for
             categorical).
-        m: number of negatives M per data point (default 4; the discrete papers use 32).
-        w: stabiliser w >= 0 (default 1.0). w = 0 gives the unstabilised estimator.
+        m: number of negatives $M$ per data point (default 4; the discrete papers use 32).
+        w: stabiliser $w \ge 0$ (default 1.0). $w = 0$ gives the unstabilised estimator.
         check_data: when the values of ``data`` are checked against the energy's space
             (``"auto"``: every call on CPU, once on an accelerator; ``"always"``; ``"never"``);
             shape and dtype are always checked. See ``EBMLoss``.

@@ -1,8 +1,9 @@
-"""Perturbation kernels q(y | x) for energy discrepancy.
+r"""Perturbation kernels $q(y \mid x)$ for energy discrepancy.
 
-Energy discrepancy (``EnergyDiscrepancy``) needs a Markov kernel q on the state space that
-is symmetric, q(y | x) = q(x | y), so that the contrastive negatives are drawn by applying it
-twice: y ~ q(. | x) once per data point, then M negatives x'_j ~ q(. | y).
+Energy discrepancy (``EnergyDiscrepancy``) needs a Markov kernel $q$ on the state space that
+is symmetric, $q(y \mid x) = q(x \mid y)$, so that the contrastive negatives are drawn by
+applying it twice: $y \sim q(\cdot \mid x)$ once per data point, then $M$ negatives
+$x'_j \sim q(\cdot \mid y)$.
 
 Subclass ``Perturbation`` and implement ``perturb`` (one draw per row) to add your own;
 ``negatives`` then comes for free:
@@ -20,12 +21,14 @@ Subclass ``Perturbation`` and implement ``perturb`` (one draw per row) to add yo
 
 Kernels provided:
 
-* ``GaussianPerturbation(t)``: y = x + sqrt(t) xi, xi ~ N(0, I) (continuous; t is a variance).
-* ``BernoulliPerturbation(eps)``: y = x XOR b, b_i ~ Bernoulli(eps) (binary).
+* ``GaussianPerturbation(t)``: $y = x + \sqrt{t}\, \xi$, $\xi \sim \mathcal{N}(0, I)$
+  (continuous; $t$ is a variance).
+* ``BernoulliPerturbation(eps)``: $y = x \oplus b$, $b_i \sim \mathrm{Bernoulli}(\varepsilon)$
+  (binary).
 * ``GridPerturbation()``: move to a uniformly chosen neighbour in the Hamming graph (binary:
-  flip one bit; categorical: give one coordinate one of its K - 1 other values).
+  flip one bit; categorical: give one coordinate one of its $K - 1$ other values).
 * ``CategoricalPerturbation(num_classes, kind, t)``: each coordinate jumps by the heat kernel
-  exp(t L) of a graph on the K states (``"uniform"`` = complete graph, ``"cyclic"`` = ring,
+  $e^{t L}$ of a graph on the $K$ states (``"uniform"`` = complete graph, ``"cyclic"`` = ring,
   ``"ordinal"`` = path).
 
 Perturbations draw no gradient: every method runs under ``torch.no_grad``.
@@ -100,10 +103,11 @@ class Perturbation(nn.Module):
 
 
 class GaussianPerturbation(Perturbation):
-    """Gaussian kernel q(y | x) = N(y; x, t I): y = x + sqrt(t) xi, xi ~ N(0, I).
+    r"""Gaussian kernel $q(y \mid x) = \mathcal{N}(y; x, t I)$: $y = x + \sqrt{t}\, \xi$,
+    $\xi \sim \mathcal{N}(0, I)$.
 
     ``t`` is a VARIANCE (default 1.0, the paper's choice on 2-D toys). Applied twice, the
-    negative x' = x + sqrt(t) (xi + xi') has x' - x ~ N(0, 2 t I).
+    negative $x' = x + \sqrt{t}\, (\xi + \xi')$ has $x' - x \sim \mathcal{N}(0, 2 t I)$.
     """
 
     space_kind = Continuous
@@ -122,10 +126,11 @@ class GaussianPerturbation(Perturbation):
 
 
 class BernoulliPerturbation(Perturbation):
-    """Bernoulli kernel on {0, 1}^D: y = x XOR b with independent b_i ~ Bernoulli(eps).
+    r"""Bernoulli kernel on $\{0, 1\}^D$: $y = x \oplus b$ with independent
+    $b_i \sim \mathrm{Bernoulli}(\varepsilon)$.
 
-    Applied twice, each bit of x' differs from x with probability 2 eps (1 - eps).
-    Defaults: eps = 0.1 (the paper uses M = 32 negatives with it).
+    Applied twice, each bit of $x'$ differs from $x$ with probability $2 \varepsilon (1 - \varepsilon)$.
+    Defaults: $\varepsilon = 0.1$ (the paper uses $M = 32$ negatives with it).
     """
 
     space_kind = Binary

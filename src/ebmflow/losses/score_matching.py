@@ -17,20 +17,23 @@ __all__ = ["DenoisingScoreMatching"]
 
 
 class DenoisingScoreMatching(EBMLoss):
-    """Denoising score matching for continuous energies.
+    r"""Denoising score matching for continuous energies.
 
-    The model's score is s(x) = -grad_x E(x). Noising x~ = x + sigma xi, xi ~ N(0, I), has
-    the conditional score grad log q(x~ | x) = -(x~ - x) / sigma^2 = -xi / sigma, so matching
-    s(x~) to it gives
+    The model's score is $s(x) = -\nabla_x E(x)$. Noising $\tilde x = x + \sigma \xi$,
+    $\xi \sim \mathcal{N}(0, I)$, has the conditional score
+    $\nabla \log q(\tilde x \mid x) = -(\tilde x - x) / \sigma^2 = -\xi / \sigma$, so matching
+    $s(\tilde x)$ to it gives
 
-        L = mean_i |grad_x E(x~_i) - xi_i / sigma|^2 / 2
+    $$
+    L = \frac{1}{2B} \sum_i \big\lVert \nabla_x E(\tilde x_i) - \xi_i / \sigma \big\rVert^2
+    $$
 
     (squared norm summed over all event dims). Its minimiser is the score of the noised data
-    density p_sigma = p * N(0, sigma^2 I). The gradient grad_x E is taken with
+    density $p_\sigma = p * \mathcal{N}(0, \sigma^2 I)$. The gradient $\nabla_x E$ is taken with
     ``create_graph=True`` so the loss backpropagates into the energy's parameters.
 
     Args:
-        sigma: noise standard deviation (> 0), default 0.1.
+        sigma: noise standard deviation $\sigma > 0$, default 0.1.
         check_data: when the values of ``data`` are checked (``"auto"``: every call on CPU,
             once on an accelerator; ``"always"``; ``"never"``); shape and dtype are always
             checked. See ``EBMLoss``.
