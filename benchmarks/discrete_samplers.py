@@ -162,8 +162,8 @@ PLAIN = {"GWG": plain_gwg, "DULA": plain_dula, "DMALA": plain_dmala, "Gibbs": pl
 SWEEPS_PER_STEP = {"GWG": "1/D", "DULA": 1, "DMALA": 1, "Gibbs": "1/D", "Gibbs-sweep": 1}
 
 
-def make_ours(name: str, graph: bool, k: int):
-    kw = {"cuda_graph": graph, "graph_steps": k}
+def make_ours(name: str, graph: bool, k: int | None, compiled: bool = False):
+    kw = {"cuda_graph": graph, "graph_steps": k, "compile": compiled}
     if name == "GWG":
         return GibbsWithGradients(**kw)
     if name in ("DULA", "DMALA"):
@@ -182,6 +182,9 @@ def timed(fn, device) -> tuple[float, float]:
     return time.perf_counter() - t, time.thread_time() - c
 
 
+WARMUP: dict[str, float] = {}  # warm-up seconds of the last timed_interleaved call
+
+
 def timed_interleaved(fns: dict, device, repeats: int) -> dict:
     """Median (wall, CPU) seconds per variant; variants alternate within each repeat (fair on
     a shared machine; CPU time of this thread is robust to other jobs). A variant that fails
@@ -189,7 +192,9 @@ def timed_interleaved(fns: dict, device, repeats: int) -> dict:
     times: dict = {}
     for k, fn in fns.items():
         try:
-            fn()  # warm-up (and CUDA-graph recording)
+            t0 = time.perf_counter()
+            fn()  # warm-up (CUDA-graph recording, compiling)
+            WARMUP[k] = time.perf_counter() - t0
             times[k] = []
         except Exception as err:  # noqa: BLE001
             print(f"{k} skipped: {type(err).__name__}: {err}")
@@ -200,8 +205,11 @@ def timed_interleaved(fns: dict, device, repeats: int) -> dict:
             for k, v in times.items()}
 
 
-def targets(device):
+def targets(device, small: bool = False):
     torch.manual_seed(0)
+    if small:  # the compiled executor's targets: small states, per-step overhead dominates
+        return {"MLP-32": MLPEnergy(Binary(32), hidden=(256, 256)).to(device),
+                "Ising-10x10": IsingEnergy.lattice(10, 0.2).to(device)}
     mlp = MLPEnergy(Binary(784), hidden=(256, 256, 256)).to(device)
     ising = IsingEnergy.lattice(32, 0.2).to(device)
     return {"MLP-784": mlp, "Ising-32x32": ising}
@@ -218,17 +226,22 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (1 with --quick)")
     ap.add_argument("--samplers", nargs="*", default=None, choices=list(PLAIN),
                     help="default: all (--quick: all but Gibbs-sweep, D energy calls per step)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="also time compile=True (blocks of compiled steps; warm-up apart)")
+    ap.add_argument("--small", action="store_true",
+                    help="targets MLP on 32 bits (2 x 256) and a 10 x 10 Ising model")
+    ap.add_argument("--batches", type=int, nargs="*", default=None, help="override B")
     add_output_arguments(ap)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
-    batches = (128,) if args.quick else (128, 4096)
+    batches = tuple(args.batches) if args.batches else ((128,) if args.quick else (128, 4096))
     steps = args.steps or (15 if args.quick else 200)
     samplers = args.samplers or [k for k in PLAIN if not (args.quick and k == "Gibbs-sweep")]
     repeats = args.repeats or 5
     rows = []
-    for tname, energy in targets(device).items():
+    for tname, energy in targets(device, args.small).items():
         d = energy.space.dim
         for b in batches:
             gen0 = torch.Generator(device=device).manual_seed(0)
@@ -243,6 +256,10 @@ def main(argv=None):
                                     p(e, x, n, g))
                 s = make_ours(name, False, args.graph_steps)
                 fns["ours"] = lambda s=s, e=energy, x=x0, n=n, g=gen: s.run(e, x, n, generator=g)
+                if args.compiled:
+                    sc = make_ours(name, False, None, compiled=True)
+                    fns["ours+compiled"] = (lambda s=sc, e=energy, x=x0, n=n, g=gen:
+                                            s.run(e, x, n, generator=g))
                 if device.type == "cuda" and name != "Gibbs-sweep":
                     sg = make_ours(name, True, min(args.graph_steps, n))
                     fns["ours+graph"] = (lambda s=sg, e=energy, x=x0, n=n, g=gen:
@@ -254,6 +271,7 @@ def main(argv=None):
                                  "variant": variant, "steps": n, "seconds": sec,
                                  "cpu_seconds": cpu, "steps_per_s": n / sec,
                                  "sweeps_per_s": sweeps / sec,
+                                 "warmup_s": round(WARMUP.get(variant, 0.0), 2),
                                  "ratio_vs_plain": res["plain"][0] / sec,
                                  "cpu_ratio_vs_plain": res["plain"][1] / cpu})
                 print(".", end="", flush=True)
@@ -273,7 +291,8 @@ def main(argv=None):
     meta = {"device": str(device), "device_name": dev_name, "torch": torch.__version__,
             "quick": args.quick, "threads": torch.get_num_threads(), "alpha": ALPHA,
             "graph_steps": args.graph_steps, "repeats": repeats}
-    write_json(output_path(args, "discrete_samplers"), {"meta": meta, "rows": rows})
+    name = "discrete_samplers_compiled" if args.compiled and args.small else "discrete_samplers"
+    write_json(output_path(args, name), {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

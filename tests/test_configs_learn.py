@@ -41,6 +41,7 @@ CASES: dict[str, tuple[int, float, bool]] = {
     "flowmc_toys": (1500, 0.2, True),
     "flowmc_two_modes": (1000, 0.2, True),
     "flowmc_highdim": (600, 0.2, True),
+    "flowmc_schedules": (400, 0.2, True),
 }
 
 

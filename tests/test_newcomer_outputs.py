@@ -181,8 +181,6 @@ def test_cli_sample_prints_where_it_wrote(trained_run, tmp_path):
     assert out.is_file() and len(lines) == 1 and lines[0].endswith(f"to {out}"), lines
 
 
-@pytest.mark.xfail(strict=True, reason="src/ebmflow/cli.py: `evaluate --out FILE` writes the "
-                   "metrics without printing where (reported)")
 def test_cli_evaluate_prints_where_it_wrote(trained_run, tmp_path):
     out = tmp_path / "metrics.json"
     proc = _cli("evaluate", "--checkpoint", str(trained_run / "checkpoint.pt"), "--n", "50",

@@ -384,6 +384,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         _write_json(Path(args.out), metrics)
+        print(f"wrote {args.out}")
     return 0
 
 
