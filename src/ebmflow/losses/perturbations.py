@@ -214,13 +214,14 @@ class GridPerturbation(Perturbation):
 
 
 def graph_laplacian(num_classes: int, kind: str) -> np.ndarray:
-    """Graph Laplacian L = A - diag(A 1) of a graph on the K states, float64 ``(K, K)``.
+    r"""Graph Laplacian $L = A - \operatorname{diag}(A \mathbf{1})$ of a graph on the $K$ states,
+    float64 ``(K, K)``.
 
     * ``"uniform"``: complete graph (every state is a neighbour of every other).
-    * ``"cyclic"``: ring 0 - 1 - ... - (K-1) - 0.
-    * ``"ordinal"``: path 0 - 1 - ... - (K-1).
+    * ``"cyclic"``: ring $0 - 1 - \dots - (K-1) - 0$.
+    * ``"ordinal"``: path $0 - 1 - \dots - (K-1)$.
 
-    L is symmetric with rows summing to 0, so exp(t L) is a symmetric stochastic matrix.
+    $L$ is symmetric with rows summing to 0, so $e^{tL}$ is a symmetric stochastic matrix.
     """
     k = num_classes
     if kind == "uniform":
@@ -239,9 +240,9 @@ def graph_laplacian(num_classes: int, kind: str) -> np.ndarray:
 
 
 def heat_kernel(num_classes: int, kind: str, t: float) -> np.ndarray:
-    """Heat kernel H = exp(t L) of ``graph_laplacian(num_classes, kind)``, float64 ``(K, K)``.
+    r"""Heat kernel $H = e^{tL}$ of ``graph_laplacian(num_classes, kind)``, float64 ``(K, K)``.
 
-    H[a, b] = q(y_d = b | x_d = a): rows sum to 1 and H = H^T.
+    $H_{ab} = q(y_d = b \mid x_d = a)$: rows sum to 1 and $H = H^\top$.
     """
     h = scipy.linalg.expm(t * graph_laplacian(num_classes, kind))
     h = np.clip(h, 0.0, None)  # expm may return -1e-17 for tiny entries
@@ -249,16 +250,17 @@ def heat_kernel(num_classes: int, kind: str, t: float) -> np.ndarray:
 
 
 class CategoricalPerturbation(Perturbation):
-    """Heat-kernel perturbation on {0, ..., K-1}^D: every coordinate moves independently with
-    q(y_d = b | x_d = a) = exp(t L)[a, b], L the Laplacian of a graph on the K states.
+    r"""Heat-kernel perturbation on $\{0, \dots, K-1\}^D$: every coordinate moves independently
+    with $q(y_d = b \mid x_d = a) = (e^{tL})_{ab}$, $L$ the Laplacian of a graph on the $K$ states.
 
     Args:
-        num_classes: K, the number of states per coordinate (must match the energy's space).
-        kind: ``"uniform"`` (complete graph: exp(tL) = e^{-Kt} I + (1 - e^{-Kt}) / K 11^T,
+        num_classes: $K$, the number of states per coordinate (must match the energy's space).
+        kind: ``"uniform"`` (complete graph:
+            $e^{tL} = e^{-Kt} I + (1 - e^{-Kt}) \mathbf{1}\mathbf{1}^\top / K$,
             every other value equally likely), ``"cyclic"`` (ring) or ``"ordinal"`` (path:
             nearby values are likelier, for ordered categories such as discretised numbers).
             Default ``"uniform"``.
-        t: diffusion time (> 0), default 1.0. Large t approaches uniform resampling.
+        t: diffusion time ($t > 0$), default 1.0. Large $t$ approaches uniform resampling.
 
     The ``(K, K)`` transition matrix is computed once (scipy.linalg.expm) and kept as the
     buffer ``transition`` with its row-wise cumulative sums ``cdf`` (sampling is inverse-CDF,

@@ -1,9 +1,10 @@
-"""Argument checks and warm-up step-size adaptation shared by the continuous samplers.
+r"""Argument checks and warm-up step-size adaptation shared by the continuous samplers.
 
 Robbins-Monro on the log step size, driven by the batch-mean acceptance probability
-a_t = mean_b min(1, exp(log_alpha_b)) of step t:
+$a_t = \operatorname{mean}_b \min(1, e^{\log \alpha_b})$ of step $t$:
 
-    log eta_{t+1} = log eta_t + gamma_t * (a_t - target),   gamma_t = rate * (t + 1)^(-0.6)
+$$\log \eta_{t+1} = \log \eta_t + \gamma_t (a_t - \text{target}), \qquad
+\gamma_t = \text{rate} \cdot (t + 1)^{-0.6}$$
 
 during the first ``n_warmup`` steps of the sampler's life (counted across runs), then off.
 One global step size is adapted for all chains (chains are exchangeable, and a global value
@@ -49,7 +50,7 @@ def check_count(name: str, value: int, minimum: int = 0) -> int:
 
 
 def accept_prob(log_alpha: Tensor) -> Tensor:
-    """min(1, exp(log_alpha)) with NaN mapped to 0 ``(B,)``."""
+    r"""$\min(1, e^{\log \alpha})$ with NaN mapped to 0 ``(B,)``."""
     return torch.nan_to_num(log_alpha.clamp(max=0.0).exp(), nan=0.0)
 
 

@@ -139,11 +139,11 @@ def relaxed_energy_and_grad(
 
 
 def flip_gain(space: Space, xr: Tensor, grad_energy: Tensor) -> Tensor:
-    """First-order estimate of f(x') - f(x) for every single-coordinate move, f = -E.
+    r"""First-order estimate of $f(x') - f(x)$ for every single-coordinate move, $f = -E$.
 
-    Binary: d_i = (1 - 2 x_i) * grad f(x)_i, shape ``(B, D)`` (the move flips bit i).
-    Categorical: d_{i,k} = grad f_{i,k} - <x_i, grad f_i>, shape ``(B, D, K)`` (the move sets
-    x_i = k; the current value has d = 0).
+    Binary: $d_i = (1 - 2 x_i)\, \nabla f(x)_i$, shape ``(B, D)`` (the move flips bit $i$).
+    Categorical: $d_{i,k} = \nabla f_{i,k} - \langle x_i, \nabla f_i \rangle$, shape ``(B, D, K)``
+    (the move sets $x_i = k$; the current value has $d = 0$).
     """
     if isinstance(space, Categorical):
         grad_f = -grad_energy
@@ -152,12 +152,14 @@ def flip_gain(space: Space, xr: Tensor, grad_energy: Tensor) -> Tensor:
 
 
 def half_flip_gain(xr: Tensor, grad_energy: Tensor) -> Tensor:
-    """Binary ``flip_gain / 2`` in two ops: d_i / 2 = (x_i - 1/2) * grad E(x)_i ``(B, D)``."""
+    r"""Binary ``flip_gain / 2`` in two ops: $d_i / 2 = (x_i - \tfrac12)\, \nabla E(x)_i$
+    ``(B, D)``."""
     return (xr - 0.5).mul_(grad_energy)
 
 
 def gumbel_argmax(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One draw per row of the last axis from softmax(logits) (Gumbel-max; -inf = excluded).
+    r"""One draw per row of the last axis from $\operatorname{softmax}(\text{logits})$
+    (Gumbel-max; $-\infty$ = excluded).
 
     Uses no host synchronisation, so it can be captured in a CUDA graph. Returns long indices
     of shape ``logits.shape[:-1]``.
@@ -170,7 +172,7 @@ def gumbel_argmax(logits: Tensor, generator: torch.Generator | None = None) -> T
 
 
 def log_uniform(batch: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """log u with u ~ U(0, 1), shape ``(batch,)`` (for Metropolis-Hastings tests)."""
+    r"""$\log u$ with $u \sim U(0, 1)$, shape ``(batch,)`` (for Metropolis-Hastings tests)."""
     u = rng.rand((batch,), generator, like.device, like.dtype)
     return torch.log(u)
 
@@ -179,10 +181,10 @@ def mh_select(
     x: Tensor, e: Tensor, g: Tensor, x_new: Tensor, e_new: Tensor, g_new: Tensor,
     log_q_fwd: Tensor, log_q_rev: Tensor, generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Metropolis-Hastings choice between current and proposed chains (no host sync).
+    r"""Metropolis-Hastings choice between current and proposed chains (no host sync).
 
-    log alpha = f(x') - f(x) + log q(x | x') - log q(x' | x), with f = -E; accept where
-    log u < log alpha. A NaN log alpha (NaN energy or gradient at the proposal) compares
+    $\log \alpha = f(x') - f(x) + \log q(x \mid x') - \log q(x' \mid x)$, with $f = -E$; accept
+    where $\log u < \log \alpha$. A NaN $\log \alpha$ (NaN energy or gradient at the proposal) compares
     False, so the proposal is rejected, and it is flagged in ``nonfinite``.
 
     Returns ``(x, e, g, accepted, nonfinite)``, the last two float ``(B,)`` in {0, 1}.

@@ -26,23 +26,27 @@ __all__ = ["DiscreteLangevin"]
 
 
 class DiscreteLangevin(GradientDiscreteSampler):
-    """Discrete Langevin proposal: every coordinate moves independently in one step.
+    r"""Discrete Langevin proposal: every coordinate moves independently in one step.
 
-    With f = -E, step size alpha and d(x) = ``flip_gain`` (first-order gain of each move), the
-    proposal factorises over coordinates, q(x' | x) = prod_i q_i(x'_i | x), with
+    With $f = -E$, step size $\alpha$ and $d(x)$ = ``flip_gain`` (first-order gain of each move),
+    the proposal factorises over coordinates, $q(x' \mid x) = \prod_i q_i(x'_i \mid x)$, with
 
-    * Binary: bit i flips with probability sigmoid(d(x)_i / 2 - 1 / (2 alpha)),
-      d(x)_i = (1 - 2 x_i) grad f(x)_i.
-    * Categorical: q_i(x'_i = k | x) = softmax_k(grad f_i . (e_k - x_i) / 2
-      - |e_k - x_i|^2 / (2 alpha)) = softmax_k(d(x)_{i,k} / 2 - [k != x_i] / alpha), on the
-      one-hot relaxation (so a move costs |e_k - x_i|^2 = 2 there).
+    * Binary: bit $i$ flips with probability
+      $\sigma\big(d(x)_i / 2 - 1 / (2 \alpha)\big)$, $d(x)_i = (1 - 2 x_i)\, \nabla f(x)_i$.
+    * Categorical, on the one-hot relaxation (so a move costs $\lVert e_k - x_i \rVert^2 = 2$
+      there):
 
-    ``metropolis=False`` (DULA) accepts every proposal: fast but biased by O(alpha).
-    ``metropolis=True`` (DMALA) accepts with min(1, exp(f(x') - f(x)) q(x | x') / q(x' | x)),
-    the reverse proposal computed from the gradient at x'; the chain is then exact.
+    $$q_i(x'_i = k \mid x) = \operatorname{softmax}_k\Big(\frac{\nabla f_i \cdot (e_k - x_i)}{2}
+      - \frac{\lVert e_k - x_i \rVert^2}{2 \alpha}\Big)
+      = \operatorname{softmax}_k\Big(\frac{d(x)_{i,k}}{2} - \frac{[k \ne x_i]}{\alpha}\Big).$$
+
+    ``metropolis=False`` (DULA) accepts every proposal: fast but biased by $O(\alpha)$.
+    ``metropolis=True`` (DMALA) accepts with probability
+    $\min\big(1, e^{f(x') - f(x)}\, q(x \mid x') / q(x' \mid x)\big)$, the reverse proposal
+    computed from the gradient at $x'$; the chain is then exact.
 
     Args:
-        step_size: alpha > 0 (default 0.1); larger moves more coordinates per step.
+        step_size: $\alpha > 0$ (default 0.1); larger moves more coordinates per step.
         metropolis: add the MH correction (DMALA). Default False (DULA).
         n_steps: default number of steps of ``sample``/``run`` (default 10).
         check_gradient: at the start of each run, reject energies whose gradient is zero at
@@ -81,15 +85,15 @@ class DiscreteLangevin(GradientDiscreteSampler):
         return half_flip_gain(x, grad).sub_(0.5 / self.step_size)
 
     def _log_q(self, energy: EnergyModel, x: Tensor, logits: Tensor, y: Tensor) -> Tensor:
-        """log q(y | x) ``(B,)`` from the proposal logits at x."""
+        r"""$\log q(y \mid x)$ ``(B,)`` from the proposal logits at $x$."""
         if isinstance(energy.space, Categorical):
             return torch.log_softmax(logits, -1).gather(2, y[..., None]).squeeze(2).sum(1)
         return self._log_q_binary(logits, x != y)
 
     @staticmethod
     def _log_q_binary(logits: Tensor, flipped: Tensor) -> Tensor:
-        """sum_i log q_i: logsigmoid(l_i) where bit i flipped, else logsigmoid(-l_i)
-        = logsigmoid(l_i) - l_i ``(B,)``."""
+        r"""$\sum_i \log q_i$ ``(B,)``: $\log \sigma(l_i)$ where bit $i$ flipped, else
+        $\log \sigma(-l_i) = \log \sigma(l_i) - l_i$."""
         ls = logsigmoid(logits)
         return torch.where(flipped, ls, ls - logits).sum(1)
 
@@ -102,13 +106,13 @@ class DiscreteLangevin(GradientDiscreteSampler):
     @staticmethod
     def _propose_binary(x: Tensor, logits: Tensor,
                         generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        """Flip each bit with probability sigmoid(logit): returns (y, flip mask)."""
+        r"""Flip each bit with probability $\sigma(\text{logit})$: returns (y, flip mask)."""
         u = rng.rand(x.shape, generator, x.device, logits.dtype)
         flip = u.log_() < logsigmoid(logits)
         return torch.where(flip, 1.0 - x, x), flip
 
     def log_proposal(self, energy: EnergyModel, x: Tensor, y: Tensor) -> Tensor:
-        """Exact log q(y | x) ``(B,)`` for pairs of states (tests and diagnostics)."""
+        r"""Exact $\log q(y \mid x)$ ``(B,)`` for pairs of states (tests and diagnostics)."""
         _, grad = relaxed_energy_and_grad(type(self).__name__, energy, x)
         return self._log_q(energy, x, self._logits(energy, x, grad), y)
 

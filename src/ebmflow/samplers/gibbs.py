@@ -16,11 +16,11 @@ __all__ = ["Gibbs"]
 
 
 class Gibbs(MCMCSampler):
-    """Gibbs sampler for ``Binary`` and ``Categorical`` spaces.
+    r"""Gibbs sampler for ``Binary`` and ``Categorical`` spaces.
 
-    One coordinate update resamples x_i from its exact conditional
+    One coordinate update resamples $x_i$ from its exact conditional
 
-        p(x_i = k | x_-i) ∝ exp(f(x with x_i = k)),   f = -E,
+    $$p(x_i = k \mid x_{-i}) \propto \exp f(x \text{ with } x_i = k), \qquad f = -E,$$
 
     for every chain at once, from ``energy.conditional_energies``: by default the K - 1
     alternative values of the chosen coordinate of every chain are evaluated in one batched
@@ -61,11 +61,12 @@ class Gibbs(MCMCSampler):
     def _relative_logits(
         self, energy: EnergyModel, x: Tensor, index: Tensor, energy_x: Tensor
     ) -> Tensor:
-        """Logits f(x with x_i = (x_i + j) mod K) for j = 0..K-1, shape ``(B, K)``.
+        r"""Logits $f(x \text{ with } x_i = (x_i + j) \bmod K)$ for $j = 0, \dots, K-1$, shape
+        ``(B, K)``.
 
-        ``index`` ``(B,)`` is the coordinate of each chain; j = 0 is the current value, whose
+        ``index`` ``(B,)`` is the coordinate of each chain; $j = 0$ is the current value, whose
         energy ``energy_x`` ``(B,)`` is reused. The energies come from
-        ``energy.conditional_energies`` (one batched call on the K - 1 alternatives by
+        ``energy.conditional_energies`` (one batched call on the $K - 1$ alternatives by
         default, a local formula where the energy has one).
         """
         k = energy.space.num_classes
@@ -75,7 +76,7 @@ class Gibbs(MCMCSampler):
 
     @torch.no_grad()
     def conditional_log_probs(self, energy: EnergyModel, x: Tensor, index: int | Tensor) -> Tensor:
-        """Exact log p(x_i = k | x_-i) for k = 0..K-1, shape ``(B, K)``.
+        r"""Exact $\log p(x_i = k \mid x_{-i})$ for $k = 0, \dots, K-1$, shape ``(B, K)``.
 
         ``index`` is one coordinate for all chains or a long ``(B,)`` tensor of coordinates.
         """

@@ -23,21 +23,23 @@ __all__ = ["GibbsWithGradients"]
 
 
 class GibbsWithGradients(GradientDiscreteSampler):
-    """Gibbs-with-Gradients: propose one coordinate change from a gradient estimate, then MH.
+    r"""Gibbs-with-Gradients: propose one coordinate change from a gradient estimate, then MH.
 
-    With f = -E and d(x) the first-order estimate of f(x') - f(x) for each single-coordinate
-    move (``flip_gain``):
+    With $f = -E$ and $d(x)$ the first-order estimate of $f(x') - f(x)$ for each
+    single-coordinate move (``flip_gain``):
 
-    * Binary: d(x)_i = (1 - 2 x_i) * grad f(x)_i, candidates i = 1..D (flip bit i).
-    * Categorical: d(x)_{i,k} = grad f_{i,k} - <x_i, grad f_i> on the one-hot relaxation,
-      candidates (i, k) with k != x_i, D * (K - 1) of them, chosen jointly.
+    * Binary: $d(x)_i = (1 - 2 x_i)\, \nabla f(x)_i$, candidates $i = 1, \dots, D$ (flip bit $i$).
+    * Categorical: $d(x)_{i,k} = \nabla f_{i,k} - \langle x_i, \nabla f_i \rangle$ on the one-hot
+      relaxation, candidates $(i, k)$ with $k \ne x_i$, $D (K - 1)$ of them, chosen jointly.
 
-    The move m is drawn from q(m | x) = softmax(d(x) / 2) over the candidates and accepted with
+    The move $m$ is drawn from $q(m \mid x) = \operatorname{softmax}(d(x) / 2)$ over the
+    candidates and accepted with probability
 
-        min(1, exp(f(x') - f(x)) * q(m' | x') / q(m | x)),
+    $$\min\Big(1,\; e^{f(x') - f(x)}\, \frac{q(m' \mid x')}{q(m \mid x)}\Big),$$
 
-    where m' is the move from x' back to x. E and dE/dx of the current state are cached in the
-    chain state, so a step costs one energy-and-gradient evaluation (at x').
+    where $m'$ is the move from $x'$ back to $x$. $E$ and $\partial E / \partial x$ of the
+    current state are cached in the chain state, so a step costs one energy-and-gradient
+    evaluation (at $x'$).
 
     Args:
         n_steps: default number of steps of ``sample``/``run`` (default 10).
@@ -62,10 +64,10 @@ class GibbsWithGradients(GradientDiscreteSampler):
     # -- proposal ------------------------------------------------------------------------
     @staticmethod
     def _move_logits(energy: EnergyModel, x: Tensor, grad: Tensor) -> Tensor:
-        """Unnormalised log q(m | x) = d(x)_m / 2 over all moves, flattened to ``(B, M)``.
+        r"""Unnormalised $\log q(m \mid x) = d(x)_m / 2$ over all moves, flattened to ``(B, M)``.
 
-        Binary: M = D. Categorical: M = D * K with the current value of each coordinate
-        masked to -inf (so effectively D * (K - 1) moves).
+        Binary: $M = D$. Categorical: $M = D K$ with the current value of each coordinate
+        masked to $-\infty$ (so effectively $D (K - 1)$ moves).
         """
         space = energy.space
         if isinstance(space, Categorical):
@@ -77,7 +79,7 @@ class GibbsWithGradients(GradientDiscreteSampler):
 
     @staticmethod
     def _apply_move(energy: EnergyModel, x: Tensor, move: Tensor) -> tuple[Tensor, Tensor]:
-        """x' = x with move ``move`` ``(B,)`` applied; also returns the reverse move index."""
+        """$x'$ = $x$ with move ``move`` ``(B,)`` applied; also returns the reverse move index."""
         space = energy.space
         if isinstance(space, Categorical):
             k = space.num_classes
@@ -89,7 +91,8 @@ class GibbsWithGradients(GradientDiscreteSampler):
         return x_new, move
 
     def log_proposal(self, energy: EnergyModel, x: Tensor, y: Tensor) -> Tensor:
-        """Exact log q(y | x) ``(B,)`` for pairs of states (-inf unless y is one move from x).
+        r"""Exact $\log q(y \mid x)$ ``(B,)`` for pairs of states ($-\infty$ unless $y$ is one
+        move from $x$).
 
         For tests and diagnostics; the step uses the same ``_move_logits``.
         """

@@ -17,22 +17,25 @@ __all__ = ["HMC"]
 
 
 class HMC(AdaptiveStepSize):
-    """Hamiltonian Monte Carlo (identity mass), vectorised over chains with per-chain accept.
+    r"""Hamiltonian Monte Carlo (identity mass), vectorised over chains with per-chain accept.
 
-    With H(x, p) = E(x) + |p|^2 / 2 and p ~ N(0, I), L leapfrog steps of size eps:
+    With $H(x, p) = E(x) + \lVert p \rVert^2 / 2$ and $p \sim \mathcal{N}(0, I)$, $L$ leapfrog
+    steps of size $\epsilon$:
 
-        p <- p - eps/2 grad E(x)
-        repeat L times:  x <- x + eps p;  p <- p - eps grad E(x)   (last: eps/2)
-        accept (x', p') with prob min(1, exp(H(x, p) - H(x', p')))
+    $$p \leftarrow p - \tfrac{\epsilon}{2} \nabla E(x), \quad \text{then } L \text{ times: }
+    x \leftarrow x + \epsilon p,\; p \leftarrow p - \epsilon \nabla E(x)
+    \;(\text{the last with } \tfrac{\epsilon}{2}),$$
 
-    E and grad E of the current state are cached, so a step costs L energy-and-gradient
+    and $(x', p')$ is accepted with probability $\min\big(1, \exp(H(x, p) - H(x', p'))\big)$.
+
+    $E$ and $\nabla E$ of the current state are cached, so a step costs $L$ energy-and-gradient
     evaluations. Trajectories that reach NaN/inf are rejected and counted (``nonfinite_rate``).
-    Warm-up adaptation of the global eps toward ``target_accept`` (default 0.65) works as in
-    ``MALA`` (Robbins-Monro on log eps during the first ``n_warmup`` steps).
+    Warm-up adaptation of the global $\epsilon$ toward ``target_accept`` (default 0.65) works as in
+    ``MALA`` (Robbins-Monro on $\log \epsilon$ during the first ``n_warmup`` steps).
 
     Args:
         step_size: initial eps > 0 (default 0.1).
-        n_leapfrog: L >= 1 (default 10).
+        n_leapfrog: $L \ge 1$ (default 10).
         n_steps: default number of HMC steps (default 10).
         target_accept: default 0.65. n_warmup: default 0. adapt_rate: default 1.0.
         on_nonfinite, progress, cuda_graph, graph_steps, compile: see ``MCMCSampler``.

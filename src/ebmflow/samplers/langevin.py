@@ -18,33 +18,35 @@ __all__ = ["Langevin"]
 
 
 class Langevin(MCMCSampler):
-    """Unadjusted Langevin algorithm (ULA), vectorised over chains.
+    r"""Unadjusted Langevin algorithm (ULA), vectorised over chains.
 
-        x' = x - eta * clip(grad E(x)) + sigma * xi,   xi ~ N(0, I),
-        sigma = sqrt(2 * eta * T)  (default),  or  sigma = noise_scale  when given.
+    $$x' = x - \eta\, \operatorname{clip}(\nabla E(x)) + \sigma \xi, \qquad \xi \sim \mathcal{N}(0, I),$$
 
-    With the defaults (no clipping, sigma = sqrt(2 eta T)) this is ULA for p ∝ exp(-E / T).
-    ULA has no accept/reject step, so its stationary law is biased by O(eta): on
-    N(0, s^2) it is N(0, v) with v = 2 eta T / (1 - (1 - eta / s^2)^2) (> T s^2), which tends to
-    T s^2 as eta -> 0. Use ``MALA`` for an exact kernel.
+    with $\sigma = \sqrt{2 \eta T}$ (default), or $\sigma$ = ``noise_scale`` when given.
+
+    With the defaults (no clipping, $\sigma = \sqrt{2 \eta T}$) this is ULA for
+    $p \propto \exp(-E / T)$. ULA has no accept/reject step, so its stationary law is biased by
+    $O(\eta)$: on $\mathcal{N}(0, s^2)$ it is $\mathcal{N}(0, v)$ with
+    $v = 2 \eta T / (1 - (1 - \eta / s^2)^2)$ ($> T s^2$), which tends to $T s^2$ as
+    $\eta \to 0$. Use ``MALA`` for an exact kernel.
 
     Two common EBM-training deviations (Du & Mordatch 2019; Nijkamp et al. 2019) are options,
-    and both make the kernel target something other than exp(-E / T):
+    and both make the kernel target something other than $\exp(-E / T)$:
 
     * ``noise_scale``: a noise standard deviation decoupled from the step size (e.g.
-      eta = 10, sigma = 0.005 for image EBMs);
-    * ``grad_clip``: each gradient coordinate is clamped to [-c, c] before the step.
+      $\eta = 10$, $\sigma = 0.005$ for image EBMs);
+    * ``grad_clip``: each gradient coordinate is clamped to $[-c, c]$ before the step.
 
     Args:
-        step_size: eta > 0 (default 0.01).
+        step_size: $\eta > 0$ (default 0.01).
         n_steps: default number of steps of ``sample``/``run`` (default 10).
-        temperature: T > 0 (default 1); ignored when ``noise_scale`` is given.
-        noise_scale: sigma >= 0 or None (default None: sqrt(2 eta T)).
-        grad_clip: c > 0 or None (default None: no clipping).
+        temperature: $T > 0$ (default 1); ignored when ``noise_scale`` is given.
+        noise_scale: $\sigma \ge 0$ or None (default None: $\sqrt{2 \eta T}$).
+        grad_clip: $c > 0$ or None (default None: no clipping).
         on_nonfinite, progress, cuda_graph, graph_steps, compile: see ``MCMCSampler``.
 
     Cost: one energy-and-gradient evaluation per step. Reports no step info (no acceptance).
-    A non-finite E(x) or grad E(x) makes the moved state NaN, which ``run`` reports (or undoes).
+    A non-finite $E(x)$ or $\nabla E(x)$ makes the moved state NaN, which ``run`` reports (or undoes).
     """
 
     def __init__(

@@ -105,25 +105,28 @@ class AdaptiveStepSize(MCMCSampler):
 
 
 class MALA(AdaptiveStepSize):
-    """Metropolis-adjusted Langevin algorithm, vectorised over chains with per-chain accept.
+    r"""Metropolis-adjusted Langevin algorithm, vectorised over chains with per-chain accept.
 
-    Proposal (a ULA step) and acceptance, with f = -E:
+    Proposal (a ULA step) and acceptance, with $f = -E$:
 
-        x' = x - eta * grad E(x) + sqrt(2 eta) * xi,   xi ~ N(0, I)
-        q(x' | x) = N(x'; x - eta grad E(x), 2 eta I)
-        accept with prob min(1, exp(f(x') - f(x) + log q(x | x') - log q(x' | x)))
+    $$x' = x - \eta \nabla E(x) + \sqrt{2 \eta}\, \xi, \qquad \xi \sim \mathcal{N}(0, I),$$
 
-    E and grad E of the current state are cached in the chain state, so a step costs one
-    energy-and-gradient evaluation (at x'). A proposal whose energy or gradient is NaN/inf is
+    $$q(x' \mid x) = \mathcal{N}\big(x';\, x - \eta \nabla E(x),\, 2 \eta I\big),$$
+
+    accepted with probability
+    $\min\big(1, \exp(f(x') - f(x) + \log q(x \mid x') - \log q(x' \mid x))\big)$.
+
+    $E$ and $\nabla E$ of the current state are cached in the chain state, so a step costs one
+    energy-and-gradient evaluation (at $x'$). A proposal whose energy or gradient is NaN/inf is
     rejected and counted in the step info ``nonfinite_rate``.
 
     Warm-up: during the first ``n_warmup`` steps of the sampler's life (counted across runs;
-    ``reset_adaptation()`` restarts) the global step size follows Robbins-Monro on log eta
+    ``reset_adaptation()`` restarts) the global step size follows Robbins-Monro on $\log \eta$
     toward ``target_accept`` (see ``ebmflow.samplers._adapt``); afterwards it is fixed and the
     kernel is exactly invariant. States produced while adapting are not exact samples.
 
     Args:
-        step_size: initial eta > 0 (default 0.01).
+        step_size: initial $\eta > 0$ (default 0.01).
         n_steps: default number of steps (default 10).
         target_accept: acceptance targeted by the adaptation (default 0.574).
         n_warmup: adaptation steps (default 0: no adaptation).

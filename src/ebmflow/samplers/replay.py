@@ -24,20 +24,20 @@ NoiseFn = Callable[[int, "torch.Generator | None", "torch.device | None"], Tenso
 
 
 class ReplayBuffer(nn.Module):
-    """A fixed-size store of N chain states of a space (continuous, binary or categorical).
+    r"""A fixed-size store of $N$ chain states of a space (continuous, binary or categorical).
 
     ``draw(n)`` takes n distinct stored states, uniformly at random (without replacement),
-    and replaces each one, independently with probability rho (``reinit_prob``), by a fresh
+    and replaces each one, independently with probability $\rho$ (``reinit_prob``), by a fresh
     draw of the noise; it returns the states and their slots. After the sampler has moved
     them, ``push(x, slots)`` writes them back. The buffer is filled with noise lazily, on the
     first draw, on the device that draw asks for.
 
     Args:
         space: the state space (``ebmflow.spaces``); stored states have its dtype.
-        capacity: N >= 1 (default 10000).
-        reinit_prob: rho in [0, 1] (default 0.05).
+        capacity: $N \ge 1$ (default 10000).
+        reinit_prob: $\rho \in [0, 1]$ (default 0.05).
         noise: ``noise(n, generator, device) -> (n, *event)`` for the initial fill and the
-            re-initialisations (default: ``space.noise``, e.g. N(0, I) for continuous states).
+            re-initialisations (default: ``space.noise``, e.g. $\mathcal{N}(0, I)$ for continuous states).
 
     The states are a registered buffer: they follow ``.to()`` and are saved in
     ``state_dict()`` (key ``states``) for checkpoints. ``stats`` after a draw:
