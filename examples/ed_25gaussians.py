@@ -22,7 +22,9 @@ excluded).
     python examples/ed_25gaussians.py             # the config's iterations
 
 Writes runs/examples/figures/ed_25gaussians.png and runs/examples/results/ed_25gaussians.json
-(``--update-docs``: docs/figures and docs/results) and prints where.
+(``--update-docs``: docs/figures and docs/results) and prints where. The JSON holds the error
+curves and the density grids the figure shows (true density and each method's ``exp(-E)``,
+120 x 120 over [-4, 4]^2), so ``examples/replot_docs_figures.py`` can redraw it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import torch
 from example_output import add_output_arguments, output_dir, report_written
+from replot_docs_figures import _density, draw_ed_25gaussians, mode_weight_tv
 
 from ebmflow.cli import load_example_settings
 from ebmflow.data import TOY_MIXTURES, toy_2d
@@ -127,37 +130,21 @@ def train(method: str, cfg: dict, iterations: int, log=print) -> dict:
 
 
 @torch.no_grad()
-def plot(results: dict, target: GaussianMixtureEnergy, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(results["methods"])
-    fig, axes = plt.subplots(1, len(methods) + 2, figsize=(4 * (len(methods) + 2), 3.8))
-    for m in methods:
-        h = results["methods"][m]["history"]
-        axes[0].semilogy([e["iteration"] for e in h], [e["mse"] for e in h], label=m.upper())
-    axes[0].set_xlabel("iteration")
-    axes[0].set_ylabel("MSE of log-density")
-    axes[0].legend()
-    lim = 4.0
-    g = torch.linspace(-lim, lim, 200)
-    xx, yy = torch.meshgrid(g, g, indexing="xy")
+def density_grids(results: dict, target: GaussianMixtureEnergy, box: float = 4.0,
+                  n: int = 120) -> dict:
+    """The true density and each method's ``exp(-E)`` on an (n, n) grid over [-box, box]^2,
+    each divided by its maximum, flattened x major (rounded to 4 decimals for the JSON)."""
+    g = torch.linspace(-box, box, n)
+    xx, yy = torch.meshgrid(g, g, indexing="ij")
     pts = torch.stack([xx.flatten(), yy.flatten()], -1)
-    axes[1].imshow(target.log_prob(pts).exp().reshape(200, 200), origin="lower",
-                   extent=(-lim, lim, -lim, lim))
-    axes[1].set_title("true density")
-    for ax, m in zip(axes[2:], methods):
-        model = results["methods"][m]["model"]
-        logp = -model(pts)
-        ax.imshow((logp - logp.max()).exp().reshape(200, 200), origin="lower",
-                  extent=(-lim, lim, -lim, lim))
-        ax.set_title(f"{m.upper()} (EMA), MSE {results['methods'][m]['final_mse']:.3g}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    def scaled(logp: torch.Tensor) -> list[float]:
+        return [round(float(v), 4) for v in (logp - logp.max()).exp()]
+
+    dens = {"truth": scaled(target.log_prob(pts))}
+    for m, r in results["methods"].items():
+        dens[m] = scaled(-r["model"](pts))
+    return dens
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -181,15 +168,30 @@ def main(argv: list[str] | None = None) -> dict:
         results["methods"][m] = train(m, cfg, iterations)
     name = "ed_25gaussians" + ("_quick" if args.quick else "")
     figure = out / "figures" / f"{name}.png"
-    plot(results, exact_target(cfg["data"]["name"]), figure)
+    target = exact_target(cfg["data"]["name"])
+    box = 4.0
+    densities = density_grids(results, target, box)
     for r in results["methods"].values():
         r.pop("model")
+    means, scale, weights = TOY_MIXTURES[cfg["data"]["name"]]
+    results["target"] = {"means": [list(map(float, mu)) for mu in means],
+                         "scale": float(scale), "weights": list(map(float, weights))}
+    results["grid"] = {"box": box, "n": math.isqrt(len(densities["truth"])),
+                       "layout": "flattened x major, each divided by its maximum"}
+    for m, r in results["methods"].items():
+        r["mode_weight_tv"] = mode_weight_tv(_density(densities[m]), box, means, weights)
+    # the grids on one line each, the rest readable
+    text = json.dumps(results, indent=1)[:-2] + ',\n "densities": {\n' + ",\n".join(
+        f"  {json.dumps(k)}: {json.dumps(v, separators=(',', ':'))}"
+        for k, v in densities.items()) + "\n }\n}"
+    results["densities"] = densities
     (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / f"{name}.json").write_text(json.dumps(results, indent=1))
-    print(f"\n{'method':6s} {'final MSE':>10s} {'best MSE':>10s} {'it/s':>8s}")
+    (out / "results" / f"{name}.json").write_text(text)
+    draw_ed_25gaussians(results, figure)
+    print(f"\n{'method':6s} {'final MSE':>10s} {'best MSE':>10s} {'mode TV':>8s} {'it/s':>8s}")
     for m, r in results["methods"].items():
         print(f"{m:6s} {r['final_mse']:10.4f} {r['best_mse']:10.4f} "
-              f"{r['iterations_per_second']:8.1f}")
+              f"{r['mode_weight_tv']:8.3f} {r['iterations_per_second']:8.1f}")
     report_written(out / "results" / f"{name}.json", figure)
     return results
 

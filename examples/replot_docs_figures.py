@@ -12,10 +12,10 @@ ring on ``8gaussians`` is titled so, not only by its mode-weight error).
     python examples/replot_docs_figures.py --only flowmc_toys ed_nearsightedness
 
 Redrawn: ``flowmc_toys`` (and ``_quick``), ``flowmc_rings_long``, ``flowmc_two_modes`` (and
-``_quick``), ``flowmc_highdim`` (and ``_quick``), ``discrete_flow_budget`` and
-``ed_nearsightedness``. The other figures show samples, learned densities or matrices that the
-JSON files do not store (``ed_25gaussians`` keeps only the error curves, not the learned
-densities); their scripts redraw them.
+``_quick``), ``flowmc_highdim`` (and ``_quick``), ``discrete_flow_budget``,
+``ed_nearsightedness`` and ``ed_25gaussians`` (and ``_quick``; its JSON stores the density
+grids). The other figures show samples or matrices that the JSON files do not store; their
+scripts redraw them.
 """
 
 from __future__ import annotations
@@ -293,6 +293,74 @@ def plot_discrete_flow_budget(name: str, out: Path) -> Path | None:
     return _save(fig, out, name)
 
 
+ED25_LABELS = {"ed": "ED", "cd": "CD", "dsm": "DSM"}
+
+
+def mode_weights(img: np.ndarray, box: float, means: np.ndarray) -> np.ndarray:
+    """Mass of a gridded density (image, row = y) nearest to each mixture mean, normalised."""
+    n = img.shape[0]
+    lin = np.linspace(-box, box, n)
+    xx, yy = np.meshgrid(lin, lin, indexing="xy")
+    pts = np.stack([xx.ravel(), yy.ravel()], -1)
+    nearest = ((pts[:, None, :] - means[None]) ** 2).sum(-1).argmin(1)
+    mass = np.bincount(nearest, weights=img.ravel(), minlength=len(means))
+    return mass / mass.sum()
+
+
+def mode_weight_tv(img: np.ndarray, box: float, means, weights) -> float:
+    """Total variation between the mode weights of a gridded density and the true weights."""
+    w = np.asarray(weights, dtype=float)
+    return float(0.5 * np.abs(mode_weights(img, box, np.asarray(means, float)) - w / w.sum()).sum())
+
+
+def draw_ed_25gaussians(payload: dict, path: Path) -> Path:
+    """The 25-Gaussians figure from its results JSON: the error curves over training, then the
+    true density and each method's learned ``exp(-E)`` with a colour bar (stacked, page width)."""
+    grid, target, dens = payload["grid"], payload["target"], payload["densities"]
+    box, methods = grid["box"], payload["methods"]
+    iters = max(r["iterations"] for r in methods.values())
+    panels = ["truth"] + [m for m in methods if m in dens]
+    n_rows = math.ceil(len(panels) / 2)
+    plt = _plt()
+    fig = plt.figure(figsize=(PAGE_WIDTH, 4.2 + 4.0 * n_rows))
+    gs = fig.add_gridspec(1 + n_rows, 2, height_ratios=[4.2] + [4.0] * n_rows)
+    ax = fig.add_subplot(gs[0, :])
+    for i, (m, r) in enumerate(methods.items()):
+        h = r["history"]
+        ax.semilogy([e["iteration"] for e in h], [e["mse"] for e in h], "o-", ms=4, lw=2,
+                    color=f"C{i}", label=f"{ED25_LABELS.get(m, m)}: final {r['final_mse']:.3g}")
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel("MSE (log scale)")
+    ax.set_title(f"Error of the normalised log-density (EMA weights, {iters} iterations)")
+    ax.legend(loc="best")
+    ax.grid(True, which="major", alpha=0.3)
+    for i, key in enumerate(panels):
+        ax = fig.add_subplot(gs[1 + i // 2, i % 2])
+        img = _density(dens[key])
+        tv = mode_weight_tv(img, box, target["means"], target["weights"])
+        if key == "truth":
+            w = np.asarray(target["weights"], dtype=float)
+            equal = "equal weights" if np.allclose(w, w[0]) else "unequal weights"
+            title = f"true density\n{len(w)} modes, {equal}"
+        else:
+            title = (f"{ED25_LABELS.get(key, key)}: learned exp(-E)\n"
+                     f"log-density MSE {methods[key]['final_mse']:.2g}\n"
+                     f"mode-weight TV {tv:.3f}")
+        _show_density(fig, ax, img, box, title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_ed_25gaussians(name: str, out: Path) -> Path | None:
+    payload = _load(name)
+    if payload is None or "densities" not in payload:
+        return None
+    return draw_ed_25gaussians(payload, out / f"{name}.png")
+
+
 FIGURES: dict[str, Callable[[str, Path], Path | None]] = {
     "flowmc_toys": plot_flowmc_toys,
     "flowmc_toys_quick": plot_flowmc_toys,
@@ -303,6 +371,8 @@ FIGURES: dict[str, Callable[[str, Path], Path | None]] = {
     "flowmc_highdim": plot_flowmc_highdim,
     "flowmc_highdim_quick": plot_flowmc_highdim,
     "discrete_flow_budget": plot_discrete_flow_budget,
+    "ed_25gaussians": plot_ed_25gaussians,
+    "ed_25gaussians_quick": plot_ed_25gaussians,
 }
 
 
@@ -327,7 +397,8 @@ def main(argv: list[str] | None = None) -> None:
                        else ROOT / "runs" / "docs_figures")
     for name in args.only or FIGURES:
         path = FIGURES[name](name, out)
-        print(f"wrote {path}" if path else f"skipped {name}: docs/results/{name}.json not found")
+        print(f"wrote {path}" if path else
+              f"skipped {name}: docs/results/{name}.json not found or without density grids")
 
 
 # A documentation tool, not an experiment: it trains nothing and has no config or --quick
