@@ -42,7 +42,7 @@ MATH_PAGES = METHOD_PAGES + [
 ]
 # Pages whose prose names repository files; those maintained with the benchmarks and the
 # command line are checked by their own owners' conventions.
-LINK_EXEMPT = {"benchmarks.md", "benchmarks-samplers.md", "getting-started.md", "cli.md"}
+LINK_EXEMPT = {"benchmarks.md", "benchmarks-samplers.md"}
 REPO_FILE = re.compile(r"(?<![\w/.-])(?:examples|benchmarks|tests)/[\w./-]*\w\.(?:py|toml|json|md)\b")
 ANCHOR = re.compile(r"<a\b.*?</a>", flags=re.S)
 # Inline commands (``python examples/x.py --quick``) stay as typed, like code blocks.
