@@ -183,7 +183,7 @@ class Continuous(Space):
 
 
 class Binary(Space):
-    """Binary states x in {0, 1}^dim, stored as float ``(B, dim)``.
+    r"""Binary states $x \in \{0, 1\}^{\text{dim}}$, stored as float ``(B, dim)``.
 
     ``noise(n)`` draws each bit from Bernoulli(1/2).
 
@@ -238,14 +238,14 @@ class Binary(Space):
 
 
 class Categorical(Space):
-    """Categorical states x in {0, ..., K-1}^dim, stored as long ``(B, dim)``.
+    r"""Categorical states $x \in \{0, \dots, K-1\}^{\text{dim}}$, stored as long ``(B, dim)``.
 
     ``one_hot(x)`` gives the float ``(B, dim, K)`` relaxation used for gradients;
     ``from_one_hot`` inverts it. ``noise(n)`` draws each coordinate uniformly.
 
     Args:
         dim: number of coordinates D.
-        num_classes: number of classes K >= 2.
+        num_classes: number of classes $K \ge 2$.
 
     Examples:
         >>> import torch
