@@ -222,10 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
                 dens = torch.softmax(-out["energy"](dpoints), 0)
             payload["densities"][run_name] = [round(float(v), 7) for v in dens]
         save_json(name, payload)
+        acc = r["global_accept"][-1]
+        acc_text = f", global accept {acc:.3f}" if acc is not None else ""  # flowMC only
         print(
             f"{key:20s} heavy-mode weight {r['heavy'][-1]:.3f} (truth 0.667), plateau "
-            f"{plateau(r['heavy'], r['steps']):.3f}, global accept {r['global_accept'][-1]}, "
-            f"{out['times'][-1]:.1f} s",
+            f"{plateau(r['heavy'], r['steps']):.3f}{acc_text}, {out['times'][-1]:.1f} s",
             flush=True,
         )
     plot(payload, cfg)
