@@ -15,11 +15,11 @@ from ebmflow.discrete_flows import (
     LowESSWarning,
     MixturePath,
     MLPVelocity,
-    effective_sample_size,
     importance_weights,
 )
 from ebmflow.discrete_flows.solver import time_grid
 from ebmflow.energy import EnergyModel, IsingEnergy, MLPEnergy, enumerate_binary
+from ebmflow.metrics import effective_sample_size
 from ebmflow.spaces import Binary, Categorical, Continuous
 
 

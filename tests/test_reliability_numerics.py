@@ -17,11 +17,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from ebmflow.discrete_flows.weights import effective_sample_size, importance_weights
+from ebmflow.discrete_flows.weights import importance_weights
 from ebmflow.energy import EnergyModel
 from ebmflow.flows import FlowMC
 from ebmflow.flows.base import Flow
 from ebmflow.losses import ContrastiveDivergence, EnergyDiscrepancy, GaussianPerturbation
+from ebmflow.metrics import effective_sample_size
 from ebmflow.samplers import (
     HMC,
     MALA,

@@ -1,15 +1,23 @@
-"""Self-normalised importance weights and their effective sample size.
+r"""Self-normalised importance weights and their effective sample size.
 
-For x_b ~ q and a target p ∝ exp(-E / T):
+For $x_b \sim q$ and a target $p \propto e^{-E / T}$:
 
-    log w_b = -E(x_b) / T - log q(x_b),   w_b <- B softmax(log w)_b   (mean 1, detached),
-    ESS = (sum w)^2 / sum w^2 = 1 / sum_b softmax(log w)_b^2     (between 1 and B).
+$$\log w_b = -E(x_b) / T - \log q(x_b), \qquad w_b \leftarrow B\, \operatorname{softmax}(\log w)_b
+\quad (\text{mean } 1, \text{ detached}),$$
+
+$$\mathrm{ESS} = \frac{(\sum_b w_b)^2}{\sum_b w_b^2} \in [1, B]$$
+
+(``ebmflow.metrics.effective_sample_size``, the one implementation of the ESS).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
+
+from ..metrics.ess import effective_sample_size as _ess
 
 __all__ = ["LowESSWarning", "importance_weights", "effective_sample_size"]
 
@@ -19,16 +27,26 @@ class LowESSWarning(UserWarning):
 
 
 def effective_sample_size(log_weights: Tensor) -> Tensor:
-    """ESS = (sum w)^2 / sum w^2 from unnormalised log-weights ``(B,)``; 0-d tensor."""
-    return torch.exp(2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0))
+    r"""Deprecated: use ``ebmflow.metrics.effective_sample_size(log_weights, check=False)``.
+
+    $\mathrm{ESS} = (\sum w)^2 / \sum w^2$ from unnormalised log-weights ``(B,)``; 0-d tensor.
+    """
+    warnings.warn(
+        "ebmflow.discrete_flows.effective_sample_size is deprecated and will be removed in the "
+        "next release; use ebmflow.metrics.effective_sample_size(log_weights, check=False)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return _ess(log_weights, check=False)
 
 
 @torch.no_grad()
 def importance_weights(energy_values: Tensor, log_q: Tensor, temperature: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
-    """Self-normalised weights w ``(B,)`` (mean 1) and stats for p ∝ exp(-E/T), x ~ q.
+    r"""Self-normalised weights $w$ ``(B,)`` (mean 1) and stats for $p \propto e^{-E/T}$,
+    $x \sim q$.
 
     Returns ``(w, stats)`` with stats ``ess`` (in samples), ``ess_fraction`` (ESS / B),
-    ``weight_max`` (largest w / B, the share of the heaviest sample) and ``log_weight_std``.
+    ``weight_max`` (largest $w / B$, the share of the heaviest sample) and ``log_weight_std``.
     Non-finite inputs are not checked here (see ``DiscreteFlowSampler.update``); shapes and
     the temperature are (no host synchronisation).
     """
@@ -42,7 +60,7 @@ def importance_weights(energy_values: Tensor, log_q: Tensor, temperature: float 
     log_w = -energy_values.detach().float() / temperature - log_q.detach().float()
     b = log_w.shape[0]
     normalised = torch.softmax(log_w, dim=0)
-    ess = 1.0 / normalised.pow(2).sum()
+    ess = _ess(log_w, check=False)
     finite = torch.isfinite(log_w)
     lw = torch.where(finite, log_w, torch.zeros_like(log_w))
     n_fin = finite.sum().clamp_min(1)

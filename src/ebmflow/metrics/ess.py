@@ -1,4 +1,5 @@
-"""Effective sample size of importance weights."""
+"""Effective sample size of importance weights (the one implementation in ebmflow: the
+discrete-flow weights and AIS call it)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ __all__ = ["effective_sample_size"]
 def effective_sample_size(
     log_weights: Tensor, normalized: bool = False, check: bool = True
 ) -> Tensor:
-    """Kish effective sample size of weights w_i = exp(log_weights_i).
+    r"""Kish effective sample size of weights $w_i = e^{l_i}$, $l$ = ``log_weights``:
 
-    ESS = (sum_i w_i)^2 / sum_i w_i^2 = exp(2 logsumexp(l) - logsumexp(2 l)),
+    $$\mathrm{ESS} = \frac{(\sum_i w_i)^2}{\sum_i w_i^2}
+    = \exp\big(2 \operatorname{logsumexp}(l) - \operatorname{logsumexp}(2 l)\big),$$
 
-    computed from the log-weights l, so it is invariant to a constant shift of l and never
-    overflows. 1 <= ESS <= n; ``normalized=True`` returns ESS / n in (0, 1].
+    computed from the log-weights, so it is invariant to a constant shift of $l$ and never
+    overflows. $1 \le \mathrm{ESS} \le n$; ``normalized=True`` returns $\mathrm{ESS} / n$
+    in $(0, 1]$.
 
     Args:
         log_weights: ``(n,)`` unnormalised log-weights, n >= 1; -inf (zero weight) allowed,
