@@ -392,3 +392,21 @@ def test_mixture_closed_form_gradient_equals_autograd(gen):
         e_ref, g_ref = _autograd_eag(model, x)
         torch.testing.assert_close(e, e_ref, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_mlp_fast_path_on_large_float32_products_agrees_with_autograd(gen):
+    """Medium and large float32 products of the fast path run on another GEMM (oneDNN on
+    CPU): the numbers must still be autograd's, to float32 rounding."""
+    from ebmflow.energy import _gemm
+
+    model = MLPEnergy(Continuous(64), hidden=(256, 256))
+    x = torch.randn(512, 64, generator=gen)
+    e, g = model.energy_and_grad(x)
+    e_ref, g_ref = _autograd_eag(model, x)
+    torch.testing.assert_close(e, e_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    w, b = model.net[2].weight, model.net[2].bias
+    h = torch.randn(512, 256, generator=gen)
+    torch.testing.assert_close(_gemm.linear(h, w, b), torch.nn.functional.linear(h, w, b),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_gemm.linear(h, w.t()), h @ w, rtol=1e-4, atol=1e-4)

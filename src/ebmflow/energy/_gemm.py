@@ -1,0 +1,45 @@
+r"""Matrix products of the MLP fast paths on the faster CPU GEMM.
+
+``linear(x, w, b)`` computes $x W^\top + b$ like ``torch.nn.functional.linear``. On CPU float32
+tensors of medium and large size it calls oneDNN's matrix product (the kernel inductor uses
+for linear layers) instead of the BLAS library behind ``F.linear``: on the AMD EPYC CPU this
+library was measured on, oneDNN took 144-150 microseconds for a 256 x 256 x 256 product on
+one thread against 308-314 for MKL, and 2.1-2.4x less for every shape from (128, 784, 256)
+to (4096, 256, 256) (tiny products, e.g. an input of 2 features or an output of 1, stay on
+BLAS, which is faster there). Results agree to float32 rounding (a different summation
+order), not bit for bit. Only used without autograd (the samplers' fast paths), so it never
+needs a backward formula.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["linear"]
+
+_MIN_WIDTH = 16  # both matrix dimensions of the weight at least this
+_MIN_WORK = 1 << 18  # rows x weight entries (multiply-adds) at least this
+
+
+def _onednn_linear_available() -> bool:
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return False
+    return op is not None and torch.backends.mkldnn.is_available()
+
+
+_ONEDNN = _onednn_linear_available()
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """$x W^\\top + b$ for ``x`` ``(B, n_in)``, ``weight`` ``(n_out, n_in)`` (a transposed view
+    is fine), without autograd support on the oneDNN path."""
+    if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and x.dim() == 2 and weight.dim() == 2
+            and min(weight.shape) >= _MIN_WIDTH and x.shape[0] * weight.numel() >= _MIN_WORK
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
