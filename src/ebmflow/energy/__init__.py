@@ -1,5 +1,5 @@
-"""Energy models E(x), density p(x) ∝ exp(-E(x)): the base class, neural energies and exact
-analytic targets for tests and benchmarks."""
+r"""Energy models $E(x)$, density $p(x) \propto \exp(-E(x))$: the base class, neural energies
+and exact analytic targets for tests and benchmarks."""
 
 from .base import EnergyModel, SumEnergy
 from .bernoulli import BernoulliBaseEnergy

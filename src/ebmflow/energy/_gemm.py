@@ -35,7 +35,7 @@ _ONEDNN = _onednn_linear_available()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """$x W^\\top + b$ for ``x`` ``(B, n_in)``, ``weight`` ``(n_out, n_in)`` (a transposed view
+    r"""$x W^\top + b$ for ``x`` ``(B, n_in)``, ``weight`` ``(n_out, n_in)`` (a transposed view
     is fine), without autograd support on the oneDNN path."""
     if (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.dim() == 2 and weight.dim() == 2

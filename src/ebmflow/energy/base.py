@@ -1,7 +1,7 @@
-"""The ``EnergyModel`` base class: subclass it and implement ``energy``.
+r"""The ``EnergyModel`` base class: subclass it and implement ``energy``.
 
-An energy model defines an unnormalised density p(x) ∝ exp(-E(x)) on a ``Space``.
-Lower energy means more probable; ``log_prob`` of an unnormalised model means -E(x).
+An energy model defines an unnormalised density $p(x) \propto \exp(-E(x))$ on a ``Space``.
+Lower energy means more probable; ``log_prob`` of an unnormalised model means $-E(x)$.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __all__ = ["EnergyModel", "SumEnergy"]
 
 
 class EnergyModel(nn.Module):
-    """Base class of energy models E(x), density p(x) ∝ exp(-E(x)).
+    r"""Base class of energy models $E(x)$, density $p(x) \propto \exp(-E(x))$.
 
     Subclasses set ``self.space`` and implement ``energy(x) -> (B,)``. Everything else
     (``forward``, ``score``, ``energy_and_grad``, sampling, losses, metrics) comes from here:
@@ -52,7 +52,7 @@ class EnergyModel(nn.Module):
 
     # -- to implement ------------------------------------------------------------------
     def energy(self, x: Tensor) -> Tensor:
-        """E(x) for a batch of states ``x``; returns float ``(B,)``."""
+        """$E(x)$ for a batch of states ``x``; returns float ``(B,)``."""
         raise NotImplementedError(
             f"{type(self).__name__} must implement energy(self, x) -> Tensor of shape (B,)"
         )
@@ -107,7 +107,7 @@ class EnergyModel(nn.Module):
             ) from err
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Unnormalised log-density -E(x), ``(B,)``. Analytic targets override it exactly."""
+        """Unnormalised log-density $-E(x)$, ``(B,)``. Analytic targets override it exactly."""
         return -self(x)
 
     @property
@@ -119,16 +119,20 @@ class EnergyModel(nn.Module):
     def conditional_energies(
         self, x: Tensor, index: Tensor, energy_x: Tensor | None = None
     ) -> Tensor:
-        """Energies of every value of one coordinate per chain, ``(B, K)``:
+        r"""Energies of every value of one coordinate per chain, ``(B, K)``:
 
-            out[b, k] = E(x_b with coordinate index[b] set to k),   k = 0..K-1
+        $$
+        \text{out}[b, k] = E(x_b \text{ with coordinate } \text{index}[b] \text{ set to } k),
+        \qquad k = 0, \dots, K - 1,
+        $$
 
-        for discrete states ``x`` ``(B, D)`` (``Binary``: K = 2, float {0,1}; ``Categorical``:
-        long values) and ``index`` long ``(B,)``. ``energy_x`` = E(x) ``(B,)``, when given, is
-        used for each chain's current value, so this default costs one energy call on the
-        ``B * (K - 1)`` states that differ from x. ``Gibbs`` reads its conditionals
-        p(x_i = k | x_-i) ∝ exp(-out[:, k]) from here: override it when the energy has a
-        cheaper local formula (``IsingEnergy`` does, O(D) per chain instead of O(D^2)).
+        for discrete states ``x`` ``(B, D)`` (``Binary``: $K = 2$, float $\{0, 1\}$;
+        ``Categorical``: long values) and ``index`` long ``(B,)``. ``energy_x`` $= E(x)$
+        ``(B,)``, when given, is used for each chain's current value, so this default costs one
+        energy call on the ``B * (K - 1)`` states that differ from $x$. ``Gibbs`` reads its
+        conditionals $p(x_i = k \mid x_{-i}) \propto \exp(-\text{out}[:, k])$ from here: override
+        it when the energy has a cheaper local formula (``IsingEnergy`` does, $O(D)$ per chain
+        instead of $O(D^2)$).
         """
         k = getattr(self.space, "num_classes", None)
         if k is None or x.dim() != 2:
@@ -150,7 +154,8 @@ class EnergyModel(nn.Module):
         return out
 
     def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Return ``(E(x), dE/dx)`` with shapes ``(B,)`` and ``x.shape``, both detached.
+        r"""Return $(E(x), \partial E / \partial x)$ with shapes ``(B,)`` and ``x.shape``, both
+        detached.
 
         Differentiates with respect to ``x`` only: ``torch.autograd.grad`` is asked for the
         input's gradient, so no ``.grad`` of any parameter is written. Works under
@@ -166,14 +171,15 @@ class EnergyModel(nn.Module):
         return e.detach(), g.detach()
 
     def score(self, x: Tensor) -> Tensor:
-        """Score -dE/dx, same shape as ``x`` (continuous, binary or one-hot states)."""
+        r"""Score $-\partial E / \partial x$, same shape as ``x`` (continuous, binary or one-hot
+        states)."""
         if isinstance(self.space, Categorical) and not self.space.is_one_hot(x):
             x = self.space.one_hot(x)
         return -self.energy_and_grad(x)[1]
 
     def __add__(self, other: EnergyModel) -> SumEnergy:
-        """``E1 + E2`` is the product of experts p ∝ exp(-E1 - E2), e.g. a learned energy
-        plus a ``BernoulliBaseEnergy`` base measure."""
+        r"""``E1 + E2`` is the product of experts $p \propto \exp(-E_1 - E_2)$, e.g. a learned
+        energy plus a ``BernoulliBaseEnergy`` base measure."""
         if not isinstance(other, EnergyModel):
             return NotImplemented
         return SumEnergy(self, other)
@@ -185,9 +191,14 @@ class EnergyModel(nn.Module):
             return b
         return None
 
+    def reference_tensor(self) -> Tensor | None:
+        """A parameter or buffer of the model (None if it has none): where its device and
+        dtype are read from. Subclasses customise it by overriding ``_reference_tensor``."""
+        return self._reference_tensor()
+
 
 class SumEnergy(EnergyModel):
-    """E(x) = sum_i E_i(x) over energies of the same space (a product of experts)."""
+    r"""$E(x) = \sum_i E_i(x)$ over energies of the same space (a product of experts)."""
 
     def __init__(self, *energies: EnergyModel):
         if len(energies) < 1:
@@ -215,8 +226,8 @@ class SumEnergy(EnergyModel):
         )
 
     def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Sum of the terms' ``(E_i(x), dE_i/dx)``, so each term's own fast path is used
-        (autograd for a subclass that overrides ``energy``)."""
+        r"""Sum of the terms' $(E_i(x), \partial E_i / \partial x)$, so each term's own fast path
+        is used (autograd for a subclass that overrides ``energy``)."""
         if type(self).energy is not SumEnergy.energy:
             return super().energy_and_grad(x)
         e, g = self.terms[0].energy_and_grad(x)
@@ -239,11 +250,12 @@ class SumEnergy(EnergyModel):
 
 
 def functional_energy_and_grad(energy: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(E(x), dE/dx)`` by ``torch.func.grad_and_value`` (what compiled sampler blocks use).
+    r"""$(E(x), \partial E / \partial x)$ by ``torch.func.grad_and_value`` (what compiled
+    sampler blocks use).
 
     A function transform instead of ``torch.autograd.grad``: ``torch.compile`` traces it into
     one forward-and-backward graph (with ``autograd.grad`` inside a compiled region the
-    backward runs eagerly). Differentiates $\\sum_b E(x_b)$ with respect to x only; the
+    backward runs eagerly). Differentiates $\sum_b E(x_b)$ with respect to $x$ only; the
     parameters are constants here, so no ``.grad`` is written.
     """
 

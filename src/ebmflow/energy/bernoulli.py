@@ -13,14 +13,14 @@ __all__ = ["BernoulliBaseEnergy"]
 
 
 class BernoulliBaseEnergy(EnergyModel):
-    """Factorised Bernoulli p(x) = prod_i p_i^x_i (1 - p_i)^(1 - x_i) on {0, 1}^D.
+    r"""Factorised Bernoulli $p(x) = \prod_i p_i^{x_i} (1 - p_i)^{1 - x_i}$ on $\{0, 1\}^D$.
 
-    E(x) = -sum_i [x_i log p_i + (1 - x_i) log(1 - p_i)] is normalised (log Z = 0), so
-    ``MLPEnergy(...) + BernoulliBaseEnergy.from_data(x)`` is a learned correction on top of a
-    base measure that already matches the data's marginals.
+    $E(x) = -\sum_i \big[x_i \log p_i + (1 - x_i) \log(1 - p_i)\big]$ is normalised
+    ($\log Z = 0$), so ``MLPEnergy(...) + BernoulliBaseEnergy.from_data(x)`` is a learned
+    correction on top of a base measure that already matches the data's marginals.
 
     Args:
-        logits: ``(D,)`` logits l_i with p_i = sigmoid(l_i).
+        logits: ``(D,)`` logits $l_i$ with $p_i = \sigma(l_i)$ (the sigmoid).
         learnable: train the logits (default: fixed buffer).
     """
 
@@ -38,13 +38,14 @@ class BernoulliBaseEnergy(EnergyModel):
 
     @classmethod
     def from_probs(cls, probs: Tensor, learnable: bool = False, eps: float = 1e-3) -> BernoulliBaseEnergy:
-        """From marginal probabilities p_i, clamped to [eps, 1 - eps]."""
+        r"""From marginal probabilities $p_i$, clamped to $[\text{eps}, 1 - \text{eps}]$."""
         p = torch.as_tensor(probs, dtype=torch.get_default_dtype()).clamp(eps, 1 - eps)
         return cls(torch.log(p) - torch.log1p(-p), learnable)
 
     @classmethod
     def from_data(cls, data: Tensor, learnable: bool = False, eps: float = 1e-3) -> BernoulliBaseEnergy:
-        """Fit the marginals of binary ``data`` ``(N, D)`` (clamped to [eps, 1 - eps])."""
+        r"""Fit the marginals of binary ``data`` ``(N, D)`` (clamped to
+        $[\text{eps}, 1 - \text{eps}]$)."""
         Binary(data.shape[-1]).validate(data, "data")
         return cls.from_probs(data.float().mean(0), learnable, eps)
 
@@ -56,7 +57,7 @@ class BernoulliBaseEnergy(EnergyModel):
         return -(x * logsigmoid(self.logits) + (1 - x) * logsigmoid(-self.logits)).sum(-1)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Exact log p(x), ``(B,)``."""
+        r"""Exact $\log p(x)$, ``(B,)``."""
         return -self.energy(x)
 
     @torch.no_grad()

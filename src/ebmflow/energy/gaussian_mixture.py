@@ -14,9 +14,12 @@ __all__ = ["GaussianMixtureEnergy"]
 
 
 class GaussianMixtureEnergy(EnergyModel):
-    """Normalised mixture of Gaussians with diagonal covariances.
+    r"""Normalised mixture of Gaussians with diagonal covariances.
 
-    p(x) = sum_k w_k N(x; mu_k, diag(s_k^2)),   E(x) = -log p(x)  (so log Z = 0).
+    $$
+    p(x) = \sum_k w_k \, \mathcal{N}\big(x; \mu_k, \operatorname{diag}(s_k^2)\big), \qquad
+    E(x) = -\log p(x) \quad (\text{so } \log Z = 0).
+    $$
 
     Args:
         means: ``(K, D)`` component means.
@@ -66,7 +69,8 @@ class GaussianMixtureEnergy(EnergyModel):
         return self.means.shape[0]
 
     def component_log_prob(self, x: Tensor) -> Tensor:
-        """log w_k + log N(x; mu_k, diag(s_k^2)) for every component: ``(B, K)``."""
+        r"""$\log w_k + \log \mathcal{N}\big(x; \mu_k, \operatorname{diag}(s_k^2)\big)$ for every
+        component: ``(B, K)``."""
         x = x.flatten(1)
         z = (x[:, None, :] - self.means) / self.scales  # (B, K, D)
         d = self.means.shape[1]
@@ -74,18 +78,24 @@ class GaussianMixtureEnergy(EnergyModel):
         return self.weights.log() + log_norm - 0.5 * z.pow(2).sum(-1)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Exact log p(x), ``(B,)``."""
+        r"""Exact $\log p(x)$, ``(B,)``."""
         return torch.logsumexp(self.component_log_prob(x), dim=-1)
 
     def energy(self, x: Tensor) -> Tensor:
         return -self.log_prob(x)
 
     def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(E(x), dE/dx)`` of shapes ``(B,)`` and ``x.shape`` in closed form (no autograd),
-        detached:
+        r"""$(E(x), \partial E / \partial x)$ of shapes ``(B,)`` and ``x.shape`` in closed form
+        (no autograd), detached:
 
-            E(x) = -logsumexp_k l_k,   l_k = log w_k + log N(x; mu_k, diag(s_k^2)),
-            dE/dx = sum_k r_k (x - mu_k) / s_k^2,   r = softmax(l)  (responsibilities).
+        $$
+        \begin{aligned}
+        E(x) &= -\operatorname{logsumexp}_k l_k, &
+        l_k &= \log w_k + \log \mathcal{N}\big(x; \mu_k, \operatorname{diag}(s_k^2)\big), \\
+        \frac{\partial E}{\partial x} &= \sum_k r_k \, \frac{x - \mu_k}{s_k^2}, &
+        r &= \operatorname{softmax}(l) \quad \text{(responsibilities)}.
+        \end{aligned}
+        $$
         """
         if (type(self).energy is not GaussianMixtureEnergy.energy
                 or type(self).log_prob is not GaussianMixtureEnergy.log_prob
@@ -124,7 +134,7 @@ class GaussianMixtureEnergy(EnergyModel):
         return (top + total.log()).neg(), g.t()
 
     def responsibilities(self, x: Tensor) -> Tensor:
-        """Posterior component probabilities p(k | x), ``(B, K)``."""
+        r"""Posterior component probabilities $p(k \mid x)$, ``(B, K)``."""
         return torch.softmax(self.component_log_prob(x), dim=-1)
 
     @torch.no_grad()
@@ -141,11 +151,13 @@ class GaussianMixtureEnergy(EnergyModel):
         return self.sample_with_labels(n, generator)[0]
 
     def mean(self) -> Tensor:
-        """Exact mean sum_k w_k mu_k, ``(D,)``."""
+        r"""Exact mean $\mu = \sum_k w_k \mu_k$, ``(D,)``."""
         return self.weights @ self.means
 
     def covariance(self) -> Tensor:
-        """Exact covariance sum_k w_k (diag(s_k^2) + mu_k mu_k^T) - mu mu^T, ``(D, D)``."""
+        r"""Exact covariance
+        $\sum_k w_k \big(\operatorname{diag}(s_k^2) + \mu_k \mu_k^\top\big) - \mu \mu^\top$,
+        ``(D, D)``."""
         mu = self.mean()
         second = torch.einsum("k,kd,ke->de", self.weights, self.means, self.means)
         second = second + torch.diag(self.weights @ self.scales.pow(2))
@@ -162,7 +174,8 @@ class GaussianMixtureEnergy(EnergyModel):
     @classmethod
     def two_modes(cls, dim: int = 2, separation: float = 8.0, scale: float = 1.0,
                   weights: tuple[float, float] = (2 / 3, 1 / 3)) -> GaussianMixtureEnergy:
-        """Two well-separated modes at -/+ separation/2 along the first axis, weights 2:1."""
+        r"""Two well-separated modes at $\mp \text{separation} / 2$ along the first axis,
+        weights 2:1."""
         means = torch.zeros(2, dim)
         means[0, 0], means[1, 0] = -separation / 2, separation / 2
         return cls(means, scale, torch.tensor(weights))

@@ -1,4 +1,4 @@
-"""Ising model on {0,1}^D with exact enumeration for small D."""
+r"""Ising model on $\{0, 1\}^D$ with exact enumeration for small $D$."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ MAX_ENUMERATION_DIM = 20
 
 
 def lattice_adjacency(side: int, periodic: bool = True) -> Tensor:
-    """0/1 adjacency matrix ``(side^2, side^2)`` of a square 4-neighbour lattice.
+    r"""0/1 adjacency matrix ``(side^2, side^2)`` of a square 4-neighbour lattice.
 
-    Site (r, c) has index r * side + c; ``periodic`` wraps the edges (a torus).
+    Site $(r, c)$ has index $r \cdot \text{side} + c$; ``periodic`` wraps the edges (a torus).
     """
     if side < 2:
         raise ValueError(f"side must be >= 2, got {side}")
@@ -35,7 +35,7 @@ def lattice_adjacency(side: int, periodic: bool = True) -> Tensor:
 
 
 def enumerate_binary(dim: int, device: torch.device | str | None = None) -> Tensor:
-    """All 2^dim binary states as float ``(2^dim, dim)``, in lexicographic order."""
+    r"""All $2^{\text{dim}}$ binary states as float ``(2^dim, dim)``, in lexicographic order."""
     if dim > MAX_ENUMERATION_DIM:
         raise ValueError(
             f"exact enumeration of {dim} binary dims (2^{dim} states) is too large; "
@@ -47,7 +47,7 @@ def enumerate_binary(dim: int, device: torch.device | str | None = None) -> Tens
 
 
 def _symmetrise_after_load(module: nn.Module, incompatible_keys: object) -> None:
-    """Keep a loaded J symmetric with zero diagonal (a fixed J is used as stored)."""
+    """Keep a loaded $J$ symmetric with zero diagonal (a fixed $J$ is used as stored)."""
     with torch.no_grad():
         a = module._coupling
         j = 0.5 * (a + a.T)
@@ -55,18 +55,19 @@ def _symmetrise_after_load(module: nn.Module, incompatible_keys: object) -> None
 
 
 class IsingEnergy(EnergyModel):
-    """Ising model p(x) ∝ exp(s^T J s + b^T s), s = 2x - 1 in {-1, 1}^D, x in {0, 1}^D.
+    r"""Ising model $p(x) \propto \exp(s^\top J s + b^\top s)$, $s = 2x - 1 \in \{-1, 1\}^D$,
+    $x \in \{0, 1\}^D$.
 
-    E(x) = -(s^T J s + b^T s). ``J`` is symmetric with zero diagonal (the convention of the
-    GWG and energy-discrepancy papers: p(s) ∝ exp(s^T J s)).
+    $E(x) = -(s^\top J s + b^\top s)$. $J$ is symmetric with zero diagonal (the convention of
+    the GWG and energy-discrepancy papers: $p(s) \propto \exp(s^\top J s)$).
 
     Args:
-        coupling: ``(D, D)`` symmetric coupling matrix J (symmetrised, diagonal zeroed).
-        bias: ``(D,)`` field b (default 0).
-        learnable: make J and b trainable parameters (J kept symmetric by construction).
+        coupling: ``(D, D)`` symmetric coupling matrix $J$ (symmetrised, diagonal zeroed).
+        bias: ``(D,)`` field $b$ (default 0).
+        learnable: make $J$ and $b$ trainable parameters ($J$ kept symmetric by construction).
 
-    For D <= 20, ``log_partition()``, ``log_prob``, ``probabilities()`` and exact
-    ``sample(n, generator=)`` enumerate all 2^D states.
+    For $D \le 20$, ``log_partition()``, ``log_prob``, ``probabilities()`` and exact
+    ``sample(n, generator=)`` enumerate all $2^D$ states.
     """
 
     def __init__(self, coupling: Tensor, bias: Tensor | None = None, learnable: bool = False):
@@ -92,11 +93,11 @@ class IsingEnergy(EnergyModel):
 
     @property
     def coupling(self) -> Tensor:
-        """Symmetric, zero-diagonal J, ``(D, D)``.
+        r"""Symmetric, zero-diagonal $J$, ``(D, D)``.
 
-        A learnable J is symmetrised on every call, J = (A + A^T) / 2 - diag, so that its
-        gradient stays in the symmetric zero-diagonal subspace; a fixed J is stored that way
-        (at construction and after ``load_state_dict``) and returned as is.
+        A learnable $J$ is symmetrised on every call, $J = (A + A^\top) / 2$ with the diagonal
+        zeroed, so that its gradient stays in the symmetric zero-diagonal subspace; a fixed $J$
+        is stored that way (at construction and after ``load_state_dict``) and returned as is.
         """
         if not self._coupling.requires_grad:
             return self._coupling
@@ -106,7 +107,8 @@ class IsingEnergy(EnergyModel):
     @classmethod
     def lattice(cls, side: int, sigma: float, periodic: bool = True, bias: float = 0.0,
                 learnable: bool = False) -> IsingEnergy:
-        """Square ``side x side`` lattice with J = sigma * adjacency (D = side^2)."""
+        r"""Square ``side x side`` lattice with $J = \sigma \cdot \text{adjacency}$
+        ($D = \text{side}^2$)."""
         a = lattice_adjacency(side, periodic)
         return cls(sigma * a, torch.full((side * side,), float(bias)), learnable=learnable)
 
@@ -115,12 +117,15 @@ class IsingEnergy(EnergyModel):
         return -(((s @ self.coupling) * s).sum(-1) + s @ self.bias)
 
     def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(E(x), dE/dx)`` of shapes ``(B,)`` and ``(B, D)`` for float bits ``x`` ``(B, D)``, in
-        closed form, one matrix product for both (no autograd):
+        r"""$(E(x), \partial E / \partial x)$ of shapes ``(B,)`` and ``(B, D)`` for float bits
+        ``x`` ``(B, D)``, in closed form, one matrix product for both (no autograd):
 
-            s = 2x - 1,  E = -(s^T J s + b^T s),  dE/dx = 2 dE/ds = -2 (2 J s + b)
+        $$
+        s = 2x - 1, \qquad E = -(s^\top J s + b^\top s), \qquad
+        \frac{\partial E}{\partial x} = 2 \frac{\partial E}{\partial s} = -2 (2 J s + b)
+        $$
 
-        (J symmetric). Detached; no parameter ``.grad`` is written.
+        ($J$ symmetric). Detached; no parameter ``.grad`` is written.
         """
         if (type(self).energy is not IsingEnergy.energy
                 or not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() == 2)):
@@ -138,11 +143,17 @@ class IsingEnergy(EnergyModel):
     def conditional_energies(
         self, x: Tensor, index: Tensor, energy_x: Tensor | None = None
     ) -> Tensor:
-        """Energies of both values of bit ``index[b]`` of every chain, ``(B, 2)``, from the
-        local field (O(D) per chain; no energy evaluation when ``energy_x`` is given):
+        r"""Energies of both values of bit ``index[b]`` of every chain, ``(B, 2)``, from the
+        local field ($O(D)$ per chain; no energy evaluation when ``energy_x`` is given):
 
-            f_b = sum_j J_ij s_j  (J_ii = 0),   E(s_i = v) = C_b - v (2 f_b + b_i),
-            C_b = E(x_b) + s_i (2 f_b + b_i),   v in {-1, +1} for x_i in {0, 1}.
+        $$
+        \begin{aligned}
+        f_b &= \sum_j J_{ij} s_j \quad (J_{ii} = 0), &
+        E(s_i = v) &= C_b - v \, (2 f_b + b_i), \\
+        C_b &= E(x_b) + s_i \, (2 f_b + b_i), &
+        v &\in \{-1, +1\} \text{ for } x_i \in \{0, 1\}.
+        \end{aligned}
+        $$
         """
         if type(self).energy is not IsingEnergy.energy:
             return super().conditional_energies(x, index, energy_x)
@@ -163,17 +174,17 @@ class IsingEnergy(EnergyModel):
 
     @torch.no_grad()
     def states(self) -> Tensor:
-        """All 2^D states, ``(2^D, D)``."""
+        """All $2^D$ states, ``(2^D, D)``."""
         self._check_enumerable()
         return enumerate_binary(self.space.dim, device=self.bias.device).to(self.bias.dtype)
 
     @torch.no_grad()
     def log_partition(self) -> Tensor:
-        """Exact log Z = log sum_x exp(-E(x)) (0-d tensor)."""
+        r"""Exact $\log Z = \log \sum_x \exp(-E(x))$ (0-d tensor)."""
         return torch.logsumexp(-self.energy(self.states()), dim=0)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Exact normalised log p(x), ``(B,)`` (D <= 20)."""
+        r"""Exact normalised $\log p(x)$, ``(B,)`` ($D \le 20$)."""
         return -self.energy(x) - self.log_partition()
 
     @torch.no_grad()
@@ -183,7 +194,7 @@ class IsingEnergy(EnergyModel):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Exact samples ``(n, D)`` by enumeration (D <= 20)."""
+        r"""Exact samples ``(n, D)`` by enumeration ($D \le 20$)."""
         n = self.space._check_n(n)
         probs = self.probabilities()
         idx = torch.multinomial(probs, n, replacement=True, generator=generator)

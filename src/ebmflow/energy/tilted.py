@@ -1,14 +1,21 @@
-"""Flow-tilted energies (Grenioux, Moulines, Gabrie): the EBM corrects a normalizing flow.
+r"""Flow-tilted energies (Grenioux, Moulines, Gabrie): the EBM corrects a normalizing flow.
 
-    p(x) ∝ q_flow(x) exp(-E_theta(x)),    E_tilt(x) = E_theta(x) - log q_flow(x).
+$$
+p(x) \propto q_{\text{flow}}(x) \exp(-E_\theta(x)), \qquad
+E_{\text{tilt}}(x) = E_\theta(x) - \log q_{\text{flow}}(x).
+$$
 
-With E_theta = 0 the model is the flow itself; training moves E_theta only where the flow is
-wrong. Independent flow proposals x' ~ q then accept with
-min(1, exp(E_theta(x) - E_theta(x'))), which is near 1 when the correction is small.
+With $E_\theta = 0$ the model is the flow itself; training moves $E_\theta$ only where the flow
+is wrong. Independent flow proposals $x' \sim q$ then accept with
+$\min\big(1, \exp(E_\theta(x) - E_\theta(x'))\big)$, which is near 1 when the correction is
+small.
 
-Pulled back through the flow's map x = T(z) (neural transport), the tilted density becomes
+Pulled back through the flow's map $x = T(z)$ (neural transport), the tilted density becomes
 
-    p_z(z) ∝ rho(z) exp(-E_theta(T(z))),   E_z(z) = E_theta(T(z)) + |z|^2 / 2,
+$$
+p_z(z) \propto \rho(z) \exp\big(-E_\theta(T(z))\big), \qquad
+E_z(z) = E_\theta(T(z)) + \lVert z \rVert^2 / 2,
+$$
 
 close to the base Gaussian, where local MCMC mixes easily (``TiltedEnergy.latent()``).
 
@@ -16,8 +23,8 @@ The flow is duck-typed (this module does not import ``ebmflow.flows``): anything
 ``log_prob(x) -> (B,)`` on flat states ``(B, D)``, and for the latent view a ``forward(z) ->
 (x, log|det dT/dz|)`` (``__call__``). An integer ``dim`` attribute, when present, is checked.
 A zuko flow (a module whose call ``flow()`` returns a distribution with ``log_prob``, e.g.
-``zuko.flows.NSF``) is accepted as well: log q(x) = flow().log_prob(x), and the latent view
-uses its ``transform`` (x = f^{-1}(z)).
+``zuko.flows.NSF``) is accepted as well: $\log q(x)$ = ``flow().log_prob(x)``, and the latent
+view uses its ``transform`` ($x = f^{-1}(z)$).
 """
 
 from __future__ import annotations
@@ -93,19 +100,20 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 
 
 class TiltedEnergy(EnergyModel):
-    """E_tilt(x) = E_theta(x) - log q_flow(x) on the energy's continuous space.
+    r"""$E_{\text{tilt}}(x) = E_\theta(x) - \log q_{\text{flow}}(x)$ on the energy's continuous
+    space.
 
     Args:
-        energy: the learned correction E_theta (an ``EnergyModel`` on a ``Continuous`` space).
-        flow: a module with ``log_prob(x (B, D)) -> (B,)`` where D = energy.space.dim
+        energy: the learned correction $E_\theta$ (an ``EnergyModel`` on a ``Continuous`` space).
+        flow: a module with ``log_prob(x (B, D)) -> (B,)`` where $D$ = ``energy.space.dim``
             (e.g. ``ebmflow.flows.RealNVP``, ``ebmflow.flows.ZukoFlow``) or a zuko flow
             (``flow() -> distribution``); states of shape ``(B, *event)`` are flattened.
         learn_flow: if False (default) the flow's parameters get no gradient through this
             energy (the flow is fitted separately, e.g. by ``FlowMC.update``); gradients with
-            respect to x always include -grad log q.
+            respect to $x$ always include $-\nabla_x \log q$.
 
     Attributes:
-        model: E_theta.   flow: the flow.
+        model: $E_\theta$.   flow: the flow.
 
     Caution: do not keep fitting the flow to the chains of the *tilted* model during training
     (what ``FlowMC.update`` does by default): the fitted flow then absorbs the tilt and feeds it
@@ -136,7 +144,7 @@ class TiltedEnergy(EnergyModel):
         self.learn_flow = learn_flow
 
     def flow_log_prob(self, x: Tensor) -> Tensor:
-        """log q_flow(x) on flattened states, ``(B,)``."""
+        r"""$\log q_{\text{flow}}(x)$ on flattened states, ``(B,)``."""
         if self.learn_flow:
             return self.flow.log_prob(x.flatten(1))
         with _frozen(self.flow):
@@ -146,11 +154,12 @@ class TiltedEnergy(EnergyModel):
         return self.model(x) - self.flow_log_prob(x)
 
     def latent(self) -> LatentEnergy:
-        """The pulled-back energy E_z(z) = E_theta(T(z)) + |z|^2 / 2 on ``Continuous(D)``."""
+        r"""The pulled-back energy $E_z(z) = E_\theta(T(z)) + \lVert z \rVert^2 / 2$ on
+        ``Continuous(D)``."""
         return LatentEnergy(self)
 
     def push_forward(self, z: Tensor) -> Tensor:
-        """x = T(z) reshaped to the energy's event shape: ``(B, D) -> (B, *event)``."""
+        """$x = T(z)$ reshaped to the energy's event shape: ``(B, D) -> (B, *event)``."""
         x, _ = self.flow(z)
         return x.reshape(z.shape[0], *self.space.shape)
 
@@ -162,11 +171,14 @@ class TiltedEnergy(EnergyModel):
 
 
 class LatentEnergy(EnergyModel):
-    """Energy of a ``TiltedEnergy`` pulled back through its flow's map x = T(z):
+    r"""Energy of a ``TiltedEnergy`` pulled back through its flow's map $x = T(z)$:
 
-        E_z(z) = E_tilt(T(z)) - log|det dT/dz| = E_theta(T(z)) + |z|^2 / 2 + const.
+    $$
+    E_z(z) = E_{\text{tilt}}(T(z)) - \log \left|\det \frac{\partial T}{\partial z}\right|
+    = E_\theta(T(z)) + \lVert z \rVert^2 / 2 + \text{const}.
+    $$
 
-    Sample z with any continuous MCMC, then map with ``tilted.push_forward(z)``.
+    Sample $z$ with any continuous MCMC, then map with ``tilted.push_forward(z)``.
     """
 
     def __init__(self, tilted: TiltedEnergy):
