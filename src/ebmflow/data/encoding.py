@@ -1,27 +1,37 @@
-"""Discretisation of continuous 2-D toys into binary (Gray code) and base-K categorical states.
+r"""Discretisation of continuous 2-D toys into binary (Gray code) and base-K categorical states.
 
 Gray code (ALOE / EB-GFN / discrete energy discrepancy, 32 bits for a 2-D point). Each
-coordinate v becomes ``bits`` = 16 bits: one sign bit s = [v < 0] followed by the 15-bit
+coordinate $v$ becomes ``bits`` = 16 bits: one sign bit $s = [v < 0]$ followed by the 15-bit
 reflected Gray code of the quantised magnitude
 
-    q = floor(|v| * scale),   scale = 2^(bits - 1) / bound,   q clamped to [0, 2^(bits-1) - 1],
-    gray(q) = q XOR (q >> 1).
+$$
+\begin{aligned}
+q &= \lfloor |v| \cdot \text{scale} \rfloor, \qquad
+\text{scale} = 2^{\text{bits} - 1} / \text{bound}, \qquad
+q \text{ clamped to } [0, 2^{\text{bits} - 1} - 1], \\
+\operatorname{gray}(q) &= q \oplus (q \gg 1) \quad (\oplus = \text{XOR}).
+\end{aligned}
+$$
 
-The literature uses scale = 2^15 / (f + 1) with f = max|x| + 1 over 5,000 training points,
-i.e. ``bound = max|x| + 2`` (``quantisation_bound``); for data in [-4, 4] that is bound = 6, our
-default. Neighbouring quantisation cells differ in exactly one bit, so bit flips are local moves.
+The literature uses $\text{scale} = 2^{15} / (f + 1)$ with $f = \max|x| + 1$ over 5,000 training
+points, i.e. $\text{bound} = \max|x| + 2$ (``quantisation_bound``); for data in $[-4, 4]$ that
+is $\text{bound} = 6$, our default. Neighbouring quantisation cells differ in exactly one bit,
+so bit flips are local moves.
 
-Decoding returns the centre of the cell, v = (1 - 2 s) (q + 1/2) / scale (the literature returns
-the cell's edge q / scale, half a cell, 1e-4, away). With centres the round trip
-``gray_encode(gray_decode(b)) == b`` is exact for every bit pattern, and
-``|gray_decode(gray_encode(x)) - x| <= 1 / (2 scale)`` for |x| < bound.
+Decoding returns the centre of the cell, $v = (1 - 2s)(q + \tfrac{1}{2}) / \text{scale}$ (the
+literature returns the cell's edge $q / \text{scale}$, half a cell, $10^{-4}$, away). With
+centres the round trip ``gray_encode(gray_decode(b)) == b`` is exact for every bit pattern, and
+$|\hat x - x| \le 1 / (2\, \text{scale})$ for $|x| < \text{bound}$, where $\hat x$ =
+``gray_decode(gray_encode(x))``.
 
 Base-K code (the 16-dimensional, 5-state categorical version of the toys): each coordinate is
-mapped affinely from [low, high) onto [0, K^digits), q = floor((v - low) / (high - low) * K^digits)
+mapped affinely from $[\text{low}, \text{high})$ onto $[0, K^{\text{digits}})$,
+$q = \big\lfloor (v - \text{low}) / (\text{high} - \text{low}) \cdot K^{\text{digits}} \big\rfloor$
 clamped to that range, and written as ``digits`` base-K digits, most significant first. Decoding
-returns the cell centre low + (q + 1/2) (high - low) / K^digits. The discrete-flow-sampler code
-uses the data-dependent range low = -f, high = f + 2 with f = max|x| + 1; our default is the
-symmetric [-6, 6).
+returns the cell centre
+$\text{low} + (q + \tfrac{1}{2}) (\text{high} - \text{low}) / K^{\text{digits}}$. The
+discrete-flow-sampler code uses the data-dependent range $\text{low} = -f$,
+$\text{high} = f + 2$ with $f = \max|x| + 1$; our default is the symmetric $[-6, 6)$.
 """
 
 from __future__ import annotations
@@ -44,13 +54,15 @@ __all__ = [
 
 
 def int_to_gray(q: Tensor) -> Tensor:
-    """Reflected binary Gray code of non-negative integers: g = q XOR (q >> 1) (same dtype)."""
+    r"""Reflected binary Gray code of non-negative integers: $g = q \oplus (q \gg 1)$ (XOR,
+    same dtype)."""
     _check_integer(q, "q")
     return q ^ (q >> 1)
 
 
 def gray_to_int(g: Tensor) -> Tensor:
-    """Inverse of ``int_to_gray``: q = g XOR (g >> 1) XOR (g >> 2) XOR ... (same dtype)."""
+    r"""Inverse of ``int_to_gray``: $q = g \oplus (g \gg 1) \oplus (g \gg 2) \oplus \cdots$
+    (XOR, same dtype)."""
     _check_integer(g, "g")
     q = g.clone()
     shift = 1
@@ -74,22 +86,24 @@ def bits_to_int(bits: Tensor) -> Tensor:
 
 
 def quantisation_bound(x: Tensor) -> float:
-    """The literature's data-dependent Gray-code bound max|x| + 2 (= f_scale + 1)."""
+    r"""The literature's data-dependent Gray-code bound $\max|x| + 2$ ($= f_{\text{scale}} + 1$)."""
     return float(x.abs().max()) + 2.0
 
 
 def gray_encode(x: Tensor, bits: int = 16, bound: float = 6.0) -> Tensor:
-    """Encode points ``(n, d)`` as sign + Gray-code bits, float ``(n, d * bits)`` in {0, 1}.
+    r"""Encode points ``(n, d)`` as sign + Gray-code bits, float ``(n, d * bits)`` in $\{0, 1\}$.
 
-    Coordinate j occupies columns ``[j * bits, (j + 1) * bits)``: the sign bit [x_j < 0], then
-    the ``bits - 1``-bit Gray code of q = floor(|x_j| * 2^(bits-1) / bound), MSB first.
-    Magnitudes >= bound are clamped to the last cell. Defaults give the 32-bit code of the
-    discrete EBM papers for 2-D points.
+    Coordinate $j$ occupies columns ``[j * bits, (j + 1) * bits)``: the sign bit $[x_j < 0]$,
+    then the ``bits - 1``-bit Gray code of
+    $q = \lfloor |x_j| \cdot 2^{\text{bits} - 1} / \text{bound} \rfloor$, MSB first.
+    Magnitudes $\ge$ ``bound`` are clamped to the last cell. Defaults give the 32-bit code of
+    the discrete EBM papers for 2-D points.
 
     Args:
         x: float ``(n, d)`` finite points.
-        bits: bits per coordinate (2 <= bits <= 62), default 16.
-        bound: magnitudes in [0, bound) are resolved; default 6 (literature: max|x| + 2).
+        bits: bits per coordinate ($2 \le \text{bits} \le 62$), default 16.
+        bound: magnitudes in $[0, \text{bound})$ are resolved; default 6 (literature:
+            $\max|x| + 2$).
     """
     x = _check_points(x, "x")
     _check_bits(bits)
@@ -103,10 +117,11 @@ def gray_encode(x: Tensor, bits: int = 16, bound: float = 6.0) -> Tensor:
 
 
 def gray_decode(code: Tensor, bits: int = 16, bound: float = 6.0) -> Tensor:
-    """Inverse of ``gray_encode``: bits ``(n, d * bits)`` -> cell centres float32 ``(n, d)``.
+    r"""Inverse of ``gray_encode``: bits ``(n, d * bits)`` -> cell centres float32 ``(n, d)``.
 
-    v = (1 - 2 s) (q + 1/2) bound / 2^(bits-1) with s the sign bit and q the decoded Gray
-    integer. ``gray_encode(gray_decode(c)) == c`` for every bit pattern ``c``.
+    $v = (1 - 2s)(q + \tfrac{1}{2}) \, \text{bound} / 2^{\text{bits} - 1}$ with $s$ the sign bit
+    and $q$ the decoded Gray integer. ``gray_encode(gray_decode(c)) == c`` for every bit
+    pattern ``c``.
     """
     _check_bits(bits)
     _check_bound(bound)
@@ -120,11 +135,16 @@ def gray_decode(code: Tensor, bits: int = 16, bound: float = 6.0) -> Tensor:
 def base_encode(
     x: Tensor, num_classes: int = 5, digits: int = 8, low: float = -6.0, high: float = 6.0
 ) -> Tensor:
-    """Encode points ``(n, d)`` as base-K digits, long ``(n, d * digits)`` in [0, K).
+    r"""Encode points ``(n, d)`` as base-K digits, long ``(n, d * digits)`` in $[0, K)$.
 
-    q = floor((x_j - low) / (high - low) * K^digits), clamped to [0, K^digits - 1], written
-    MSB first; coordinate j occupies columns ``[j * digits, (j + 1) * digits)``. Defaults give
-    the 16-dimensional, 5-state categorical version of the 2-D toys.
+    $$
+    q = \left\lfloor \frac{x_j - \text{low}}{\text{high} - \text{low}} \, K^{\text{digits}}
+    \right\rfloor,
+    $$
+
+    clamped to $[0, K^{\text{digits}} - 1]$, written MSB first; coordinate $j$ occupies columns
+    ``[j * digits, (j + 1) * digits)``. Defaults give the 16-dimensional, 5-state categorical
+    version of the 2-D toys.
     """
     x = _check_points(x, "x")
     levels = _check_base(num_classes, digits, low, high)

@@ -35,17 +35,19 @@ def digits(
     split: str = "train",
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), flattened.
+    r"""scikit-learn's bundled 8x8 handwritten digits (1,797 images), flattened.
 
     Args:
-        binarize: True: pixel (0..16) >= 8 -> 1 else 0; False: pixel / 16 in [0, 1].
+        binarize: True: a pixel (0 to 16) becomes 1 if $\text{pixel} \ge 8$, else 0; False:
+            $\text{pixel} / 16 \in [0, 1]$.
         split: "train" (80%, 1,438 images), "test" (20%, 359 images) or "all". The split is a
             fixed permutation (seed 0), the same on every machine and call.
         generator: if given, the returned rows are shuffled with it; otherwise they keep the
             split's fixed order.
 
     Returns:
-        ``(x, labels)``: float32 ``(N, 64)`` (values in {0, 1} or [0, 1]) and long ``(N,)``.
+        ``(x, labels)``: float32 ``(N, 64)`` (values in $\{0, 1\}$ or $[0, 1]$) and long
+        ``(N,)``.
 
     Raises:
         ImportError: scikit-learn is missing (install ``ebmflow[data]``).
@@ -80,12 +82,12 @@ def digits(
 
 
 def binarized_mnist(path: str | os.PathLike, split: str = "train") -> Tensor:
-    """Load a local copy of binarized MNIST as float32 ``(N, 784)`` in {0, 1}.
+    r"""Load a local copy of binarized MNIST as float32 ``(N, 784)`` in $\{0, 1\}$.
 
     Supported formats:
 
     * ``.npz`` with arrays ``train``/``valid``/``test`` or ``x_train``/``x_valid`` (or
-      ``x_val``)/``x_test``, each ``(N, 784)`` or ``(N, 28, 28)`` with values in {0, 1};
+      ``x_val``)/``x_test``, each ``(N, 784)`` or ``(N, 28, 28)`` with values in $\{0, 1\}$;
     * the classic text files ``binarized_mnist_{train,valid,test}.amat`` (one image per line,
       784 space-separated 0/1 values): pass the file itself or the folder that holds them.
 

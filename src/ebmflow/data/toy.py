@@ -1,7 +1,7 @@
 """2-D toy data sets of the EBM literature, re-implemented in torch (no scikit-learn).
 
 The definitions follow the toy generators used by FFJORD and reused by ALOE, EB-GFN, the
-discrete energy-discrepancy and the discrete-flow-sampler papers (data on roughly [-4, 4]^2).
+discrete energy-discrepancy and the discrete-flow-sampler papers (data on roughly $[-4, 4]^2$).
 Differences from those generators, all of which leave the distribution unchanged:
 
 * samples are i.i.d.: where the originals place points on a deterministic ``linspace`` grid or
@@ -55,17 +55,17 @@ def _mixtures() -> Mapping[str, Mixture]:
 
 
 TOY_MIXTURES: Mapping[str, Mixture] = _mixtures()
-"""Exact mixtures behind the Gaussian toy sets: ``name -> (means, scale, weights)``.
+r"""Exact mixtures behind the Gaussian toy sets: ``name -> (means, scale, weights)``.
 
-``means`` is a tuple of K (x, y) pairs, ``scale`` the shared isotropic standard deviation and
-``weights`` the K mixture weights (sum 1). Read-only; build tensors with ``torch.tensor``.
+``means`` is a tuple of $K$ $(x, y)$ pairs, ``scale`` the shared isotropic standard deviation and
+``weights`` the $K$ mixture weights (sum 1). Read-only; build tensors with ``torch.tensor``.
 
-* ``8gaussians``: means 4 (cos a_k, sin a_k) / 1.414 at 45-degree steps (radius 2.83),
-  std 0.5 / 1.414 = 0.354, equal weights.
-* ``25gaussians``: means 2 (i, j) / 1.414 for i, j in {-2, ..., 2}, std 0.2 / 1.414 = 0.141,
-  equal weights (discrete energy-discrepancy definition).
-* ``two_modes``: the 2:1 mixture of the balanced-training paper, means (-4, 0) and (4, 0),
-  std 1, weights (2/3, 1/3) (same as ``GaussianMixtureEnergy.two_modes()``).
+* ``8gaussians``: means $4 (\cos a_k, \sin a_k) / 1.414$ at $45^\circ$ steps (radius 2.83),
+  std $0.5 / 1.414 = 0.354$, equal weights.
+* ``25gaussians``: means $2 (i, j) / 1.414$ for $i, j \in \{-2, \dots, 2\}$,
+  std $0.2 / 1.414 = 0.141$, equal weights (discrete energy-discrepancy definition).
+* ``two_modes``: the 2:1 mixture of the balanced-training paper, means $(-4, 0)$ and $(4, 0)$,
+  std 1, weights $(2/3, 1/3)$ (same as ``GaussianMixtureEnergy.two_modes()``).
 """
 
 
@@ -175,20 +175,20 @@ def toy_2d(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Draw ``n`` i.i.d. points of a 2-D toy data set, float32 ``(n, 2)``.
+    r"""Draw ``n`` i.i.d. points of a 2-D toy data set, float32 ``(n, 2)``.
 
     Args:
         name: one of ``TOY_DATASETS``: swissroll, circles, moons, 8gaussians, 25gaussians,
             pinwheel, 2spirals, checkerboard, rings, two_modes.
-        n: number of points (>= 1).
+        n: number of points ($\ge 1$).
         generator: random generator (deterministic under a seed). Samples are drawn on its
             device.
         device: device of the result when no generator is given (default CPU); with a
             generator it must match the generator's device.
 
     Returns:
-        float32 tensor ``(n, 2)``; all sets lie roughly in [-4.5, 4.5]^2 (two_modes in
-        [-8, 8] x [-4, 4]).
+        float32 tensor ``(n, 2)``; all sets lie roughly in $[-4.5, 4.5]^2$ (two_modes in
+        $[-8, 8] \times [-4, 4]$).
 
     Raises:
         ValueError: unknown ``name`` (the message lists the valid names), ``n < 1``, or a
