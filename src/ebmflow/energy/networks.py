@@ -145,6 +145,15 @@ class MLPEnergy(EnergyModel):
             x = self.space.one_hot(x, dtype=self.net[0].weight.dtype)
         if x.dim() != 2:
             x = x.flatten(1)
+        if not torch.is_grad_enabled() and x.dtype == torch.float32:
+            plan = _mlp_plan(self.net)  # without autograd: the fast GEMM (Gibbs, evaluation)
+            if plan is not None:
+                h = x
+                for lin, act in plan:
+                    h = gemm.linear(h, lin.weight, lin.bias)
+                    if act is not None:
+                        h = act(h)
+                return h.squeeze(-1)
         return self.net(x).squeeze(-1)
 
     def energy_and_grad(self, x: Tensor) -> tuple[Tensor, Tensor]:
