@@ -1,9 +1,9 @@
-"""Trivial baselines that every ``ebmflow train`` run is compared with.
+r"""Trivial baselines that every ``ebmflow train`` run is compared with.
 
 A model that has learned nothing still gets a finite NLL. The number to beat is the NLL of
 the simplest model of the same data:
 
-* Gray-coded (binary) data: the uniform law on {0, 1}^D, NLL = D log 2;
+* Gray-coded (binary) data: the uniform law on $\{0, 1\}^D$, $\text{NLL} = D \log 2$;
 * 2-D continuous data: one Gaussian fitted to the training data (mean and covariance).
 
 ``ebmflow train`` writes ``nll_baseline`` and ``baseline`` to ``metrics.json`` next to
@@ -24,7 +24,8 @@ MARGIN_NATS = 0.1
 
 
 def uniform_bits_nll(dim: int) -> float:
-    """NLL (nats per data point) of the uniform law on {0, 1}^dim: dim log 2."""
+    r"""NLL (nats per data point) of the uniform law on $\{0, 1\}^{\text{dim}}$:
+    $\text{dim} \cdot \log 2$."""
     return dim * math.log(2.0)
 
 

@@ -35,7 +35,7 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
 
 
 class BatchStream:
-    """An endless stream of batches whose order is a function of (seed, step) only.
+    r"""An endless stream of batches whose order is a function of (seed, step) only.
 
     * Tensor ``(N, *event)``: each epoch is a fresh permutation (seeded by ``seed`` and the
       epoch number) cut into ``N // global_batch`` batches (the remainder is dropped).
@@ -44,10 +44,10 @@ class BatchStream:
     * ``DataLoader``: iterated as given, epoch after epoch; on resume the batches already used
       in the current epoch are skipped (the order is as reproducible as the loader's sampler).
       Under data parallelism a loader whose sampler is a ``DistributedSampler`` (has
-      ``set_epoch``) is used as is; any other loader is sharded by batch: rank r takes
-      batches r, r + W, r + 2W, ... of each epoch (W processes, equal counts per rank).
+      ``set_epoch``) is used as is; any other loader is sharded by batch: rank $r$ takes
+      batches $r, r + W, r + 2W, \dots$ of each epoch ($W$ processes, equal counts per rank).
 
-    Under data parallelism the global batch is ``batch_size * world_size`` rows, and rank r
+    Under data parallelism the global batch is ``batch_size * world_size`` rows, and rank $r$
     takes rows ``[r * batch_size, (r + 1) * batch_size)`` of it: ranks see disjoint shards and
     the union equals one process's batch of ``batch_size * world_size``.
 

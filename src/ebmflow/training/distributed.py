@@ -1,10 +1,16 @@
-"""Data parallelism across processes (``torchrun``): setup, gradient all-reduce, averaging.
+r"""Data parallelism across processes (``torchrun``): setup, gradient all-reduce, averaging.
 
 Each process (rank) holds a full copy of the energy, runs its own chains on its own shard of
-the data, and after ``backward`` the gradients are averaged over ranks before the optimiser
-step:  g <- (1 / R) sum_r g_r.  With equal per-rank batches this is exactly the gradient of
-the loss averaged over the global batch, the same update as one process with an R-times
-larger batch (for losses that are means over the batch).
+the data, and after ``backward`` the gradients are averaged over the $R$ ranks before the
+optimiser step:
+
+$$
+g \leftarrow \frac{1}{R} \sum_r g_r .
+$$
+
+With equal per-rank batches this is exactly the gradient of the loss averaged over the global
+batch, the same update as one process with an $R$-times larger batch (for losses that are
+means over the batch).
 
 The all-reduce is explicit (one flat bucket per dtype) rather than through the
 ``DistributedDataParallel`` wrapper, because losses and samplers call the energy's other

@@ -12,13 +12,18 @@ __all__ = ["EMA"]
 
 
 class EMA(nn.Module):
-    """Exponential moving average (EMA) of a module's weights.
+    r"""Exponential moving average (EMA) of a module's weights.
 
     After every optimiser step, ``update(model)`` sets, for every floating parameter and
-    buffer, ``avg <- decay * avg + (1 - decay) * current``; integer buffers are copied.
-    With ``warmup=True`` the decay used at update number t (1-based) is
-    ``min(decay, (1 + t) / (10 + t))`` so early averages are not dominated by the random
-    initialisation.
+    buffer,
+
+    $$
+    \text{avg} \leftarrow \text{decay} \cdot \text{avg} + (1 - \text{decay}) \cdot \text{current};
+    $$
+
+    integer buffers are copied. With ``warmup=True`` the decay used at update number $t$
+    (1-based) is $\min\big(\text{decay}, \frac{1 + t}{10 + t}\big)$ so early averages are not
+    dominated by the random initialisation.
 
     The averaged copy is ``ema.module`` (same class as the model, no gradients); evaluate and
     sample with it, e.g. ``sampler.sample(ema.module, n)``. The update runs with fused
@@ -27,7 +32,7 @@ class EMA(nn.Module):
 
     Args:
         model: the module to average (typically the energy).
-        decay: averaging weight of the past, in [0, 1) (default 0.999).
+        decay: averaging weight of the past, in $[0, 1)$ (default 0.999).
         warmup: use the warm-up decay schedule above (default False).
     """
 

@@ -22,8 +22,8 @@ __all__ = ["GrayDecodedEnergy", "draw_samples", "evaluate_model", "grid_log_part
 
 
 class GrayDecodedEnergy(EnergyModel):
-    """E(x) = E_bits(gray_encode(x, bits)) on 2-D points: a Gray-coded binary model seen in
-    the plane it encodes (for contour plots)."""
+    r"""$E(x) = E_{\text{bits}}(\operatorname{gray\_encode}(x, \text{bits}))$ on 2-D points: a
+    Gray-coded binary model seen in the plane it encodes (for contour plots)."""
 
     def __init__(self, energy: EnergyModel, bits: int = GRAY_BITS):
         super().__init__(Continuous(2))
@@ -64,7 +64,7 @@ def draw_samples(cfg: RunConfig, energy: EnergyModel, sampler: Sampler, train2d:
 @torch.no_grad()
 def grid_log_partition(energy: EnergyModel, limits: tuple[float, float, float, float],
                        resolution: int = 400) -> float:
-    """log Z = log integral exp(-E(x)) dx over a box, by the midpoint rule on a grid
+    r"""$\log Z = \log \int \exp(-E(x)) \, dx$ over a box, by the midpoint rule on a grid
     (accurate for 2-D energies whose mass lies inside the box)."""
     x0, x1, y0, y1 = limits
     hx, hy = (x1 - x0) / resolution, (y1 - y0) / resolution
@@ -79,7 +79,8 @@ def grid_log_partition(energy: EnergyModel, limits: tuple[float, float, float, f
 
 @torch.no_grad()
 def _uniform_is_log_partition(energy: EnergyModel, dim: int, n: int, seed: int) -> float:
-    """log Z = log(2^D mean_u exp(-E(u))), u uniform on {0,1}^D (importance sampling)."""
+    r"""$\log Z \approx \log\big(2^D \operatorname{mean}_u \exp(-E(u))\big)$, $u$ uniform on
+    $\{0, 1\}^D$ (importance sampling)."""
     gen = torch.Generator().manual_seed(seed)
     ref = energy._reference_tensor()
     device = ref.device if ref is not None else torch.device("cpu")
@@ -97,12 +98,13 @@ def _box(points: Tensor, margin: float = 3.0) -> tuple[float, float, float, floa
 @torch.no_grad()
 def evaluate_model(cfg: RunConfig, energy: EnergyModel, samples: Tensor, test: Tensor,
                    test2d: Tensor) -> dict[str, Any]:
-    """Metrics of ``samples`` (energy's space) against held-out ``test`` data.
+    r"""Metrics of ``samples`` (energy's space) against held-out ``test`` data.
 
     * ``mmd``: unbiased squared MMD (Gaussian kernel with the median bandwidth for continuous
-      data; exp(-0.1 Hamming) kernel for bits);
-    * ``nll``: mean E(test) + log Z, log Z by grid quadrature (2-D) or uniform importance
-      sampling (bits; an estimate); ``nll_true`` is the exact mixture's NLL where known;
+      data; kernel $\exp(-0.1 \, d_{\text{H}}(x, y))$ for bits, $d_{\text{H}}$ the Hamming
+      distance);
+    * ``nll``: $\operatorname{mean} E(\text{test}) + \log Z$, $\log Z$ by grid quadrature (2-D)
+      or uniform importance sampling (bits; an estimate); ``nll_true`` is the exact mixture's NLL where known;
     * ``mode_tv``, ``mode_weight_min/max``, ``mode_outliers``: mode weights of the samples
       (2-D, nearest mixture mean within 4 standard deviations) for the Gaussian-mixture sets.
     """

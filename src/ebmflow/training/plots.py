@@ -66,8 +66,9 @@ def plot_samples(x: Tensor, path: str | os.PathLike, data: Tensor | None = None,
 def plot_energy(energy: EnergyModel, path: str | os.PathLike, data: Tensor | None = None,
                 limits: tuple[float, float, float, float] | None = None,
                 resolution: int = 200) -> Path:
-    """Contours of the density exp(-E) and of E for a 2-D energy, on a grid covering ``data``
-    (or ``limits = (xmin, xmax, ymin, ymax)``, default [-4, 4]^2), saved to ``path``."""
+    r"""Contours of the density $\exp(-E)$ and of $E$ for a 2-D energy, on a grid covering
+    ``data`` (or ``limits = (xmin, xmax, ymin, ymax)``, default $[-4, 4]^2$), saved to
+    ``path``."""
     plt = _pyplot()
     if limits is None:
         limits = _limits(_as_2d(data, "data")) if data is not None else (-4.0, 4.0, -4.0, 4.0)

@@ -62,7 +62,7 @@ def _cores() -> int:
 
 
 def free_cores() -> tuple[int, float | None]:
-    """(cores this process may use that the 1-minute load average leaves free (>= 1), that
+    r"""(cores this process may use that the 1-minute load average leaves free ($\ge 1$), that
     load average or None where the platform has none)."""
     cores = _cores()
     try:
