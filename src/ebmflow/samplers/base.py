@@ -316,6 +316,8 @@ class MCMCSampler(Sampler):
         self.last_state: ChainState | None = None
         self._graph: GraphRunner | None = None
         self._compiled: dict[tuple, CompiledBlock] = {}
+        # per chain-state layout: what a transition draws, and its step-info layout
+        self._draw_specs: dict[tuple, tuple[list, list]] = {}
         self._compile_failed: str | None = None
         self._auto_steps = 0
 
@@ -462,6 +464,7 @@ class MCMCSampler(Sampler):
         """Drop the recorded CUDA graph and its memory pool (the next run records again)."""
         self._graph = None
         self._compiled = {}
+        self._draw_specs = {}
 
     # -- internals ---------------------------------------------------------------------
     def _advance(
@@ -575,9 +578,11 @@ class MCMCSampler(Sampler):
     ) -> tuple[_Carry, int]:
         """Run blocks of K compiled steps; returns (carry, steps done).
 
-        Step 0 runs eagerly with a ``RecordingTape`` (it learns what the transition draws);
-        each block then gets its K steps of noise pre-drawn from ``generator`` in the eager
-        order. The remainder (< K steps) is left to the eager loop.
+        The first run for a chain-state layout runs step 0 eagerly with a ``RecordingTape``
+        (it learns what the transition draws and which step info it reports); later runs of
+        that layout start compiled at step 0, with the running sums laid out as zeros. Each
+        block gets its K steps of noise pre-drawn from ``generator`` in the eager order. The
+        remainder (< K steps) is left to the eager loop.
         """
         device = carry.state.x.device
         if carry.first_bad is None:
@@ -585,29 +590,42 @@ class MCMCSampler(Sampler):
                                          device=device)
             carry.n_reset = torch.zeros((), device=device)
         carry.t = torch.as_tensor(carry.t, dtype=torch.long, device=device)
-        rec = RecordingTape(generator)
-        try:
-            carry = self._advance(energy, carry, rec)
-        except TypeError as err:  # e.g. torch.randn(generator=<tape>) in a user's step()
-            self._compile_failed = (
-                f"{type(self).__name__}.step draws random numbers without "
-                f"ebmflow.samplers.rng ({err})")
-            warn_fallback(type(self).__name__, self._compile_failed)
-            carry.t = 0
-            return carry, 0
-        bar.update(1)
-        k = min(self.graph_steps or self._compile_block_steps(), n_steps - 1)
-        blocks = (n_steps - 1) // k
+        hyper = (_hyperparameters(self, baked=False), energy_attributes(energy))
+        start_key = (id(energy), carry_spec(flatten_carry(carry)), hyper)
+        known = self._draw_specs.get(start_key)
+        if known is not None:  # a run like this one recorded its draws: no eager first step
+            spec, acc_layout = known
+            carry.acc = {name: torch.zeros(shape, dtype=dtype, device=device)
+                         for name, shape, dtype in acc_layout}
+            done = 0
+        else:
+            rec = RecordingTape(generator)
+            try:
+                carry = self._advance(energy, carry, rec)
+            except TypeError as err:  # e.g. torch.randn(generator=<tape>) in a user's step()
+                self._compile_failed = (
+                    f"{type(self).__name__}.step draws random numbers without "
+                    f"ebmflow.samplers.rng ({err})")
+                warn_fallback(type(self).__name__, self._compile_failed)
+                carry.t = 0
+                return carry, 0
+            spec, done = rec.spec, 1
+            self._draw_specs[start_key] = (
+                spec, [(name, tuple(v.shape), v.dtype) for name, v in carry.acc.items()])
+            bar.update(1)
+        if n_steps - done < 1:
+            return carry, done
+        k = min(self.graph_steps or self._compile_block_steps(), n_steps - done)
+        blocks = (n_steps - done) // k
         flat = flatten_carry(carry)
-        key = (id(energy), carry_spec(flat), k, tuple(rec.spec),
-               _hyperparameters(self, baked=False), energy_attributes(energy))
+        key = (id(energy), carry_spec(flat), k, tuple(spec), *hyper)
         block = self._compiled.get(key)
         if block is None:
-            block = self._new_block(energy, k, rec.spec, key)
+            block = self._new_block(energy, k, spec, key)
         draws: list[Tensor] | None = None
         real = real_generator(generator)
         for _ in range(blocks):
-            draws = predraw(rec.spec, k, real, draws)
+            draws = predraw(spec, k, real, draws)
             try:
                 flat = block(energy, flat, draws)
             except Exception as err:  # noqa: BLE001 - any compile failure falls back
@@ -616,10 +634,10 @@ class MCMCSampler(Sampler):
                 self._compiled.pop(key, None)
                 self._compile_failed = f"torch.compile failed: {type(err).__name__}: {err}"
                 warn_fallback(type(self).__name__, self._compile_failed)
-                return unflatten_carry(flat, _Carry, ChainState), 1
+                return unflatten_carry(flat, _Carry, ChainState), done
             bar.update(k)
         self._compile_seconds = block.compile_seconds
-        return unflatten_carry(flat, _Carry, ChainState), 1 + blocks * k
+        return unflatten_carry(flat, _Carry, ChainState), done + blocks * k
 
     def _new_block(self, energy: EnergyModel, k: int, spec: list, key: tuple) -> CompiledBlock:
         """A compiled K-step block for ``key`` (a few are kept: e.g. a live and an EMA energy)."""
