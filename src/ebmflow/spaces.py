@@ -113,10 +113,13 @@ class Space:
         """Draw ``n`` states from the space's reference noise (for chain initialisation)."""
         raise NotImplementedError
 
-    def _check_n(self, n: int) -> int:
+    def check_n(self, n: int) -> int:
+        """``n`` (a number of states to draw) if it is a positive int, else ValueError."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         return n
+
+    _check_n = check_n  # the former private name, kept for callers that still use it
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.__dict__ == other.__dict__
@@ -177,7 +180,7 @@ class Continuous(Space):
             raise ValueError(f"{name} contains NaN or inf (rows {rows}...); clean the data first")
 
     def noise(self, n, generator=None, device=None) -> Tensor:
-        n = self._check_n(n)
+        n = self.check_n(n)
         device = _generator_device(generator, device)
         return torch.randn((n, *self.shape), generator=generator, device=device)
 
@@ -231,7 +234,7 @@ class Binary(Space):
             )
 
     def noise(self, n, generator=None, device=None) -> Tensor:
-        n = self._check_n(n)
+        n = self.check_n(n)
         device = _generator_device(generator, device)
         u = torch.rand((n, self.num_dims), generator=generator, device=device)
         return (u < 0.5).float()
@@ -317,7 +320,7 @@ class Categorical(Space):
         return x.argmax(-1)
 
     def noise(self, n, generator=None, device=None) -> Tensor:
-        n = self._check_n(n)
+        n = self.check_n(n)
         device = _generator_device(generator, device)
         return torch.randint(
             0, self.num_classes, (n, self.num_dims), generator=generator, device=device

@@ -130,17 +130,23 @@ class MixturePath:
         t: Tensor | float,
         generator: torch.Generator | None = None,
         x0: Tensor | None = None,
+        *,
+        check: bool = True,
     ) -> Tensor:
-        """Draw x_t ~ p_t(. | x1): keep x1^d with probability kappa(t), else the source token.
+        r"""Draw $x_t \sim p_t(\cdot \mid x_1)$: keep $x_1^d$ with probability $\kappa(t)$, else
+        the source token.
 
         Args:
             x1: data tokens, long ``(B, D)``.
             t: time in [0, 1], scalar or ``(B,)``.
             x0: source states ``(B, D)`` (default: drawn from the source).
+            check: validate ``x1`` and ``t`` (reads the tokens: a host sync). Pass False in a
+                training step with tokens and a float ``(B,)`` time already checked.
         Returns: x_t, long ``(B, D)``.
         """
-        self.check_tokens(x1, "x1")
-        t = check_time(t, x1.shape[0], x1.device)
+        if check:
+            self.check_tokens(x1, "x1")
+            t = check_time(t, x1.shape[0], x1.device)
         return self._sample(x1, t, generator, x0)
 
     def _sample(self, x1: Tensor, t: Tensor, generator=None, x0: Tensor | None = None) -> Tensor:

@@ -37,12 +37,16 @@ the same Euler step probabilities (``CTMCSolver.trajectory_log_prob``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from ..energy.base import EnergyModel
-from ..losses.base import EBMLoss
 from ..samplers.base import MCMCSampler, Sampler
+
+if TYPE_CHECKING:  # type only: discrete_flows does not depend on losses (docs/design.md)
+    from ..losses.base import EBMLoss
 from .sampler import DiscreteFlowSampler, from_tokens, to_tokens
 from .weights import importance_weights
 

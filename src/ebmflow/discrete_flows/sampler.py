@@ -197,14 +197,16 @@ class DiscreteFlowSampler(Sampler):
         )
 
     def _check_energy(self, energy: EnergyModel) -> None:
-        if not isinstance(energy, EnergyModel):
-            raise ValueError(f"energy must be an ebmflow EnergyModel, got {type(energy).__name__}")
-        if not self.supports(energy):
+        # Sampler's check (an EnergyModel this sampler supports), with the hint that fits a
+        # discrete space of the wrong size
+        if isinstance(energy, EnergyModel) and isinstance(energy.space, (Binary, Categorical)) \
+                and not self.supports(energy):
             raise ValueError(
                 f"DiscreteFlowSampler over {self.model.dim} coordinates with "
                 f"{self.model.num_classes} classes cannot sample {energy.space!r}; build the "
                 "model with the energy's dim and num_classes (Binary: 2)"
             )
+        super()._check_energy(energy)
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -229,7 +231,7 @@ class DiscreteFlowSampler(Sampler):
         kappa'/kappa, does not depend on the other tokens), so no backward network is needed.
         """
         t = torch.full((x1.shape[0],), float(t0), device=x1.device)
-        return self.path._sample(x1, t, generator)
+        return self.path.sample(x1, t, generator, check=False)
 
     # -- sampling --------------------------------------------------------------------------
     @torch.no_grad()
@@ -281,7 +283,7 @@ class DiscreteFlowSampler(Sampler):
             x1 = to_tokens(x0, energy.space)
         elif n is None:
             raise ValueError("pass n (number of states) or x0 (states to re-noise)")
-        n = energy.space._check_n(n)
+        n = energy.space.check_n(n)
         out = self.sample_tokens(n, x1=x1, t0=t0, generator=generator)
         return from_tokens(out.x, energy.space)
 
@@ -290,7 +292,7 @@ class DiscreteFlowSampler(Sampler):
         """The flow's training loss on tokens x1 ``(B, D)``: t ~ U[0, 1), x_t ~ p_t(.|x1)."""
         b = x1.shape[0]
         t = torch.rand(b, generator=generator, device=x1.device) * (1.0 - 1e-3)
-        x_t = self.path._sample(x1, t, generator)
+        x_t = self.path.sample(x1, t, generator, check=False)
         out = self.model(x_t, t)
         if self.objective == "posterior":
             return posterior_loss(out, x_t, x1, t, self.path, weights)

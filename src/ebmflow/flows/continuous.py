@@ -33,6 +33,21 @@ __all__ = [
 _FIXED_STEP = ("euler", "midpoint", "rk4", "explicit_adams", "implicit_adams")
 
 
+def _check_method(method: str) -> None:
+    """ValueError unless torchdiffeq knows the solver ``method`` (asked through its public
+    ``odeint`` on a one-step problem, so no private torchdiffeq name is needed)."""
+    if not isinstance(method, str):
+        raise ValueError(f"method must be a torchdiffeq solver name, got {method!r}")
+    y0, t = torch.zeros(1, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    options = {"step_size": 1.0} if method in _FIXED_STEP else None
+    try:
+        odeint(lambda _t, y: torch.zeros_like(y), y0, t, method=method, options=options)
+    except ValueError as err:
+        if "method" in str(err).lower():
+            raise ValueError(f"method must be a torchdiffeq solver, got {method!r} ({err})") from None
+        raise
+
+
 def exact_divergence(v: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
     """tr(dv/dx) per row by D reverse-mode passes: ``v, x (B, D) -> (B,)``.
 
@@ -153,11 +168,7 @@ class ContinuousFlow(Flow):
             raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
         if not isinstance(n_steps, int) or n_steps < 1:
             raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
-        from torchdiffeq._impl.odeint import SOLVERS
-
-        if method not in SOLVERS:
-            raise ValueError(f"method must be a torchdiffeq solver, one of {sorted(SOLVERS)}; "
-                             f"got {method!r}")
+        _check_method(method)
         self.velocity = velocity if velocity is not None else TimeMLP(dim, hidden, activation)
         self.dynamics = _Dynamics(self.velocity)
         self.method = method

@@ -51,8 +51,8 @@ from torch import Tensor, nn
 from .._optim import default_adam
 from ..energy.base import EnergyModel
 from ..samplers import MALA, rng
-from ..samplers._compiled import CompiledBlock, compile_available, predraw, warn_fallback
 from ..samplers.base import MCMCSampler, Sampler
+from ..samplers.compiled import CompiledBlock, compile_available, predraw, warn_fallback
 from ..spaces import Continuous, check_same_device
 from .base import Flow
 
@@ -391,19 +391,18 @@ class FlowMC(Sampler):
         return isinstance(energy.space, Continuous)
 
     def _check_energy(self, energy: EnergyModel) -> None:
-        if not isinstance(energy, EnergyModel):
-            raise ValueError(f"energy must be an ebmflow EnergyModel, got {type(energy).__name__}")
-        if not isinstance(energy.space, Continuous):
+        if isinstance(energy, EnergyModel) and not isinstance(energy.space, Continuous):
             raise ValueError(
                 f"FlowMC samples continuous states but the energy's space is {energy.space!r}; "
                 "use a discrete sampler (Gibbs, GibbsWithGradients, DiscreteLangevin)"
             )
+        super()._check_energy(energy)  # an EnergyModel this sampler supports (Sampler's check)
         if energy.space.dim != self.flow.dim:
             raise ValueError(
                 f"the flow has dim={self.flow.dim} but the energy's space {energy.space!r} has "
                 f"{energy.space.dim} coordinates; build the flow with dim={energy.space.dim}"
             )
-        ref = energy._reference_tensor()
+        ref = energy.reference_tensor()
         flow_ref = self.flow._reference_tensor()
         if ref is not None and flow_ref is not None:
             check_same_device(flow_ref, ref.device, "the flow")
@@ -755,7 +754,7 @@ class FlowMC(Sampler):
         if self.chains.numel() == 0:
             if data is None:
                 return {}
-            ref = energy._reference_tensor()
+            ref = energy.reference_tensor()
             self.chains = energy.space.validate(
                 data, "data", device=ref.device if ref is not None else None
             ).detach().clone()

@@ -2,8 +2,9 @@
 (TV, KL, log Z by enumeration), importance-weight diagnostics (ESS) and annealed importance
 sampling (AIS) estimates of log Z.
 
-Everything except the AIS module depends on torch only; ``ais_log_partition`` (which uses
-``ebmflow.energy`` and ``ebmflow.samplers``) is imported on first access.
+Everything except the AIS module depends on torch only; ``ais_log_partition`` (whose path
+energy is an ``ebmflow.energy.EnergyModel``; the sampler is any object with ``run``) is
+imported on first access.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _LAZY = {
     "ais_log_partition": "ais",
     "annealing_schedule": "ais",
     "GeometricPathEnergy": "ais",
+    "TransitionKernel": "ais",
 }
 
 __all__ = [

@@ -87,7 +87,7 @@ def _valid_fast(space: Space, x: Tensor) -> bool:
 
 def float_dtype(energy: EnergyModel) -> torch.dtype:
     """Floating dtype of the energy's parameters (float32 when it has none)."""
-    ref = energy._reference_tensor()
+    ref = energy.reference_tensor()
     if ref is not None and ref.is_floating_point():
         return ref.dtype
     return torch.get_default_dtype()

@@ -10,8 +10,8 @@ from ..energy.base import EnergyModel
 from . import rng
 from ._adapt import accept_prob, check_count
 from ._fast import energy_and_grad
+from .adaptive import AdaptiveStepSize, chain_mask, event_sum
 from .base import ChainState, StepInfo
-from .mala import AdaptiveStepSize, _mask, _rows
 
 __all__ = ["HMC"]
 
@@ -75,7 +75,7 @@ class HMC(AdaptiveStepSize):
         adapting = "adapt_t" in extra or torch.compiler.is_compiling()
         last = self.n_leapfrog - 1
         p = rng.randn(x.shape, generator, x.device, x.dtype)
-        h0 = torch.add(e, _rows(p.square()), alpha=0.5)
+        h0 = torch.add(e, event_sum(p.square()), alpha=0.5)
         xn, en, gn = x, e, g
         if adapting:  # eps is a 0-d tensor of the chain state, changing every step
             eps = extra["log_step_size"].exp()
@@ -92,12 +92,12 @@ class HMC(AdaptiveStepSize):
                 en, gn = energy_and_grad(energy, xn)
                 pn = pn.add_(gn, alpha=-(0.5 if i == last else 1.0) * eps)
         # log_alpha = H(x, p) - H(x', p'); a NaN/inf in E, grad E (through p') or x' rejects
-        log_alpha = h0.sub_(en).sub_(_rows(pn.square()), alpha=0.5)
-        nonfinite = (log_alpha + _rows(xn)).mul_(0).ne_(0)  # 1.0 where non-finite
+        log_alpha = h0.sub_(en).sub_(event_sum(pn.square()), alpha=0.5)
+        nonfinite = (log_alpha + event_sum(xn)).mul_(0).ne_(0)  # 1.0 where non-finite
         log_alpha = log_alpha.nan_to_num_(nan=-math.inf, posinf=-math.inf)
         u = rng.rand(log_alpha.shape, generator, x.device, x.dtype)
         accept = u.log_() < log_alpha
-        mask = _mask(accept, x)
+        mask = chain_mask(accept, x)
         new = ChainState(
             torch.where(mask, xn, x),
             torch.where(accept, en, e),

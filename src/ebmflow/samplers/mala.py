@@ -5,103 +5,17 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
 
 from ..energy.base import EnergyModel
-from ..spaces import Continuous
 from . import rng
-from ._adapt import (
-    accept_prob,
-    check_count,
-    check_positive,
-    check_probability,
-    finish_adaptation,
-    initial_extra,
-    rm_update,
-)
+from ._adapt import accept_prob
 from ._fast import energy_and_grad
-from .base import ChainState, MCMCSampler, StepInfo
+from .adaptive import AdaptiveStepSize, chain_mask, event_sum
+from .base import ChainState, StepInfo
 
+# AdaptiveStepSize lives in samplers/adaptive.py; re-exported here for code that imported it
+# from mala
 __all__ = ["MALA", "AdaptiveStepSize"]
-
-
-def _rows(t: Tensor) -> Tensor:
-    """Sum over the event dimensions: ``(B, *event) -> (B,)``."""
-    return t.sum(1) if t.dim() == 2 else t.reshape(t.shape[0], -1).sum(1)
-
-
-def _mask(accept: Tensor, like: Tensor) -> Tensor:
-    return accept.reshape((-1,) + (1,) * (like.dim() - 1))
-
-
-class AdaptiveStepSize(MCMCSampler):
-    """An MCMC sampler with one global step size adapted during warm-up (see ``_adapt``).
-
-    Subclasses read ``state.extra["log_step_size"]`` in ``transition`` and call
-    ``self._adapt(extra, prob)`` with the per-chain acceptance probabilities.
-    """
-
-    def __init__(self, step_size: float, n_steps: int, target_accept: float, n_warmup: int,
-                 adapt_rate: float, **kw):
-        super().__init__(n_steps, **kw)
-        self.step_size = step_size
-        self.target_accept = check_probability("target_accept", target_accept)
-        self.n_warmup = check_count("n_warmup", n_warmup)
-        self.adapt_rate = check_positive("adapt_rate", adapt_rate)
-        self._adapted = 0
-
-    # a run that adapts reads the step size from the chain state; a run that does not reads
-    # this Python value, so a recorded CUDA graph depends on it
-    _graph_baked = ("_step_size",)
-
-    # the step size lives in the chain state during a run (so recorded graphs do not bake it
-    # in); this Python value is where a run starts and where adaptation stores its result
-    @property
-    def step_size(self) -> float:
-        return self._step_size
-
-    @step_size.setter
-    def step_size(self, value: float) -> None:
-        self._step_size = check_positive("step_size", value)
-
-    @property
-    def adapting(self) -> bool:
-        """True while warm-up adaptation steps remain."""
-        return self._adapted < self.n_warmup
-
-    def reset_adaptation(self, step_size: float | None = None) -> None:
-        """Start warm-up adaptation again (optionally from a new step size)."""
-        self._adapted = 0
-        if step_size is not None:
-            self.step_size = step_size
-
-    def supports(self, energy: EnergyModel) -> bool:
-        return isinstance(energy.space, Continuous)
-
-    def init_state(self, energy: EnergyModel, x: Tensor) -> ChainState:
-        e, g = energy_and_grad(energy, x)
-        return ChainState(x, e, g, initial_extra(self._step_size, self._adapted, self.n_warmup, x))
-
-    def _adapt(self, extra: dict[str, Tensor], prob: Tensor) -> dict[str, Tensor]:
-        return rm_update(extra, prob, self.target_accept, self.n_warmup, self.adapt_rate)
-
-    def end_run(self, energy: EnergyModel, state: ChainState) -> None:
-        done = finish_adaptation(state.extra)
-        if done is not None:
-            self._step_size, self._adapted = done
-        self.stats["step_size"] = state.extra["log_step_size"].exp()
-
-    def get_extra_state(self) -> dict[str, float]:
-        """Saved in ``state_dict``: the (adapted) step size and the adaptation progress."""
-        return {"step_size": self._step_size, "adapted": self._adapted}
-
-    def set_extra_state(self, state: dict[str, float]) -> None:
-        self.step_size = state["step_size"]
-        self._adapted = int(state["adapted"])
-
-    def extra_repr(self) -> str:
-        return (f"step_size={self._step_size:.4g}, n_steps={self.n_steps}, "
-                f"target_accept={self.target_accept}, n_warmup={self.n_warmup}")
 
 
 class MALA(AdaptiveStepSize):
@@ -172,21 +86,21 @@ class MALA(AdaptiveStepSize):
             eta = extra["log_step_size"].exp()
             prop = x - eta * g + (2 * eta).sqrt() * noise
             e_prop, g_prop = energy_and_grad(energy, prop)
-            back = _rows((x - prop + eta * g_prop).square()) / (4 * eta)
-            log_alpha = e - e_prop + 0.5 * _rows(noise.square()) - back
+            back = event_sum((x - prop + eta * g_prop).square()) / (4 * eta)
+            log_alpha = e - e_prop + 0.5 * event_sum(noise.square()) - back
         else:  # eta is fixed during the run (= exp(log_step_size)): fused scalar ops
             eta = self._step_size
             prop = torch.add(x, g, alpha=-eta).add_(noise, alpha=math.sqrt(2.0 * eta))
             e_prop, g_prop = energy_and_grad(energy, prop)
             back = torch.sub(x, prop).add_(g_prop, alpha=eta)
-            log_alpha = torch.sub(e, e_prop).add_(_rows(noise.square()), alpha=0.5)
-            log_alpha = log_alpha.sub_(_rows(back.square()), alpha=0.25 / eta)
+            log_alpha = torch.sub(e, e_prop).add_(event_sum(noise.square()), alpha=0.5)
+            log_alpha = log_alpha.sub_(event_sum(back.square()), alpha=0.25 / eta)
         # a NaN/inf in E(x'), grad E(x') or x' makes log_alpha non-finite: reject the move
         nonfinite = torch.sub(log_alpha, log_alpha).ne_(0)  # 1.0 where NaN/inf
         log_alpha = log_alpha.nan_to_num_(nan=-math.inf, posinf=-math.inf)
         u = rng.rand(log_alpha.shape, generator, x.device, x.dtype)
         accept = u.log_() < log_alpha
-        mask = _mask(accept, x)
+        mask = chain_mask(accept, x)
         new = ChainState(
             torch.where(mask, prop, x),
             torch.where(accept, e_prop, e),

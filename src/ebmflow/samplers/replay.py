@@ -195,7 +195,7 @@ class PersistentSampler(Sampler):
         self._check_energy(energy)
         if n is None:
             raise ValueError("pass n (number of states) or x0 (initial states)")
-        ref = energy._reference_tensor()
+        ref = energy.reference_tensor()
         device = ref.device if ref is not None else (
             generator.device if generator is not None else None)
         x, slots = self.buffer.draw(n, generator=generator, device=device)
