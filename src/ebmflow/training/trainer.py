@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -22,7 +21,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._optim import default_adam
 from .._version import __version__
 from ..energy.base import EnergyModel
 from ..losses.base import EBMLoss, LossOutput
@@ -48,8 +46,10 @@ from .distributed import (
 )
 from .ema import EMA
 from .loggers import JSONLLogger, ProgressBar, TensorBoardLogger
+from .monitor import StepStats
 from .resume import apply_changed_arguments, scalar_attributes
 from .run_folder import check_run_folder
+from .setup import build_optimizer, build_scheduler, resolve_device
 from .threads import ThreadChoice, choose_threads, warn_if_oversubscribed
 
 __all__ = ["Trainer", "TrainingDiverged"]
@@ -83,10 +83,6 @@ def _scalar(v: Tensor) -> Tensor:
     """``v`` (one element) as a detached 0-d tensor (no op when it already is one)."""
     v = v.detach()
     return v if v.dim() == 0 else v.reshape(())
-
-
-def _is_monitored(key: str) -> bool:
-    return key in ("loss", "grad_norm") or "energy" in key or key.endswith("loss")
 
 
 class Trainer:
@@ -215,7 +211,7 @@ class Trainer:
         else:
             hint = torch.device(device)
         self.dist: DistInfo = setup_distributed(distributed, hint)
-        self.device = self._resolve_device(energy, device)
+        self.device = resolve_device(energy, device, self.dist)
         self.energy = energy.to(self.device)
         self.loss = loss.to(self.device)
         self.sampler = sampler.to(self.device) if sampler is not None else None
@@ -229,7 +225,7 @@ class Trainer:
             raise ValueError(f"{type(energy).__name__} has no trainable parameters")
         self.fast = bool(fast) and self.device.type == "cuda"
         self.lr = float(lr)
-        self.optimizer = self._build_optimizer(optimizer)
+        self.optimizer = build_optimizer(optimizer, self.params, self.lr, self.fast, self.device)
         # tensor learning rates as built (a captured graph reads these very tensors)
         self._lr_tensors: list[Tensor | None] = [
             g["lr"] if isinstance(g["lr"], Tensor) else None for g in self.optimizer.param_groups]
@@ -279,12 +275,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._stop_reason: str | None = None
         self._seeded = False
-        self._layout: list[str] | None = None
-        self._acc: Tensor | None = None
-        self._acc_n = 0
-        self._first_bad: Tensor | None = None
-        self._clean = True
-        self._step_t = torch.zeros((), dtype=torch.long, device=self.device)
+        self.step_stats = StepStats(self.device)  # running sums and divergence monitoring
         self._captured: Any = None
         self._last_vec: Tensor | None = None
         self._capture_failed = False
@@ -300,61 +291,6 @@ class Trainer:
 
     def _scalar_state(self) -> dict[str, dict[str, dict[str, Any]]]:
         return {k: scalar_attributes(m) for k, m in self._resumable().items() if m is not None}
-
-    def _resolve_device(self, energy: EnergyModel, device: Any) -> torch.device:
-        if device is None:
-            ref = energy._reference_tensor()
-            dev = ref.device if ref is not None else torch.device("cpu")
-        else:
-            dev = torch.device(device)
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError("device='cuda' but no CUDA GPU is available; use device='cpu'")
-            if self.dist.enabled:
-                dev = torch.device("cuda", self.dist.local_rank)
-            elif dev.index is None:
-                dev = torch.device("cuda", torch.cuda.current_device())
-            torch.cuda.set_device(dev)
-        return dev
-
-    def _build_optimizer(self, optimizer: Any) -> torch.optim.Optimizer:
-        if isinstance(optimizer, torch.optim.Optimizer):
-            mine = {id(p) for p in self.params}
-            theirs = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            if not mine & theirs:
-                raise ValueError(
-                    "optimizer does not update any parameter of the energy; build it from "
-                    "energy.parameters()"
-                )
-            return optimizer
-        if callable(optimizer):
-            return optimizer(self.params)
-        if optimizer is not None:
-            raise ValueError(
-                f"optimizer must be a torch Optimizer, a function params -> Optimizer, or None; "
-                f"got {type(optimizer).__name__}"
-            )
-        if self.fast:
-            # capturable Adam keeps its step counters on the GPU so the step can be graph-captured
-            return torch.optim.Adam(self.params, lr=torch.tensor(self.lr, device=self.device),
-                                    capturable=True)
-        return default_adam(self.params, self.lr)
-
-    def _build_scheduler(self, total_steps: int) -> Any:
-        spec = self._scheduler_spec
-        if spec is None:
-            return None
-        if isinstance(spec, str):
-            if spec == "cosine":
-                return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(total_steps, 1))
-            if spec == "constant":
-                return None
-            raise ValueError(f"unknown scheduler {spec!r}; use 'cosine', 'constant', an LRScheduler or a function")
-        if isinstance(spec, torch.optim.lr_scheduler.LRScheduler):
-            return spec
-        if callable(spec):
-            return spec(self.optimizer)
-        raise ValueError(f"scheduler must be None, a name, an LRScheduler or a function, got {spec!r}")
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -410,35 +346,7 @@ class Trainer:
         return stats
 
     def _pack(self, stats: dict[str, Tensor], exact: bool = True) -> Tensor:
-        """Stack stats into one float vector (layout fixed by the first step), add it to the
-        running sums and record the first step at which a monitored quantity is non-finite.
-
-        ``exact=False`` (eager steps on CPU, where reading a value costs no synchronisation):
-        skip the per-entry bookkeeping when the sum of the vector is finite (one host read);
-        otherwise, or with ``exact=True`` (capturable, no host read), do it branch-free.
-        """
-        keys = list(stats)
-        if self._layout != keys:
-            self._flush_layout(keys)
-        vec = torch.stack([stats[k].float() for k in keys])
-        self._acc.add_(vec)  # type: ignore[union-attr]
-        self._step_t.add_(1)
-        if not exact and math.isfinite(float(vec.sum())):
-            return vec
-        self._clean = False
-        bad = ~torch.isfinite(vec) & self._monitor  # type: ignore[operator]
-        torch.where((self._first_bad < 0) & bad, self._step_t, self._first_bad, out=self._first_bad)  # type: ignore[operator]
-        return vec
-
-    def _flush_layout(self, keys: list[str]) -> None:
-        if self._layout is not None:
-            self._check_finite()
-        self._layout = keys
-        self._acc = torch.zeros(len(keys), device=self.device)
-        self._acc_n = 0
-        self._monitor = torch.tensor([_is_monitored(k) for k in keys], device=self.device)
-        self._first_bad = torch.full((len(keys),), -1, dtype=torch.long, device=self.device)
-        self._clean = True  # no entry of _first_bad set since (no check needed)
+        return self.step_stats.pack(stats, exact, on_new_layout=self._check_finite)
 
     def _eager_step(self, batch: Tensor) -> None:
         self._last_vec = self._pack(self._step_math(batch), exact=self.device.type != "cpu")
@@ -449,7 +357,7 @@ class Trainer:
             self._fast_step(batch)
         else:
             self._eager_step(batch)
-        self._acc_n += 1
+        self.step_stats.count += 1
         if self.scheduler is not None:
             self.scheduler.step()
             if self.fast:
@@ -472,12 +380,12 @@ class Trainer:
         from .graph import capture_step
 
         try:
-            layout = self._layout
+            layout = self.step_stats.layout
             self._captured = capture_step(
                 lambda b: self._pack(self._step_math(b)), batch,
                 lambda: self.optimizer.zero_grad(set_to_none=True),
             )
-            if self._layout != layout:
+            if self.step_stats.layout != layout:
                 raise RuntimeError("the step's statistics changed between steps")
         except Exception as err:  # noqa: BLE001 - any capture failure falls back to eager
             self._capture_failed = True
@@ -495,43 +403,38 @@ class Trainer:
 
     # -- checks, logging, checkpoints ----------------------------------------------------
     def _check_finite(self) -> None:
-        if self._first_bad is None or (self._clean and not self.dist.enabled):
-            return
-        first_bad = self._first_bad
+        reduce_min = None
         if self.dist.enabled:
             import torch.distributed as tdist
 
-            never = torch.iinfo(torch.long).max
-            first_bad = torch.where(first_bad < 0, never, first_bad)
-            tdist.all_reduce(first_bad, op=tdist.ReduceOp.MIN)
-            first_bad = torch.where(first_bad == never, -1, first_bad)
-        bad = first_bad.cpu()
-        if bool((bad >= 0).any()):
-            steps = torch.where(bad >= 0, bad, torch.iinfo(torch.long).max)
-            i = int(steps.argmin())
-            key = self._layout[i]  # type: ignore[index]
-            kept = (f"; the last good checkpoint is {self.last_checkpoint}"
-                    if self.last_checkpoint is not None else "; no checkpoint was written")
-            msg = (f"training diverged: {key} became NaN/inf at step {int(bad[i])}{kept}. "
-                   "Lower the learning rate, clip gradients (grad_clip=...), or regularise the energy")
-            raise TrainingDiverged(msg)
+            def reduce_min(t: Tensor) -> Tensor:
+                tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+                return t
+
+        found = self.step_stats.first_divergence(reduce_min)
+        if found is None:
+            return
+        key, step = found
+        kept = (f"; the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint is not None else "; no checkpoint was written")
+        raise TrainingDiverged(
+            f"training diverged: {key} became NaN/inf at step {step}{kept}. Lower the "
+            "learning rate, clip gradients (grad_clip=...), or regularise the energy")
 
     def _log(self, elapsed: float, steps_done: int) -> dict[str, Any]:
         self._check_finite()
-        means = self._acc / max(self._acc_n, 1)  # type: ignore[operator]
+        means = self.step_stats.take_means()
         if self.dist.enabled:
             means = all_reduce_mean(means, self.dist.world_size)
         values = means.tolist()
         record: dict[str, Any] = {"step": self.step}
-        record.update(dict(zip(self._layout or [], values)))
+        record.update(dict(zip(self.step_stats.layout or [], values)))
         record["lr"] = float(self.optimizer.param_groups[0]["lr"])
         record["it_per_s"] = steps_done / elapsed if elapsed > 0 else float("nan")
         record["threads"] = torch.get_num_threads()
         if self._threads_unlogged:  # the first record of each fit says why
             record["threads_reason"] = self.thread_choice.reason
             self._threads_unlogged = False
-        self._acc.zero_()  # type: ignore[union-attr]
-        self._acc_n = 0
         if self.is_main:
             self.history.append(record)
             for logger in self._loggers:
@@ -640,7 +543,7 @@ class Trainer:
             rng = ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0]
         set_rng_state(rng)
         self.step = int(ckpt["step"])
-        self._step_t.fill_(self.step)
+        self.step_stats.step_t.fill_(self.step)
         self.data_seed = ckpt.get("data_seed")
         self.last_checkpoint = Path(path)
 
@@ -714,7 +617,7 @@ class Trainer:
             elif self.dist.enabled:
                 torch.manual_seed(torch.initial_seed() + self.dist.rank)
         if self.scheduler is None:  # built once; a later fit() continues its schedule
-            self.scheduler = self._build_scheduler(steps)
+            self.scheduler = build_scheduler(self._scheduler_spec, self.optimizer, steps)
         if resume is True:
             resume = self.checkpoint_path if self.checkpoint_path is not None and self.checkpoint_path.exists() else None
         own_run = self.last_checkpoint is not None or self.step > 0
@@ -767,7 +670,7 @@ class Trainer:
                     self._check_finite()
                 stats = None
                 if self.callbacks:
-                    stats = dict(zip(self._layout or [], (self._last_stats_view())))
+                    stats = dict(zip(self.step_stats.layout or [], (self._last_stats_view())))
                     for cb in self.callbacks:
                         cb.on_step(self, self.step, stats)
                 if self.step % self.log_every == 0 or self.step == steps:
@@ -776,7 +679,7 @@ class Trainer:
                     t0, since = time.perf_counter(), 0
                 if self.checkpoint_every is not None and self.step % self.checkpoint_every == 0:
                     self.save_checkpoint()
-            if self._acc_n:
+            if self.step_stats.count:
                 record = self._log(time.perf_counter() - t0, max(since, 1))
             if self.checkpoint_path is not None:
                 self.save_checkpoint()
