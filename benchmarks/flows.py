@@ -248,7 +248,7 @@ def main() -> None:
     with torch.no_grad():  # a non-trivial flow
         for p in flow.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    cnf = ContinuousFlow(2, hidden=(32, 32), n_steps=8).to(device)
+    cnf = ContinuousFlow(2, hidden=(32, 32), ode_steps=8).to(device)
 
     def row(what, n, per, lib, ref):
         r = {"what": what, "chains": n, "ebmflow": per / lib[0], "ebmflow_cpu": per / lib[1],

@@ -88,7 +88,7 @@ def make_flow(cfg: dict, seed: int, proposal=None) -> DiscreteFlowSampler:
     torch.manual_seed(seed)
     path = MixturePath(2, "mask")
     model = MLPVelocity(DIM, 2, hidden=f["hidden"], schedule=path.schedule)
-    return DiscreteFlowSampler(model, path, CTMCSolver(path, f["step_size"]), proposal=proposal,
+    return DiscreteFlowSampler(model, path, CTMCSolver(path, dt=f["step_size"]), proposal=proposal,
                                lr=f["lr"], batch_size=f["proposal_batch"], fit_to="data")
 
 

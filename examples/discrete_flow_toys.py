@@ -72,7 +72,7 @@ def make_flow(cfg, gen_seed):
     torch.manual_seed(gen_seed)
     path = MixturePath(2, "mask")
     model = MLPVelocity(32, 2, hidden=cfg["flow"]["hidden"], schedule=path.schedule)
-    return DiscreteFlowSampler(model, path, CTMCSolver(path, cfg["flow"]["step_size"]),
+    return DiscreteFlowSampler(model, path, CTMCSolver(path, dt=cfg["flow"]["step_size"]),
                                lr=cfg["flow"]["lr"], batch_size=cfg["flow"]["proposal_batch"],
                                fit_to="data")
 

@@ -41,7 +41,7 @@ def exact_euler_law(path: MixturePath, solver: CTMCSolver, support, probs) -> to
         dist[idx[tuple(x0[0].tolist())]] = 1.0
     else:
         dist[:] = 1.0 / len(states)
-    times = time_grid(0.0, solver.step_size)
+    times = time_grid(0.0, solver.dt)
     for k in range(len(times) - 1):
         t, dt = times[k], times[k + 1] - times[k]
         u = path.marginal_velocity(states, t, support, probs)
@@ -214,7 +214,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="long"):
         path.sample(torch.tensor([[0.0, 1.0]]), 0.5)
     for h in (0.0, -0.1, float("nan")):
-        with pytest.raises(ValueError, match="step_size"):
+        with pytest.raises(ValueError, match="dt"):
             CTMCSolver(path, h)
     solver = CTMCSolver(path, 0.1)
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -65,7 +65,7 @@ def chain_law_errors(path, solver, support, probs) -> list[float]:
     dim = support.shape[1]
     states = all_tokens(path.vocab_size, dim)
     dist = path_marginal(path, states, support, probs, 0.0)
-    times = time_grid(0.0, solver.step_size)
+    times = time_grid(0.0, solver.dt)
     errors = []
     for k in range(len(times) - 1):
         t, dt = times[k], times[k + 1] - times[k]

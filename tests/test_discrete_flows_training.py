@@ -46,7 +46,7 @@ def euler_law(velocity_fn, solver: CTMCSolver, dim: int) -> torch.Tensor:
         groups.append((rows, mdims, target.flatten()))
     dist = torch.zeros(len(states), dtype=torch.float64)
     dist[-1] = 1.0  # all MASK
-    times = time_grid(0.0, solver.step_size)
+    times = time_grid(0.0, solver.dt)
     for k in range(len(times) - 1):
         t, dt = times[k], times[k + 1] - times[k]
         u = velocity_fn(states, torch.full((len(states),), t))

@@ -76,7 +76,7 @@ def test_gaussian_flow_exact_acceptance(kind, gen):
         flow = RealNVP(2, n_layers=2, loc=mean, scale=scale)
     else:  # linear velocity: e^a = scale, b (e^a - 1) / a = mean
         a = scale.log()
-        flow = ContinuousFlow(2, LinearVelocity(a, mean * a / (scale - 1)), n_steps=8)
+        flow = ContinuousFlow(2, LinearVelocity(a, mean * a / (scale - 1)), ode_steps=8)
     sampler = FlowMC(flow, MALA(0.1), n_local=2, n_global=4, flow_steps=0)
     x = sampler.sample(target, 500, generator=gen)
     assert x.shape == (500, 2)
@@ -219,7 +219,7 @@ def test_flowmc_recovers_mode_weights_where_mala_fails(kind, gen):
         sampler = FlowMC(flow, MALA(0.5), n_local=5, n_global=5, lr=5e-3, flow_steps=10)
         x = _fit_rounds(sampler, target, x0, gen, adapt_rounds=15, rounds=4)
     else:  # the flow is fitted by flow matching; proposals and log q by the ODE (exact trace)
-        flow = ContinuousFlow(2, hidden=(32, 32), n_steps=4)
+        flow = ContinuousFlow(2, hidden=(32, 32), ode_steps=4)
         sampler = FlowMC(flow, MALA(0.5), n_local=5, n_global=3, lr=5e-3, flow_steps=40,
                          flow_loss="flow_matching")
         x = _fit_rounds(sampler, target, x0, gen, adapt_rounds=7, rounds=4)
@@ -493,17 +493,17 @@ def test_continuous_flow_needs_an_exact_log_density(gen):
     with pytest.raises(ValueError, match="trace='exact'"):
         FlowMC(ContinuousFlow(2, trace="hutchinson"))
     torch.manual_seed(0)
-    coarse = ContinuousFlow(2, hidden=(16,), method="euler", n_steps=2)
+    coarse = ContinuousFlow(2, hidden=(16,), method="euler", ode_steps=2)
     with torch.no_grad():
         for p in coarse.parameters():
             p.add_(0.5 * torch.randn_like(p))
     sampler = FlowMC(coarse, MALA(0.1), n_local=1, n_global=1, flow_steps=0)
-    with pytest.raises(ValueError, match="n_steps"):
+    with pytest.raises(ValueError, match="ode_steps"):
         sampler.sample(_target(), 8, generator=gen)
     # exact trace in 10-D: the flow equals the target, every proposal is accepted
     mean, scale = torch.linspace(-1, 1, 10), torch.linspace(0.5, 2.1, 10)
     a = scale.log()
-    flow = ContinuousFlow(10, LinearVelocity(a, mean * a / (scale - 1)), n_steps=8,
+    flow = ContinuousFlow(10, LinearVelocity(a, mean * a / (scale - 1)), ode_steps=8,
                           trace="exact")
     target = GaussianMixtureEnergy(mean[None], scale[None])
     ok = FlowMC(flow, MALA(0.05), n_local=1, n_global=2, flow_steps=0)

@@ -165,7 +165,7 @@ def test_a_failing_compile_falls_back_to_the_same_moves() -> None:
 
 
 def test_ode_flow_is_not_compiled() -> None:
-    flow = ContinuousFlow(2, trace="exact", n_steps=4)
+    flow = ContinuousFlow(2, trace="exact", ode_steps=4)
     s = FlowMC(flow, MALA(0.1), n_local=0, n_global=2, flow_steps=0, compile=True,
                logq_tol=1.0)
     s.compile_backend = "eager"

@@ -33,7 +33,7 @@ def _make(kind: str, dim: int) -> Flow:
     if kind == "realnvp":
         return _perturb(RealNVP(dim, n_layers=4, hidden=(16, 16)))
     if kind == "cnf":
-        return _perturb(ContinuousFlow(dim, hidden=(16, 16), n_steps=8))
+        return _perturb(ContinuousFlow(dim, hidden=(16, 16), ode_steps=8))
     if kind == "cnf_dopri":
         return _perturb(ContinuousFlow(dim, hidden=(16, 16), method="dopri5", atol=1e-7, rtol=1e-7))
     raise AssertionError(kind)
@@ -108,7 +108,7 @@ def test_gradients_reach_all_parameters_and_state_dict_round_trip(gen):
         buf = io.BytesIO()
         torch.save(flow.state_dict(), buf)
         fresh = RealNVP(3, n_layers=4, hidden=(16, 16)) if kind == "realnvp" else ContinuousFlow(
-            3, hidden=(16, 16), n_steps=8)
+            3, hidden=(16, 16), ode_steps=8)
         buf.seek(0)
         fresh.load_state_dict(torch.load(buf))
         with torch.no_grad():
@@ -118,7 +118,7 @@ def test_gradients_reach_all_parameters_and_state_dict_round_trip(gen):
 def test_identity_at_initialisation(gen):
     """Zero-initialised last layers: q = N(0, I) exactly."""
     x = torch.randn(10, 4, generator=gen)
-    for flow in (RealNVP(4), ContinuousFlow(4, n_steps=2)):
+    for flow in (RealNVP(4), ContinuousFlow(4, ode_steps=2)):
         with torch.no_grad():
             torch.testing.assert_close(flow.log_prob(x), standard_normal_log_prob(x))
 
@@ -146,8 +146,8 @@ def test_hutchinson_is_unbiased_against_exact_trace():
 def test_hutchinson_log_prob_is_unbiased():
     """The Hutchinson log-density (one noise vector per solve) averages to the exact one."""
     torch.manual_seed(0)
-    exact_flow = _perturb(ContinuousFlow(3, hidden=(16, 16), n_steps=6, trace="exact"))
-    hutch_flow = ContinuousFlow(3, hidden=(16, 16), n_steps=6, trace="hutchinson")
+    exact_flow = _perturb(ContinuousFlow(3, hidden=(16, 16), ode_steps=6, trace="exact"))
+    hutch_flow = ContinuousFlow(3, hidden=(16, 16), ode_steps=6, trace="hutchinson")
     hutch_flow.load_state_dict(exact_flow.state_dict())
     x = torch.randn(2, 3, generator=torch.Generator().manual_seed(4))
     k = 2000
@@ -188,7 +188,7 @@ def test_realnvp_fit_by_maximum_likelihood(gen):
 
 def test_cnf_flow_matching_learns_shifted_gaussian(gen):
     mu, sd = torch.tensor([3.0, -2.0]), torch.tensor([0.5, 1.5])
-    flow = ContinuousFlow(2, hidden=(32, 32), n_steps=8)
+    flow = ContinuousFlow(2, hidden=(32, 32), ode_steps=8)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
     for _ in range(300):
         x1 = mu + sd * torch.randn(256, 2, generator=gen)

@@ -48,3 +48,85 @@ def test_importance_weights_ess_matches_metrics():
     lw = -e / 2.0 - log_q
     assert torch.equal(stats["ess"], effective_sample_size(lw))
     assert torch.equal(stats["ess_fraction"], effective_sample_size(lw, normalized=True))
+
+
+# -- step_size is an MCMC step size; dt the CTMC time step; ode_steps the ODE steps --------
+
+def test_ctmc_solver_dt_and_deprecated_step_size():
+    from ebmflow.discrete_flows import CTMCSolver, MixturePath
+    from ebmflow.discrete_flows.solver import time_grid
+
+    path = MixturePath(3)
+    new = CTMCSolver(path, dt=0.1)
+    assert new.dt == 0.1 and CTMCSolver(path, 0.1).dt == 0.1 and CTMCSolver(path).dt == 0.05
+    with pytest.warns(DeprecationWarning, match=r"dt="):
+        old = CTMCSolver(path, step_size=0.1)
+    with pytest.warns(DeprecationWarning, match=r"CTMCSolver\.dt"):
+        assert old.step_size == 0.1
+    with pytest.raises(ValueError, match="dt"):
+        CTMCSolver(path, dt=0.1, step_size=0.1)
+    assert time_grid(0.0, new.dt) == time_grid(0.0, old.dt)
+
+    def velocity(x, t):
+        return torch.ones(*x.shape, 3) / 3
+
+    x0 = path.sample_source(8, 4)
+    a = new.sample(velocity, x0, generator=torch.Generator().manual_seed(0), return_log_prob=True)
+    b = old.sample(velocity, x0, generator=torch.Generator().manual_seed(0), return_log_prob=True)
+    assert torch.equal(a.x, b.x) and torch.equal(a.log_prob, b.log_prob)
+
+
+def test_continuous_flow_ode_steps_and_deprecated_n_steps():
+    from ebmflow.flows import ContinuousFlow
+
+    torch.manual_seed(0)
+    new = ContinuousFlow(2, hidden=(8,), ode_steps=3)
+    with pytest.warns(DeprecationWarning, match=r"ode_steps="):
+        old = ContinuousFlow(2, hidden=(8,), n_steps=3)
+    old.load_state_dict(new.state_dict())
+    assert new.ode_steps == old.ode_steps == 3 and ContinuousFlow(2).ode_steps == 16
+    with pytest.warns(DeprecationWarning, match=r"ode_steps"):
+        assert old.n_steps == 3
+    with pytest.raises(ValueError, match="ode_steps"):
+        ContinuousFlow(2, ode_steps=3, n_steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(new.log_prob(x), old.log_prob(x))
+        assert "ode_steps=3" in repr(new)
+
+
+def test_flow_fit_steps_and_deprecated_n_steps():
+    from ebmflow.flows import RealNVP
+
+    data = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    a = RealNVP(2, n_layers=2, hidden=(8,))
+    b = RealNVP(2, n_layers=2, hidden=(8,))
+    b.load_state_dict(a.state_dict())
+    la = a.fit(data, steps=5, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(DeprecationWarning, match=r"steps="):
+        lb = b.fit(data, n_steps=5, generator=torch.Generator().manual_seed(2))
+    assert la.shape == (5,) and torch.equal(la, lb)
+
+
+def test_step_size_means_an_mcmc_step_size_only():
+    """Every ``step_size`` parameter in the library belongs to an MCMC sampler (the CTMC
+    solver's deprecated alias aside); every ``n_steps`` counts MCMC transitions (the
+    deprecated aliases of ``ode_steps`` and ``Flow.fit(steps)`` aside)."""
+    import ast
+
+    deprecated = {("discrete_flows/solver.py", "step_size"), ("flows/continuous.py", "n_steps"),
+                  ("flows/base.py", "n_steps")}
+    mcmc_dirs = ("samplers/", "flows/flowmc.py", "discrete_flows/recipes.py", "metrics/ais.py",
+                 "losses/contrastive_divergence.py", "training/", "cli.py")
+    bad = []
+    for rel, text in _sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.args + node.args.kwonlyargs
+                for a in args:
+                    if a.arg in ("step_size", "n_steps") and (rel, a.arg) not in deprecated \
+                            and not rel.startswith(mcmc_dirs):
+                        bad.append(f"{rel}:{node.lineno} {node.name}({a.arg})")
+    assert not bad, bad

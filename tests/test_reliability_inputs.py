@@ -181,7 +181,7 @@ CASES = [
     ("MixturePath K=1", lambda: MixturePath(1), r"num_classes.*got 1"),
     ("MixturePath source", lambda: MixturePath(3, source="foo"), r"source.*'foo'"),
     ("PolynomialSchedule NaN", lambda: PolynomialSchedule(NAN), r"exponent.*got nan"),
-    ("CTMCSolver step 0", lambda: CTMCSolver(MixturePath(2), step_size=0.0), r"step_size.*got 0\.0"),
+    ("CTMCSolver step 0", lambda: CTMCSolver(MixturePath(2), dt=0.0), r"dt.*got 0\.0"),
     ("MLPVelocity dim 0", lambda: MLPVelocity(0), r"dim.*got 0"),
     # flows
     ("RealNVP n_layers 0", lambda: RealNVP(2, n_layers=0), r"n_layers.*got 0"),

@@ -76,7 +76,7 @@ class DiscreteFlowSampler(Sampler):
         model: the ``VelocityModel`` (its output is the velocity for objective "velocity",
             posterior logits of x1 for objective "posterior").
         path: default ``MixturePath(model.num_classes, "mask")``.
-        solver: default ``CTMCSolver(path, step_size=0.05)`` (jump "exact").
+        solver: default ``CTMCSolver(path, dt=0.05)`` (jump "exact").
         objective: "velocity" (velocity regression, default) or "posterior" (cross-entropy).
         fit_to: what ``update`` trains the flow on: "energy" (default; data-free, importance
             weighted, any data batch unused) or "data" (the batch, when one is given).

@@ -20,6 +20,8 @@ x = T(z) with log q(x) = log rho(z) - log|det dT/dz|.
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +31,23 @@ from ..samplers import rng
 from ..spaces import Continuous
 
 __all__ = ["Flow", "standard_normal_log_prob"]
+
+
+def renamed_keyword(where: str, old: str, old_value: Any, new: str, new_value: Any,
+                    default: Any) -> Any:
+    """The value of a renamed keyword: ``new_value``, else ``old_value`` (with a
+    ``DeprecationWarning`` naming ``new``), else ``default``; both given is an error."""
+    if old_value is None:
+        return default if new_value is None else new_value
+    if new_value is not None:
+        raise ValueError(f"{where}: pass {new}= only ({old}= is its deprecated name)")
+    warnings.warn(
+        f"{where}({old}=...) is deprecated and will be removed in the next release; use "
+        f"{new}=...",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return old_value
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -136,22 +155,26 @@ class Flow(nn.Module):
     def fit(
         self,
         data: Tensor,
-        n_steps: int = 1000,
+        steps: int | None = None,
         *,
         lr: float = 1e-3,
         batch_size: int = 256,
         generator: torch.Generator | None = None,
+        n_steps: int | None = None,
     ) -> Tensor:
-        """Fit the flow to ``data`` ``(N, D)`` by maximum likelihood with Adam,
-        L(phi) = -mean_b log q_phi(x_b) over minibatches.
+        r"""Fit the flow to ``data`` ``(N, D)`` by maximum likelihood with Adam,
+        $L(\phi) = -\operatorname{mean}_b \log q_\phi(x_b)$ over minibatches.
 
+        ``steps``: optimiser steps (default 1000; as in ``Trainer.fit(data, steps)``). Formerly
+        ``n_steps=`` (still accepted for one release, with a ``DeprecationWarning``).
         Minibatches are drawn uniformly with replacement. Returns the loss of every step
-        ``(n_steps,)`` (detached; one host copy at the end, none inside the loop).
+        ``(steps,)`` (detached; one host copy at the end, none inside the loop).
         """
+        steps = renamed_keyword("Flow.fit", "n_steps", n_steps, "steps", steps, 1000)
         self._check_input(data, "data")
         opt = default_adam(self.parameters(), lr)
-        losses = torch.zeros(n_steps, device=data.device)
-        for i in range(n_steps):
+        losses = torch.zeros(steps, device=data.device)
+        for i in range(steps):
             idx = torch.randint(0, data.shape[0], (min(batch_size, data.shape[0]),),
                                 generator=generator, device=data.device)
             loss = self.nll(data[idx])

@@ -14,6 +14,7 @@ method) or flow matching on the linear path x_t = (1 - t) x0 + t x1, target velo
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from ..energy.networks import make_activation
-from .base import Flow
+from .base import Flow, renamed_keyword
 
 __all__ = [
     "ContinuousFlow",
@@ -131,7 +132,9 @@ class ContinuousFlow(Flow):
         hidden: widths of the default velocity MLP (default (64, 64)).
         activation: its activation (default "silu").
         method: torchdiffeq solver (default "rk4", a fixed-step solver; "dopri5" is adaptive).
-        n_steps: number of steps for fixed-step solvers (default 16).
+        ode_steps: number of ODE steps for fixed-step solvers (default 16). Formerly
+            ``n_steps=`` (still accepted for one release, with a ``DeprecationWarning``: in
+            ebmflow ``n_steps`` counts MCMC transitions).
         atol, rtol: tolerances for adaptive solvers (default 1e-5).
         adjoint: use ``odeint_adjoint`` (memory O(1) in the number of steps) for maximum
             likelihood training (default False: backprop through the solver).
@@ -154,30 +157,39 @@ class ContinuousFlow(Flow):
         hidden: Sequence[int] = (64, 64),
         activation: str = "silu",
         method: str = "rk4",
-        n_steps: int = 16,
+        ode_steps: int | None = None,
         atol: float = 1e-5,
         rtol: float = 1e-5,
         adjoint: bool = False,
         trace: str = "auto",
         noise: str = "rademacher",
+        n_steps: int | None = None,
     ):
         super().__init__(dim)
+        ode_steps = renamed_keyword("ContinuousFlow", "n_steps", n_steps, "ode_steps", ode_steps, 16)
         if trace not in ("auto", "exact", "hutchinson"):
             raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
         if noise not in ("rademacher", "gaussian"):
             raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
-        if not isinstance(n_steps, int) or n_steps < 1:
-            raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+        if not isinstance(ode_steps, int) or isinstance(ode_steps, bool) or ode_steps < 1:
+            raise ValueError(f"ode_steps must be a positive int, got {ode_steps!r}")
         _check_method(method)
         self.velocity = velocity if velocity is not None else TimeMLP(dim, hidden, activation)
         self.dynamics = _Dynamics(self.velocity)
         self.method = method
-        self.n_steps = n_steps
+        self.ode_steps = ode_steps
         self.atol = atol
         self.rtol = rtol
         self.adjoint = adjoint
         self.trace = trace
         self.noise = noise
+
+    @property
+    def n_steps(self) -> int:
+        """Deprecated name of ``ode_steps``."""
+        warnings.warn("ContinuousFlow.n_steps is deprecated; use ContinuousFlow.ode_steps",
+                      DeprecationWarning, stacklevel=2)
+        return self.ode_steps
 
     @property
     def exact_trace(self) -> bool:
@@ -205,7 +217,7 @@ class ContinuousFlow(Flow):
         a0 = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
         kwargs: dict = {"method": self.method}
         if self.method in _FIXED_STEP:
-            kwargs["options"] = {"step_size": abs(t1 - t0) / self.n_steps}
+            kwargs["options"] = {"step_size": abs(t1 - t0) / self.ode_steps}
         else:
             kwargs.update(atol=self.atol, rtol=self.rtol)
         if self.adjoint and torch.is_grad_enabled():
@@ -252,5 +264,5 @@ class ContinuousFlow(Flow):
         return (self.velocity(t, xt) - (x1 - x0)).pow(2).sum(-1).mean()
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, method={self.method!r}, n_steps={self.n_steps}, "
+        return (f"dim={self.dim}, method={self.method!r}, ode_steps={self.ode_steps}, "
                 f"trace={'exact' if self.exact_trace else 'hutchinson'}, adjoint={self.adjoint}")

@@ -134,8 +134,8 @@ def check_exact_log_prob(flow: Flow, n: int = 256, tol: float = 1e-3,
         raise ValueError(
             f"the forward and inverse ODE solves of {type(flow).__name__} disagree by {gap:.3g} "
             f"nats in log q (tolerance {tol:g}): the independence proposals would not keep "
-            f"the target invariant; solve more accurately, e.g. more n_steps (now "
-            f"{getattr(flow, 'n_steps', '?')}) or method='dopri5' with atol=rtol=1e-7, or "
+            f"the target invariant; solve more accurately, e.g. more ode_steps (now "
+            f"{getattr(flow, 'ode_steps', '?')}) or method='dopri5' with atol=rtol=1e-7, or "
             f"raise FlowMC(logq_tol=...)"
         )
     return gap

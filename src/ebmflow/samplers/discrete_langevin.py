@@ -46,7 +46,8 @@ class DiscreteLangevin(GradientDiscreteSampler):
     computed from the gradient at $x'$; the chain is then exact.
 
     Args:
-        step_size: $\alpha > 0$ (default 0.1); larger moves more coordinates per step.
+        step_size: $\alpha > 0$ (default 0.1), the $\alpha$ of Zhang et al. (2022): the MCMC
+            step size of the discrete Langevin proposal; larger moves more coordinates per step.
         metropolis: add the MH correction (DMALA). Default False (DULA).
         n_steps: default number of steps of ``sample``/``run`` (default 10).
         check_gradient: at the start of each run, reject energies whose gradient is zero at
