@@ -328,3 +328,21 @@ def test_wrong_space_error_lists_the_samplers_that_can() -> None:
         Gibbs().sample(_mixture(), 4)
     with pytest.raises(ValueError, match="Gibbs, GibbsWithGradients, DiscreteLangevin"):
         MALA().sample(_binary_mlp(), 4)
+
+
+@pytest.mark.slow  # inductor
+def test_inductor_compiles_the_fast_gemm_path_without_fallback() -> None:
+    """A wide float32 MLP takes the oneDNN GEMM path; inside inductor it must stay compiled
+    (an opaque operator), not fall back to eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    energy = MLPEnergy(Continuous(2), hidden=(256, 256))
+    x0 = torch.randn(256, 2)
+    out = []
+    for compiled in (False, True):
+        s = MALA(0.01, compile=compiled)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileFallbackWarning)
+            out.append(s.run(energy, x0, 20, generator=torch.Generator().manual_seed(0)))
+    assert s.compile_seconds is not None
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-4)

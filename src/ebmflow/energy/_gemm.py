@@ -13,6 +13,8 @@ needs a backward formula.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,6 +36,23 @@ def _onednn_linear_available() -> bool:
 _ONEDNN = _onednn_linear_available()
 
 
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# inside torch.compile the oneDNN call is an opaque custom operator (inductor's own lowering of
+# the oneDNN linear expects prepacked weights); eager calls skip the custom-op dispatch
+_opaque: Any = None
+if _ONEDNN and hasattr(torch.library, "custom_op"):
+    @torch.library.custom_op("ebmflow::onednn_linear", mutates_args=())
+    def _opaque(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return _onednn(x.contiguous(), weight, bias)
+
+    @_opaque.register_fake
+    def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     r"""$x W^\top + b$ for ``x`` ``(B, n_in)``, ``weight`` ``(n_out, n_in)`` (a transposed view
     is fine), without autograd support on the oneDNN path."""
@@ -41,5 +60,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             and weight.dtype == torch.float32 and x.dim() == 2 and weight.dim() == 2
             and min(weight.shape) >= _MIN_WIDTH and x.shape[0] * weight.numel() >= _MIN_WORK
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if not torch.compiler.is_compiling():
+            return _onednn(x, weight, bias)
+        if _opaque is not None:
+            return _opaque(x, weight, bias)
     return F.linear(x, weight, bias)
