@@ -56,7 +56,7 @@ DELTA = 1e-4
 _PACKAGES = ("ebmflow.samplers", "ebmflow.flows", "ebmflow.discrete_flows", "ebmflow.losses",
              "ebmflow.training")
 # intermediate bases that hold no kernel of their own
-ABSTRACT = {"ebmflow.samplers.mala.AdaptiveStepSize", "ebmflow.samplers._discrete.GradientDiscreteSampler"}
+ABSTRACT = {"ebmflow.samplers.adaptive.AdaptiveStepSize", "ebmflow.samplers._discrete.GradientDiscreteSampler"}
 
 
 def _qualname(cls: type) -> str:

@@ -130,3 +130,56 @@ def test_step_size_means_an_mcmc_step_size_only():
                             and not rel.startswith(mcmc_dirs):
                         bad.append(f"{rel}:{node.lineno} {node.name}({a.arg})")
     assert not bad, bad
+
+
+# -- categorical draws: one helper, ebmflow.samplers.rng.categorical_sample ----------------
+
+def test_categorical_sample_law_and_noise_tape():
+    from ebmflow.samplers import rng
+
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    for kw in ({"logits": p.log()}, {"probs": 2 * p}, {"cdf": p.cumsum(0)}):
+        args = {k: v.expand(40_000, 4) for k, v in kw.items()}
+        x = rng.categorical_sample(**args, generator=torch.Generator().manual_seed(0))
+        freq = torch.bincount(x, minlength=4).float() / x.numel()
+        torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
+    # inside a compiled block the uniforms come from the tape
+    u = torch.tensor([[0.05], [0.95]])
+    x = rng.categorical_sample(probs=p.expand(2, 4), generator=rng.NoiseTape([u]))
+    assert x.tolist() == [0, 3]
+    with pytest.raises(ValueError, match="exactly one"):
+        rng.categorical_sample(p.log(), probs=p)
+
+
+def test_every_categorical_draw_goes_through_the_helper(monkeypatch):
+    from ebmflow.discrete_flows import CTMCSolver, FactorizedProposal, MixturePath
+    from ebmflow.energy import MLPEnergy
+    from ebmflow.losses import CategoricalPerturbation
+    from ebmflow.samplers import DiscreteLangevin, Gibbs, GibbsWithGradients, rng
+    from ebmflow.spaces import Categorical
+
+    calls = []
+    real = rng.categorical_sample
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(rng, "categorical_sample", spy)
+    gen = torch.Generator().manual_seed(0)
+    energy = MLPEnergy(Categorical(3, 4), hidden=(8,))
+    users = {
+        "Gibbs": lambda: Gibbs(n_steps=1).sample(energy, 4, generator=gen),
+        "GibbsWithGradients": lambda: GibbsWithGradients(n_steps=1).sample(energy, 4, generator=gen),
+        "DiscreteLangevin": lambda: DiscreteLangevin(n_steps=1).sample(energy, 4, generator=gen),
+        "CTMCSolver": lambda: CTMCSolver(MixturePath(4), dt=0.5).sample(
+            lambda x, t: torch.ones(*x.shape, 4), MixturePath(4).sample_source(4, 3),
+            generator=gen),
+        "FactorizedProposal": lambda: FactorizedProposal.uniform(3, 4).sample(4, gen),
+        "CategoricalPerturbation": lambda: CategoricalPerturbation(4).perturb(
+            torch.zeros(4, 3, dtype=torch.long), gen),
+    }
+    for name, use in users.items():
+        calls.clear()
+        use()
+        assert calls, f"{name} draws its categorical values without rng.categorical_sample"

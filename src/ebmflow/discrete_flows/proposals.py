@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..samplers import rng
+
 __all__ = ["FactorizedProposal"]
 
 
@@ -69,9 +71,7 @@ class FactorizedProposal(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n states, long ``(n, D)``."""
-        cdf = self.probs.cumsum(-1)
-        u = torch.rand((n, self.dim, 1), generator=generator, device=self.probs.device)
-        return (cdf[None] <= u * cdf[None, :, -1:]).sum(-1).clamp_max(self.num_classes - 1)
+        return rng.categorical_sample(probs=self.probs.expand(n, -1, -1), generator=generator)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log q(x) = sum_d log probs[d, x^d], ``(n,)`` (-inf outside the support)."""

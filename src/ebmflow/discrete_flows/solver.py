@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..samplers import rng
 from .path import MixturePath
 
 __all__ = ["CTMCSolver", "SolverOutput", "time_grid", "JUMP_METHODS"]
@@ -165,12 +166,6 @@ class CTMCSolver:
             probs = torch.where(empty, uniform, probs)
         return probs / probs.sum(-1, keepdim=True)
 
-    @staticmethod
-    def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
-        cdf = probs.cumsum(-1)
-        u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device,
-                       dtype=probs.dtype) * cdf[..., -1:]
-        return (cdf <= u).sum(-1).clamp_max(probs.shape[-1] - 1)
 
     def _check(self, x_init: Tensor, t0: float) -> None:
         self.path.check_tokens(x_init, "x_init", allow_mask=True)
@@ -207,7 +202,7 @@ class CTMCSolver:
             t, dt = times[k], times[k + 1] - times[k]
             u = velocity_fn(x, torch.full((b,), t, device=x.device))
             probs = self.step_probs(u, x, t, dt, last=k == len(times) - 2)
-            x_new = self._draw(probs, generator)
+            x_new = rng.categorical_sample(probs=probs, generator=generator)
             if log_prob is not None:
                 p = probs.gather(-1, x_new[..., None]).squeeze(-1)
                 log_prob = log_prob + p.clamp_min(1e-38).log().sum(-1)

@@ -44,6 +44,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from ..samplers import rng
 from ..spaces import Binary, Categorical, Continuous, Space
 
 __all__ = [
@@ -286,9 +287,7 @@ class CategoricalPerturbation(Perturbation):
 
     @torch.no_grad()
     def perturb(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        cdf = self.cdf[x]  # (B, D, K)
-        u = torch.rand((*x.shape, 1), generator=generator, device=x.device)
-        return (u >= cdf).sum(-1).clamp_(max=self.num_classes - 1)
+        return rng.categorical_sample(cdf=self.cdf[x], generator=generator)  # rows (B, D, K)
 
     def check_space(self, space: Space) -> None:
         super().check_space(space)

@@ -158,17 +158,8 @@ def half_flip_gain(xr: Tensor, grad_energy: Tensor) -> Tensor:
 
 
 def gumbel_argmax(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    r"""One draw per row of the last axis from $\operatorname{softmax}(\text{logits})$
-    (Gumbel-max; $-\infty$ = excluded).
-
-    Uses no host synchronisation, so it can be captured in a CUDA graph. Returns long indices
-    of shape ``logits.shape[:-1]``.
-    """
-    u = rng.rand(logits.shape, generator, logits.device, logits.dtype)
-    tiny = torch.finfo(logits.dtype).tiny
-    # Gumbel noise is -log(-log u); logits + gumbel = logits - log(-log u)
-    neg_gumbel = u.clamp_min_(tiny).log_().neg_().log_()
-    return (logits - neg_gumbel).argmax(-1)
+    """Former name of ``rng.categorical_sample(logits, generator)`` (kept for callers)."""
+    return rng.categorical_sample(logits, generator)
 
 
 def log_uniform(batch: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -14,7 +14,6 @@ from . import rng
 from ._discrete import (
     GradientDiscreteSampler,
     flip_gain,
-    gumbel_argmax,
     half_flip_gain,
     mh_select,
     relax,
@@ -101,7 +100,7 @@ class DiscreteLangevin(GradientDiscreteSampler):
     def _propose(self, energy: EnergyModel, x: Tensor, logits: Tensor,
                  generator: torch.Generator | None) -> Tensor:
         if isinstance(energy.space, Categorical):
-            return gumbel_argmax(logits, generator)
+            return rng.categorical_sample(logits, generator)
         return self._propose_binary(x, logits, generator)[0]
 
     @staticmethod

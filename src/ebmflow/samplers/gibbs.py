@@ -9,7 +9,7 @@ from torch.nn.functional import logsigmoid
 from ..energy.base import EnergyModel
 from ..spaces import Binary
 from . import rng
-from ._discrete import _read_values, check_discrete_states, gumbel_argmax, is_discrete_space
+from ._discrete import _read_values, check_discrete_states, is_discrete_space
 from .base import ChainState, MCMCSampler, StepInfo
 
 __all__ = ["Gibbs"]
@@ -101,7 +101,7 @@ class Gibbs(MCMCSampler):
         """Resample coordinate ``index`` ``(B,)`` of every chain; returns (x', E(x'), changed)."""
         k = energy.space.num_classes
         logits = self._relative_logits(energy, x, index, e)
-        j = gumbel_argmax(logits, generator)  # (B,) relative move; 0 = keep
+        j = rng.categorical_sample(logits, generator)  # (B,) relative move; 0 = keep
         current = x.gather(1, index[:, None]).long()
         new_value = (current + j[:, None]) % k
         x = x.scatter(1, index[:, None], new_value.to(x.dtype))

@@ -8,10 +8,10 @@ from torch import Tensor
 
 from ..energy.base import EnergyModel
 from ..spaces import Categorical
+from . import rng
 from ._discrete import (
     GradientDiscreteSampler,
     flip_gain,
-    gumbel_argmax,
     half_flip_gain,
     mh_select,
     relax,
@@ -115,7 +115,7 @@ class GibbsWithGradients(GradientDiscreteSampler):
     ) -> tuple[ChainState, StepInfo]:
         name = type(self).__name__
         log_q_fwd_all = torch.log_softmax(self._move_logits(energy, x, g), dim=1)
-        move = gumbel_argmax(log_q_fwd_all, generator)
+        move = rng.categorical_sample(log_q_fwd_all, generator)
         x_new, back = self._apply_move(energy, x, move)
         e_new, g_new = relaxed_energy_and_grad(name, energy, x_new)
         log_q_rev_all = torch.log_softmax(self._move_logits(energy, x_new, g_new), dim=1)

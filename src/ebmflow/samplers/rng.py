@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseTape", "RecordingTape", "Draw", "randn", "rand", "randint", "Rng"]
+__all__ = ["NoiseTape", "RecordingTape", "Draw", "randn", "rand", "randint", "Rng",
+           "categorical_sample"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,43 @@ def randint(low: int, high: int, shape: tuple[int, ...] | torch.Size, generator:
             Draw("randint", _shape(shape), torch.long, torch.device(device), low, high))
         generator = generator.generator
     return torch.randint(low, high, shape, generator=generator, device=device)
+
+
+def categorical_sample(
+    logits: Tensor | None = None,
+    generator: Rng = None,
+    *,
+    probs: Tensor | None = None,
+    cdf: Tensor | None = None,
+) -> Tensor:
+    r"""One draw per row of the last axis of a categorical distribution, through ``rand``
+    (so a sampler transition's draw can be pre-drawn noise). Returns long indices of shape
+    ``batch_shape = (...)`` for an input of shape ``(..., K)``. Give exactly one of:
+
+    * ``logits``: draws from $\operatorname{softmax}(\text{logits})$ by Gumbel-max,
+      $\arg\max_k (\ell_k - \log(-\log u_k))$ with $K$ uniforms per row; $-\infty$
+      excludes a value; no normalisation and no host synchronisation (graph-capturable).
+    * ``probs``: unnormalised probabilities $\ge 0$; inverse CDF with one uniform per row,
+      $\#\{k : F_k \le u\, F_K\}$, $F$ the cumulative sums.
+    * ``cdf``: precomputed cumulative sums whose last entry is 1 (e.g. a fixed transition
+      matrix's rows); inverse CDF as for ``probs``.
+    """
+    given = [t for t in (logits, probs, cdf) if t is not None]
+    if len(given) != 1:
+        raise ValueError("pass exactly one of logits, probs, cdf")
+    if logits is not None:
+        u = rand(logits.shape, generator, logits.device, logits.dtype)
+        tiny = torch.finfo(logits.dtype).tiny
+        # Gumbel noise is -log(-log u); logits + gumbel = logits - log(-log u)
+        neg_gumbel = u.clamp_min_(tiny).log_().neg_().log_()
+        return (logits - neg_gumbel).argmax(-1)
+    if probs is not None:
+        cum = probs.cumsum(-1)
+        u = rand(cum.shape[:-1] + (1,), generator, cum.device, cum.dtype) * cum[..., -1:]
+    else:
+        cum = cdf  # type: ignore[assignment]
+        u = rand(cum.shape[:-1] + (1,), generator, cum.device, cum.dtype)
+    return (cum <= u).sum(-1).clamp_max(cum.shape[-1] - 1)
 
 
 def real_generator(generator: Rng) -> torch.Generator | None:
