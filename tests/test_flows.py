@@ -73,11 +73,14 @@ def test_sample_log_prob_consistent_and_deterministic(kind):
     flow = _make(kind, 3)
     with torch.no_grad():
         x, log_q = flow.sample_and_log_prob(16, torch.Generator().manual_seed(3))
-        x2, log_q2 = flow.sample(16, torch.Generator().manual_seed(3))
+        x2, log_q2 = flow.sample_and_log_prob(16, torch.Generator().manual_seed(3))
+        x3 = flow.sample(16, torch.Generator().manual_seed(3))
         lp = flow.log_prob(x)
     assert x.shape == (16, 3) and log_q.shape == (16,)
     torch.testing.assert_close(x, x2)
     torch.testing.assert_close(log_q, log_q2)
+    assert isinstance(x3, torch.Tensor)  # sample returns the states only, like Sampler.sample
+    torch.testing.assert_close(x3, x)
     torch.testing.assert_close(lp, log_q, atol=2e-3, rtol=0)
 
 
@@ -90,7 +93,7 @@ def test_density_integrates_to_one_on_grid(kind):
     grid = torch.stack([xx.flatten(), yy.flatten()], -1)
     with torch.no_grad():
         q = flow.log_prob(grid).exp()
-        x, _ = flow.sample(20000, torch.Generator().manual_seed(0))
+        x = flow.sample(20000, torch.Generator().manual_seed(0))
     mass = float(q.sum()) * float(lin[1] - lin[0]) ** 2
     # the box may miss some tail mass: compare with the sampled fraction inside it
     inside = float((x.abs().max(1).values < 8).float().mean())
@@ -181,7 +184,7 @@ def test_realnvp_fit_by_maximum_likelihood(gen):
     best = math.log(2 * math.pi * math.e) + float(sd.log().sum())
     assert float(losses[-50:].mean()) < best + 0.05
     with torch.no_grad():
-        x, _ = flow.sample(4000, gen)
+        x = flow.sample(4000, gen)
     torch.testing.assert_close(x.mean(0), mu, atol=0.15, rtol=0)
     torch.testing.assert_close(x.std(0), sd, atol=0.15, rtol=0)
 
@@ -197,7 +200,7 @@ def test_cnf_flow_matching_learns_shifted_gaussian(gen):
         loss.backward()
         opt.step()
     with torch.no_grad():
-        x, log_q = flow.sample(2000, gen)
+        x, log_q = flow.sample_and_log_prob(2000, gen)
     torch.testing.assert_close(x.mean(0), mu, atol=0.2, rtol=0)
     torch.testing.assert_close(x.std(0), sd, atol=0.2, rtol=0)
     true = torch.distributions.Normal(mu, sd).log_prob(x).sum(-1)

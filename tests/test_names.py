@@ -183,3 +183,16 @@ def test_every_categorical_draw_goes_through_the_helper(monkeypatch):
         calls.clear()
         use()
         assert calls, f"{name} draws its categorical values without rng.categorical_sample"
+
+
+# -- Flow.sample returns states, as Sampler.sample; sample_and_log_prob the pair --------------
+
+def test_flow_sample_returns_states_only():
+    from ebmflow.flows import RealNVP
+
+    flow = RealNVP(3, n_layers=2, hidden=(8,))
+    with torch.no_grad():
+        x = flow.sample(5, torch.Generator().manual_seed(0))
+        x2, log_q = flow.sample_and_log_prob(5, torch.Generator().manual_seed(0))
+    assert isinstance(x, torch.Tensor) and x.shape == (5, 3)
+    assert torch.equal(x, x2) and log_q.shape == (5,)

@@ -143,9 +143,11 @@ class Flow(nn.Module):
         """
         return self.sample_from_base(self.base_sample(n, generator))
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Same as ``sample_and_log_prob``: ``(x (n, D), log_q (n,))``."""
-        return self.sample_and_log_prob(n, generator)
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` states ``(n, D)`` of the flow, like ``Sampler.sample``; for their log-density
+        too, call ``sample_and_log_prob`` (one pass). Up to ebmflow 0.1.0 this returned the
+        pair ``(x, log_q)``."""
+        return self.sample_and_log_prob(n, generator)[0]
 
     def nll(self, x: Tensor) -> Tensor:
         """Maximum-likelihood loss -mean_b log q(x_b) (a 0-d tensor), the forward KL up to a
