@@ -1,9 +1,10 @@
-"""The ``Flow`` base class: an invertible map T from a standard Gaussian base to data space.
+r"""The ``Flow`` base class: an invertible map $T$ from a standard Gaussian base to data space.
 
-A flow defines the density of x = T(z), z ~ rho = N(0, I_D), by the change of variables
+A flow defines the density of $x = T(z)$, $z \sim \rho = \mathcal{N}(0, I_D)$, by the change
+of variables
 
-    log q(x) = log rho(T^{-1}(x)) + log|det dT^{-1}/dx (x)|
-             = log rho(z) - log|det dT/dz (z)|,        z = T^{-1}(x).
+$$\log q(x) = \log \rho(T^{-1}(x)) + \log\big|\det \partial T^{-1} / \partial x\,(x)\big|
+= \log \rho(z) - \log\big|\det \partial T / \partial z\,(z)\big|, \qquad z = T^{-1}(x).$$
 
 Subclasses implement ``forward(z) -> (x, log|det dT/dz|)`` and ``inverse(x) -> (z,
 log|det dT^{-1}/dx|)``; ``log_prob``, ``sample_and_log_prob`` (one pass, zuko-style),
@@ -11,10 +12,10 @@ log|det dT^{-1}/dx|)``; ``log_prob``, ``sample_and_log_prob`` (one pass, zuko-st
 no explicit map (a mixture, a tabulated proposal) may instead override ``log_prob`` and
 ``sample_and_log_prob`` directly; ``FlowMC`` only needs those two.
 
-Sampling is split in two: ``base_sample(n, generator)`` draws the base noise z through
+Sampling is split in two: ``base_sample(n, generator)`` draws the base noise $z$ through
 ``ebmflow.samplers.rng`` (so ``generator`` may also be a ``NoiseTape`` of pre-drawn noise, as
 in ``FlowMC``'s compiled global moves), and ``sample_from_base(z)`` is the deterministic rest,
-x = T(z) with log q(x) = log rho(z) - log|det dT/dz|.
+$x = T(z)$ with $\log q(x) = \log \rho(z) - \log|\det \partial T / \partial z|$.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def renamed_keyword(where: str, old: str, old_value: Any, new: str, new_value: A
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
-    """log N(z; 0, I) summed over the event: -|z|^2 / 2 - D/2 log(2 pi), ``(B, D) -> (B,)``."""
+    r"""$\log \mathcal{N}(z; 0, I)$ summed over the event:
+    $-\lVert z \rVert^2 / 2 - \tfrac{D}{2} \log(2 \pi)$, ``(B, D) -> (B,)``."""
     d = z.shape[-1]
     return -0.5 * z.pow(2).sum(-1) - 0.5 * d * math.log(2 * math.pi)
 
@@ -84,21 +86,22 @@ class Flow(nn.Module):
 
     # -- to implement ------------------------------------------------------------------
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """x = T(z) and log|det dT/dz|: ``(B, D) -> ((B, D), (B,))``."""
+        r"""$x = T(z)$ and $\log|\det \partial T / \partial z|$: ``(B, D) -> ((B, D), (B,))``."""
         raise NotImplementedError(
             f"{type(self).__name__} must implement forward(z) -> (x, logdet) or override "
             "sample_and_log_prob"
         )
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """z = T^{-1}(x) and log|det dT^{-1}/dx|: ``(B, D) -> ((B, D), (B,))``."""
+        r"""$z = T^{-1}(x)$ and $\log|\det \partial T^{-1} / \partial x|$:
+        ``(B, D) -> ((B, D), (B,))``."""
         raise NotImplementedError(
             f"{type(self).__name__} must implement inverse(x) -> (z, logdet) or override log_prob"
         )
 
     # -- provided ----------------------------------------------------------------------
     def base_log_prob(self, z: Tensor) -> Tensor:
-        """log rho(z) = log N(z; 0, I), ``(B,)``."""
+        r"""$\log \rho(z) = \log \mathcal{N}(z; 0, I)$, ``(B,)``."""
         return standard_normal_log_prob(z)
 
     def base_sample(self, n: int, generator: rng.Rng = None) -> Tensor:
@@ -127,7 +130,8 @@ class Flow(nn.Module):
         return x, self.base_log_prob(z) - logdet
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Exact log q(x) = log rho(z) + log|det dT^{-1}/dx|, ``(B, D) -> (B,)``."""
+        r"""Exact $\log q(x) = \log \rho(z) + \log|\det \partial T^{-1} / \partial x|$,
+        ``(B, D) -> (B,)``."""
         self._check_input(x, "x")
         z, logdet = self.inverse(x)
         return self.base_log_prob(z) + logdet
@@ -135,7 +139,8 @@ class Flow(nn.Module):
     def sample_and_log_prob(
         self, n: int, generator: rng.Rng = None
     ) -> tuple[Tensor, Tensor]:
-        """One pass: x = T(z), z ~ N(0, I), and log q(x) = log rho(z) - log|det dT/dz|.
+        r"""One pass: $x = T(z)$, $z \sim \mathcal{N}(0, I)$, and
+        $\log q(x) = \log \rho(z) - \log|\det \partial T / \partial z|$.
 
         Returns ``x`` ``(n, D)`` and ``log_q`` ``(n,)``; differentiable with respect to the
         flow's parameters unless called under ``torch.no_grad()``. ``generator``: see
@@ -150,8 +155,8 @@ class Flow(nn.Module):
         return self.sample_and_log_prob(n, generator)[0]
 
     def nll(self, x: Tensor) -> Tensor:
-        """Maximum-likelihood loss -mean_b log q(x_b) (a 0-d tensor), the forward KL up to a
-        constant when x ~ p."""
+        r"""Maximum-likelihood loss $-\operatorname{mean}_b \log q(x_b)$ (a 0-d tensor), the
+        forward KL up to a constant when $x \sim p$."""
         return -self.log_prob(x).mean()
 
     def fit(

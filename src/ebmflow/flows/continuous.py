@@ -1,15 +1,17 @@
-"""Continuous normalizing flow: an ODE dx/dt = v_phi(t, x) solved with torchdiffeq.
+r"""Continuous normalizing flow: an ODE $\mathrm{d}x/\mathrm{d}t = v_\phi(t, x)$ solved with
+torchdiffeq.
 
-x(0) = z ~ N(0, I), x(1) = T(z). With the instantaneous change of variables
-(Chen et al. 2018), d log q_t(x(t)) / dt = -tr(dv/dx (t, x(t))), hence
+$x(0) = z \sim \mathcal{N}(0, I)$, $x(1) = T(z)$. With the instantaneous change of variables
+(Chen et al. 2018), $\mathrm{d} \log q_t(x(t)) / \mathrm{d}t = -\operatorname{tr}(\partial v / \partial x\,(t, x(t)))$, hence
 
-    log q(x) = log rho(z) - integral_0^1 tr(dv/dx)(t, x(t)) dt,    x(1) = x,  x(0) = z.
+$$\log q(x) = \log \rho(z) - \int_0^1 \operatorname{tr}\big(\partial v / \partial x\big)(t, x(t))\, \mathrm{d}t,
+\qquad x(1) = x,\ x(0) = z.$$
 
-The trace is exact for small D (D autograd passes) or estimated by Hutchinson,
-tr(A) = E[eps^T A eps] with E[eps eps^T] = I (one eps per solve, Gaussian or Rademacher).
-Training: maximum likelihood (``nll``, backprop through the solver or with the adjoint
-method) or flow matching on the linear path x_t = (1 - t) x0 + t x1, target velocity x1 - x0
-(``flow_matching_loss``; Lipman et al. 2023, Liu et al. 2023).
+The trace is exact for small $D$ ($D$ autograd passes) or estimated by Hutchinson,
+$\operatorname{tr}(A) = \mathbb{E}[\epsilon^\top A \epsilon]$ with $\mathbb{E}[\epsilon \epsilon^\top] = I$ (one $\epsilon$ per solve, Gaussian or
+Rademacher). Training: maximum likelihood (``nll``, backprop through the solver or with the
+adjoint method) or flow matching on the linear path $x_t = (1 - t) x_0 + t x_1$, target
+velocity $x_1 - x_0$ (``flow_matching_loss``; Lipman et al. 2023, Liu et al. 2023).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _check_method(method: str) -> None:
 
 
 def exact_divergence(v: Tensor, x: Tensor, create_graph: bool = False) -> Tensor:
-    """tr(dv/dx) per row by D reverse-mode passes: ``v, x (B, D) -> (B,)``.
+    r"""$\operatorname{tr}(\partial v / \partial x)$ per row by $D$ reverse-mode passes: ``v, x (B, D) -> (B,)``.
 
     ``v`` must have been computed from ``x`` with autograd enabled.
     """
@@ -62,8 +64,9 @@ def exact_divergence(v: Tensor, x: Tensor, create_graph: bool = False) -> Tensor
 
 
 def hutchinson_divergence(v: Tensor, x: Tensor, eps: Tensor, create_graph: bool = False) -> Tensor:
-    """Unbiased estimate eps^T (dv/dx) eps of tr(dv/dx) with one vector-Jacobian product:
-    ``v, x, eps (B, D) -> (B,)``; unbiased whenever E[eps eps^T] = I."""
+    r"""Unbiased estimate $\epsilon^\top (\partial v / \partial x)\, \epsilon$ of
+    $\operatorname{tr}(\partial v / \partial x)$ with one vector-Jacobian product:
+    ``v, x, eps (B, D) -> (B,)``; unbiased whenever $\mathbb{E}[\epsilon \epsilon^\top] = I$."""
     (g,) = torch.autograd.grad(v, x, grad_outputs=eps, create_graph=create_graph, retain_graph=True)
     return (g * eps).sum(-1)
 
@@ -95,7 +98,8 @@ class TimeMLP(nn.Module):
 
 
 class _Dynamics(nn.Module):
-    """Augmented ODE d/dt [x, a] = [v(t, x), tr(dv/dx)(t, x)] for torchdiffeq."""
+    r"""Augmented ODE $\frac{\mathrm{d}}{\mathrm{d}t} [x, a] = [v(t, x),
+    \operatorname{tr}(\partial v / \partial x)(t, x)]$ for torchdiffeq."""
 
     def __init__(self, velocity: nn.Module):
         super().__init__()
@@ -121,10 +125,11 @@ class _Dynamics(nn.Module):
 
 
 class ContinuousFlow(Flow):
-    """Continuous normalizing flow on ``Continuous(dim)`` with base N(0, I).
+    r"""Continuous normalizing flow on ``Continuous(dim)`` with base $\mathcal{N}(0, I)$.
 
-    forward: integrate dx/dt = v(t, x) from t = 0 (z) to t = 1 (x), with log|det dT/dz| =
-    integral_0^1 tr(dv/dx) dt; inverse: the same ODE from t = 1 back to t = 0.
+    forward: integrate $\mathrm{d}x/\mathrm{d}t = v(t, x)$ from $t = 0$ ($z$) to $t = 1$ ($x$),
+    with $\log|\det \partial T / \partial z| = \int_0^1 \operatorname{tr}(\partial v / \partial x)\, \mathrm{d}t$;
+    inverse: the same ODE from $t = 1$ back to $t = 0$.
 
     Args:
         dim: D.
@@ -229,15 +234,17 @@ class ContinuousFlow(Flow):
         return xs[-1], as_[-1]
 
     def forward(self, z: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """x = T(z) and log|det dT/dz| = integral_0^1 tr(dv/dx) dt."""
+        r"""$x = T(z)$ and $\log|\det \partial T / \partial z| = \int_0^1 \operatorname{tr}(\partial v / \partial x)\, \mathrm{d}t$."""
         return self._integrate(z, 0.0, 1.0, generator)
 
     def inverse(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """z = T^{-1}(x) and log|det dT^{-1}/dx| = -integral_0^1 tr(dv/dx) dt."""
+        r"""$z = T^{-1}(x)$ and
+        $\log|\det \partial T^{-1} / \partial x| = -\int_0^1 \operatorname{tr}(\partial v / \partial x)\, \mathrm{d}t$."""
         return self._integrate(x, 1.0, 0.0, generator)
 
     def log_prob(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """log q(x) = log rho(z) - integral_0^1 tr(dv/dx) dt, ``(B, D) -> (B,)``."""
+        r"""$\log q(x) = \log \rho(z) - \int_0^1 \operatorname{tr}(\partial v / \partial x)\, \mathrm{d}t$,
+        ``(B, D) -> (B,)``."""
         self._check_input(x, "x")
         z, logdet = self.inverse(x, generator)
         return self.base_log_prob(z) + logdet
@@ -250,12 +257,14 @@ class ContinuousFlow(Flow):
         return x, self.base_log_prob(z) - logdet
 
     def flow_matching_loss(self, x1: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Conditional flow matching on the linear path (a 0-d tensor):
+        r"""Conditional flow matching on the linear path (a 0-d tensor):
 
-            L = mean_b |v(t_b, x_t) - (x1_b - x0_b)|^2,  x_t = (1 - t) x0 + t x1,
-            x0 ~ N(0, I), t ~ U(0, 1).
+        $$L = \operatorname{mean}_b \lVert v(t_b, x_t) - (x_{1,b} - x_{0,b}) \rVert^2, \qquad
+        x_t = (1 - t) x_0 + t x_1,$$
 
-        Its minimiser is the marginal velocity whose flow maps N(0, I) to the law of x1.
+        $x_0 \sim \mathcal{N}(0, I)$, $t \sim U(0, 1)$.
+
+        Its minimiser is the marginal velocity whose flow maps $\mathcal{N}(0, I)$ to the law of $x_1$.
         """
         self._check_input(x1, "x1")
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
