@@ -54,6 +54,7 @@ KNOWN_PRIVATE_USES = {
     ("samplers/base.py", "_reference_tensor"),
     ("training/evaluation.py", "_reference_tensor"),
     ("training/plots.py", "_reference_tensor"),
+    ("training/setup.py", "_reference_tensor"),
     ("training/trainer.py", "_reference_tensor"),
 }
 
