@@ -63,6 +63,6 @@ class BernoulliBaseEnergy(EnergyModel):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Exact samples ``(n, D)``."""
-        n = self.space._check_n(n)
+        n = self.space.check_n(n)
         u = torch.rand(n, self.space.dim, generator=generator, device=self.logits.device)
         return (u < self.probs).to(self.logits.dtype)

@@ -140,7 +140,7 @@ class GaussianMixtureEnergy(EnergyModel):
     @torch.no_grad()
     def sample_with_labels(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Exact samples ``(n, D)`` and their component labels ``(n,)``."""
-        n = self.space._check_n(n)
+        n = self.space.check_n(n)
         labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.means.shape[1], generator=generator, device=self.means.device,
                           dtype=self.means.dtype)

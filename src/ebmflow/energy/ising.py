@@ -195,7 +195,7 @@ class IsingEnergy(EnergyModel):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         r"""Exact samples ``(n, D)`` by enumeration ($D \le 20$)."""
-        n = self.space._check_n(n)
+        n = self.space.check_n(n)
         probs = self.probabilities()
         idx = torch.multinomial(probs, n, replacement=True, generator=generator)
         return self.states()[idx]

@@ -135,7 +135,7 @@ class Sampler(nn.Module):
     ) -> Tensor:
         """x0 if given (validated against the energy's space), else ``n`` draws of its noise."""
         self._check_energy(energy)
-        ref = energy._reference_tensor()
+        ref = energy.reference_tensor()
         device = ref.device if ref is not None else None
         if x0 is not None:
             if n is not None and x0.shape[0] != n:
@@ -390,7 +390,7 @@ class MCMCSampler(Sampler):
             raise ValueError(f"n_steps must be a non-negative int, got {n_steps!r}")
         self._check_energy(energy)
         _check_shape(energy, x0, type(self).__name__)
-        ref = energy._reference_tensor()
+        ref = energy.reference_tensor()
         if ref is not None:  # once per run; the steps skip the per-call device check
             check_same_device(x0, ref.device, "x0")
             if x0.is_floating_point() and ref.is_floating_point() and x0.dtype != ref.dtype:

@@ -47,7 +47,7 @@ def draw_samples(cfg: RunConfig, energy: EnergyModel, sampler: Sampler, train2d:
     """``n`` model samples in the energy's space (chains from a data-scaled Gaussian or the
     space's noise)."""
     gen = torch.Generator().manual_seed(seed)
-    ref = energy._reference_tensor()
+    ref = energy.reference_tensor()
     device = ref.device if ref is not None else torch.device("cpu")
     x0 = eval_init(cfg, train2d, n, gen)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -71,7 +71,7 @@ def grid_log_partition(energy: EnergyModel, limits: tuple[float, float, float, f
     gx = x0 + hx * (torch.arange(resolution) + 0.5)
     gy = y0 + hy * (torch.arange(resolution) + 0.5)
     grid = torch.cartesian_prod(gx, gy)
-    ref = energy._reference_tensor()
+    ref = energy.reference_tensor()
     device = ref.device if ref is not None else torch.device("cpu")
     e = torch.cat([energy(c.to(device)).double().cpu() for c in grid.split(16384)])
     return float(torch.logsumexp(-e, 0) + math.log(hx * hy))
@@ -82,7 +82,7 @@ def _uniform_is_log_partition(energy: EnergyModel, dim: int, n: int, seed: int) 
     r"""$\log Z \approx \log\big(2^D \operatorname{mean}_u \exp(-E(u))\big)$, $u$ uniform on
     $\{0, 1\}^D$ (importance sampling)."""
     gen = torch.Generator().manual_seed(seed)
-    ref = energy._reference_tensor()
+    ref = energy.reference_tensor()
     device = ref.device if ref is not None else torch.device("cpu")
     u = (torch.rand(n, dim, generator=gen) < 0.5).float()
     e = torch.cat([energy(c.to(device)).double().cpu() for c in u.split(16384)])
@@ -109,7 +109,7 @@ def evaluate_model(cfg: RunConfig, energy: EnergyModel, samples: Tensor, test: T
       (2-D, nearest mixture mean within 4 standard deviations) for the Gaussian-mixture sets.
     """
     mmd = _get("ebmflow.metrics", "mmd")
-    ref = energy._reference_tensor()
+    ref = energy.reference_tensor()
     device = ref.device if ref is not None else torch.device("cpu")
     n = min(samples.shape[0], test.shape[0])
     out: dict[str, Any] = {}

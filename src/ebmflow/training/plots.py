@@ -72,7 +72,7 @@ def plot_energy(energy: EnergyModel, path: str | os.PathLike, data: Tensor | Non
     plt = _pyplot()
     if limits is None:
         limits = _limits(_as_2d(data, "data")) if data is not None else (-4.0, 4.0, -4.0, 4.0)
-    ref = energy._reference_tensor()
+    ref = energy.reference_tensor()
     device = ref.device if ref is not None else torch.device("cpu")
     gx = torch.linspace(limits[0], limits[1], resolution)
     gy = torch.linspace(limits[2], limits[3], resolution)

@@ -18,7 +18,7 @@ def resolve_device(energy: EnergyModel, device: Any, dist: DistInfo) -> torch.de
     """``device`` (default: the energy's own), with the local GPU of this rank under data
     parallelism; makes a CUDA device current."""
     if device is None:
-        ref = energy._reference_tensor()
+        ref = energy.reference_tensor()
         dev = ref.device if ref is not None else torch.device("cpu")
     else:
         dev = torch.device(device)

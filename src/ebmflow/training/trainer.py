@@ -206,7 +206,7 @@ class Trainer:
             raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
 
         if device is None:  # the energy's own device decides the backend (NCCL on CUDA)
-            ref = energy._reference_tensor()
+            ref = energy.reference_tensor()
             hint = ref.device if ref is not None else None
         else:
             hint = torch.device(device)
