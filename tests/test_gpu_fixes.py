@@ -40,3 +40,42 @@ def test_dataloader_is_sharded_across_ranks() -> None:
     it = BatchStream(loader, None, rank=1, world_size=3).batches(start_step=2)
     assert int(next(it)[0][0, 0]) == 28
     assert int(next(it)[0][0, 0]) == 4  # next epoch
+
+
+def _recording_sync(calls: list):
+    def sync(params):
+        params = list(params)
+        assert all(p.grad is not None for p in params), "gradients must exist when synced"
+        calls.append([p for p in params])
+        for p in params:  # a stand-in all-reduce: visible in the step that follows
+            p.grad.zero_()
+    return sync
+
+
+def test_learned_samplers_sync_gradients_before_their_optimiser_step() -> None:
+    """Under data parallelism the Trainer sets ``grad_sync`` (an all-reduce of gradients);
+    learned samplers must call it between backward and their step: here a sync that zeroes
+    the gradients must leave the parameters unchanged (Adam with zero gradient, first step)."""
+    from ebmflow.discrete_flows import DiscreteFlowSampler, MixturePath, MLPVelocity
+    from ebmflow.energy import GaussianMixtureEnergy, MLPEnergy
+    from ebmflow.flows import FlowMC, RealNVP
+    from ebmflow.samplers import MALA
+    from ebmflow.spaces import Binary
+
+    torch.manual_seed(0)
+    target = GaussianMixtureEnergy(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), torch.full((2, 2), 0.5))
+    fmc = FlowMC(RealNVP(2, n_layers=2, hidden=(8,)), MALA(0.1), n_local=1, n_global=1)
+    fmc.sample(target, 16, generator=torch.Generator().manual_seed(0))
+    path = MixturePath(2)
+    dfs = DiscreteFlowSampler(MLPVelocity(4, 2, hidden=(8,)), path)
+    ising = MLPEnergy(Binary(4), hidden=(8,))
+    assert FlowMC.syncs_gradients and DiscreteFlowSampler.syncs_gradients
+    for sampler, module, energy in ((fmc, fmc.flow, target), (dfs, dfs.model, ising)):
+        calls: list = []
+        sampler.grad_sync = _recording_sync(calls)
+        before = [p.detach().clone() for p in module.parameters()]
+        sampler.update(energy)
+        assert calls, f"{type(sampler).__name__}.update never synced its gradients"
+        assert {id(p) for p in calls[0]} == {id(p) for p in module.parameters()}
+        for b, p in zip(before, module.parameters()):
+            torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)

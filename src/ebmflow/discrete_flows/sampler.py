@@ -1,25 +1,27 @@
-"""``DiscreteFlowSampler``: a velocity model, a mixture path and a CTMC solver as a ``Sampler``.
+r"""``DiscreteFlowSampler``: a velocity model, a mixture path and a CTMC solver as a ``Sampler``.
 
-``sample(energy, n)`` simulates the CTMC from the source to t = 1 and returns states in the
-energy's convention (float {0, 1} for ``Binary``, long for ``Categorical``).
+``sample(energy, n)`` simulates the CTMC from the source to $t = 1$ and returns states in the
+energy's convention (float $\{0, 1\}$ for ``Binary``, long for ``Categorical``).
 
 ``update(energy, data)`` takes one (or ``updates_per_call``) optimiser step(s) of the flow.
 What it learns is set by ``fit_to``:
 
 * ``"energy"`` (default; the flow is a sampler of the energy, as every learned ``Sampler``):
-  data-free, x1 ~ q (the proposal), importance weights log w = -E(x1)/T - log q(x1),
-  self-normalised to mean 1 and detached, then weighted regression. A data batch passed by a
-  training loop is not used: a flow fitted to the data would hand contrastive divergence
-  negatives distributed like the data, whose gradient vanishes whatever the energy.
-* ``"data"``: unweighted regression on x1 = data when a batch is given (data-free without one):
-  the flow as a model of the data.
+  data-free, $x_1 \sim q$ (the proposal), importance weights
+  $\log w = -E(x_1)/T - \log q(x_1)$, self-normalised to mean 1 and detached, then weighted
+  regression. A data batch passed by a training loop is not used: a flow fitted to the data
+  would hand contrastive divergence negatives distributed like the data, whose gradient
+  vanishes whatever the energy.
+* ``"data"``: unweighted regression on $x_1 = \text{data}$ when a batch is given (data-free
+  without one): the flow as a model of the data.
 
-Data-free updates return the effective sample size (sum w)^2 / sum w^2 and weight statistics
-(0-d tensors); ``LowESSWarning`` is raised when ESS / B falls below ``ess_threshold``. Value
-checks (NaN / -inf energies, log q = -inf, the ESS warning) read tensors on the host: every
-update on the CPU (free there), on an accelerator at the first update and then every
-``check_every`` updates (one synchronisation per ``check_every``; the flags and the minimum ESS
-fraction are accumulated on the device in between).
+Data-free updates return the effective sample size $(\sum w)^2 / \sum w^2$ and weight
+statistics (0-d tensors); ``LowESSWarning`` is raised when $\text{ESS} / B$ falls below
+``ess_threshold``. Value checks (NaN / $-\infty$ energies, $\log q = -\infty$, the ESS
+warning) read tensors on the host: every update on the CPU (free there), on an accelerator at
+the first update and then every ``check_every`` updates (one synchronisation per
+``check_every``; the flags and the minimum ESS fraction are accumulated on the device in
+between).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ _FIT_TO = ("energy", "data")
 
 
 class Proposal(Protocol):
-    """What data-free training needs from a proposal q."""
+    """What data-free training needs from a proposal $q$."""
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor: ...
 
@@ -56,7 +58,7 @@ class Proposal(Protocol):
 
 
 def to_tokens(x: Tensor, space: Space) -> Tensor:
-    """Energy-space states -> long tokens ``(B, D)`` (float {0, 1} bits become 0/1)."""
+    r"""Energy-space states -> long tokens ``(B, D)`` (float $\{0, 1\}$ bits become 0/1)."""
     if isinstance(space, Binary):
         return x.long()
     if isinstance(space, Categorical):
@@ -70,34 +72,36 @@ def from_tokens(tokens: Tensor, space: Space) -> Tensor:
 
 
 class DiscreteFlowSampler(Sampler):
-    """A discrete flow used as a (learned) sampler of an energy on {0..S-1}^D.
+    r"""A discrete flow used as a (learned) sampler of an energy on $\{0, \dots, S-1\}^D$.
 
     Args:
         model: the ``VelocityModel`` (its output is the velocity for objective "velocity",
-            posterior logits of x1 for objective "posterior").
+            posterior logits of $x_1$ for objective "posterior").
         path: default ``MixturePath(model.num_classes, "mask")``.
         solver: default ``CTMCSolver(path, dt=0.05)`` (jump "exact").
         objective: "velocity" (velocity regression, default) or "posterior" (cross-entropy).
         fit_to: what ``update`` trains the flow on: "energy" (default; data-free, importance
             weighted, any data batch unused) or "data" (the batch, when one is given).
-        scale_by_rate: velocity objective only: the velocity is u = kappa'(t)/(1 - kappa(t)) *
-            model(x_t, t), so the network learns a bounded quantity although u grows like
-            1/(1 - t). Default None: on unless the model scales by a schedule itself
-            (``MLPVelocity(schedule=...)``).
-        proposal: q for data-free training (default uniform on {0..S-1}^D); a
+        scale_by_rate: velocity objective only: the velocity is
+            $u = \kappa'(t) / (1 - \kappa(t)) \cdot \mathrm{model}(x_t, t)$, so the network
+            learns a bounded quantity although $u$ grows like $1/(1 - t)$. Default None: on
+            unless the model scales by a schedule itself (``MLPVelocity(schedule=...)``).
+        proposal: $q$ for data-free training (default uniform on $\{0, \dots, S-1\}^D$); a
             ``FactorizedProposal`` or any object with ``sample(n, generator)`` and ``log_prob``.
-        temperature: T of the target p ∝ exp(-E/T) (default 1).
+        temperature: $T$ of the target $p \propto \exp(-E/T)$ (default 1).
         batch_size: proposal draws per data-free update (default 128).
         lr: Adam learning rate (default 3e-3) of the optimiser made here, unless ``optimizer``
             (built on ``model.parameters()``) is given.
         updates_per_call: optimiser steps per ``update`` (default 1).
-        ess_threshold: warn when ESS / B < this (default 0.05); 0 disables the warning.
-        check_weights: check energies and log q for NaN / -inf on proposals, and the ESS
+        ess_threshold: warn when $\text{ESS} / B <$ this (default 0.05); 0 disables the warning.
+        check_weights: check energies and $\log q$ for NaN / $-\infty$ on proposals, and the ESS
             against ``ess_threshold`` (default True).
         check_every: on an accelerator, read those checks every this many data-free updates
             (default 100; the first update is always read). On the CPU every update is read.
         grad_clip: max gradient norm (default None).
     """
+
+    syncs_gradients = True  # update() calls sync_gradients before its optimiser step
 
     def __init__(
         self,
@@ -177,11 +181,11 @@ class DiscreteFlowSampler(Sampler):
 
     # -- helpers ---------------------------------------------------------------------------
     def get_proposal(self) -> Proposal:
-        """The proposal q used by data-free updates."""
+        """The proposal $q$ used by data-free updates."""
         return self.proposal if "proposal" in self._modules else self._proposal
 
     def set_proposal(self, proposal: Proposal) -> None:
-        """Replace q (e.g. by ``FactorizedProposal.fit(data, S)``)."""
+        """Replace $q$ (e.g. by ``FactorizedProposal.fit(data, S)``)."""
         if isinstance(proposal, nn.Module):
             self.proposal = proposal
         else:
@@ -212,7 +216,7 @@ class DiscreteFlowSampler(Sampler):
         return next(self.model.parameters()).device
 
     def velocity(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """The generating velocity u(j | x_t) ``(B, D, S)`` used by the solver."""
+        r"""The generating velocity $u(j \mid x_t)$ ``(B, D, S)`` used by the solver."""
         out = self.model(x_t, t)
         if self.objective == "posterior":
             return self.path._posterior_to_velocity(out, x_t, t)
@@ -224,11 +228,13 @@ class DiscreteFlowSampler(Sampler):
         return out * self.path.schedule.rate(t)[:, None, None].to(out.dtype)
 
     def renoise(self, x1: Tensor, t0: float, generator: torch.Generator | None = None) -> Tensor:
-        """Send tokens x1 back to time t0 along the path: x_t0 ~ p_t0(. | x1).
+        r"""Send tokens $x_1$ (``x1``) back to time $t_0$ (``t0``) along the path:
+        $x_{t_0} \sim p_{t_0}(\cdot \mid x_1)$.
 
         For the mask source this is the exact backward process of the marginal path (each
-        token is masked with probability 1 - kappa(t0); the backward velocity into MASK,
-        kappa'/kappa, does not depend on the other tokens), so no backward network is needed.
+        token is masked with probability $1 - \kappa(t_0)$; the backward velocity into
+        $\mathrm{MASK}$, $\kappa'/\kappa$, does not depend on the other tokens), so no backward
+        network is needed.
         """
         t = torch.full((x1.shape[0],), float(t0), device=x1.device)
         return self.path.sample(x1, t, generator, check=False)
@@ -245,7 +251,8 @@ class DiscreteFlowSampler(Sampler):
         return_log_prob: bool = False,
         return_trajectory: bool = False,
     ) -> SolverOutput:
-        """Tokens from the flow: from the source (``x1`` None) or from ``x1`` re-noised to t0."""
+        """Tokens from the flow: from the source (``x1`` None) or from ``x1`` re-noised to
+        ``t0``."""
         if x1 is None:
             if t0 != 0.0:
                 raise ValueError(f"t0={t0} > 0 needs states to re-noise; pass x1= (or x0= to sample)")
@@ -270,7 +277,7 @@ class DiscreteFlowSampler(Sampler):
         """Draw ``n`` states of ``energy.space`` (float bits for Binary, long for Categorical).
 
         With ``x0`` (states of the energy's space), each is re-noised to time ``t0`` along the
-        path and simulated forward again (t0 = 0: independent fresh samples; t0 close to 1:
+        path and simulated forward again ($t_0 = 0$: independent fresh samples; $t_0$ close to 1:
         small local moves). The energy is only used for its space here.
         """
         self._check_energy(energy)
@@ -289,7 +296,8 @@ class DiscreteFlowSampler(Sampler):
 
     # -- training --------------------------------------------------------------------------
     def loss(self, x1: Tensor, weights: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """The flow's training loss on tokens x1 ``(B, D)``: t ~ U[0, 1), x_t ~ p_t(.|x1)."""
+        r"""The flow's training loss on tokens $x_1$ ``(B, D)``: $t \sim U[0, 1)$,
+        $x_t \sim p_t(\cdot \mid x_1)$."""
         b = x1.shape[0]
         t = torch.rand(b, generator=generator, device=x1.device) * (1.0 - 1e-3)
         x_t = self.path.sample(x1, t, generator, check=False)
@@ -299,10 +307,11 @@ class DiscreteFlowSampler(Sampler):
         return velocity_regression_loss(self._scaled(out, t), x_t, x1, t, self.path, weights)
 
     def fit_step(self, x1: Tensor, weights: Tensor | None = None, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """One optimiser step on tokens x1 ``(B, D)`` with optional weights ``(B,)`` (mean 1)."""
+        """One optimiser step on tokens $x_1$ ``(B, D)`` with optional weights ``(B,)`` (mean 1)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss(x1, weights, generator)
         loss.backward()
+        self.sync_gradients(self.model.parameters())  # data parallel: one step on all ranks
         if self.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
@@ -312,7 +321,7 @@ class DiscreteFlowSampler(Sampler):
     def weighted_proposals(
         self, energy: EnergyModel, n: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Draw x1 ~ q ``(n, D)`` tokens with self-normalised weights ``(n,)`` and stats."""
+        r"""Draw $x_1 \sim q$ ``(n, D)`` tokens with self-normalised weights ``(n,)`` and stats."""
         proposal = self.get_proposal()
         x1 = proposal.sample(n, generator=generator)
         log_q = proposal.log_prob(x1)
@@ -387,8 +396,8 @@ class DiscreteFlowSampler(Sampler):
 
 
 def _weight_flags(e: Tensor, log_q: Tensor) -> Tensor:
-    """Bool ``(3,)`` on the energies' device: [NaN or -inf energy, log q = -inf where the
-    energy is finite, every log-weight -inf]; computed without reading values."""
+    r"""Bool ``(3,)`` on the energies' device: [NaN or $-\infty$ energy, $\log q = -\infty$
+    where the energy is finite, every log-weight $-\infty$]; computed without reading values."""
     nan = (torch.isnan(e) | (e == float("-inf"))).any()
     support = (torch.isfinite(e) & ~torch.isfinite(log_q)).any()
     all_inf = ~torch.isfinite(-e - log_q).any()

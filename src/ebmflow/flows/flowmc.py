@@ -1,22 +1,28 @@
-"""FlowMC (Gabrie, Rotskoff, Vanden-Eijnden 2022): local MCMC plus independent flow proposals.
+r"""FlowMC (Gabrie, Rotskoff, Vanden-Eijnden 2022): local MCMC plus independent flow proposals.
 
-One round on B persistent chains:
+One round on $B$ persistent chains:
 
-1. local: ``n_local`` steps of a continuous ``MCMCSampler`` (default ``MALA``) on p ∝ exp(-E);
-2. global: ``n_global`` independent proposals x' ~ q (the flow), each accepted per chain with
+1. local: ``n_local`` steps of a continuous ``MCMCSampler`` (default ``MALA``) on
+   $p \propto \exp(-E)$;
+2. global: ``n_global`` independent proposals $x' \sim q$ (the flow), each accepted per chain
+   with
 
-       alpha = min(1, exp(f(x') - f(x) + log q(x) - log q(x'))),   f = -E,
-             = min(1, exp(v(x) - v(x'))),                          v = E + log q,
+    $$
+    \begin{aligned}
+    \alpha &= \min\big(1, \exp(f(x') - f(x) + \log q(x) - \log q(x'))\big), & f &= -E, \\
+           &= \min\big(1, \exp(v(x) - v(x'))\big), & v &= E + \log q,
+    \end{aligned}
+    $$
 
-   the Metropolis-Hastings ratio of an independence sampler; it leaves p invariant for any
-   q with full support, and alpha = 1 when q = p.
+    the Metropolis-Hastings ratio of an independence sampler; it leaves $p$ invariant for any
+    $q$ with full support, and $\alpha = 1$ when $q = p$.
 
-The proposals of an independence sampler do not depend on the chain, so all n_global * B of
-a round are drawn (and their E and log q evaluated) in one batched call before the
-n_global sequential accept/reject steps: the same Markov chain as drawing them one at a
-time, with a few large tensor operations instead of many small ones. The energy of the
-chains after the local steps is taken from the local kernel's cache (MALA, HMC) rather than
-recomputed.
+The proposals of an independence sampler do not depend on the chain, so all
+$n_\mathrm{global} \cdot B$ of a round are drawn (and their $E$ and $\log q$ evaluated) in one
+batched call before the $n_\mathrm{global}$ sequential accept/reject steps: the same Markov
+chain as drawing them one at a time, with a few large tensor operations instead of many small
+ones. The energy of the chains after the local steps is taken from the local kernel's cache
+(MALA, HMC) rather than recomputed.
 
 During training the flow is fitted to the chains by maximum likelihood (forward KL,
 ``update``), with its own optimiser and schedule, so global moves jump between modes that
@@ -28,14 +34,15 @@ current chain states (default) or, as in flowMC, a buffer of chain history: the 
 Compiled rounds (``compile=True`` or ``"auto"``): the local steps run through the local
 kernel's compiled executor (``MCMCSampler(compile=...)``), and each chunk of global moves
 (the proposals of one flow call, ``proposal_batch_size``) is one ``torch.compile``'d function:
-flow pass, energies, log q, the sequential accept/reject steps. The uniforms and the flow's
+flow pass, energies, $\log q$, the sequential accept/reject steps. The uniforms and the flow's
 base noise are drawn before the chunk through ``ebmflow.samplers.rng`` in the eager order
 (same calls, same sizes) and handed in as a ``NoiseTape``, so the compiled chains are the
 eager chains for the same generator, up to float rounding.
 
-Step-size conventions: flowMC's MALA proposal is x' = x + (dt^2 / 2) grad log p(x) + dt xi;
-ours is x' = x - eta grad E(x) + sqrt(2 eta) xi, so eta = dt^2 / 2 (flowMC's dt = 0.1 is
-eta = 0.005, the default here).
+Step-size conventions: flowMC's MALA proposal is
+$x' = x + \frac{\Delta t^2}{2} \nabla \log p(x) + \Delta t\, \xi$; ours is
+$x' = x - \eta \nabla E(x) + \sqrt{2 \eta}\, \xi$, so $\eta = \Delta t^2 / 2$ (flowMC's
+$\Delta t = 0.1$ is $\eta = 0.005$, the default here).
 """
 
 from __future__ import annotations
@@ -65,8 +72,9 @@ _MAX_LOCAL_BLOCK = 16  # largest local block FlowMC sets (graph_steps = n_local 
 
 
 def _default_local_kernel() -> MCMCSampler:
-    """MALA(step_size=0.005, n_warmup=100): flowMC's dt = 0.1 (eta = dt^2 / 2), adapted toward
-    acceptance 0.574 during the 100 steps after every flow fit (``retune_local``)."""
+    r"""MALA(step_size=0.005, n_warmup=100): flowMC's $\Delta t = 0.1$
+    ($\eta = \Delta t^2 / 2$), adapted toward acceptance 0.574 during the 100 steps after every
+    flow fit (``retune_local``)."""
     return MALA(step_size=0.005, n_warmup=100)
 
 
@@ -113,13 +121,15 @@ def _make_optimizer(
 
 def check_exact_log_prob(flow: Flow, n: int = 256, tol: float = 1e-3,
                          generator: torch.Generator | None = None) -> float:
-    """Refuse a flow whose log q is not exact enough for a Metropolis-Hastings proposal.
+    r"""Refuse a flow whose $\log q$ is not exact enough for a Metropolis-Hastings proposal.
 
-    An independence-MH step is invariant only if log q(x') of a proposal (from the sampling
-    pass) and log q(x) of the current state (from ``log_prob``) are the same function.
+    An independence-MH step is invariant only if $\log q(x')$ of a proposal (from the sampling
+    pass) and $\log q(x)$ of the current state (from ``log_prob``) are the same function.
     Flows that report ``exact_log_prob = False`` (a ``ContinuousFlow`` with a Hutchinson
-    trace) are refused; for flows with a numerical inverse (``ContinuousFlow``) n samples
-    are drawn and the largest |log q_sample(x) - log_prob(x)| must be <= tol nats.
+    trace) are refused; for flows with a numerical inverse (``ContinuousFlow``) $n$ samples
+    are drawn and the largest
+    $\lvert \log q_{\text{sample}}(x) - \log q_{\text{log\_prob}}(x) \rvert$ (sampling pass
+    against ``log_prob``) must be $\le$ ``tol`` nats.
 
     Returns that largest gap (0.0 for flows with an analytic inverse); raises ``ValueError``
     naming the fix otherwise (one host read).
@@ -142,16 +152,16 @@ def check_exact_log_prob(flow: Flow, n: int = 256, tol: float = 1e-3,
 
 
 class FlowMC(Sampler):
-    """Flow-assisted MCMC with persistent chains and an adaptive flow proposal.
+    r"""Flow-assisted MCMC with persistent chains and an adaptive flow proposal.
 
     Args:
         flow: any ``Flow`` (``RealNVP``, ``ContinuousFlow`` with ``trace="exact"``, a
             ``ZukoFlow``, or a subclass providing ``sample_and_log_prob`` and ``log_prob``)
             or a zuko flow (wrapped in ``ZukoFlow``), with ``flow.dim == energy.space.dim``.
-            Its log q must be exact (see ``check_exact_log_prob``): a Hutchinson trace is
+            Its $\log q$ must be exact (see ``check_exact_log_prob``): a Hutchinson trace is
             refused with a ``ValueError``.
         local: the local kernel, a continuous ``MCMCSampler`` (default ``MALA(step_size=0.005,
-            n_warmup=100)``, flowMC's dt = 0.1 as eta = dt^2 / 2).
+            n_warmup=100)``, flowMC's $\Delta t = 0.1$ as $\eta = \Delta t^2 / 2$).
         n_local: local steps per round (default 10).
         n_global: independent flow proposals per round (default 10).
         n_rounds: rounds per ``sample`` call (default 1).
@@ -161,8 +171,8 @@ class FlowMC(Sampler):
         flow_steps: optimiser steps per ``update`` call when ``flow_epochs`` is None
             (default 1).
         flow_batch_size: states per flow step (default: the whole training set).
-        flow_loss: "ml" (maximum likelihood, -mean log q(x); default) or "flow_matching"
-            (for flows with ``flow_matching_loss``, e.g. ``ContinuousFlow``).
+        flow_loss: "ml" (maximum likelihood, $-\operatorname{mean} \log q(x)$; default) or
+            "flow_matching" (for flows with ``flow_matching_loss``, e.g. ``ContinuousFlow``).
         optimizer: "adam" (default, ``default_adam``), "adamw" (flowMC's ``AdamW(lr)``) or
             a callable ``params -> torch.optim.Optimizer``.
         scheduler: ``optimizer -> LRScheduler`` stepped after each flow step (default none).
@@ -184,22 +194,23 @@ class FlowMC(Sampler):
             ``reset_adaptation`` and ``n_warmup > 0``, e.g. MALA, HMC) at every ``update``
             that fits the flow, so the step size follows an energy that is being trained;
             once the flow is frozen the kernel stops adapting and is exact (default True).
-        logq_tol: largest |log q_sample(x) - log_prob(x)| (nats) accepted for flows with a
-            numerical inverse (``ContinuousFlow``), checked at the first ``sample`` and at
-            every health check (default 1e-3).
+        logq_tol: largest
+            $\lvert \log q_{\text{sample}}(x) - \log q_{\text{log\_prob}}(x) \rvert$ (nats)
+            accepted for flows with a numerical inverse (``ContinuousFlow``), checked at the
+            first ``sample`` and at every health check (default 1e-3).
         check_every: health check every this many ``update`` calls (default 25; 0 disables): one
             host read of the flow loss, the chains' spread and their farthest excursion; a
             ``RuntimeWarning`` is issued when the flow loss explodes (more than 10 nats per
             coordinate above its best), the chains collapse (spread below 2% of the first
             check's) or run away (farthest excursion 50 times the first check's).
         init: initial chain states when neither ``x0`` nor ``data`` was given: "noise" (the
-            space's N(0, I), default) or "flow" (flow samples).
+            space's $\mathcal{N}(0, I)$, default) or "flow" (flow samples).
         check_finite: raise ``ValueError`` at the end of a ``sample`` call (one host sync) if
             the flow produced non-finite log-densities (default True); when False such
             proposals are rejected and counted in ``stats["flow_nonfinite"]``.
         proposal_batch_size: most flow proposals drawn and evaluated in one call during the
-            global moves (default 4096; None: all n_global * B at once). At least B (one
-            proposal per chain) are drawn per call.
+            global moves (default 4096; None: all $n_\mathrm{global} \cdot B$ at once). At least $B$
+            (one proposal per chain) are drawn per call.
 
     After ``sample``: ``stats["local_accept"]`` (mean acceptance of the local kernel; 1 for
     kernels that report none, such as ULA), ``stats["global_accept"]`` (mean acceptance of
@@ -210,6 +221,8 @@ class FlowMC(Sampler):
     Persistent state (``state_dict``): the chains, the history, the flow, the local kernel,
     and (as extra state) the flow optimiser, scheduler and counters.
     """
+
+    syncs_gradients = True  # update() calls sync_gradients before its optimiser step
 
     def __init__(
         self,
@@ -426,12 +439,12 @@ class FlowMC(Sampler):
         generator: torch.Generator | None = None,
         n_rounds: int | None = None,
     ) -> Tensor:
-        """Run ``n_rounds`` rounds (default ``self.n_rounds``) on the chains; return n states.
+        """Run ``n_rounds`` rounds (default ``self.n_rounds``) on the chains; return $n$ states.
 
         Chains: ``x0`` if given (it becomes the persistent state), else the persistent chains
         (created at the first call: ``n_chains`` or ``n`` of them, see ``init``). Returns all
-        chain states ``(B, *event)`` when n is None or n == B, else n of them chosen at random
-        without replacement. Detached.
+        chain states ``(B, *event)`` when ``n`` is None or $n = B$, else $n$ of them chosen at
+        random without replacement. Detached.
         """
         self._check_energy(energy)
         if not self._flow_checked:
@@ -526,7 +539,7 @@ class FlowMC(Sampler):
         return x
 
     def _cached_energy(self, x: Tensor) -> Tensor | None:
-        """E(x) ``(B,)`` cached by the local kernel's last run when it ended at ``x`` (MALA,
+        """$E(x)$ ``(B,)`` cached by the local kernel's last run when it ended at ``x`` (MALA,
         HMC cache it in their chain state), else None."""
         state = self.local.last_state
         if state is None or state.x is not x or state.energy is None:
@@ -541,14 +554,16 @@ class FlowMC(Sampler):
         e_x: Tensor | None,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """n_global independence-MH moves; returns (x, accepted count (B,), any non-finite q).
+        r"""``n_global`` independence-MH moves; returns ($x$, accepted count ``(B,)``, any
+        non-finite $q$).
 
-        ``e_x``: E(x) ``(B,)`` if known (else computed). With v = E + log q, proposal k is
-        accepted on chain b when log u_kb < v(x_b) - v(x'_kb), i.e. log u_kb + v(x'_kb) <
-        v(x_b). Random numbers, in this order: the uniforms u ``(n_global, B)`` (one call),
-        then the flow's base noise of each chunk of k moves (k B proposals per flow call,
-        ``proposal_batch_size``). A proposal with a non-finite state or log q gets v = +inf
-        (never accepted); a NaN energy gives a NaN comparison (never accepted).
+        ``e_x``: $E(x)$ ``(B,)`` if known (else computed). With $v = E + \log q$, proposal $k$
+        is accepted on chain $b$ when $\log u_{kb} < v(x_b) - v(x'_{kb})$, i.e.
+        $\log u_{kb} + v(x'_{kb}) < v(x_b)$. Random numbers, in this order: the uniforms $u$
+        ``(n_global, B)`` (one call), then the flow's base noise of each chunk of $k$ moves
+        ($kB$ proposals per flow call, ``proposal_batch_size``). A proposal with a non-finite
+        state or $\log q$ gets $v = +\infty$ (never accepted); a NaN energy gives a NaN
+        comparison (never accepted).
         """
         b = x.shape[0]
         per_call = self.n_global
@@ -568,8 +583,8 @@ class FlowMC(Sampler):
         return flat["x"], flat["acc"], flat["bad"]
 
     def _global_init(self, energy: EnergyModel, flat: dict[str, Tensor]) -> dict[str, Tensor]:
-        r"""$v(x) = E(x) + \log q(x)$ of the chains ``x`` (E from ``flat["e"]`` when cached),
-        zero acceptance counts, and whether log q(x) is non-finite anywhere (0-d bool)."""
+        r"""$v(x) = E(x) + \log q(x)$ of the chains ``x`` ($E$ from ``flat["e"]`` when cached),
+        zero acceptance counts, and whether $\log q(x)$ is non-finite anywhere (0-d bool)."""
         x = flat["x"]
         b = x.shape[0]
         e_x = flat["e"] if "e" in flat else energy(x)
@@ -585,15 +600,15 @@ class FlowMC(Sampler):
         generator: rng.Rng,
         k: int,
     ) -> dict[str, Tensor]:
-        r"""k sequential independence-MH moves from $kB$ proposals of one flow call: move j
+        r"""$k$ sequential independence-MH moves from $kB$ proposals of one flow call: move $j$
         accepts proposal $x'_j$ on a chain when $\log u_j + v(x'_j) < v(x)$, $v = E + \log q$
         (i.e. $\log u_j < f(x'_j) - f(x) + \log q(x) - \log q(x'_j)$, $f = -E$).
 
         ``log_u``: ``(k, B)`` log-uniforms; ``generator``: the flow's base draw (a
         ``torch.Generator`` or a tape of pre-drawn noise). Pure tensor code, no host sync:
-        run eagerly or as a compiled chunk. Only v and the index of the last accepted
-        proposal per chain are tracked through the k steps; the states are gathered once,
-        O(B D) not O(k B D).
+        run eagerly or as a compiled chunk. Only $v$ and the index of the last accepted
+        proposal per chain are tracked through the $k$ steps; the states are gathered once,
+        $O(BD)$ not $O(kBD)$.
         """
         x, v_x, n_acc = flat["x"], flat["v"], flat["acc"]
         b, event = x.shape[0], x.shape[1:]
@@ -671,7 +686,7 @@ class FlowMC(Sampler):
     ) -> dict[str, Tensor] | None:
         """The global moves as compiled chunks, or None (nothing drawn, nothing moved) when
         the flow cannot take pre-drawn noise. All of the round's noise is pre-drawn in the
-        eager order: u ``(n_global, B)``, then each chunk's base noise."""
+        eager order: $u$ ``(n_global, B)``, then each chunk's base noise."""
         x = flat["x"]
         b = x.shape[0]
         specs = []
@@ -705,7 +720,7 @@ class FlowMC(Sampler):
 
     def _block(self, energy: EnergyModel, flat: dict[str, Tensor], k: int,
                spec: list[rng.Draw]) -> CompiledBlock:
-        """The compiled chunk of k moves for this energy, flow, carry layout and noise."""
+        """The compiled chunk of $k$ moves for this energy, flow, carry layout and noise."""
         # Python attributes the chunk reads (a temperature, a coupling's scale bound) are
         # guarded by dynamo itself: a change recompiles this chunk, it needs no key of its own
         carry = tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in flat.items())
@@ -738,9 +753,10 @@ class FlowMC(Sampler):
         *,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """Fit the flow to the chains by maximum likelihood,
+        r"""Fit the flow to the chains by maximum likelihood (``flow_loss="ml"``; the forward
+        KL to the chains),
 
-            L(phi) = -mean_b log q_phi(x_b)       (flow_loss="ml"; forward KL to the chains)
+        $$L(\phi) = -\operatorname{mean}_b \log q_\phi(x_b),$$
 
         or by flow matching. The training set is the current chain states, or with
         ``history > 0`` the stored snapshots of every chain, resampled to ``train_examples``
@@ -789,6 +805,7 @@ class FlowMC(Sampler):
                 loss = self.flow.flow_matching_loss(batch, generator=generator)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            self.sync_gradients(self.flow.parameters())  # data parallel: one step on all ranks
             if self.max_grad_norm is not None:
                 nn.utils.clip_grad_norm_(self.flow.parameters(), self.max_grad_norm)
             self.optimizer.step()
@@ -840,12 +857,12 @@ class FlowMC(Sampler):
             self._warned_tilt = True
 
     def check_health(self, flow_loss: Tensor | None = None) -> dict[str, float]:
-        """One host read: the flow loss, the chains' spread (mean over coordinates of the
+        r"""One host read: the flow loss, the chains' spread (mean over coordinates of the
         standard deviation over chains) and their farthest excursion from the chains'
         median. Warns (``RuntimeWarning``) on an exploding flow loss (non-finite, or more than
         10 nats per coordinate above its best so far), collapsed chains (spread below 2% of
         the first check's) or runaway chains (excursion above 50 times the first check's),
-        and re-checks the flow's log q (``check_exact_log_prob``). Called by ``update`` every
+        and re-checks the flow's $\log q$ (``check_exact_log_prob``). Called by ``update`` every
         ``check_every`` calls (also when the flow is frozen); returns the three numbers."""
         x = self.chains.reshape(self.chains.shape[0], -1)
         if x.numel() == 0:

@@ -28,6 +28,7 @@ the current state between steps (MALA, HMC) override ``init_state`` and ``transi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -91,9 +92,24 @@ class Sampler(nn.Module):
     (no host synchronisation: convert with ``float()`` only when logging).
     """
 
+    #: True for learned samplers whose ``update`` calls ``sync_gradients`` between backward
+    #: and the optimiser step (the Trainer then averages their gradients across processes
+    #: instead of their parameters after separate steps)
+    syncs_gradients: bool = False
+
     def __init__(self) -> None:
         super().__init__()
         self.stats: dict[str, Tensor] = {}
+        #: set by the Trainer under data parallelism: all-reduces (averages) the gradients of
+        #: the given parameters across processes
+        self.grad_sync: Callable[[list[Tensor]], None] | None = None
+
+    def sync_gradients(self, params: Iterable[Tensor]) -> None:
+        """Average the gradients of ``params`` across processes when a data-parallel Trainer
+        asked for it (``grad_sync``); a no-op otherwise. Learned samplers call it after
+        ``backward()`` and before their optimiser step, so every process takes the same step."""
+        if self.grad_sync is not None:  # every rank passes the same tensors, in order
+            self.grad_sync(list(params))
 
     def sample(
         self,

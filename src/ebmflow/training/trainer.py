@@ -219,6 +219,8 @@ class Trainer:
             broadcast_module(self.energy)
             if self.sampler is not None:  # learned weights agree; chains (buffers) stay per rank
                 broadcast_module(self.sampler, buffers=False)
+                world = self.dist.world_size
+                self.sampler.grad_sync = lambda params: all_reduce_gradients(params, world)
 
         self.params = [p for p in self.energy.parameters() if p.requires_grad]
         if not self.params:
@@ -321,7 +323,9 @@ class Trainer:
         stats: dict[str, Tensor] = {}
         if self.sampler is not None:
             upd = self.sampler.update(self.energy, batch) or {}
-            if self.dist.enabled:
+            if self.dist.enabled and not self.sampler.syncs_gradients:
+                # a learned sampler that does not average its gradients: keep the ranks'
+                # copies identical by averaging the parameters after its separate steps
                 average_module(self.sampler, self.dist.world_size)
             stats.update({f"sampler/{k}": v for k, v in upd.items() if isinstance(v, Tensor)})
         with self._autocast():
