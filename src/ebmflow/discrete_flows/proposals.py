@@ -1,6 +1,7 @@
-"""Factorised proposals q(x) = prod_d q_d(x^d) for data-free, importance-weighted training.
+r"""Factorised proposals $q(x) = \prod_d q_d(x^d)$ for data-free, importance-weighted training.
 
-A proposal draws token states x1 ~ q (long ``(n, D)``) and evaluates log q(x1) ``(n,)``.
+A proposal draws token states $x_1 \sim q$ (long ``(n, D)``) and evaluates $\log q(x_1)$
+``(n,)``.
 Any object with ``sample(n, generator=None) -> (n, D)`` and ``log_prob(x) -> (n,)`` works with
 ``DiscreteFlowSampler``; ``FactorizedProposal`` covers the uniform, Bernoulli and categorical
 cases and can be fitted to the per-coordinate marginals of data.
@@ -17,11 +18,11 @@ __all__ = ["FactorizedProposal"]
 
 
 class FactorizedProposal(nn.Module):
-    """Independent categorical coordinates: q(x) = prod_d probs[d, x^d].
+    r"""Independent categorical coordinates: $q(x) = \prod_d \mathtt{probs}[d, x^d]$.
 
     Args:
-        probs: ``(D, S)`` non-negative rows summing to 1 (a Bernoulli proposal is S = 2 with
-            columns (1 - p, p)). Stored as a buffer (follows ``.to()``).
+        probs: ``(D, S)`` non-negative rows summing to 1 (a Bernoulli proposal is $S = 2$ with
+            columns $(1 - p, p)$). Stored as a buffer (follows ``.to()``).
 
     Build with ``FactorizedProposal.uniform(D, S)``, ``.bernoulli(p)`` or ``.fit(x, S)``.
     """
@@ -45,21 +46,22 @@ class FactorizedProposal(nn.Module):
 
     @classmethod
     def uniform(cls, dim: int, num_classes: int = 2) -> FactorizedProposal:
-        """q uniform on {0..S-1}^D (log q = -D log S)."""
+        r"""$q$ uniform on $\{0, \dots, S-1\}^D$ ($\log q = -D \log S$)."""
         return cls(torch.full((dim, num_classes), 1.0 / num_classes))
 
     @classmethod
     def bernoulli(cls, p: Tensor) -> FactorizedProposal:
-        """Binary proposal with q(x^d = 1) = p[d], ``p`` of shape ``(D,)``."""
+        """Binary proposal with $q(x^d = 1) = p[d]$, ``p`` of shape ``(D,)``."""
         p = torch.as_tensor(p, dtype=torch.float32)
         return cls(torch.stack([1.0 - p, p], dim=-1))
 
     @classmethod
     @torch.no_grad()
     def fit(cls, x: Tensor, num_classes: int, smoothing: float = 1.0) -> FactorizedProposal:
-        """Fit the marginals of tokens ``x`` (long ``(N, D)``): probs[d, j] ∝ count + smoothing.
+        r"""Fit the marginals of tokens ``x`` (long ``(N, D)``):
+        $\mathtt{probs}[d, j] \propto \text{count} + \text{smoothing}$.
 
-        ``smoothing > 0`` keeps every state in the support (finite log q).
+        ``smoothing > 0`` keeps every state in the support (finite $\log q$).
         """
         if x.dtype != torch.long or x.dim() != 2:
             raise ValueError(f"x must be long (N, D) tokens, got {x.dtype} {tuple(x.shape)}")
@@ -70,11 +72,12 @@ class FactorizedProposal(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n states, long ``(n, D)``."""
+        """$n$ states, long ``(n, D)``."""
         return rng.categorical_sample(probs=self.probs.expand(n, -1, -1), generator=generator)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """log q(x) = sum_d log probs[d, x^d], ``(n,)`` (-inf outside the support)."""
+        r"""$\log q(x) = \sum_d \log \mathtt{probs}[d, x^d]$, ``(n,)`` ($-\infty$ outside the
+        support)."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must be long (n, {self.dim}) tokens, got shape {tuple(x.shape)}")
         return self.probs.log().gather(-1, x.T).T.sum(-1)

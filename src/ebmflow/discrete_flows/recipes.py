@@ -1,4 +1,4 @@
-"""Three ways to train an EBM with a discrete flow sampler (samplingEBMs report).
+r"""Three ways to train an EBM with a discrete flow sampler (samplingEBMs report).
 
 Each recipe is a ``Sampler`` wrapping a ``DiscreteFlowSampler``; paired with
 ``ContrastiveDivergence`` it is trained by the ordinary loop (the ``Trainer``'s, or
@@ -11,27 +11,30 @@ Each recipe is a ``Sampler`` wrapping a ``DiscreteFlowSampler``; paired with
     for batch in data:
         ebm_step(energy, loss, sampler, batch, optimizer)
 
-1. ``FlowNegatives`` (flow as negative sampler): ``update`` takes k importance-weighted,
-   data-free flow steps on the current energy (x1 ~ q, w ∝ exp(-E(x1)) / q(x1)); ``sample``
-   returns flow samples, the CD negatives.
-2. ``BootstrapFlow`` (bootstrapped proposal): ``sample`` refines flow samples by n
-   ``DiscreteLangevin(metropolis=True)`` (DMALA) steps on E_k and keeps them with E_k(x);
-   the next ``update`` (after the EBM step, energy E_{k+1}) reweights them by
-   w ∝ exp(-E_{k+1}(x) + E_k(x)) and trains the flow on them.
-3. ``BackAndForth``: ``update`` sends the data batch back to time t* along the path (each
-   token masked with probability 1 - kappa(t*); for the mask source this is the exact
-   backward process, whose velocity into MASK, kappa'/kappa, needs no network), runs the flow
-   forward to 1, accepts each proposal x' with the Metropolis-Hastings probability on the
-   energy and trains the flow, unweighted, on the accepted states. ``sample`` gives flow
-   samples, or one back-and-forth MH move from ``x0`` (``ContrastiveDivergence(init="data")``).
+1. ``FlowNegatives`` (flow as negative sampler): ``update`` takes $k$ importance-weighted,
+   data-free flow steps on the current energy ($x_1 \sim q$, $w \propto \exp(-E(x_1)) / q(x_1)$);
+   ``sample`` returns flow samples, the CD negatives.
+2. ``BootstrapFlow`` (bootstrapped proposal): ``sample`` refines flow samples by $n$
+   ``DiscreteLangevin(metropolis=True)`` (DMALA) steps on $E_k$ and keeps them with $E_k(x)$;
+   the next ``update`` (after the EBM step, energy $E_{k+1}$) reweights them by
+   $w \propto \exp(-E_{k+1}(x) + E_k(x))$ and trains the flow on them.
+3. ``BackAndForth``: ``update`` sends the data batch back to time $t^*$ along the path (each
+   token masked with probability $1 - \kappa(t^*)$; for the mask source this is the exact
+   backward process, whose velocity into $\mathrm{MASK}$, $\kappa'/\kappa$, needs no network),
+   runs the flow forward to 1, accepts each proposal $x'$ with the Metropolis-Hastings
+   probability on the energy and trains the flow, unweighted, on the accepted states.
+   ``sample`` gives flow samples, or one back-and-forth MH move from ``x0``
+   (``ContrastiveDivergence(init="data")``).
 
-The back-and-forth MH move is exact for the Euler chain: from x, draw the mask set M (kept
-coordinates agree with x), then a forward path tau ending in x'; the reverse move from x'
-re-uses M and the unmasking times of tau with x's values. With pi = exp(-E),
+The back-and-forth MH move is exact for the Euler chain: from $x$, draw the mask set $M$
+(kept coordinates agree with $x$), then a forward path $\tau$ ending in $x'$; the reverse move
+from $x'$ re-uses $M$ and the unmasking times of $\tau$ with the values of $x$. With
+$\pi = \exp(-E)$,
 
-    log alpha = E(x) - E(x') + log P(path to x | x_t*) - log P(path to x' | x_t*),
+$$\log \alpha = E(x) - E(x') + \log P(\text{path to } x \mid x_{t^*}) -
+\log P(\text{path to } x' \mid x_{t^*}),$$
 
-the mask probabilities cancel (they depend only on M), and both path probabilities come from
+the mask probabilities cancel (they depend only on $M$), and both path probabilities come from
 the same Euler step probabilities (``CTMCSolver.trajectory_log_prob``).
 """
 
@@ -93,7 +96,7 @@ class FlowNegatives(_FlowRecipe):
     """Recipe 1: the flow as negative sampler for contrastive divergence.
 
     ``update(energy, data)`` ignores ``data`` and takes ``k`` data-free, importance-weighted
-    flow steps on the current energy (proposal q and batch size from the flow); ``sample``
+    flow steps on the current energy (proposal $q$ and batch size from the flow); ``sample``
     draws fresh flow samples (or re-noises ``x0`` to ``t0``, see
     ``DiscreteFlowSampler.sample``).
 
@@ -122,12 +125,12 @@ class FlowNegatives(_FlowRecipe):
 
 
 class BootstrapFlow(_FlowRecipe):
-    """Recipe 2: flow samples refined by MCMC on E_k, reweighted to E_{k+1}, train the flow.
+    r"""Recipe 2: flow samples refined by MCMC on $E_k$, reweighted to $E_{k+1}$, train the flow.
 
-    ``sample(energy, n)``: x ~ flow, then ``n_steps`` of ``mcmc`` (default
-    ``DiscreteLangevin(metropolis=True)``, imported lazily) on the current energy E_k; keeps
-    x and E_k(x). ``update(energy)`` (energy now E_{k+1}): log w = -E_{k+1}(x) + E_k(x),
-    self-normalised; one weighted flow step on x. Before the first ``sample`` (nothing kept
+    ``sample(energy, n)``: $x$ drawn from the flow, then ``n_steps`` of ``mcmc`` (default
+    ``DiscreteLangevin(metropolis=True)``, imported lazily) on the current energy $E_k$; keeps
+    $x$ and $E_k(x)$. ``update(energy)`` (energy now $E_{k+1}$): $\log w = -E_{k+1}(x) + E_k(x)$,
+    self-normalised; one weighted flow step on $x$. Before the first ``sample`` (nothing kept
     yet) ``update`` trains the flow on ``data`` if given, which warms it up.
 
     Args:
@@ -152,7 +155,7 @@ class BootstrapFlow(_FlowRecipe):
 
     @torch.no_grad()
     def sample(self, energy, n=None, *, x0=None, generator=None):
-        """Flow samples refined by ``n_steps`` of ``mcmc`` on E_k; keeps (x, E_k(x))."""
+        """Flow samples refined by ``n_steps`` of ``mcmc`` on $E_k$; keeps $(x, E_k(x))$."""
         x = self.flow.sample(energy, n, x0=x0, generator=generator)
         if self.n_steps > 0:
             x = self.mcmc.run(energy, x, self.n_steps, generator=generator)
@@ -178,16 +181,17 @@ class BootstrapFlow(_FlowRecipe):
 
 
 class BackAndForth(_FlowRecipe):
-    """Recipe 3: data sent back to t*, run forward by the flow, MH-accepted on the energy.
+    r"""Recipe 3: data sent back to $t^*$, run forward by the flow, MH-accepted on the energy.
 
-    ``update(energy, data)``: x' = forward(renoise(data, t*)); accept with the exact MH
-    probability (module docstring); the flow takes one unweighted step on the accepted
-    states. ``sample(energy, n)``: fresh flow samples; ``sample(energy, x0=x)``: one
-    back-and-forth MH move from x. Needs the mask source.
+    ``update(energy, data)``: $x' = \mathrm{forward}(\mathrm{renoise}(\text{data}, t^*))$;
+    accept with the exact MH probability (module docstring); the flow takes one unweighted
+    step on the accepted states. ``sample(energy, n)``: fresh flow samples;
+    ``sample(energy, x0=x)``: one back-and-forth MH move from $x$. Needs the mask source.
 
     Args:
         flow: the ``DiscreteFlowSampler`` (mask source).
-        t_star: time the data is sent back to, in (0, 1) (default 0.5; larger = smaller moves).
+        t_star: time $t^*$ the data is sent back to, in $(0, 1)$ (default 0.5; larger = smaller
+            moves).
     Stats: ``accept_rate`` (mean MH acceptance), ``flow_loss``.
     """
 
