@@ -35,6 +35,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -86,10 +87,16 @@ class CTMCSolver:
             ``"exponential"`` ($1 - e^{-r \Delta t}$, flow_matching's kernel) or ``"linear"``
             (the first-order step $u\, \Delta t$). The last step samples the posterior for all
             three.
+        compile: run the steps before the last as blocks of ``torch.compile``'d steps
+            (the velocity model, the step kernel and the categorical draw fused; the noise is
+            drawn from ``generator`` before each block in the eager order, so the samples are
+            the eager samples up to float rounding of the probabilities). Used when neither
+            the path log-probability nor the trajectory is asked for; the last step is eager.
+            ``compile_seconds`` reports the first block's time.
     """
 
     def __init__(self, path: MixturePath, dt: float | None = None, *, jump: str = "exact",
-                 step_size: float | None = None):
+                 compile: bool = False, step_size: float | None = None):
         if step_size is not None:
             if dt is not None:
                 raise ValueError("pass dt only (step_size is its deprecated name)")
@@ -111,9 +118,16 @@ class CTMCSolver:
                 f"jump must be one of {JUMP_METHODS}, got {jump!r}; \"exact\" is the default, "
                 "\"linear\" the first-order Euler step"
             )
+        if compile not in (True, False):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         self.path = path
         self.dt = float(dt)
         self.jump = jump
+        self.compile = compile
+        #: ``torch.compile`` backend of the compiled steps ("inductor"; "eager" for tests)
+        self.compile_backend: Any = "inductor"
+        self.compile_seconds: float | None = None
+        self._blocks: dict[tuple, Any] = {}
 
     @property
     def step_size(self) -> float:
@@ -149,15 +163,8 @@ class CTMCSolver:
         """Normalised jump probabilities ``(B, D, V)`` over the V input tokens (MASK included)
         for the step from ``t`` to ``t + dt``; ``last`` marks the step that ends at t = 1."""
         path = self.path
-        s, v = path.num_classes, path.vocab_size
-        scale = self.jump_scale(t, dt, last)
-        off = (velocity * scale).clamp(0.0, 1.0) * path.off_diagonal(x_t)
-        off = off * path.active(x_t)[..., None]
-        if v > s:
-            off = F.pad(off, (0, v - s))  # zero rate into MASK
-        current = F.one_hot(x_t, v).to(off.dtype)
-        diag = (1.0 - off.sum(-1, keepdim=True)).clamp_min(0.0)
-        probs = off + current * diag
+        s = path.num_classes
+        probs = self._unnormalised(velocity, x_t, self.jump_scale(t, dt, last))
         if last and path.mask_token is not None:
             probs[..., path.mask_token] = 0.0
             empty = probs.sum(-1, keepdim=True) <= 0
@@ -198,7 +205,10 @@ class CTMCSolver:
         b = x.shape[0]
         log_prob = torch.zeros(b, device=x.device) if return_log_prob else None
         traj = [x] if return_trajectory else None
-        for k in range(len(times) - 1):
+        first = 0
+        if self.compile and not return_log_prob and not return_trajectory and len(times) > 2:
+            x, first = self._sample_compiled(velocity_fn, x, times, generator)
+        for k in range(first, len(times) - 1):
             t, dt = times[k], times[k + 1] - times[k]
             u = velocity_fn(x, torch.full((b,), t, device=x.device))
             probs = self.step_probs(u, x, t, dt, last=k == len(times) - 2)
@@ -210,6 +220,65 @@ class CTMCSolver:
             if traj is not None:
                 traj.append(x)
         return SolverOutput(x, log_prob, traj, times)
+
+    def _sample_compiled(self, velocity_fn: VelocityFn, x: Tensor, times: list[float],
+                         generator: torch.Generator | None) -> tuple[Tensor, int]:
+        """All steps but the last in compiled blocks; returns (x, steps done)."""
+        from ..samplers.compiled import CompiledBlock, predraw
+        from ..samplers.rng import RecordingTape, real_generator
+
+        n = len(times) - 2  # steps before the last
+        b = x.shape[0]
+        t = torch.tensor(times[:n], dtype=torch.float32, device=x.device)
+        scale = torch.tensor([self.jump_scale(times[k], times[k + 1] - times[k])
+                              for k in range(n)], dtype=torch.float32, device=x.device)
+
+        def advance(fn: VelocityFn, flat: dict[str, Tensor], tape: Any) -> dict[str, Tensor]:
+            xk, j = flat["x"], flat["j"].reshape(1)
+            # index_select: indexing with a tensor would be specialised on its value
+            tk = flat["t"].index_select(0, j)
+            u = fn(xk, tk.expand(b))
+            probs = self._probs_scaled(u, xk, flat["scale"].index_select(0, j).reshape(()))
+            return {**flat, "x": rng.categorical_sample(probs=probs, generator=tape),
+                    "j": j + 1}
+
+        flat = {"x": x, "t": t, "scale": scale, "j": torch.zeros((), dtype=torch.long,
+                                                                    device=x.device)}
+        rec = RecordingTape(generator)  # step 0 eagerly: learns the draws
+        flat = advance(velocity_fn, flat, rec)
+        k = min(8, n - 1) if n > 1 else 1
+        blocks = (n - 1) // k
+        owner = getattr(velocity_fn, "__self__", velocity_fn)  # a bound method is new per access
+        key = (id(owner), getattr(velocity_fn, "__func__", None), tuple(x.shape), x.dtype, n, k)
+        block = self._blocks.get(key)
+        if block is None and blocks:
+            block = CompiledBlock(advance, k, rec.spec, key, backend=self.compile_backend)
+            self._blocks = {key: block}
+        draws: list[Tensor] | None = None
+        for _ in range(blocks):
+            draws = predraw(rec.spec, k, real_generator(generator), draws)
+            flat = block(velocity_fn, flat, draws)  # type: ignore[misc]
+        if block is not None and blocks:
+            self.compile_seconds = block.compile_seconds
+        return flat["x"], 1 + blocks * k
+
+    def _unnormalised(self, velocity: Tensor, x_t: Tensor, scale: float | Tensor) -> Tensor:
+        """Jump probabilities ``(B, D, V)`` of a step with factor ``scale`` (a float, or a
+        0-d tensor inside compiled blocks), before the last step's MASK handling."""
+        path = self.path
+        s, v = path.num_classes, path.vocab_size
+        off = (velocity * scale).clamp(0.0, 1.0) * path.off_diagonal(x_t)
+        off = off * path.active(x_t)[..., None]
+        if v > s:
+            off = F.pad(off, (0, v - s))  # zero rate into MASK
+        current = F.one_hot(x_t, v).to(off.dtype)
+        diag = (1.0 - off.sum(-1, keepdim=True)).clamp_min(0.0)
+        return off + current * diag
+
+    def _probs_scaled(self, velocity: Tensor, x_t: Tensor, scale: Tensor) -> Tensor:
+        """``step_probs`` of a step before the last, with the jump factor as a tensor."""
+        probs = self._unnormalised(velocity, x_t, scale)
+        return probs / probs.sum(-1, keepdim=True)
 
     @torch.no_grad()
     def trajectory_log_prob(self, velocity_fn: VelocityFn, trajectory: list[Tensor], t0: float = 0.0) -> Tensor:
