@@ -140,7 +140,8 @@ class ContinuousFlow(Flow):
         ode_steps: number of ODE steps for fixed-step solvers (default 16). Formerly
             ``n_steps=`` (still accepted for one release, with a ``DeprecationWarning``: in
             ebmflow ``n_steps`` counts MCMC transitions).
-        atol, rtol: tolerances for adaptive solvers (default 1e-5).
+        atol: absolute tolerance of adaptive solvers (default 1e-5).
+        rtol: relative tolerance of adaptive solvers (default 1e-5).
         adjoint: use ``odeint_adjoint`` (memory O(1) in the number of steps) for maximum
             likelihood training (default False: backprop through the solver).
         trace: "exact" (D autograd passes per evaluation), "hutchinson" (one vector-Jacobian

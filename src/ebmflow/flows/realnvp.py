@@ -110,7 +110,7 @@ class AffineCoupling(nn.Module):
 
 
 class RealNVP(Flow):
-    """RealNVP flow x = A(C_L(...C_1(z))), z ~ N(0, I_D): L affine couplings with alternating
+    r"""RealNVP flow x = A(C_L(...C_1(z))), z ~ N(0, I_D): L affine couplings with alternating
     masks (layer l keeps coordinates i with (i + l) even fixed) followed by an elementwise
     affine map A(u) = loc + exp(log_scale) * u.
 
@@ -123,8 +123,11 @@ class RealNVP(Flow):
         hidden: conditioner MLP widths (default (64, 64)).
         activation: default "silu".
         scale_bound: bound on each coupling's |log-scale| (default 3).
-        loc, scale: initial value of the output affine map (default 0 and 1: the flow starts
-            as the identity, q = N(0, I)); ``init_from_data`` sets them from data moments.
+        loc: initial shift of the output affine map (default 0; with ``scale`` = 1 the flow
+            starts as the identity, $q = \mathcal{N}(0, I)$); ``init_from_data`` sets it from
+            the data mean.
+        scale: initial scale of the output affine map (default 1); ``init_from_data`` sets it
+            from the data standard deviation.
     """
 
     def __init__(

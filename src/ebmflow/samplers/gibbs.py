@@ -34,9 +34,11 @@ class Gibbs(MCMCSampler):
             coordinate per chain (chains choose independently). True: systematic scan, one
             step updates coordinates 0, 1, ..., D-1 in order (D updates per step).
         n_steps: default number of steps of ``sample``/``run`` (default 10).
-        on_nonfinite, progress: see ``MCMCSampler``.
-        cuda_graph, graph_steps, compile: the fast path of ``MCMCSampler.run`` (steps recorded
-            as one CUDA graph / compiled); every step here is free of host synchronisation.
+        on_nonfinite: "raise" (default) or "reset"; see ``MCMCSampler``.
+        progress: show a progress bar in ``run`` (default False).
+        cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
+        graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
+        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
 
     Step info (per chain ``(B,)``): ``flips`` (number of coordinates whose value changed in
     the step); ``stats`` / ``chain_stats`` also hold ``accept_rate`` = 1 (Gibbs moves are

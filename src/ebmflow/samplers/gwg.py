@@ -45,9 +45,11 @@ class GibbsWithGradients(GradientDiscreteSampler):
         n_steps: default number of steps of ``sample``/``run`` (default 10).
         check_gradient: at the start of each run, reject energies whose gradient is zero at
             every state while their values differ (useless for this sampler; use ``Gibbs``).
-        on_nonfinite, progress: see ``MCMCSampler``.
-        cuda_graph, graph_steps, compile: the fast path of ``MCMCSampler.run`` (steps recorded
-            as one CUDA graph / compiled); every step here is free of host synchronisation.
+        on_nonfinite: "raise" (default) or "reset"; see ``MCMCSampler``.
+        progress: show a progress bar in ``run`` (default False).
+        cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
+        graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
+        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
 
     Step info (per chain ``(B,)``): ``accept_rate`` (1 if the move was accepted),
     ``flips`` (coordinates changed, 0 or 1) and ``nonfinite_rate`` (1 if the proposal's energy

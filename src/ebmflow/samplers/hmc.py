@@ -38,7 +38,11 @@ class HMC(AdaptiveStepSize):
         n_leapfrog: $L \ge 1$ (default 10).
         n_steps: default number of HMC steps (default 10).
         target_accept: default 0.65. n_warmup: default 0. adapt_rate: default 1.0.
-        on_nonfinite, progress, cuda_graph, graph_steps, compile: see ``MCMCSampler``.
+        on_nonfinite: "raise" (default) or "reset"; see ``MCMCSampler``.
+        progress: show a progress bar in ``run`` (default False).
+        cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
+        graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
+        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
 
     Step info: ``accept_rate``, ``nonfinite_rate`` (per chain); ``stats["step_size"]``.
     """

@@ -43,7 +43,11 @@ class Langevin(MCMCSampler):
         temperature: $T > 0$ (default 1); ignored when ``noise_scale`` is given.
         noise_scale: $\sigma \ge 0$ or None (default None: $\sqrt{2 \eta T}$).
         grad_clip: $c > 0$ or None (default None: no clipping).
-        on_nonfinite, progress, cuda_graph, graph_steps, compile: see ``MCMCSampler``.
+        on_nonfinite: "raise" (default) or "reset"; see ``MCMCSampler``.
+        progress: show a progress bar in ``run`` (default False).
+        cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
+        graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
+        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
 
     Cost: one energy-and-gradient evaluation per step. Reports no step info (no acceptance).
     A non-finite $E(x)$ or $\nabla E(x)$ makes the moved state NaN, which ``run`` reports (or undoes).

@@ -45,7 +45,11 @@ class MALA(AdaptiveStepSize):
         target_accept: acceptance targeted by the adaptation (default 0.574).
         n_warmup: adaptation steps (default 0: no adaptation).
         adapt_rate: Robbins-Monro gain factor (default 1.0).
-        on_nonfinite, progress, cuda_graph, graph_steps, compile: see ``MCMCSampler``.
+        on_nonfinite: "raise" (default) or "reset"; see ``MCMCSampler``.
+        progress: show a progress bar in ``run`` (default False).
+        cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
+        graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
+        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
 
     Step info: ``accept_rate`` (per chain, 1 if accepted), ``nonfinite_rate`` (per chain);
     ``stats["step_size"]`` is the step size at the end of the run.

@@ -152,7 +152,8 @@ class PersistentSampler(Sampler):
     When ``x0`` is given the chains start from it instead and the buffer is left untouched.
 
     Args:
-        mcmc: the kernel. buffer: the replay buffer.
+        mcmc: the kernel.
+        buffer: the replay buffer.
         n_steps: kernel steps per draw (default None: ``mcmc.n_steps``).
 
     ``stats``: the kernel's (``accept_rate``...) plus the buffer's (``reinit_rate``) and
