@@ -197,26 +197,12 @@ def make_blackjax(sampler: str, kind: str, energy, n_chains: int):
 
 
 def make_torchebm(energy):
-    """torchebm's LangevinDynamics (0.8.x) with the same chain as ULA(ETA), or None."""
-    try:
-        from torchebm.core import BaseModel
-        from torchebm.samplers import LangevinDynamics
-    except Exception:
-        return None
+    """torchebm's LangevinDynamics with the same chain as ULA(ETA) (``samplers.py``), or
+    None when torchebm is not installed."""
+    from samplers import torchebm_runner
 
-    class Wrapped(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.inner = energy
-
-        def forward(self, x):
-            return self.inner(x)
-
-    try:  # its noise is sqrt(2 * step) * noise_scale * xi: noise_scale = 1 is ULA
-        s = LangevinDynamics(model=Wrapped(), step_size=ETA, noise_scale=1.0)
-    except Exception:
-        return None
-    return lambda x: s.sample(x=x, n_steps=STEPS)
+    run = torchebm_runner(energy, ETA)
+    return None if run is None else (lambda x: run(x, STEPS, None))
 
 
 def timed(fn, cuda: bool = False):

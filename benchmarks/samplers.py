@@ -92,8 +92,10 @@ def make_ours(name, graph, k):
     return HMC(HMC_EPS, n_leapfrog=HMC_L, **kw)
 
 
-def torchebm_runner(energy):
-    """torchebm's LangevinDynamics when installed (API of 0.8.x), else None."""
+def torchebm_runner(energy, step_size: float = ETA):
+    """torchebm's LangevinDynamics when installed (API of 0.8.x), else None: ``run(x, n,
+    gen)``. Its update is x - step grad E + sqrt(2 step) * noise_scale * xi, so
+    ``noise_scale=1`` is ULA with step size ``step_size`` (the same chain as ours)."""
     try:
         import torchebm  # noqa: F401
         from torchebm.core import BaseModel
@@ -110,7 +112,7 @@ def torchebm_runner(energy):
             return self.inner(x)
 
     try:
-        sampler = LangevinDynamics(model=Wrapped(), step_size=ETA, noise_scale=math.sqrt(2 * ETA))
+        sampler = LangevinDynamics(model=Wrapped(), step_size=step_size, noise_scale=1.0)
     except Exception:
         return None
 

@@ -83,38 +83,37 @@ def _shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def randn(shape: tuple[int, ...] | torch.Size, generator: Rng, device: torch.device,
-          dtype: torch.dtype = torch.float32) -> Tensor:
-    """Standard normal draws of ``shape`` (``torch.randn`` or the tape's next tensor)."""
+def _draw(kind: str, shape: tuple[int, ...] | torch.Size, generator: Rng,
+          device: torch.device, dtype: torch.dtype, low: int = 0, high: int = 0) -> Tensor:
+    """The tape's next tensor, or a torch draw (recorded first by a ``RecordingTape``)."""
     if isinstance(generator, NoiseTape):
         return generator.next()
     if isinstance(generator, RecordingTape):
-        generator.spec.append(Draw("randn", _shape(shape), dtype, torch.device(device)))
+        generator.spec.append(Draw(kind, _shape(shape), dtype, torch.device(device), low, high))
         generator = generator.generator
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if kind == "randn":
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if kind == "rand":
+        return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return torch.randint(low, high, shape, generator=generator, device=device)
+
+
+def randn(shape: tuple[int, ...] | torch.Size, generator: Rng, device: torch.device,
+          dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal draws of ``shape`` (``torch.randn`` or the tape's next tensor)."""
+    return _draw("randn", shape, generator, device, dtype)
 
 
 def rand(shape: tuple[int, ...] | torch.Size, generator: Rng, device: torch.device,
          dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform [0, 1) draws of ``shape`` (``torch.rand`` or the tape's next tensor)."""
-    if isinstance(generator, NoiseTape):
-        return generator.next()
-    if isinstance(generator, RecordingTape):
-        generator.spec.append(Draw("rand", _shape(shape), dtype, torch.device(device)))
-        generator = generator.generator
-    return torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return _draw("rand", shape, generator, device, dtype)
 
 
 def randint(low: int, high: int, shape: tuple[int, ...] | torch.Size, generator: Rng,
             device: torch.device) -> Tensor:
     """Integer draws in ``[low, high)`` of ``shape`` (``torch.randint`` or the tape's next)."""
-    if isinstance(generator, NoiseTape):
-        return generator.next()
-    if isinstance(generator, RecordingTape):
-        generator.spec.append(
-            Draw("randint", _shape(shape), torch.long, torch.device(device), low, high))
-        generator = generator.generator
-    return torch.randint(low, high, shape, generator=generator, device=device)
+    return _draw("randint", shape, generator, device, torch.long, low, high)
 
 
 def categorical_sample(
