@@ -17,6 +17,10 @@ where (``--update-docs``: docs/results and docs/figures; ``--out FOLDER``).
 
     python examples/discrete_flow_toys.py --quick     # < 1 minute on CPU
     python examples/discrete_flow_toys.py             # the documented run
+    python examples/discrete_flow_toys.py --quick --plot-only   # redraw from the JSON
+
+The JSON keeps each flow's samples decoded to 2-D, so ``--plot-only`` redraws the figure from
+it without training.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -198,28 +203,91 @@ def run_dataset(name, cfg, quick, log):
     return out, {k: gray_decode(v, 16, bound) for k, v in samples.items()}
 
 
-def plot(all_samples, path):
+FONT = 13  # points; the figure is 8 in wide at 100 dpi, shown at about its pixel size
+PANELS = {  # key in samples_2d -> (title, key of its metrics in the results)
+    "flow from data": ("flow fitted to data", "flow_from_data_mmd"),
+    "data-free flow": ("data-free flow (ED energy)", "flow_data_free_mmd"),
+    "negatives": ("recipe 1: flow negatives", "negatives"),
+    "bootstrap": ("recipe 2: bootstrap", "bootstrap"),
+    "back_and_forth": ("recipe 3: back-and-forth", "back_and_forth"),
+}
+
+
+def _panel_title(key, res):
+    title, metric = PANELS.get(key, (key, None))
+    value = res.get(metric)
+    if isinstance(value, dict):  # a recipe: its flow's MMD and its EBM's NLL
+        return f"{title}\nMMD {value['flow_mmd']:.1f}, NLL {value['nll']:.2f}"
+    return f"{title}\nMMD {value:.1f}" if value is not None else title
+
+
+def plot(results, cfg, path):
+    """Per data set: a 2-D histogram of quantised data, then of each flow's samples (decoded
+    from the Gray code; the flow alone, before any DMALA refinement), each with a colour bar
+    (per cent of the points per bin); three panels a row, 8 in wide. ``results`` is the JSON's
+    list, each entry with ``samples_2d``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(all_samples)
-    cols = list(next(iter(all_samples.values())))
-    fig, axes = plt.subplots(len(names), len(cols), figsize=(2.6 * len(cols), 2.6 * len(names)),
-                             squeeze=False)
-    for i, name in enumerate(names):
-        for j, col in enumerate(cols):
-            pts = all_samples[name][col]
-            axes[i, j].hist2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=60, cmap="viridis")
-            axes[i, j].set_xticks([])
-            axes[i, j].set_yticks([])
-            if i == 0:
-                axes[i, j].set_title(col, fontsize=9)
-        axes[i, 0].set_ylabel(name)
+    plt.rcParams.update({"font.size": FONT, "axes.titlesize": FONT, "axes.labelsize": FONT,
+                         "xtick.labelsize": FONT - 1, "ytick.labelsize": FONT - 1})
+    ncol = 3
+    rows = []  # (dataset, [(title, points)])
+    for res in results:
+        name = res["dataset"]
+        enc, bound = toy_encoder(name, cfg["eval"]["seed"])
+        data = gray_decode(enc(toy_2d(name, 4000, torch.Generator().manual_seed(5))), 16, bound)
+        panels = [(f"{name}: data\n4,000 points", data)]
+        for key, pts in res["samples_2d"].items():
+            panels.append((_panel_title(key, res), torch.tensor(pts)))
+        rows.append((name, panels))
+    nrow = sum(math.ceil(len(panels) / ncol) for _, panels in rows)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(8.0, 3.0 * nrow + 0.8), squeeze=False)
+    r = 0
+    for _name, panels in rows:
+        data = panels[0][1]
+        lims = [[float(data[:, i].min()) - 0.5, float(data[:, i].max()) + 0.5] for i in (0, 1)]
+        block = axes[r:r + math.ceil(len(panels) / ncol)].ravel()
+        r += math.ceil(len(panels) / ncol)
+        for ax, (title, pts) in zip(block, panels):
+            w = torch.full((pts.shape[0],), 100.0 / pts.shape[0])
+            *_, im = ax.hist2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=36, range=lims,
+                               weights=w.numpy(), cmap="viridis")
+            ax.set_title(title)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+            cb.ax.tick_params(labelsize=FONT - 1)
+        for ax in block[len(panels):]:
+            ax.axis("off")
+    n = sorted({len(p) for res in results for p in res["samples_2d"].values()})
+    fig.suptitle(f"Flow samples, {'/'.join(f'{k:,}' for k in n)} each (colour: % per bin), after "
+                 f"{cfg['flow']['fit_steps']} flow steps / {cfg['recipes']['iterations']} EBM "
+                 "steps\nMMD x 1e-4 to test data; NLL (nats) of the recipe's EBM",
+                 fontsize=FONT)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def results_json(payload):
+    """``json.dumps(payload, indent=2)`` with each sample list of ``samples_2d`` on one line."""
+    lists = []
+
+    def stub(res):
+        if "samples_2d" not in res:
+            return res
+        keys = {}
+        for k, v in res["samples_2d"].items():
+            keys[k] = f"@@samples{len(lists)}@@"
+            lists.append(json.dumps(v, separators=(",", ":")))
+        return {**res, "samples_2d": keys}
+
+    text = json.dumps({**payload, "results": [stub(r) for r in payload["results"]]}, indent=2)
+    return re.sub(r'"@@samples(\d+)@@"', lambda m: lists[int(m.group(1))], text)
 
 
 def main():
@@ -227,8 +295,22 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny counts, one dataset (< 1 min)")
     ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--datasets", nargs="*", default=None)
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw the figure from the results JSON, without training")
     add_output_arguments(ap)
     args = ap.parse_args()
+    suffix = "_quick" if args.quick else ""
+    folder = output_dir(args)
+    out = folder / "results" / f"discrete_flow_toys{suffix}.json"
+    fig = folder / "figures" / f"discrete_flow_toys{suffix}.png"
+    if args.plot_only:
+        payload = json.loads(out.read_text())
+        if any("samples_2d" not in res for res in payload["results"]):
+            raise SystemExit(f"{out} holds no samples (written by an older version of this "
+                             "script): re-run the example to store them")
+        plot(payload["results"], payload["config"], fig)
+        report_written(fig)
+        return
     torch.set_num_threads(1)
     cfg = load_example_settings(args.config)
     datasets = args.datasets or cfg["data"]["datasets"]
@@ -238,21 +320,19 @@ def main():
         cfg["energy"].update(ed_iterations=20, hidden=[64, 64])
         cfg["recipes"]["iterations"] = 10
         cfg["eval"].update(nll_samples=20_000, test_points=1000, mmd_samples=500)
-    results, all_samples = [], {}
+    results = []
     start = time.perf_counter()
     for name in datasets:
         res, samples = run_dataset(name, cfg, args.quick, print)
+        # each flow's samples decoded to 2-D (3 decimals), for the figure and --plot-only
+        res["samples_2d"] = {k: [[round(c, 3) + 0.0 for c in xy] for xy in v.tolist()]
+                             for k, v in samples.items()}
         results.append(res)
-        all_samples[name] = samples
-    suffix = "_quick" if args.quick else ""
-    folder = output_dir(args)
-    out = folder / "results" / f"discrete_flow_toys{suffix}.json"
+    seconds = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": cfg, "quick": args.quick, "results": results,
-                               "seconds": time.perf_counter() - start}, indent=2))
-    fig = folder / "figures" / f"discrete_flow_toys{suffix}.png"
-    fig.parent.mkdir(parents=True, exist_ok=True)
-    plot(all_samples, fig)
+    out.write_text(results_json({"config": cfg, "quick": args.quick, "results": results,
+                                 "seconds": seconds}))
+    plot(results, cfg, fig)
     report_written(out, fig)
     print(f"took {time.perf_counter() - start:.0f} s")
 

@@ -24,7 +24,8 @@ nearest-neighbour correlation of the data is compared with that of exact samples
 
 Writes runs/examples/figures/ising_recovery.png and runs/examples/results/ising_recovery.json
 (``--quick``: ``*_quick.png`` / ``*_quick.json``; ``--update-docs``: docs/figures and
-docs/results) and prints where.
+docs/results) and prints where. The JSON keeps the learned couplings, so ``--plot-only``
+redraws the figure from it without training (with ``--quick`` / ``--update-docs`` as above).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -167,29 +169,85 @@ def train(data: torch.Tensor, truth: IsingEnergy, cfg: dict, log_every: int = 50
     }
 
 
-def plot(results: dict, side: int, path: Path) -> None:
+FONT = 13  # points; the figure is 8 in wide at 100 dpi, shown at about its pixel size
+
+
+def compact_json(obj) -> str:
+    """``json.dumps(obj, indent=2)`` with every list of numbers on one line (a coupling row,
+    a curve point), so that the stored matrices stay readable and small."""
+    text = json.dumps(obj, indent=2)
+    return re.sub(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]",
+                  lambda m: "[" + ", ".join(v.strip() for v in m.group(1).split(",")) + "]",
+                  text)
+
+
+def plot(results: dict, side: int, path: Path, title: str = "") -> None:
+    """The score during training (published values dotted), then for each sigma the learned
+    coupling block J[:2 side, :2 side] (the first two lattice rows) with a colour bar; two
+    panels a row, 8 in wide. ``results[sigma]`` holds ``curve`` and ``coupling`` (D x D)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": FONT, "axes.titlesize": FONT, "axes.labelsize": FONT,
+                         "xtick.labelsize": FONT - 1, "ytick.labelsize": FONT - 1,
+                         "legend.fontsize": FONT - 1})
     sigmas = list(results)
-    fig, axes = plt.subplots(1, len(sigmas) + 1, figsize=(4 * (len(sigmas) + 1), 3.6))
-    for sigma in sigmas:
+    ncol = 2
+    nrow = math.ceil((len(sigmas) + 1) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(8.0, 4.6 * nrow), squeeze=False)
+    axes = axes.ravel()
+    ax = axes[0]
+    for i, sigma in enumerate(sigmas):
         it, score = zip(*results[sigma]["curve"])
-        axes[0].plot(it, score, label=f"sigma={sigma}")
-        axes[0].axhline(PUBLISHED.get(sigma, float("nan")), ls=":", c="gray")
-    axes[0].set(xlabel="update", ylabel="-log RMSE(J)", title="PCD + GWG (dotted: published)")
-    axes[0].legend()
+        pub = f", published {PUBLISHED[sigma]}" if sigma in PUBLISHED else ""
+        ax.plot(it, score, color=f"C{i}", lw=2, label=f"sigma = {sigma}{pub}")
+        if sigma in PUBLISHED:
+            ax.axhline(PUBLISHED[sigma], ls=":", lw=1.5, color=f"C{i}")
+    ax.set(xlabel="update", ylabel="-log RMSE(J)")
+    ax.set_title("Recovery score during training\n(higher is better; dotted: published)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=FONT - 1)
+    ax.grid(alpha=0.3)
+    k = 2 * side
     for ax, sigma in zip(axes[1:], sigmas):
-        j = results[sigma]["coupling"][: 2 * side, : 2 * side]
-        im = ax.imshow(j, cmap="RdBu_r", vmin=-sigma, vmax=sigma)
-        ax.set_title(f"learned J[:20, :20], sigma={sigma}")
-        fig.colorbar(im, ax=ax, fraction=0.046)
+        r = results[sigma]
+        j = torch.as_tensor(r["coupling"], dtype=torch.float32)[:k, :k]
+        im = ax.imshow(j.numpy(), cmap="RdBu_r", vmin=-sigma, vmax=sigma,
+                       extent=(0.5, k + 0.5, k + 0.5, 0.5))
+        ax.set_title(f"sigma = {sigma}: learned J[1:{k}, 1:{k}]\n"
+                     f"mean on edges {r['mean_on_lattice']:.3f} (true {sigma})\n"
+                     f"-log RMSE {r['neg_log_rmse']:.2f}")
+        ax.set_xticks([1, side, k])
+        ax.set_yticks([1, side, k])
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        cb.set_label("J_ij", fontsize=FONT - 1)
+        cb.ax.tick_params(labelsize=FONT - 1)
+    for ax in axes[len(sigmas) + 1:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=FONT + 1)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def figure_title(cfg: dict) -> str:
+    tr, data = cfg["train"], cfg["data"]
+    source = "Gibbs" if data["source"] == "gibbs" else "exact"
+    return (f"{tr['iterations']} updates, {tr['gwg_steps']} GWG steps, "
+            f"{data['n']} {source} samples")
+
+
+def plot_from_json(json_path: Path, png_path: Path) -> None:
+    """Redraw the figure from a results JSON (no training); it must hold the couplings."""
+    payload = json.loads(json_path.read_text())
+    results = {float(s): r for s, r in payload["results"].items()}
+    if any("coupling" not in r for r in results.values()):
+        raise SystemExit(f"{json_path} holds no learned couplings (written by an older version "
+                         "of this script): re-run the example to store them")
+    plot(results, payload["config"]["lattice"]["side"], png_path, figure_title(payload["config"]))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -202,8 +260,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any setting, e.g. train.l1=0.02 data.gibbs_sweeps=100")
     parser.add_argument("--no-save", action="store_true", help="do not write JSON / figure")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw the figure from the results JSON, without training")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
+    name = "ising_recovery_quick" if args.quick else "ising_recovery"
+    if args.plot_only:
+        folder = output_dir(args)
+        json_path, png_path = folder / "results" / f"{name}.json", folder / "figures" / f"{name}.png"
+        plot_from_json(json_path, png_path)
+        report_written(png_path)
+        return {}
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.quick)
     if args.iterations:
@@ -249,14 +316,17 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(),
             "published": {str(k): v for k, v in PUBLISHED.items()},
             "results": {
-                str(s): {k: v for k, v in r.items() if k != "coupling"} for s, r in results.items()
+                str(s): {**{k: v for k, v in r.items() if k != "coupling"},
+                         # the learned D x D coupling (4 decimals), for the figure
+                         "coupling": [[round(v, 4) + 0.0 for v in row]
+                                      for row in r["coupling"].tolist()]}
+                for s, r in results.items()
             },
         }
-        name = "ising_recovery_quick" if args.quick else "ising_recovery"
         folder = output_dir(args)
         (folder / "results").mkdir(parents=True, exist_ok=True)
-        (folder / "results" / f"{name}.json").write_text(json.dumps(out, indent=2))
-        plot(results, side, folder / "figures" / f"{name}.png")
+        (folder / "results" / f"{name}.json").write_text(compact_json(out))
+        plot(results, side, folder / "figures" / f"{name}.png", figure_title(cfg))
         report_written(folder / "results" / f"{name}.json", folder / "figures" / f"{name}.png")
     return results
 

@@ -14,8 +14,11 @@ ring on ``8gaussians`` is titled so, not only by its mode-weight error).
 Redrawn: ``flowmc_toys`` (and ``_quick``), ``flowmc_rings_long``, ``flowmc_two_modes`` (and
 ``_quick``), ``flowmc_highdim`` (and ``_quick``), ``discrete_flow_budget``,
 ``ed_nearsightedness`` and ``ed_25gaussians`` (and ``_quick``; its JSON stores the density
-grids). The other figures show samples or matrices that the JSON files do not store; their
-scripts redraw them.
+grids); and, by the drawing functions of their example scripts (which import torch),
+``ising_recovery`` (and ``_quick``; the JSON stores the learned couplings), ``ed_categorical``
+and ``discrete_flow_toys`` (and ``_quick``; the JSON files store the samples, decoded to 2-D).
+The other figures show samples or matrices that the JSON files do not store; their scripts
+redraw them.
 """
 
 from __future__ import annotations
@@ -361,6 +364,45 @@ def plot_ed_25gaussians(name: str, out: Path) -> Path | None:
     return draw_ed_25gaussians(payload, out / f"{name}.png")
 
 
+def _example(module: str):
+    """An example script's module (examples/ is on sys.path when this script runs)."""
+    import importlib
+    import sys
+
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return importlib.import_module(module)
+
+
+def plot_ising_recovery(name: str, out: Path) -> Path | None:
+    payload = _load(name)
+    if payload is None or any("coupling" not in r for r in payload["results"].values()):
+        return None
+    path = out / f"{name}.png"
+    _example("ising_recovery").plot_from_json(RESULTS / f"{name}.json", path)
+    return path
+
+
+def plot_ed_categorical(name: str, out: Path) -> Path | None:
+    payload = _load(name)
+    if payload is None or not any("samples_2d" in r for runs in payload["runs"].values()
+                                  for r in runs.values()):
+        return None
+    path = out / f"{name}.png"
+    _example("ed_categorical").plot(payload, path)
+    return path
+
+
+def plot_discrete_flow_toys(name: str, out: Path) -> Path | None:
+    payload = _load(name)
+    if payload is None or any("samples_2d" not in r for r in payload["results"]):
+        return None
+    path = out / f"{name}.png"
+    _example("discrete_flow_toys").plot(payload["results"], payload["config"], path)
+    return path
+
+
 FIGURES: dict[str, Callable[[str, Path], Path | None]] = {
     "flowmc_toys": plot_flowmc_toys,
     "flowmc_toys_quick": plot_flowmc_toys,
@@ -373,6 +415,11 @@ FIGURES: dict[str, Callable[[str, Path], Path | None]] = {
     "discrete_flow_budget": plot_discrete_flow_budget,
     "ed_25gaussians": plot_ed_25gaussians,
     "ed_25gaussians_quick": plot_ed_25gaussians,
+    "ising_recovery": plot_ising_recovery,
+    "ising_recovery_quick": plot_ising_recovery,
+    "ed_categorical": plot_ed_categorical,
+    "discrete_flow_toys": plot_discrete_flow_toys,
+    "discrete_flow_toys_quick": plot_discrete_flow_toys,
 }
 
 
@@ -398,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.only or FIGURES:
         path = FIGURES[name](name, out)
         print(f"wrote {path}" if path else
-              f"skipped {name}: docs/results/{name}.json not found or without density grids")
+              f"skipped {name}: docs/results/{name}.json not found or without the data it "
+              "draws (density grids, couplings or samples)")
 
 
 # A documentation tool, not an experiment: it trains nothing and has no config or --quick
