@@ -45,6 +45,9 @@ WORKER = textwrap.dedent(
         json.dump({"world": trainer.dist.world_size,
                    "loss": [r["loss"] for r in trainer.history], "params": flat},
                   open(out, "w"))
+    if torch.distributed.is_initialized():  # an orderly gloo shutdown (no abort at exit)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     """
 )
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,48 +37,27 @@ from tqdm.auto import tqdm
 
 from ..energy.base import EnergyModel
 from ..spaces import Categorical, check_same_device
-from ._compiled import CompiledBlock, compile_available, predraw, warn_fallback
-from ._fast import (
-    GraphRunner,
-    _hyperparameters,
-    carry_spec,
-    energy_attributes,
-    flatten_carry,
-    graph_key,
-    unflatten_carry,
+from ._compiled import CompiledBlock
+from ._fast import GraphRunner
+from .chain import (  # noqa: F401 - re-exported: samplers import the helpers from here
+    _NEVER,
+    _NO_BAR,
+    ChainState,
+    NonFiniteError,
+    StepInfo,
+    _Carry,
+    _check_finite_start,
+    _energy_grad_rows,
+    _raise_if_bad,
+    _reduce_info,
+    _row_sums,
+    _where_state,
 )
-from .rng import RecordingTape, real_generator
+from .executors import _COMPILE_BLOCK, run_compiled, run_eager, run_graphed, use_compiled
 
 __all__ = ["Sampler", "MCMCSampler", "ChainState", "NonFiniteError", "StepInfo"]
 
-StepInfo = dict[str, Tensor]
-_NEVER = 2**62  # "no non-finite step yet" in the per-chain first-bad-step record
-
-
-class NonFiniteError(FloatingPointError):
-    """A chain produced NaN or inf; the message names the step and the chains."""
-
-
-@dataclass
-class ChainState:
-    """State of a batch of chains.
-
-    Attributes:
-        x: states ``(B, *event)``.
-        energy: cached E(x) ``(B,)`` or None.
-        grad: cached dE/dx (same shape as x, or one-hot shape for categorical) or None.
-        extra: sampler-specific tensors (e.g. step sizes: 0-d for a global value, ``(B,)`` per
-            chain).
-    """
-
-    x: Tensor
-    energy: Tensor | None = None
-    grad: Tensor | None = None
-    extra: dict[str, Tensor] = field(default_factory=dict)
-
-    def replace(self, **changes: Any) -> ChainState:
-        """A copy with the given fields replaced (tensors are not cloned)."""
-        return replace(self, **changes)
+_COMPILE_AFTER = 2000  # compile="auto": steps run eagerly before compiling
 
 
 class Sampler(nn.Module):
@@ -177,70 +155,6 @@ def _samplers_for(space: Any) -> list[str]:
         return ["Gibbs", "GibbsWithGradients", "DiscreteLangevin",
                 "DiscreteFlowSampler (ebmflow.discrete_flows)"]
     return ["none built in: subclass ebmflow.samplers.MCMCSampler"]
-
-
-def _reduce_info(acc: dict[str, Tensor], info: StepInfo) -> None:
-    for k, v in info.items():
-        v = v.detach().float()
-        acc[k] = acc[k] + v if k in acc else v
-
-
-def _accumulate(acc: dict[str, Tensor], info: StepInfo) -> None:
-    """``acc[k] += info[k]`` in place (float32 running sums; the first value is copied)."""
-    for k, v in info.items():
-        a = acc.get(k)
-        if a is None:
-            acc[k] = v.detach().to(torch.float32, copy=True)
-        elif a.shape == v.shape or v.dim() == 0:
-            a.add_(v)
-        else:  # a 0-d sum meeting per-chain values: broadcast out of place
-            acc[k] = a + v.detach().float()
-
-
-def _fold_bad(first_bad: Tensor | None, rows: Tensor, start: int) -> Tensor | None:
-    """Record in ``first_bad`` ``(B,)`` the first step (``start + j``) at which ``rows[j]``
-    (``rows`` is ``(steps, B)``) is non-finite, for chains without an earlier record.
-
-    ``first_bad`` None means "no record yet" and is returned as None while everything is
-    finite on CPU (one host read of a sum per block, which costs nothing there); otherwise a
-    few branch-free ops, no host synchronisation.
-    """
-    if first_bad is None:
-        if rows.device.type == "cpu" and math.isfinite(float(rows.sum())):
-            return None  # all finite (an overflow to inf only costs the exact pass below)
-        first_bad = torch.full(rows.shape[1:], _NEVER, dtype=torch.long, device=rows.device)
-    steps = torch.arange(start, start + rows.shape[0], device=rows.device)[:, None]
-    first = torch.where(torch.isfinite(rows), _NEVER, steps).amin(0)
-    return torch.minimum(first_bad, first)
-
-
-class _NoBar:
-    """Stands in for a disabled tqdm bar (no per-step call overhead)."""
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-_NO_BAR = _NoBar()
-_CHECK_BLOCK = 32  # steps per non-finite check in the eager "raise" loop
-_COMPILE_AFTER = 2000  # compile="auto": steps run eagerly before compiling
-_GRAPH_BLOCK = 32  # default steps per recorded CUDA graph
-_COMPILE_BLOCK = 8  # default steps per compiled block (compile time grows with it)
-_MAX_BLOCKS = 4  # compiled blocks kept per sampler (one per energy / shape / K)
-
-
-@dataclass
-class _Carry:
-    """Everything the chain loop carries from one step to the next (all tensors)."""
-
-    state: ChainState
-    acc: dict[str, Tensor]  # running sums of step info
-    first_bad: Tensor  # (B,) long: first step where a chain went non-finite, _NEVER if never
-    n_reset: Tensor  # 0-d: undone non-finite moves
-    t: Tensor | int  # steps done in this run (0-d long tensor inside CUDA graphs)
 
 
 class MCMCSampler(Sampler):
@@ -423,7 +337,7 @@ class MCMCSampler(Sampler):
         capturing = x0.is_cuda and torch.cuda.is_current_stream_capturing()
         graphed = self.cuda_graph and x0.is_cuda and not capturing and n_steps > 0
         compiled = (not graphed and not capturing and n_steps > 1
-                    and self._use_compiled(x0, n_steps))
+                    and use_compiled(self, x0, n_steps))
         eager = self.on_nonfinite == "raise" and not compiled and not capturing
         if eager and not graphed:  # bookkeeping tensors are made only when needed
             carry = _Carry(state, {}, None, None, 0)  # type: ignore[arg-type]
@@ -437,11 +351,11 @@ class MCMCSampler(Sampler):
             )
         done = 0
         if graphed:
-            carry, done = self._run_graphed(energy, carry, n_steps, generator, bar)
+            carry, done = run_graphed(self, energy, carry, n_steps, generator, bar)
         elif compiled:
-            carry, done = self._run_compiled(energy, carry, n_steps, generator, bar)
+            carry, done = run_compiled(self, energy, carry, n_steps, generator, bar)
         if eager:
-            carry = self._run_eager(energy, carry, n_steps - done, done, generator, bar)
+            carry = run_eager(self, energy, carry, n_steps - done, done, generator, bar)
         else:
             for _ in range(n_steps - done):
                 carry = self._advance(energy, carry, generator)
@@ -504,56 +418,6 @@ class MCMCSampler(Sampler):
         _reduce_info(acc, info)
         return _Carry(new, acc, first_bad, n_reset, carry.t + 1)
 
-    def _run_eager(
-        self,
-        energy: EnergyModel,
-        carry: _Carry,
-        n: int,
-        t0: int,
-        generator: torch.Generator | None,
-        bar: Any,
-    ) -> _Carry:
-        """The eager chain loop of "raise" mode (``n`` steps after ``t0`` done ones).
-
-        Same chains, diagnostics and non-finite reports as ``n`` calls of ``_advance``, with
-        less work per step: step info is summed in place, and the per-chain non-finite
-        values (``_finite_rows``) are folded into ``first_bad`` once per block of
-        ``_CHECK_BLOCK`` steps (a handful of ops per block instead of per step; on CPU one
-        host read of the block's sum, and the exact per-step fold only when it is NaN/inf).
-        Samplers with ``_keeps_finite`` only have their initial state checked. No host
-        synchronisation for CUDA states.
-        """
-        state, acc, first_bad = carry.state, carry.acc, carry.first_bad
-        if n <= 0:
-            return carry
-        rows_of = None if self._keeps_finite else self._finite_rows
-        if rows_of is None and t0 == 0:  # a non-finite start is stuck there: step 0
-            first_bad = _fold_bad(first_bad, _row_sums(state).unsqueeze(0), 0)
-        transition = self.transition
-        # per-step values are copied into one preallocated buffer: no small tensor stays alive
-        # across steps (that would fragment the CPU heap under the energy's large buffers)
-        buf: Tensor | None = None
-        j, start = 0, t0
-        for i in range(t0, t0 + n):
-            state, info = transition(energy, state, generator)
-            if info:
-                _accumulate(acc, info)
-            del info
-            if rows_of is not None:
-                rows = rows_of(state)
-                if buf is None:
-                    buf = rows.new_empty((min(n, _CHECK_BLOCK), rows.shape[0]))
-                buf[j].copy_(rows)
-                del rows
-                j += 1
-                if j == buf.shape[0]:
-                    first_bad = _fold_bad(first_bad, buf, start)
-                    j, start = 0, i + 1
-            bar.update(1)
-        if j:
-            first_bad = _fold_bad(first_bad, buf[:j], start)  # type: ignore[index]
-        return _Carry(state, acc, first_bad, carry.n_reset, t0 + n)
-
     @property
     def compile_seconds(self) -> float | None:
         """Wall time of the first block of the last compiled block used (tracing, compiling
@@ -566,134 +430,6 @@ class MCMCSampler(Sampler):
         evaluations per block; compile time grows with the unrolled graph, the speed-up does
         not. Samplers with several evaluations per step (HMC, Gibbs sweeps) override it."""
         return _COMPILE_BLOCK
-
-    def _use_compiled(self, x0: Tensor, n_steps: int) -> bool:
-        """Whether this run goes through the compiled executor (``compile`` True, or "auto"
-        once the sampler has run enough steps to amortise compiling)."""
-        mode = self.compile
-        if mode is False or self._compile_failed is not None:
-            return False
-        if mode == "auto":
-            self._auto_steps += n_steps
-            if self._auto_steps < self.compile_after:
-                return False
-        ok, why = compile_available()
-        if not ok:
-            self._compile_failed = why
-            warn_fallback(type(self).__name__, why)
-            return False
-        return True
-
-    def _run_compiled(
-        self,
-        energy: EnergyModel,
-        carry: _Carry,
-        n_steps: int,
-        generator: torch.Generator | None,
-        bar: Any,
-    ) -> tuple[_Carry, int]:
-        """Run blocks of K compiled steps; returns (carry, steps done).
-
-        The first run for a chain-state layout runs step 0 eagerly with a ``RecordingTape``
-        (it learns what the transition draws and which step info it reports); later runs of
-        that layout start compiled at step 0, with the running sums laid out as zeros. Each
-        block gets its K steps of noise pre-drawn from ``generator`` in the eager order. The
-        remainder (< K steps) is left to the eager loop.
-        """
-        device = carry.state.x.device
-        if carry.first_bad is None:
-            carry.first_bad = torch.full((carry.state.x.shape[0],), _NEVER, dtype=torch.long,
-                                         device=device)
-            carry.n_reset = torch.zeros((), device=device)
-        carry.t = torch.as_tensor(carry.t, dtype=torch.long, device=device)
-        hyper = (_hyperparameters(self, baked=False), energy_attributes(energy))
-        start_key = (id(energy), carry_spec(flatten_carry(carry)), hyper)
-        known = self._draw_specs.get(start_key)
-        if known is not None:  # a run like this one recorded its draws: no eager first step
-            spec, acc_layout = known
-            carry.acc = {name: torch.zeros(shape, dtype=dtype, device=device)
-                         for name, shape, dtype in acc_layout}
-            done = 0
-        else:
-            rec = RecordingTape(generator)
-            try:
-                carry = self._advance(energy, carry, rec)
-            except TypeError as err:  # e.g. torch.randn(generator=<tape>) in a user's step()
-                self._compile_failed = (
-                    f"{type(self).__name__}.step draws random numbers without "
-                    f"ebmflow.samplers.rng ({err})")
-                warn_fallback(type(self).__name__, self._compile_failed)
-                carry.t = 0
-                return carry, 0
-            spec, done = rec.spec, 1
-            self._draw_specs[start_key] = (
-                spec, [(name, tuple(v.shape), v.dtype) for name, v in carry.acc.items()])
-            bar.update(1)
-        if n_steps - done < 1:
-            return carry, done
-        k = min(self.graph_steps or self._compile_block_steps(), n_steps - done)
-        blocks = (n_steps - done) // k
-        flat = flatten_carry(carry)
-        key = (id(energy), carry_spec(flat), k, tuple(spec), *hyper)
-        block = self._compiled.get(key)
-        if block is None:
-            block = self._new_block(energy, k, spec, key)
-        draws: list[Tensor] | None = None
-        real = real_generator(generator)
-        for _ in range(blocks):
-            draws = predraw(spec, k, real, draws)
-            try:
-                flat = block(energy, flat, draws)
-            except Exception as err:  # noqa: BLE001 - any compile failure falls back
-                if block.calls > 0:
-                    raise
-                self._compiled.pop(key, None)
-                self._compile_failed = f"torch.compile failed: {type(err).__name__}: {err}"
-                warn_fallback(type(self).__name__, self._compile_failed)
-                return unflatten_carry(flat, _Carry, ChainState), done
-            bar.update(k)
-        self._compile_seconds = block.compile_seconds
-        return unflatten_carry(flat, _Carry, ChainState), done + blocks * k
-
-    def _new_block(self, energy: EnergyModel, k: int, spec: list, key: tuple) -> CompiledBlock:
-        """A compiled K-step block for ``key`` (a few are kept: e.g. a live and an EMA energy)."""
-
-        def advance(e: EnergyModel, flat: dict[str, Tensor], tape: Any) -> dict[str, Tensor]:
-            c = self._advance(e, unflatten_carry(flat, _Carry, ChainState), tape)
-            return flatten_carry(c)
-
-        block = CompiledBlock(advance, k, list(spec), key, backend=self.compile_backend)
-        if len(self._compiled) >= _MAX_BLOCKS:
-            self._compiled.pop(next(iter(self._compiled)))
-        self._compiled[key] = block
-        return block
-
-    def _run_graphed(
-        self,
-        energy: EnergyModel,
-        carry: _Carry,
-        n_steps: int,
-        generator: torch.Generator | None,
-        bar: Any,
-    ) -> tuple[_Carry, int]:
-        """Replay a recorded K-step CUDA graph ``n_steps // K`` times; returns (carry, done)."""
-        k = min(self.graph_steps or _GRAPH_BLOCK, n_steps)
-        device = carry.first_bad.device
-        carry.t = torch.as_tensor(carry.t, dtype=torch.long, device=device)
-        flat = flatten_carry(carry)
-        key = graph_key(self, energy, carry_spec(flat), k, generator)
-        runner = self._graph
-        if runner is None or runner.key != key:
-            self._graph = None  # free the old pool before recording a new graph
-            runner = GraphRunner.record(
-                key, lambda c: self._advance(energy, c, generator), carry, k, generator
-            )
-            if runner is None:
-                carry.t = 0
-                return carry, 0
-            self._graph = runner
-        out = runner.replay(flat, n_steps // k, bar)
-        return unflatten_carry(out, _Carry, ChainState), (n_steps // k) * k
 
 
 def _check_shape(energy: EnergyModel, x: Tensor, name: str) -> None:
@@ -712,82 +448,3 @@ def _check_shape(energy: EnergyModel, x: Tensor, name: str) -> None:
         )
 
 
-def _row_sums(state: ChainState) -> Tensor:
-    """Per chain, sum of x, the cached energy and the cached gradient ``(B,)``: finite iff all
-    of them are finite (a NaN/inf anywhere makes the sum non-finite). Few ops per step."""
-    x = state.x
-    batch = x.shape[0]
-    rows = _flat_sum(x) if x.is_floating_point() else None
-    if state.energy is not None:
-        rows = state.energy if rows is None else rows + state.energy
-    if state.grad is not None:
-        g = _flat_sum(state.grad)
-        rows = g if rows is None else rows + g
-    if rows is None:
-        rows = torch.zeros(batch, device=x.device)
-    return rows
-
-
-def _energy_grad_rows(state: ChainState) -> Tensor:
-    """Per chain, cached energy plus the sum of the cached gradient ``(B,)`` (for discrete
-    samplers, whose states are always valid values)."""
-    assert state.energy is not None
-    if state.grad is None:
-        return state.energy
-    return _flat_sum(state.grad).add_(state.energy)
-
-
-def _flat_sum(t: Tensor) -> Tensor:
-    """Sum over all but the batch dimension ``(B,)``."""
-    return t.sum(1) if t.dim() == 2 else t.reshape(t.shape[0], -1).sum(1)
-
-
-def _where_state(bad: Tensor, old: ChainState, new: ChainState) -> ChainState:
-    """Per chain, keep ``old`` where ``bad`` is True, else take ``new``.
-
-    Entries without a leading batch dimension (0-d step sizes) are taken from ``new``.
-    """
-    batch = bad.shape[0]
-
-    def pick(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-        if a is None or b is None or b.dim() == 0 or b.shape[0] != batch or a.shape != b.shape:
-            return b
-        mask = bad.reshape((-1,) + (1,) * (b.dim() - 1))
-        return torch.where(mask, a, b)
-
-    extra = {k: pick(old.extra.get(k), v) for k, v in new.extra.items()}
-    return ChainState(pick(old.x, new.x), pick(old.energy, new.energy), pick(old.grad, new.grad), extra)  # type: ignore[arg-type]
-
-
-def _check_finite_start(x0: Tensor, chains: Tensor | None) -> None:
-    """ValueError naming ``x0`` when initial states (of ``chains``, or all) hold NaN/inf."""
-    rows = x0 if chains is None else x0[chains]
-    bad = ~torch.isfinite(rows.reshape(rows.shape[0], -1)).all(1)
-    if not bool(bad.any()):
-        return
-    idx = torch.nonzero(bad).flatten()
-    if chains is not None:
-        idx = chains[idx]
-    shown = idx[:8].tolist()
-    raise ValueError(
-        f"x0 holds NaN/inf values in {idx.numel()} chain(s) ({shown}"
-        f"{'...' if idx.numel() > 8 else ''}): initial states must be finite; check how x0 "
-        "was made (e.g. data with missing values), or start from the space's noise "
-        "(sampler.sample(energy, n))"
-    )
-
-
-def _raise_if_bad(first_bad: Tensor, name: str, x0: Tensor | None = None) -> None:
-    bad = first_bad < _NEVER
-    if not bool(bad.any()):
-        return
-    bad_chains = torch.nonzero(bad).flatten()
-    step = int(first_bad[bad_chains].min())
-    if step == 0 and x0 is not None and x0.is_floating_point():
-        _check_finite_start(x0, bad_chains)  # bad input, not a sampler failure
-    shown = bad_chains[:8].tolist()
-    raise NonFiniteError(
-        f"{name}: {bad_chains.numel()} chain(s) became NaN/inf, first at step {step} "
-        f"(chains {shown}{'...' if bad_chains.numel() > 8 else ''}). Lower the step size, "
-        f"check the energy for NaN/inf, or pass on_nonfinite='reset' to undo such moves"
-    )
