@@ -24,9 +24,11 @@ Hyperparameters: the ``[example.*]`` tables of examples/configs/ed_discrete_toys
 
     python examples/ed_discrete_toys.py --quick    # one data set, 150 iterations (< 1 min)
     python examples/ed_discrete_toys.py            # the config's data sets and iterations
+    python examples/ed_discrete_toys.py --plot-only --update-docs   # redraw the docs figure
 
 Writes runs/examples/figures/ed_discrete_toys.png and runs/examples/results/ed_discrete_toys.json
-(``--update-docs``: docs/figures and docs/results) and prints where.
+(``--update-docs``: docs/figures and docs/results) and prints where. The JSON keeps each model's
+samples decoded to 2-D, so ``--plot-only`` redraws the figure from it without training.
 ``ed_categorical.py`` reuses these functions for the 5-state categorical version.
 """
 
@@ -196,36 +198,75 @@ def evaluate_data_baseline(dataset: str, task: Task, ev: dict) -> dict:
     return {"mmd_1e4": float(m) * 1e4}
 
 
-def plot(results: dict, make_task: Callable[[str], Task], path: Path) -> None:
-    """Histograms of the data and of each method's Gibbs samples (decoded to 2-D)."""
+FONT = 13  # points; the figure is 8 in wide at 100 dpi, shown at about its pixel size
+LABELS = {"ed_bern": "ED-Bern", "ed_grid": "ED-Grid", "pcd": "PCD with Gibbs",
+          "ed_uniform": "ED, uniform kernel", "ed_ordinal": "ED, ordinal kernel",
+          "ed_cyclic": "ED, cyclic kernel"}
+
+
+COVER_BINS = 24  # grid on which the titles count the samples that fall where the data lie
+
+
+def plot(results: dict, make_task: Callable[[str], Task], path: Path, bins: int = 50) -> None:
+    """2-D histograms (decoded to the plane) of each data set's quantised test points and of
+    each method's Gibbs samples, two panels a row, 8 in wide, each with a colour bar (per cent
+    of the panel's points per cell) and a title naming data set, method, NLL and MMD, and the
+    share of samples in the cells of a coarse grid that hold test points (next to the share a
+    uniform law on the plotted box would put there: a model that spreads its samples over the
+    box is seen as such)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": FONT, "axes.titlesize": FONT, "axes.labelsize": FONT,
+                         "xtick.labelsize": FONT - 1, "ytick.labelsize": FONT - 1})
+    import numpy as np
+
     runs = results["runs"]
-    datasets = list(runs)
-    methods = list(dict.fromkeys(m for ds in datasets for m in runs[ds] if m != "data_vs_data"))
-    fig, axes = plt.subplots(len(datasets), len(methods) + 1,
-                             figsize=(3 * (len(methods) + 1), 3 * len(datasets)), squeeze=False)
-    for r, ds in enumerate(datasets):
+    cfg = results.get("config", {})
+    panels = []
+    for ds, ds_runs in runs.items():
         task = make_task(ds)
         data = task.decode(task.encode(toy_2d(ds, 4000, torch.Generator().manual_seed(5))))
         lims = [[float(data[:, i].min()) - 0.5, float(data[:, i].max()) + 0.5] for i in (0, 1)]
-        axes[r, 0].hist2d(data[:, 0].numpy(), data[:, 1].numpy(), bins=80, range=lims,
-                          cmap="viridis")
-        axes[r, 0].set_title(f"{ds}: data")
-        for c, m in enumerate(methods, start=1):
-            if m not in runs[ds]:
-                axes[r, c].axis("off")
+        occupied = np.histogram2d(*data.numpy().T, bins=COVER_BINS, range=lims)[0] > 0
+
+        def covered(pts: torch.Tensor, lims=lims, occupied=occupied) -> float:
+            h = np.histogram2d(*pts.numpy().T, bins=COVER_BINS, range=lims)[0]
+            return 100.0 * h[occupied].sum() / pts.shape[0]
+
+        uniform = f"uniform {100.0 * occupied.mean():.0f}%"
+        panels.append((f"{ds}: data\n4,000 test points, quantised", data, lims))
+        for m, r in ds_runs.items():
+            if m == "data_vs_data" or "samples_2d" not in r:
                 continue
-            pts = torch.tensor(runs[ds][m]["samples_2d"])
-            axes[r, c].hist2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=80, range=lims,
-                              cmap="viridis")
-            axes[r, c].set_title(f"{m}: NLL {runs[ds][m]['nll']:.2f}")
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+            pts = torch.tensor(r["samples_2d"])
+            panels.append((f"{ds}: {LABELS.get(m, m)}\nNLL {r['nll']:.2f}, MMD {r['mmd_1e4']:.2f}\n"
+                           f"data cells {covered(pts):.0f}% ({uniform})", pts, lims))
+    ncol = 2
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(8.0, 3.8 * nrow + 1.3), squeeze=False)
+    for ax, (title, pts, lims) in zip(axes.flat, panels):
+        w = torch.full((pts.shape[0],), 100.0 / pts.shape[0])
+        *_, im = ax.hist2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=bins, range=lims,
+                           weights=w.numpy(), cmap="viridis")
+        ax.set_title(title, fontsize=FONT - 1)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=FONT - 2)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        cb.set_label("% of points per cell", fontsize=FONT - 1)
+        cb.ax.tick_params(labelsize=FONT - 2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    ev, tr = cfg.get("eval", {}), cfg.get("train", {})
+    sizes = sorted({len(r["samples_2d"]) for ds_runs in runs.values() for r in ds_runs.values()
+                    if "samples_2d" in r})
+    fig.suptitle(f"2-D toys as 32-bit Gray codes, {tr.get('iterations', '?'):,} training "
+                 f"iterations, decoded\nmodel panels: {'/'.join(f'{n:,}' for n in sizes)} "
+                 f"samples after {ev.get('gibbs_sweeps', '?')} Gibbs sweeps; "
+                 "NLL in nats, MMD x 1e-4\ndata cells: share of samples in the "
+                 f"{COVER_BINS} x {COVER_BINS} cells holding test points", fontsize=FONT)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -281,9 +322,29 @@ def parse(argv, description: str, config: Path, methods: str):
     return args, cfg, datasets, iterations
 
 
+def plot_from_json(json_path: Path, path: Path) -> dict:
+    """Redraw the figure from a results JSON (it keeps the samples decoded to 2-D)."""
+    results = json.loads(Path(json_path).read_text())
+    bits = results["config"]["data"]["bits"]
+    plot(results, lambda ds: gray_task(ds, bits), path)
+    return results
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args, cfg, datasets, iterations = parse(argv, __doc__.split("\n")[0], CONFIG,
-                                            "ed_bern,ed_grid,pcd")
+    import sys
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--plot-only", action="store_true")
+    known, argv = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    description = (__doc__.split("\n")[0] + " (--plot-only: redraw the figure from the results "
+                   "JSON, without training)")
+    args, cfg, datasets, iterations = parse(argv, description, CONFIG, "ed_bern,ed_grid,pcd")
+    name = "ed_discrete_toys" + ("_quick" if args.quick else "")
+    if known.plot_only:
+        png = args.out / "figures" / f"{name}.png"
+        results = plot_from_json(args.out / "results" / f"{name}.json", png)
+        report_written(png)
+        return results
     torch.set_num_threads(1)
 
     def make_task(ds: str) -> Task:
@@ -291,8 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     results = run(cfg, args.methods.split(","), datasets, iterations, make_task)
     results["quick"] = args.quick
-    return save(results, "ed_discrete_toys" + ("_quick" if args.quick else ""), args.out,
-                make_task, args.merge)
+    return save(results, name, args.out, make_task, args.merge)
 
 
 if __name__ == "__main__":
