@@ -15,8 +15,10 @@ Redrawn: ``flowmc_toys`` (and ``_quick``), ``flowmc_rings_long``, ``flowmc_two_m
 ``_quick``), ``flowmc_highdim`` (and ``_quick``), ``discrete_flow_budget``,
 ``ed_nearsightedness`` and ``ed_25gaussians`` (and ``_quick``; its JSON stores the density
 grids); and, by the drawing functions of their example scripts (which import torch),
-``ising_recovery`` (and ``_quick``; the JSON stores the learned couplings), ``ed_categorical``
-and ``discrete_flow_toys`` (and ``_quick``; the JSON files store the samples, decoded to 2-D).
+``ising_recovery`` (and ``_quick``; the JSON stores the learned couplings), ``ed_categorical``,
+``ed_discrete_toys`` and ``discrete_flow_toys`` (and ``_quick``; the JSON files store the
+samples, decoded to 2-D) and ``discrete_flow_digits`` (and ``_quick``; the JSON stores 12
+samples of every sampler as bit strings).
 The other figures show samples or matrices that the JSON files do not store; their scripts
 redraw them.
 """
@@ -394,6 +396,25 @@ def plot_ed_categorical(name: str, out: Path) -> Path | None:
     return path
 
 
+def plot_ed_discrete_toys(name: str, out: Path) -> Path | None:
+    payload = _load(name)
+    if payload is None or not any("samples_2d" in r for runs in payload["runs"].values()
+                                  for r in runs.values()):
+        return None
+    path = out / f"{name}.png"
+    _example("ed_discrete_toys").plot_from_json(RESULTS / f"{name}.json", path)
+    return path
+
+
+def plot_discrete_flow_digits(name: str, out: Path) -> Path | None:
+    payload = _load(name)
+    if payload is None or "samples" not in payload:
+        return None
+    path = out / f"{name}.png"
+    _example("discrete_flow_digits").plot(payload, path)
+    return path
+
+
 def plot_discrete_flow_toys(name: str, out: Path) -> Path | None:
     payload = _load(name)
     if payload is None or any("samples_2d" not in r for r in payload["results"]):
@@ -420,6 +441,9 @@ FIGURES: dict[str, Callable[[str, Path], Path | None]] = {
     "ed_categorical": plot_ed_categorical,
     "discrete_flow_toys": plot_discrete_flow_toys,
     "discrete_flow_toys_quick": plot_discrete_flow_toys,
+    "ed_discrete_toys": plot_ed_discrete_toys,
+    "discrete_flow_digits": plot_discrete_flow_digits,
+    "discrete_flow_digits_quick": plot_discrete_flow_digits,
 }
 
 
