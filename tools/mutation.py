@@ -1,0 +1,208 @@
+"""Mutation testing of one ebmflow package with mutmut 3, reports under runs/mutation/<package>/.
+
+Usage (from the repository root, with the ``dev`` extra installed)::
+
+    python tools/mutation.py --package losses
+    python tools/mutation.py --package samplers --max-minutes 40
+    python tools/mutation.py --package losses --report-only   # re-read an earlier run
+
+The tool never touches tracked files: it lays a scratch copy of ``src/``, ``tests/`` and a
+generated ``pyproject.toml`` (the repository's pytest settings plus a ``[tool.mutmut]`` table
+for the chosen package) in ``runs/mutation/<package>/work/`` and runs ``mutmut run`` there,
+so mutmut's ``mutants/`` folder is ``runs/mutation/<package>/work/mutants/``. Each mutant
+is tested only with the package's own test files (``PACKAGES`` below) that cover the
+mutated function; mutmut caps every mutant's test run at
+``(baseline duration + timeout_constant) * timeout_multiplier`` seconds and the whole run is
+capped by ``--max-minutes``. At most two mutmut workers run at a time.
+
+Reports: ``summary.json`` (counts and score), ``survivors.md`` (the diff of every surviving
+mutant) and ``mutmut.log`` (mutmut's own output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+ROOT = Path(__file__).resolve().parents[1]
+
+# Package -> the test files (and extra pytest arguments) that exercise it.
+PACKAGES: dict[str, list[str]] = {
+    "losses": [
+        "tests/test_energy_discrepancy.py",
+        "tests/test_contrastive_divergence.py",
+        "tests/test_perturbations.py",
+        "tests/test_perturbations_distribution.py",
+        "tests/test_score_matching.py",
+        "tests/test_losses_inputs.py",
+        "tests/test_mutants_losses.py",
+    ],
+    "samplers": [
+        "tests/test_samplers_*.py",
+        "tests/test_sampler_base.py",
+        "tests/test_invariance_all_samplers.py",
+        "tests/test_compiled.py",
+        "tests/test_mutants_samplers.py",
+    ],
+}
+
+# mutmut status -> summary key (mutmut's own names, grouped)
+STATUS_KEYS = ("killed", "survived", "timeout", "suspicious", "no tests", "skipped",
+               "not checked", "segfault", "caught by type check", "check was interrupted by user")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_table(name: str, table: dict) -> str:
+    lines = [f"[{name}]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _test_files(package: str) -> list[str]:
+    files: list[str] = []
+    for pattern in PACKAGES[package]:
+        matched = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob(pattern))
+        files += matched
+    return files
+
+
+def lay_out(package: str, work: Path, tests: list[str]) -> None:
+    """Write the scratch tree: src/ and tests/ copies plus a package-specific pyproject."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shutil.copytree(ROOT / "src", work / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
+    shutil.copytree(ROOT / "tests", work / "tests",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pytest_opts = project["tool"]["pytest"]["ini_options"]
+    mutmut = dict(project["tool"].get("mutmut", {}))
+    mutmut["source_paths"] = ["src/ebmflow"]
+    mutmut["only_mutate"] = [f"src/ebmflow/{package}/*"]
+    # "not slow" keeps the pytest default; -p no:cacheprovider keeps the copies clean.
+    mutmut["pytest_add_cli_args_test_selection"] = tests
+    mutmut.setdefault("pytest_add_cli_args", ["-p", "no:cacheprovider", "-m", "not slow"])
+    (work / "pyproject.toml").write_text(
+        _toml_table("tool.pytest.ini_options", pytest_opts) + "\n" + _toml_table("tool.mutmut", mutmut)
+    )
+
+
+def run_mutmut(work: Path, max_children: int, max_minutes: float, log: Path) -> int:
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())",
+           "run", "--max-children", str(max_children)]
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=work, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=max_minutes * 60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            fh.write(f"\n[mutation.py] stopped after {max_minutes} min (--max-minutes)\n")
+            return 124
+
+
+def _mutmut(work: Path, *args: str) -> str:
+    cmd = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())", *args]
+    out = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+    return out.stdout
+
+
+def report(package: str, out_dir: Path) -> dict:
+    work = out_dir / "work"
+    listing = _mutmut(work, "results", "--all", "true")
+    statuses: dict[str, str] = {}
+    for line in listing.splitlines():
+        m = re.match(r"\s*(\S+__mutmut_\d+):\s*(.+?)\s*$", line)
+        if m:
+            statuses[m.group(1)] = m.group(2)
+    counts = {key: 0 for key in STATUS_KEYS}
+    for status in statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    survivors = sorted(name for name, s in statuses.items() if s == "survived")
+    equivalent = _equivalent(package)
+    generated = len(statuses)
+    judged = [name for name in survivors if name in equivalent]
+    denominator = generated - len(judged)
+    summary = {
+        "package": package,
+        "generated": generated,
+        **{k.replace(" ", "_"): v for k, v in counts.items() if v},
+        "equivalent": len(judged),
+        "score": round(counts["killed"] / denominator, 4) if denominator else None,
+        "score_counting_timeouts_as_killed": (
+            round((counts["killed"] + counts["timeout"]) / denominator, 4) if denominator else None
+        ),
+        "survivors_not_judged_equivalent": [n for n in survivors if n not in equivalent],
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    parts = [f"# Surviving mutants of ebmflow.{package}\n"]
+    for name in survivors:
+        tag = f" (equivalent: {equivalent[name]})" if name in equivalent else ""
+        parts.append(f"## {name}{tag}\n\n```diff\n{_mutmut(work, 'show', name).strip()}\n```\n")
+    (out_dir / "survivors.md").write_text("\n".join(parts))
+    return summary
+
+
+def _equivalent(package: str) -> dict[str, str]:
+    """Mutants judged equivalent, read from tools/mutation_equivalent.json."""
+    path = ROOT / "tools" / "mutation_equivalent.json"
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text()).get(package, {})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", required=True, choices=sorted(PACKAGES))
+    parser.add_argument("--tests", nargs="*", help="override the package's test files")
+    parser.add_argument("--max-children", type=int, default=2, help="mutmut workers (at most 2)")
+    parser.add_argument("--max-minutes", type=float, default=45.0, help="wall-clock cap of the run")
+    parser.add_argument("--report-only", action="store_true", help="only re-read an earlier run")
+    args = parser.parse_args(argv)
+    out_dir = ROOT / "runs" / "mutation" / args.package
+    work = out_dir / "work"
+    rc = 0
+    if not args.report_only:
+        tests = args.tests or _test_files(args.package)
+        lay_out(args.package, work, tests)
+        rc = run_mutmut(work, min(max(args.max_children, 1), 2), args.max_minutes,
+                        out_dir / "mutmut.log")
+        print(f"mutmut exited with {rc}; log: {out_dir / 'mutmut.log'}")
+    summary = report(args.package, out_dir)
+    print(json.dumps({k: v for k, v in summary.items() if k != "survivors_not_judged_equivalent"},
+                     indent=2))
+    print(f"{len(summary['survivors_not_judged_equivalent'])} survivors not judged equivalent; "
+          f"diffs in {out_dir / 'survivors.md'}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
