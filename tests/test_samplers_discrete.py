@@ -413,9 +413,8 @@ def test_pcd_gwg_learns_lattice_ising(gen):
 def test_ising_recovery_example_quick():
     """examples/ising_recovery.py --quick at sigma = 0.1 (10x10 lattice, D = 100)."""
     import importlib.util
-    from pathlib import Path
-
     import sys
+    from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "examples" / "ising_recovery.py"
     sys.path.insert(0, str(path.parent))  # the example imports its sibling example_output
