@@ -65,18 +65,18 @@ def main() -> int:
     py = sys.executable
     run("cuda tests", [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:xdist", "-x",
                        "--timeout=600"] if _has_timeout_plugin() else
-        [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:xdist"], 150, results)
+        [py, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:xdist"], 120, results)
     run("compiled samplers (cuda)", [py, "benchmarks/compiled_samplers.py", "--device", "cuda",
                                      "--chains", "256", "65536", "--repeats", "5",
                                      "--out", str(RUNS / "compiled_samplers_cuda.json")],
-        150, results)
+        120, results)
     run("samplers (cuda)", [py, "benchmarks/samplers.py", "--device", "cuda", "--repeats", "5",
                             "--out", str(RUNS / "samplers_cuda.json")], 60, results)
     run("discrete samplers (cuda)", [py, "benchmarks/discrete_samplers.py", "--device", "cuda",
                                      "--repeats", "5",
                                      "--out", str(RUNS / "discrete_samplers_cuda.json")],
         60, results)
-    run("training (cuda)", [py, "benchmarks/training.py",
+    run("training (cuda)", [py, "benchmarks/training.py", "--device", "cuda",
                             "--out", str(RUNS / "training_cuda.json")], 60, results)
     torchrun = shutil.which("torchrun")
     if torchrun and n_gpu >= 1:

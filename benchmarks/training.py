@@ -185,6 +185,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU only, fewer steps (< 1 minute)")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (3 with --quick)")
+    parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all",
+                        help="devices to time (default: CPU and, when present, CUDA)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     add_output_arguments(parser)
     args = parser.parse_args()
@@ -194,6 +196,8 @@ def main() -> None:
     devices = [torch.device("cpu")]
     if torch.cuda.is_available() and not args.quick:
         devices.append(torch.device("cuda"))
+    if args.device != "all":
+        devices = [d for d in devices if d.type == args.device]
     workloads = [("ed", 128), ("ed", 4096), ("cd10", 128)]
     rows = []
     for device in devices:
