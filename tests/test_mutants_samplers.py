@@ -14,9 +14,17 @@ import pytest
 import torch
 
 from ebmflow.energy import EnergyModel
-from ebmflow.samplers import HMC, MALA, Langevin, _adapt
+from ebmflow.samplers import (
+    HMC,
+    MALA,
+    DiscreteLangevin,
+    GibbsWithGradients,
+    Langevin,
+    _adapt,
+    _discrete,
+)
 from ebmflow.samplers.adaptive import chain_mask, event_sum
-from ebmflow.spaces import Continuous
+from ebmflow.spaces import Binary, Categorical, Continuous
 
 
 class Quad(EnergyModel):
@@ -273,3 +281,257 @@ def test_langevin_step_exact():
     s = Langevin(0.2, grad_clip=0.5, noise_scale=0.0)
     out = s.step(energy, x, torch.Generator().manual_seed(2))
     torch.testing.assert_close(out, x - 0.2 * (a * x).clamp(-0.5, 0.5), rtol=0, atol=1e-12)
+
+
+# ---- discrete samplers: exact proposals and transitions -------------------------------
+
+class BinQuad(EnergyModel):
+    """E(x) = 0.5 x^T J x + b . x on bits (float64 parameters)."""
+
+    def __init__(self, d=4, seed=0):
+        super().__init__(Binary(d))
+        g = torch.Generator().manual_seed(seed)
+        j = torch.randn(d, d, generator=g, dtype=torch.float64)
+        self.register_buffer("J", (j + j.T) * 0.8)
+        self.register_buffer("b", torch.randn(d, generator=g, dtype=torch.float64))
+
+    def energy(self, x):
+        x = x.to(self.J.dtype)
+        return 0.5 * ((x @ self.J) * x).sum(-1) + x @ self.b
+
+
+def _binquad_eg(m, x):
+    x = x.to(m.J.dtype)
+    return 0.5 * ((x @ m.J) * x).sum(-1) + x @ m.b, x @ m.J + m.b
+
+
+class CatQuad(EnergyModel):
+    """E = 0.5 h^T J h + w . h on the flattened one-hot h of (D, K) states."""
+
+    def __init__(self, d=3, k=3, seed=1):
+        super().__init__(Categorical(d, k))
+        g = torch.Generator().manual_seed(seed)
+        j = torch.randn(d * k, d * k, generator=g, dtype=torch.float64)
+        self.register_buffer("J", (j + j.T) * 0.6)
+        self.register_buffer("w", torch.randn(d * k, generator=g, dtype=torch.float64))
+
+    def energy(self, x):
+        h = self.space.one_hot(x, dtype=torch.float64).flatten(1)
+        return 0.5 * ((h @ self.J) * h).sum(-1) + h @ self.w
+
+
+def _catquad_eg(m, x):
+    h = m.space.one_hot(x, dtype=torch.float64)
+    hf = h.flatten(1)
+    return 0.5 * ((hf @ m.J) * hf).sum(-1) + hf @ m.w, (hf @ m.J + m.w).reshape(h.shape)
+
+
+def _bits(b=16, d=4, seed=7):
+    return torch.randint(0, 2, (b, d), generator=torch.Generator().manual_seed(seed)).double()
+
+
+def _cats(b=16, d=3, k=3, seed=7):
+    return torch.randint(0, k, (b, d), generator=torch.Generator().manual_seed(seed))
+
+
+def test_flip_gain_and_half_flip_gain_exact():
+    x = torch.tensor([[0.0, 1.0, 1.0]])
+    g = torch.tensor([[2.0, 3.0, -1.0]])
+    assert torch.equal(_discrete.flip_gain(Binary(3), x, g), torch.tensor([[-2.0, 3.0, -1.0]]))
+    assert torch.equal(_discrete.half_flip_gain(x, g.clone()), torch.tensor([[-1.0, 1.5, -0.5]]))
+    sp = Categorical(2, 3)
+    xr = sp.one_hot(torch.tensor([[1, 2]]))
+    ge = torch.tensor([[[1.0, 2.0, 4.0], [0.0, -1.0, 3.0]]])
+    # d_{i,k} = -g_{i,k} + g_{i, x_i}
+    assert torch.equal(_discrete.flip_gain(sp, xr, ge),
+                       torch.tensor([[[1.0, 0.0, -2.0], [3.0, 4.0, 0.0]]]))
+
+
+def test_mh_select_exact():
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0]])
+    xn = x + 10
+    e = torch.tensor([0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    en = torch.tensor([1.0, -1.0, math.nan, 0.5], dtype=torch.float64)
+    q_f = torch.tensor([0.0, 0.2, 0.0, 0.1], dtype=torch.float64)
+    q_r = torch.tensor([0.3, 0.0, 0.0, 0.0], dtype=torch.float64)
+    g, gn = torch.zeros(4, 1, 2), torch.ones(4, 1, 2)
+    out = _discrete.mh_select(x, e.clone(), g, xn, en, gn, q_f, q_r,
+                              torch.Generator().manual_seed(4))
+    u = torch.rand((4,), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    la = e - en + q_r - q_f
+    acc = u.log() < la
+    assert torch.equal(out[3], acc.double())
+    assert torch.equal(out[4], torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=torch.float64))
+    assert torch.equal(out[0], torch.where(acc[:, None], xn, x))
+    assert torch.equal(out[1], torch.where(acc, en, e))
+    assert torch.equal(out[2], torch.where(acc[:, None, None], gn, g))
+    assert out[2].shape == (4, 1, 2)
+    lu = _discrete.log_uniform(3, torch.zeros(1, dtype=torch.float64), torch.Generator().manual_seed(1))
+    assert torch.equal(lu, torch.rand(3, generator=torch.Generator().manual_seed(1), dtype=torch.float64).log())
+
+
+def test_gwg_log_proposal_exact():
+    s = GibbsWithGradients()
+    m = BinQuad()
+    x = _bits(4)
+    _, gr = _binquad_eg(m, x)
+    logq = torch.log_softmax((x - 0.5) * gr, 1)
+    y = x.clone()
+    y[:, 2] = 1 - y[:, 2]
+    torch.testing.assert_close(s.log_proposal(m, x, y), logq[:, 2], rtol=0, atol=1e-12)
+    y[:, 0] = 1 - y[:, 0]
+    assert torch.equal(s.log_proposal(m, x, y), torch.full((4,), -math.inf, dtype=torch.float64))
+    mc = CatQuad()
+    xc = _cats(4)
+    _, gc = _catquad_eg(mc, xc)
+    h = mc.space.one_hot(xc, dtype=torch.float64)
+    d = -gc + (h * gc).sum(-1, keepdim=True)
+    lq = torch.log_softmax((d / 2).masked_fill(h > 0.5, -math.inf).flatten(1), 1)
+    yc = xc.clone()
+    yc[:, 1] = (yc[:, 1] + 1) % 3
+    torch.testing.assert_close(s.log_proposal(mc, xc, yc), lq.gather(1, (3 + yc[:, 1])[:, None])[:, 0],
+                               rtol=0, atol=1e-12)
+
+
+def test_discrete_langevin_log_proposal_exact():
+    s = DiscreteLangevin(0.7)
+    m = BinQuad()
+    x = _bits(4)
+    y = _bits(4, seed=9)
+    _, gr = _binquad_eg(m, x)
+    logits = (x - 0.5) * gr - 0.5 / 0.7
+    p = torch.sigmoid(logits)
+    want = torch.where(x != y, p, 1 - p).log().sum(1)
+    torch.testing.assert_close(s.log_proposal(m, x, y), want, rtol=0, atol=1e-12)
+    mc = CatQuad()
+    xc, yc = _cats(4), _cats(4, seed=9)
+    _, gc = _catquad_eg(mc, xc)
+    h = mc.space.one_hot(xc, dtype=torch.float64)
+    d = -gc + (h * gc).sum(-1, keepdim=True)
+    lq = torch.log_softmax(d / 2 - (1 - h) / 0.7, -1)
+    torch.testing.assert_close(s.log_proposal(mc, xc, yc), lq.gather(2, yc[..., None])[..., 0].sum(1),
+                               rtol=0, atol=1e-12)
+    assert repr(DiscreteLangevin(0.5, metropolis=True)) == "DiscreteLangevin(step_size=0.5, metropolis=True)"
+    d0 = DiscreteLangevin()
+    assert (d0.step_size, d0.metropolis, d0.n_steps, d0.check_gradient) == (0.1, False, 10, True)
+    for bad in (0, -1.0, math.inf, "1", None):
+        with pytest.raises(ValueError) as e:
+            DiscreteLangevin(bad)
+        assert str(e.value) == f"step_size must be a positive finite float, got {bad!r}"
+
+
+def _gumbel_ref(logits, g):
+    u = torch.rand(logits.shape, generator=g, dtype=logits.dtype)
+    return (logits - u.clamp_min(torch.finfo(logits.dtype).tiny).log().neg().log()).argmax(-1)
+
+
+def test_gwg_binary_transition_exact():
+    m, x = BinQuad(), _bits()
+    s = GibbsWithGradients()
+    st = s.init_state(m, x)
+    new, info = s.transition(m, st, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    e, gr = _binquad_eg(m, x)
+    lf = torch.log_softmax((x - 0.5) * gr, 1)
+    move = _gumbel_ref(lf, g)
+    y = x.clone()
+    y[torch.arange(len(x)), move] = 1 - y[torch.arange(len(x)), move]
+    ey, gy = _binquad_eg(m, y)
+    lr = torch.log_softmax((y - 0.5) * gy, 1)
+    rows = torch.arange(len(x))
+    la = e - ey + lr[rows, move] - lf[rows, move]
+    acc = torch.rand(len(x), generator=g, dtype=torch.float64).log() < la
+    assert 0 < int(acc.sum()) < len(acc)
+    assert torch.equal(new.x, torch.where(acc[:, None], y, x))
+    torch.testing.assert_close(new.energy, torch.where(acc, ey, e), rtol=0, atol=1e-12)
+    torch.testing.assert_close(new.grad, torch.where(acc[:, None], gy, gr), rtol=0, atol=1e-12)
+    assert torch.equal(info["accept_rate"], acc.double()) and torch.equal(info["flips"], acc.double())
+    assert not info["nonfinite_rate"].any()
+
+
+def test_gwg_categorical_transition_exact():
+    m, x = CatQuad(), _cats()
+    s = GibbsWithGradients()
+    new, info = s.transition(m, s.init_state(m, x), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    rows = torch.arange(len(x))
+
+    def logq(z):
+        e, gz = _catquad_eg(m, z)
+        h = m.space.one_hot(z, dtype=torch.float64)
+        d = -gz + (h * gz).sum(-1, keepdim=True)
+        return e, gz, torch.log_softmax((d / 2).masked_fill(h > 0.5, -math.inf).flatten(1), 1)
+
+    e, gx, lf = logq(x)
+    move = _gumbel_ref(lf, g)
+    y = x.clone()
+    y[rows, move // 3] = move % 3
+    ey, gy, lr = logq(y)
+    back = (move // 3) * 3 + x[rows, move // 3]
+    la = e - ey + lr[rows, back] - lf[rows, move]
+    acc = torch.rand(len(x), generator=g, dtype=torch.float64).log() < la
+    assert 0 < int(acc.sum()) < len(acc)
+    assert torch.equal(new.x, torch.where(acc[:, None], y, x))
+    torch.testing.assert_close(new.energy, torch.where(acc, ey, e), rtol=0, atol=1e-12)
+    torch.testing.assert_close(new.grad, torch.where(acc[:, None, None], gy, gx), rtol=0, atol=1e-12)
+    assert torch.equal(info["accept_rate"], acc.double())
+
+
+@pytest.mark.parametrize("metropolis", [False, True])
+def test_discrete_langevin_binary_transition_exact(metropolis):
+    m, x = BinQuad(), _bits()
+    s = DiscreteLangevin(0.8, metropolis=metropolis)
+    new, info = s.transition(m, s.init_state(m, x), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    e, gr = _binquad_eg(m, x)
+    lf = (x - 0.5) * gr - 0.5 / 0.8
+    flip = torch.rand(x.shape, generator=g, dtype=torch.float64).log() < torch.nn.functional.logsigmoid(lf)
+    y = torch.where(flip, 1 - x, x)
+    ey, gy = _binquad_eg(m, y)
+    if not metropolis:
+        assert torch.equal(new.x, y)
+        assert torch.equal(info["accept_rate"], torch.ones(len(x), dtype=torch.float64))
+        assert torch.equal(info["flips"], flip.sum(1).double())
+        return
+    lr = (y - 0.5) * gy - 0.5 / 0.8
+
+    def lq(lg):
+        p = torch.sigmoid(lg)
+        return torch.where(flip, p, 1 - p).log().sum(1)
+
+    la = e - ey + lq(lr) - lq(lf)
+    acc = torch.rand(len(x), generator=g, dtype=torch.float64).log() < la
+    assert 0 < int(acc.sum()) < len(acc)
+    assert torch.equal(new.x, torch.where(acc[:, None], y, x))
+    torch.testing.assert_close(new.energy, torch.where(acc, ey, e), rtol=0, atol=1e-12)
+    assert torch.equal(info["flips"], flip.sum(1).double() * acc)
+    assert torch.equal(info["accept_rate"], acc.double())
+
+
+@pytest.mark.parametrize("metropolis", [False, True])
+def test_discrete_langevin_categorical_transition_exact(metropolis):
+    m, x = CatQuad(), _cats()
+    s = DiscreteLangevin(0.8, metropolis=metropolis)
+    new, info = s.transition(m, s.init_state(m, x), torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+
+    def logits(z):
+        e, gz = _catquad_eg(m, z)
+        h = m.space.one_hot(z, dtype=torch.float64)
+        d = -gz + (h * gz).sum(-1, keepdim=True)
+        return e, gz, d / 2 - (1 - h) / 0.8
+
+    e, gx, lf = logits(x)
+    y = _gumbel_ref(lf, g)
+    ey, gy, lr = logits(y)
+    flips = (x != y).sum(1).double()
+    if not metropolis:
+        assert torch.equal(new.x, y) and torch.equal(info["flips"], flips)
+        return
+    lq_f = torch.log_softmax(lf, -1).gather(2, y[..., None])[..., 0].sum(1)
+    lq_r = torch.log_softmax(lr, -1).gather(2, x[..., None])[..., 0].sum(1)
+    la = e - ey + lq_r - lq_f
+    acc = torch.rand(len(x), generator=g, dtype=torch.float64).log() < la
+    assert 0 < int(acc.sum()) < len(acc)
+    assert torch.equal(new.x, torch.where(acc[:, None], y, x))
+    assert torch.equal(info["flips"], flips * acc)
