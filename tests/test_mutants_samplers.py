@@ -18,10 +18,12 @@ from ebmflow.samplers import (
     HMC,
     MALA,
     DiscreteLangevin,
+    Gibbs,
     GibbsWithGradients,
     Langevin,
     _adapt,
     _discrete,
+    chain,
 )
 from ebmflow.samplers.adaptive import chain_mask, event_sum
 from ebmflow.spaces import Binary, Categorical, Continuous
@@ -535,3 +537,188 @@ def test_discrete_langevin_categorical_transition_exact(metropolis):
     assert 0 < int(acc.sum()) < len(acc)
     assert torch.equal(new.x, torch.where(acc[:, None], y, x))
     assert torch.equal(info["flips"], flips * acc)
+
+
+# ---- Gibbs -----------------------------------------------------------------------------
+
+def _with(x, i, v):
+    y = x.clone()
+    y[torch.arange(len(x)), i] = v.to(x.dtype)
+    return y
+
+
+def _gibbs_binary_ref(m, x, idx, g):
+    e = m.energy(x)
+    y = _with(x, idx, 1 - x[torch.arange(len(x)), idx])
+    ey = m.energy(y)
+    keep = torch.rand(len(x), generator=g, dtype=torch.float64).log() >= torch.nn.functional.logsigmoid(e - ey)
+    return torch.where(keep[:, None], x, y), (~keep).double()
+
+
+def _gibbs_cat_ref(m, x, idx, g):
+    rows = torch.arange(len(x))
+    cur = x[rows, idx]
+    logits = torch.stack([-m.energy(_with(x, idx, (cur + j) % 3)) for j in range(3)], 1)
+    j = _gumbel_ref(logits, g)
+    return _with(x, idx, (cur + j) % 3), (j != 0).double()
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_gibbs_binary_transition_exact(sweep):
+    m, x = BinQuad(), _bits()
+    s = Gibbs(sweep=sweep)
+    new, info = s.transition(m, s.init_state(m, x), torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)
+    if sweep:
+        y, flips = x, torch.zeros(len(x), dtype=torch.float64)
+        for i in range(x.shape[1]):
+            y, f = _gibbs_binary_ref(m, y, torch.full((len(x),), i), g)
+            flips = flips + f
+    else:
+        idx = torch.randint(0, x.shape[1], (len(x), 1), generator=g)[:, 0]
+        y, flips = _gibbs_binary_ref(m, x, idx, g)
+    assert flips.unique().numel() > 1 and (flips < x.shape[1]).any()
+    assert torch.equal(new.x, y)
+    torch.testing.assert_close(new.energy, m.energy(y), rtol=0, atol=1e-12)
+    assert torch.equal(info["flips"], flips)
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_gibbs_categorical_transition_exact(sweep):
+    m, x = CatQuad(), _cats()
+    s = Gibbs(sweep=sweep)
+    new, info = s.transition(m, s.init_state(m, x), torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(8)
+    if sweep:
+        y, flips = x, torch.zeros(len(x), dtype=torch.float64)
+        for i in range(x.shape[1]):
+            y, f = _gibbs_cat_ref(m, y, torch.full((len(x),), i), g)
+            flips = flips + f
+    else:
+        idx = torch.randint(0, x.shape[1], (len(x),), generator=g)
+        y, flips = _gibbs_cat_ref(m, x, idx, g)
+    assert flips.unique().numel() > 1 and (flips < x.shape[1]).any()
+    assert torch.equal(new.x, y)
+    torch.testing.assert_close(new.energy, m.energy(y), rtol=0, atol=1e-12)
+    assert torch.equal(info["flips"], flips)
+
+
+def test_gibbs_conditional_log_probs_and_bookkeeping():
+    m, x = CatQuad(), _cats(5)
+    s = Gibbs()
+    for index in (0, 2, torch.tensor([0, 1, 2, 1, 0])):
+        idx = torch.as_tensor(index).expand(5)
+        want = torch.log_softmax(torch.stack(
+            [-m.energy(_with(x, idx, torch.full((5,), v))) for v in range(3)], 1), 1)
+        torch.testing.assert_close(s.conditional_log_probs(m, x, index), want, rtol=0, atol=1e-12)
+    assert repr(Gibbs()) == "Gibbs(sweep=False)" and repr(Gibbs(True)) == "Gibbs(sweep=True)"
+    assert Gibbs().n_steps == 10 and Gibbs().sweep is False
+    assert Gibbs(sweep=True)._compile_block_steps() == 1 and Gibbs()._compile_block_steps() == 8
+    s = Gibbs(n_steps=2)
+    s.sample(m, x0=x, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(s.chain_stats["accept_rate"], torch.ones(5))
+    assert s.stats["accept_rate"].item() == 1.0
+
+
+# ---- chain bookkeeping -----------------------------------------------------------------
+
+def test_fold_bad_exact():
+    rows = torch.tensor([[1.0, 2.0, 3.0], [1.0, math.nan, 3.0], [math.inf, 0.0, 3.0]])
+    assert chain._fold_bad(None, torch.ones(3, 3), 0) is None
+    fb = chain._fold_bad(None, rows, 5)
+    assert torch.equal(fb, torch.tensor([7, 6, chain._NEVER]))
+    assert chain._NEVER == 2**62
+    fb2 = chain._fold_bad(fb, torch.tensor([[math.nan, math.nan, math.nan]]), 8)
+    assert torch.equal(fb2, torch.tensor([7, 6, 8]))
+    fb3 = chain._fold_bad(torch.full((3,), chain._NEVER), torch.tensor([[0.0, math.nan, 1.0]]), 0)
+    assert torch.equal(fb3, torch.tensor([chain._NEVER, 0, chain._NEVER]))
+    assert fb3.dtype == torch.long
+
+
+def test_row_sums_and_energy_grad_rows_exact():
+    x = torch.arange(12.0).reshape(2, 3, 2)
+    st = chain.ChainState(x)
+    assert torch.equal(chain._row_sums(st), torch.tensor([15.0, 51.0]))
+    st = chain.ChainState(x, energy=torch.tensor([1.0, -1.0]), grad=torch.ones(2, 3, 2))
+    assert torch.equal(chain._row_sums(st), torch.tensor([22.0, 56.0]))
+    xi = torch.zeros(2, 3, dtype=torch.long)
+    assert torch.equal(chain._row_sums(chain.ChainState(xi)), torch.zeros(2))
+    assert torch.equal(chain._row_sums(chain.ChainState(xi, energy=torch.tensor([2.0, 3.0]))),
+                       torch.tensor([2.0, 3.0]))
+    assert torch.equal(chain._row_sums(chain.ChainState(xi, grad=torch.ones(2, 3))), torch.tensor([3.0, 3.0]))
+    e = torch.tensor([1.0, 2.0])
+    assert chain._energy_grad_rows(chain.ChainState(xi, energy=e)) is e
+    assert torch.equal(chain._energy_grad_rows(chain.ChainState(xi, energy=e, grad=torch.ones(2, 3, 4))),
+                       torch.tensor([13.0, 14.0]))
+    assert torch.equal(chain._flat_sum(torch.ones(2, 5)), torch.tensor([5.0, 5.0]))
+
+
+def test_where_state_exact():
+    bad = torch.tensor([True, False])
+    old = chain.ChainState(torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 3),
+                           {"s": torch.zeros(2), "g": torch.tensor(0.0), "o": torch.zeros(5)})
+    new = chain.ChainState(torch.ones(2, 3), torch.ones(2), torch.ones(2, 3),
+                           {"s": torch.ones(2), "g": torch.tensor(1.0), "o": torch.ones(5),
+                            "n": torch.ones(2)})
+    out = chain._where_state(bad, old, new)
+    assert torch.equal(out.x, torch.tensor([[0.0] * 3, [1.0] * 3]))
+    assert torch.equal(out.energy, torch.tensor([0.0, 1.0]))
+    assert torch.equal(out.grad, torch.tensor([[0.0] * 3, [1.0] * 3]))
+    assert torch.equal(out.extra["s"], torch.tensor([0.0, 1.0]))
+    assert out.extra["g"] is new.extra["g"] and out.extra["o"] is new.extra["o"]
+    assert out.extra["n"] is new.extra["n"]
+    out = chain._where_state(bad, chain.ChainState(torch.zeros(2, 3)), new)
+    assert out.energy is new.energy and out.grad is new.grad
+    out = chain._where_state(bad, chain.ChainState(torch.zeros(2, 1, 3)), chain.ChainState(torch.ones(2, 3)))
+    assert torch.equal(out.x, torch.ones(2, 3))
+    out = chain._where_state(bad, chain.ChainState(torch.zeros(2, 2, 2)), chain.ChainState(torch.ones(2, 2, 2)))
+    assert torch.equal(out.x[0], torch.zeros(2, 2)) and torch.equal(out.x[1], torch.ones(2, 2))
+
+
+def test_accumulate_and_reduce_info_exact():
+    acc = {}
+    a = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    chain._accumulate(acc, {"a": a, "z": torch.tensor(1.0)})
+    assert acc["a"].dtype == torch.float32 and acc["a"] is not a
+    chain._accumulate(acc, {"a": a, "z": torch.tensor([1.0, 2.0])})
+    assert torch.equal(acc["a"], torch.tensor([2.0, 4.0])) and torch.equal(a, torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert torch.equal(acc["z"], torch.tensor([2.0, 3.0]))
+    chain._accumulate(acc, {"a": torch.tensor(1.0)})
+    assert torch.equal(acc["a"], torch.tensor([3.0, 5.0]))
+    acc = {}
+    chain._reduce_info(acc, {"a": torch.tensor([1, 2])})
+    chain._reduce_info(acc, {"a": torch.tensor([1, 2])})
+    assert torch.equal(acc["a"], torch.tensor([2.0, 4.0]))
+
+
+def test_nonfinite_messages_exact():
+    chain._check_finite_start(torch.ones(3, 2), None)
+    x0 = torch.zeros(10, 2)
+    x0[[1, 2, 3, 4, 5, 6, 7, 8, 9], 0] = math.nan
+    with pytest.raises(ValueError) as e:
+        chain._check_finite_start(x0, None)
+    assert str(e.value) == (
+        "x0 holds NaN/inf values in 9 chain(s) ([1, 2, 3, 4, 5, 6, 7, 8]...): initial states "
+        "must be finite; check how x0 was made (e.g. data with missing values), or start from "
+        "the space's noise (sampler.sample(energy, n))")
+    with pytest.raises(ValueError, match=r"in 2 chain\(s\) \(\[3, 1\]\): initial"):
+        chain._check_finite_start(x0, torch.tensor([3, 0, 1]))
+    chain._raise_if_bad(torch.full((3,), chain._NEVER), "S")
+    fb = torch.full((10,), chain._NEVER)
+    fb[[0, 2, 3, 4, 5, 6, 7, 8, 9]] = torch.tensor([5, 4, 9, 9, 9, 9, 9, 9, 9])
+    with pytest.raises(chain.NonFiniteError) as e:
+        chain._raise_if_bad(fb, "MALA")
+    assert str(e.value) == (
+        "MALA: 9 chain(s) became NaN/inf, first at step 4 (chains [0, 2, 3, 4, 5, 6, 7, 8]...). "
+        "Lower the step size, check the energy for NaN/inf, or pass on_nonfinite='reset' to "
+        "undo such moves")
+    fb = torch.full((3,), chain._NEVER)
+    fb[1] = 0
+    with pytest.raises(chain.NonFiniteError, match=r"^S: 1 chain\(s\) became NaN/inf, first at step 0 \(chains \[1\]\)\. "):
+        chain._raise_if_bad(fb, "S", torch.ones(3, 2))
+    with pytest.raises(ValueError, match=r"^x0 holds NaN/inf values in 1 chain\(s\) \(\[1\]\)"):
+        chain._raise_if_bad(fb, "S", x0[:3])
+    with pytest.raises(chain.NonFiniteError):
+        chain._raise_if_bad(fb, "S", torch.zeros(3, 2, dtype=torch.long))
+    st = chain.ChainState(torch.zeros(1))
+    assert st.replace(energy=torch.ones(1)).energy is not None and st.energy is None

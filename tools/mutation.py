@@ -57,11 +57,15 @@ PACKAGES: dict[str, list[str]] = {
     ],
 }
 
-# Package -> tests left out of mutation runs: they count torch.compile graphs, and mutmut's
-# trampolines (its stats-collection hook above all) add graphs and recompilations of their own.
+# Package -> tests left out of mutation runs. mutmut runs pytest several times in one
+# process (stats, clean run, then forks per mutant), so a test must pass on a second run in
+# the same interpreter: the first counts torch.compile graphs (mutmut's trampolines add
+# graphs and recompilations of their own), the second parametrises with sampler objects
+# created at import, whose warm-up adaptation the first run used up.
 DESELECT: dict[str, list[str]] = {
     "samplers": [
         "tests/test_compiled.py::test_no_recompilation_when_steps_data_or_parameter_values_change",
+        "tests/test_samplers_continuous.py::test_step_size_adaptation_reaches_target",
     ],
 }
 
