@@ -21,6 +21,7 @@ from ebmflow.samplers import (
     Gibbs,
     GibbsWithGradients,
     Langevin,
+    MCMCSampler,
     _adapt,
     _discrete,
     chain,
@@ -722,3 +723,74 @@ def test_nonfinite_messages_exact():
         chain._raise_if_bad(fb, "S", torch.zeros(3, 2, dtype=torch.long))
     st = chain.ChainState(torch.zeros(1))
     assert st.replace(energy=torch.ones(1)).energy is not None and st.energy is None
+
+
+# ---- run: the eager "raise" loop and the generic "reset" loop --------------------------
+
+class Counter(MCMCSampler):
+    """x -> x + 1; chain 1 turns NaN once its value reaches ``bad_at``; reports per-chain
+    ``a`` = the new value and a 0-d ``z`` = 2."""
+
+    def __init__(self, bad_at=math.inf, **kw):
+        super().__init__(compile=False, **kw)
+        self.bad_at = bad_at
+
+    def step(self, energy, x, generator=None):
+        y = x + 1
+        hit = (y >= self.bad_at) & (torch.arange(len(x)) == 1)[:, None]
+        y = torch.where(hit, torch.full_like(y, math.nan), y)
+        return y, {"a": y[:, 0].nan_to_num(0.0), "z": torch.tensor(2.0)}
+
+
+@pytest.mark.parametrize("bad_at", [1, 2, 32, 33, 35, 40])
+def test_run_eager_names_the_first_nonfinite_step(bad_at):
+    s = Counter(bad_at)
+    with pytest.raises(chain.NonFiniteError) as e:
+        s.run(Quad(1), torch.zeros(3, 1), 40)
+    assert str(e.value).startswith(
+        f"Counter: 1 chain(s) became NaN/inf, first at step {bad_at - 1} (chains [1]). ")
+    s.run(Quad(1), torch.zeros(3, 1), bad_at - 1)  # one step short: no error
+
+
+def test_run_stats_and_reset_mode_exact():
+    s = Counter()
+    out = s.run(Quad(1), torch.zeros(3, 1), 4)
+    assert torch.equal(out, torch.full((3, 1), 4.0))
+    assert torch.equal(s.chain_stats["a"], torch.full((3,), 2.5))  # mean of 1..4
+    assert set(s.chain_stats) == {"a"}
+    assert s.stats["a"].item() == 2.5 and s.stats["z"].item() == 2.0
+    assert s.stats["nonfinite"].item() == 0.0
+    assert torch.equal(s.last_state.x, out)
+    s.run(Quad(1), torch.zeros(3, 1), 0)
+    assert s.stats["nonfinite"].item() == 0.0
+    r = Counter(3, on_nonfinite="reset")
+    out = r.run(Quad(1), torch.zeros(3, 1), 6)
+    assert torch.equal(out[:, 0], torch.tensor([6.0, 2.0, 6.0]))
+    assert r.stats["nonfinite"].item() == 4.0
+    assert torch.equal(r.chain_stats["a"], torch.tensor([3.5, 0.5, 3.5]))  # (1+2)/6 for chain 1
+    assert r.stats["z"].item() == 2.0
+
+
+def test_mcmc_sampler_argument_messages():
+    for kw, msg in (
+        ({"n_steps": -1}, "n_steps must be a non-negative int, got -1"),
+        ({"n_steps": True}, "n_steps must be a non-negative int, got True"),
+        ({"on_nonfinite": "skip"}, "on_nonfinite must be 'raise' or 'reset', got 'skip'"),
+        ({"graph_steps": 0}, "graph_steps must be a positive int or None, got 0"),
+        ({"graph_steps": True}, "graph_steps must be a positive int or None, got True"),
+        ({"graph_steps": 2.0}, "graph_steps must be a positive int or None, got 2.0"),
+        ({"compile": "yes"}, "compile must be True, False or 'auto', got 'yes'"),
+    ):
+        with pytest.raises(ValueError) as e:
+            MCMCSampler(**kw)
+        assert str(e.value) == msg
+    m = MCMCSampler()
+    assert (m.n_steps, m.on_nonfinite, m.progress, m.cuda_graph, m.graph_steps, m.compile) == (
+        10, "raise", False, False, None, "auto")
+    assert m.compile_after == 2000 and m.compile_backend == "inductor"
+    assert m.compile_seconds is None and m._compile_block_steps() == 8
+    assert MCMCSampler(graph_steps=1).graph_steps == 1
+    with pytest.raises(ValueError, match=r"^n_steps must be a non-negative int, got 1\.5$"):
+        Counter().run(Quad(1), torch.zeros(2, 1), 1.5)
+    with pytest.raises(NotImplementedError, match=r"^MCMCSampler must implement step\(\) \(or init_state/transition\)$"):
+        MCMCSampler().step(Quad(1), torch.zeros(2, 1))
