@@ -22,6 +22,8 @@ from ebmflow.samplers import (
     GibbsWithGradients,
     Langevin,
     MCMCSampler,
+    PersistentSampler,
+    ReplayBuffer,
     _adapt,
     _discrete,
     chain,
@@ -794,3 +796,126 @@ def test_mcmc_sampler_argument_messages():
         Counter().run(Quad(1), torch.zeros(2, 1), 1.5)
     with pytest.raises(NotImplementedError, match=r"^MCMCSampler must implement step\(\) \(or init_state/transition\)$"):
         MCMCSampler().step(Quad(1), torch.zeros(2, 1))
+
+
+# ---- replay buffer and persistent chains ------------------------------------------------
+
+def test_replay_buffer_draw_exact():
+    sp = Continuous(2)
+    buf = ReplayBuffer(sp, capacity=6, reinit_prob=0.5)
+    assert not buf.initialised
+    x, slots = buf.draw(4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    states = sp.noise(6, generator=g)
+    ref_slots = torch.randperm(6, generator=g)[:4]
+    fresh = sp.noise(4, generator=g)
+    renew = torch.rand(4, generator=g) < 0.5
+    assert 0 < int(renew.sum()) < 4
+    assert buf.initialised and torch.equal(buf.states, states)
+    assert torch.equal(slots, ref_slots)
+    assert torch.equal(x, torch.where(renew[:, None], fresh, states[ref_slots]))
+    assert buf.stats["reinit_rate"].item() == renew.float().mean().item()
+    buf.push(x + 100, slots)
+    assert torch.equal(buf.states[slots], x + 100)
+    rest = torch.ones(6, dtype=torch.bool)
+    rest[slots] = False
+    assert torch.equal(buf.states[rest], states[rest])
+    b0 = ReplayBuffer(sp, capacity=3, reinit_prob=0)
+    x, slots = b0.draw(3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x, b0.states[slots]) and b0.stats["reinit_rate"].item() == 0.0
+    b1 = ReplayBuffer(sp, capacity=3, reinit_prob=1)
+    b1.draw(2)
+    assert b1.stats["reinit_rate"].item() == 1.0
+
+
+def test_replay_buffer_defaults_and_messages():
+    sp = Continuous(2)
+    b = ReplayBuffer(sp)
+    assert (b.capacity, b.reinit_prob, b.noise) == (10000, 0.05, None)
+    assert b.states.shape == (0, 2)
+    assert repr(ReplayBuffer(sp, 5, 0.25)) == f"ReplayBuffer({sp!r}, capacity=5, reinit_prob=0.25)"
+    for args, msg in (
+        ((None,), "space must be an ebmflow.spaces.Space, got NoneType"),
+        ((sp, 0), "capacity must be an int >= 1, got 0"),
+        ((sp, 5, 1.5), "reinit_prob must lie in [0, 1], got 1.5"),
+        ((sp, 5, -0.1), "reinit_prob must be finite and >= 0, got -0.1"),
+    ):
+        with pytest.raises(ValueError) as e:
+            ReplayBuffer(*args)
+        assert str(e.value) == msg
+    assert ReplayBuffer(sp, 1, 1.0).capacity == 1
+    b = ReplayBuffer(sp, 3)
+    with pytest.raises(ValueError) as e:
+        b.push(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
+    assert str(e.value) == "push() before any draw(): the buffer is empty; call draw() first"
+    with pytest.raises(ValueError) as e:
+        b.draw(4)
+    assert str(e.value) == ("cannot draw n=4 distinct states from a buffer of capacity 3; "
+                            "use ReplayBuffer(capacity >= 4)")
+    with pytest.raises(ValueError, match=r"^n must be an int >= 1, got 0$"):
+        b.draw(0)
+    b.draw(3)
+    with pytest.raises(ValueError) as e:
+        b.push(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    assert str(e.value) == (f"x has shape (2, 3) but the buffer stores states of {sp!r}, shape (n, 2)")
+    with pytest.raises(ValueError) as e:
+        b.push(torch.zeros(2, 2), torch.zeros(3, dtype=torch.long))
+    assert str(e.value) == "slots must have shape (2,), got (3,)"
+    with pytest.raises(ValueError) as e:
+        b.draw(1, device="meta")
+    assert str(e.value) == ("the replay buffer is on cpu but states are asked for on meta; "
+                            "move the buffer (or the sampler holding it) with .to('meta')")
+    with pytest.raises(ValueError) as e:
+        ReplayBuffer(sp, 3, noise=lambda n, g, d: torch.zeros(n, 5)).draw(1)
+    assert str(e.value).startswith("noise() has shape (3, 5) but the buffer stores states")
+    b2 = ReplayBuffer(sp, 3, reinit_prob=0, noise=lambda n, g, d: torch.full((n, 2), 7.0))
+    assert torch.equal(b2.draw(2)[0], torch.full((2, 2), 7.0))
+    b3 = ReplayBuffer(sp, 3)
+    b3.load_state_dict(b.state_dict())
+    assert torch.equal(b3.states, b.states)
+    b4 = ReplayBuffer(sp, 3)
+    b4.load_state_dict(ReplayBuffer(sp, 4).state_dict())  # empty: fine
+    assert b4.states.shape == (0, 2)
+    with pytest.raises(ValueError) as e:
+        ReplayBuffer(sp, 4).load_state_dict(b.state_dict())
+    assert str(e.value) == "saved replay buffer has shape (3, 2), expected (4, 2)"
+    with pytest.raises(ValueError, match=r"^saved replay buffer has shape \(3, 2\), expected \(3, 3\)$"):
+        ReplayBuffer(Continuous(3), 3).load_state_dict(b.state_dict())
+
+
+def test_persistent_sampler_exact_and_messages():
+    sp = Continuous(1)
+    buf = ReplayBuffer(sp, capacity=5, reinit_prob=0)
+    ps = PersistentSampler(Counter(), buf, n_steps=3)
+    assert ps.n_steps == 3 and PersistentSampler(Counter(), buf).n_steps is None
+    x = ps.sample(Quad(1), 2, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    states = sp.noise(5, generator=g)
+    slots = torch.randperm(5, generator=g)[:2]
+    assert torch.equal(x, states[slots] + 3)
+    assert torch.equal(buf.states[slots], x)
+    assert ps.stats["buffer_capacity"].item() == 5.0 and ps.stats["reinit_rate"].item() == 0.0
+    assert ps.stats["z"].item() == 2.0
+    x = ps.sample(Quad(1), 2, n_steps=1)
+    assert ps.stats["a"].shape == ()
+    before = buf.states.clone()
+    out = ps.sample(Quad(1), x0=torch.zeros(2, 1))
+    assert torch.equal(out, torch.full((2, 1), 3.0)) and torch.equal(buf.states, before)
+    assert set(ps.stats) == {"a", "z", "nonfinite"}
+    out = ps.sample(Quad(1), x0=torch.zeros(2, 1), n_steps=5)
+    assert torch.equal(out, torch.full((2, 1), 5.0))
+    with pytest.raises(ValueError) as e:
+        ps.sample(Quad(2), 2)
+    assert str(e.value) == (f"the energy's space {Continuous(2)!r} does not match the replay "
+                            f"buffer's {sp!r}; build ReplayBuffer(energy.space, ...)")
+    with pytest.raises(ValueError, match=r"^pass n \(number of states\) or x0 \(initial states\)$"):
+        ps.sample(Quad(1))
+    with pytest.raises(ValueError, match="^mcmc must be an MCMCSampler, got ReplayBuffer$"):
+        PersistentSampler(buf, buf)
+    with pytest.raises(ValueError, match="^buffer must be a ReplayBuffer, got Counter$"):
+        PersistentSampler(Counter(), Counter())
+    with pytest.raises(ValueError, match="^n_steps must be an int >= 0, got -1$"):
+        PersistentSampler(Counter(), buf, -1)
+    assert ps.supports(Quad(1)) and not ps.supports(Quad(2))
+    assert not PersistentSampler(MALA(), ReplayBuffer(Binary(1), 2)).supports(BinQuad(1))
+    assert ps.update(Quad(1)) == {}
