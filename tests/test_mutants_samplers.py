@@ -17,6 +17,7 @@ from ebmflow.energy import EnergyModel
 from ebmflow.samplers import (
     HMC,
     MALA,
+    CompileFallbackWarning,
     DiscreteLangevin,
     Gibbs,
     GibbsWithGradients,
@@ -25,7 +26,10 @@ from ebmflow.samplers import (
     PersistentSampler,
     ReplayBuffer,
     _adapt,
+    _compiled,
     _discrete,
+    _fast,
+    base,
     chain,
 )
 from ebmflow.samplers.adaptive import chain_mask, event_sum
@@ -919,3 +923,63 @@ def test_persistent_sampler_exact_and_messages():
     assert ps.supports(Quad(1)) and not ps.supports(Quad(2))
     assert not PersistentSampler(MALA(), ReplayBuffer(Binary(1), 2)).supports(BinQuad(1))
     assert ps.update(Quad(1)) == {}
+
+
+# ---- messages of the sampler bases, the compile fallback and the graph key ---------------
+
+def test_space_and_input_messages_exact():
+    with pytest.raises(ValueError) as e:
+        Gibbs().sample(Quad(2), 2)
+    assert str(e.value) == (
+        f"Gibbs cannot sample {Continuous(2)!r}; samplers for this space: Langevin, MALA, HMC, "
+        "FlowMC (ebmflow.flows)")
+    for m in (BinQuad(2), CatQuad(2, 2)):
+        with pytest.raises(ValueError) as e:
+            MALA().sample(m, 2)
+        assert str(e.value) == (
+            f"MALA cannot sample {m.space!r}; samplers for this space: Gibbs, GibbsWithGradients, "
+            "DiscreteLangevin, DiscreteFlowSampler (ebmflow.discrete_flows)")
+    assert base._samplers_for(object()) == ["none built in: subclass ebmflow.samplers.MCMCSampler"]
+    with pytest.raises(ValueError) as e:
+        MALA().sample(torch.nn.Linear(1, 1), 2)
+    assert str(e.value) == ("energy must be an ebmflow EnergyModel, got Linear; subclass "
+                            "ebmflow.energy.EnergyModel and implement energy()")
+    with pytest.raises(ValueError) as e:
+        Counter().sample(Quad(1), 3, x0=torch.zeros(2, 1))
+    assert str(e.value) == "n=3 but x0 has 2 states; pass one of them"
+    with pytest.raises(ValueError) as e:
+        Counter().sample(Quad(1))
+    assert str(e.value) == "pass n (number of states) or x0 (initial states)"
+    with pytest.raises(ValueError) as e:
+        Counter().run(Quad(2), torch.zeros(3, 1))
+    assert str(e.value) == (f"Counter: x0 has shape (3, 1) but the energy's space {Continuous(2)!r} "
+                            "expects (B, 2) with B >= 1; batch dimension first")
+    with pytest.raises(ValueError, match=r"^x0 must be a torch\.Tensor, got list$"):
+        Counter().run(Quad(1), [[0.0]])
+    with pytest.raises(ValueError, match=r"^Counter: x0 has shape \(0, 1\)"):
+        Counter().run(Quad(1), torch.zeros(0, 1))
+    out = Counter().sample(Quad(1), 2, n_steps=3, generator=torch.Generator().manual_seed(0))
+    x0 = Continuous(1).noise(2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, x0 + 3)
+    assert torch.equal(Counter(n_steps=2).sample(Quad(1), x0=torch.zeros(2, 1)), torch.full((2, 1), 2.0))
+
+
+def test_warn_fallback_message_exact():
+    with pytest.warns(CompileFallbackWarning) as rec:
+        _compiled.warn_fallback("MALA", "no compiler")
+    assert str(rec[0].message) == ("MALA: compiled chains are not available (no compiler); running "
+                                   "eagerly. Pass compile=False to silence this warning.")
+
+
+def test_graph_key_exact():
+    m = BinQuad(2)
+    s = MALA(0.2)
+    g = torch.Generator()
+    key = _fast.graph_key(s, m, ("spec",), 4, g)
+    addresses = ((m.J.data_ptr(), torch.float64, (2, 2)), (m.b.data_ptr(), torch.float64, (2,)))
+    assert key == (id(m), True, addresses, ("spec",), 4, _fast._hyperparameters(s),
+                   _fast.energy_attributes(m), id(g))
+    assert _fast.graph_key(s, m, ("spec",), 4, None)[-1] is None
+    assert ("_step_size", 0.2) in _fast._hyperparameters(s)
+    assert ("_step_size", 0.2) not in _fast._hyperparameters(s, baked=False)
+    assert ("n_steps", 10) in _fast._hyperparameters(s, baked=False)
