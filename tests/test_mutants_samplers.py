@@ -983,3 +983,24 @@ def test_graph_key_exact():
     assert ("_step_size", 0.2) in _fast._hyperparameters(s)
     assert ("_step_size", 0.2) not in _fast._hyperparameters(s, baked=False)
     assert ("n_steps", 10) in _fast._hyperparameters(s, baked=False)
+
+
+class Rounded(EnergyModel):
+    """Not differentiable in its input (detached)."""
+
+    def __init__(self, space):
+        super().__init__(space)
+
+    def energy(self, x):
+        return self.space.one_hot(x).flatten(1).detach().sum(-1) if isinstance(
+            self.space, Categorical) else x.detach().sum(-1)
+
+
+@pytest.mark.parametrize("cls", [GibbsWithGradients, DiscreteLangevin])
+def test_log_proposal_names_the_sampler_for_a_gradient_free_energy(cls):
+    for space in (Binary(3), Categorical(2, 3)):
+        m = Rounded(space)
+        x = space.noise(2)
+        with pytest.raises(ValueError, match=rf"^{cls.__name__} needs the gradient of the energy with "
+                           r"respect to the state, but Rounded\.energy is not differentiable"):
+            cls().log_proposal(m, x, x)
