@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from ebmflow.energy import EnergyModel
+from ebmflow.energy.ising import IsingEnergy
 from ebmflow.samplers import (
     HMC,
     MALA,
+    ChainState,
     CompileFallbackWarning,
     DiscreteLangevin,
     Gibbs,
@@ -29,8 +31,10 @@ from ebmflow.samplers import (
     _compiled,
     _discrete,
     _fast,
+    _lattice,
     base,
     chain,
+    rng,
 )
 from ebmflow.samplers.adaptive import chain_mask, event_sum
 from ebmflow.spaces import Binary, Categorical, Continuous
@@ -1004,3 +1008,83 @@ def test_log_proposal_names_the_sampler_for_a_gradient_free_energy(cls):
         with pytest.raises(ValueError, match=rf"^{cls.__name__} needs the gradient of the energy with "
                            r"respect to the state, but Rounded\.energy is not differentiable"):
             cls().log_proposal(m, x, x)
+
+
+# ---- boundaries and guards of the transitions --------------------------------------------
+
+class Flat(EnergyModel):
+    def __init__(self, space):
+        super().__init__(space)
+
+    def energy(self, x):
+        return torch.zeros(x.shape[0], dtype=torch.float64)
+
+
+def test_gibbs_binary_keeps_the_bit_when_u_equals_the_flip_probability():
+    # E(x') = E(x): p(flip) = sigmoid(0) = 1/2; u = 1/2 is not < 1/2, so the bit is kept
+    m, x = Flat(Binary(3)), torch.zeros(2, 3, dtype=torch.float64)
+    tape = rng.NoiseTape([torch.tensor([[1], [2]]), torch.tensor([0.5, 0.25], dtype=torch.float64)])
+    new, info = Gibbs().transition(m, ChainState(x, energy=m.energy(x)), tape)
+    assert torch.equal(new.x, torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64))
+    assert torch.equal(info["flips"], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert info["flips"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("cls", [MALA, HMC])
+def test_continuous_transitions_need_the_cached_state(cls):
+    m, x = Quad(2), torch.zeros(2, 2)
+    e, g = m.energy(x), torch.zeros(2, 2)
+    for st in (ChainState(x), ChainState(x, energy=e), ChainState(x, grad=g)):
+        with pytest.raises(AssertionError) as err:
+            cls().transition(m, st)
+        assert str(err.value) == f"{cls.__name__} needs the state from init_state"
+
+
+def test_discrete_langevin_propose_binary_exact():
+    s, x = DiscreteLangevin(), _bits(4)
+    logits = torch.linspace(-2, 2, 16, dtype=torch.float64).reshape(4, 4)
+    y = s._propose(BinQuad(), x, logits, torch.Generator().manual_seed(5))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    flip = u.log() < torch.nn.functional.logsigmoid(logits)
+    assert 0 < int(flip.sum()) < 16
+    assert torch.equal(y, torch.where(flip, 1 - x, x))
+
+
+# ---- exact lattice sampling (transfer matrices) -------------------------------------------
+
+def test_lattice_row_terms_limits_and_messages():
+    for d, rows, msg in (
+        (36, 2, "rows must be >= 3 and divide D = 36, got rows=2"),
+        (36, 5, "rows must be >= 3 and divide D = 36, got rows=5"),
+        (39, 3, "rows of 13 spins need 2^13 row states; max is 12 bits"),
+    ):
+        with pytest.raises(ValueError) as e:
+            _lattice._row_terms(IsingEnergy(torch.zeros(d, d)), rows)
+        assert str(e.value) == msg
+    assert _lattice.MAX_ROW_BITS == 12
+    # 12 spins per row is allowed (on the meta device: shapes only, no memory)
+    spins, log_t, _ = _lattice._row_terms(IsingEnergy(torch.zeros(36, 36)).to("meta"), 3)
+    assert spins.shape == (4096, 12) and log_t.shape == (3, 4096, 4096) and log_t.device.type == "meta"
+    prods, scales = _lattice._suffix_products(log_t)
+    assert prods[0].device.type == "meta" and scales[-1].device.type == "meta"
+    assert scales[-1].dtype == torch.float64 and prods[-1].dtype == torch.float64
+    j = torch.zeros(8, 8)
+    j[0, 4] = j[4, 0] = 1.0  # row 0 (sites 0, 1) to row 2 (sites 4, 5) of 4 rows
+    with pytest.raises(ValueError) as e:
+        _lattice._row_terms(IsingEnergy(j), 4)
+    assert str(e.value) == ("coupling links row 0 to row 2; transfer matrices need couplings only "
+                            "within a row and between neighbouring rows")
+    j = torch.zeros(8, 8)
+    j[0, 6] = j[6, 0] = 1.0  # row 0 to row 3: neighbours on the periodic ring
+    _lattice._row_terms(IsingEnergy(j), 4)
+
+
+def test_lattice_log_partition_exact():
+    g = torch.Generator().manual_seed(0)
+    j = torch.randn(9, 9, generator=g, dtype=torch.float64) * 0.5
+    m = IsingEnergy(j, torch.randn(9, generator=g, dtype=torch.float64) * 0.3)
+    states = torch.tensor([[(i >> k) & 1 for k in range(9)] for i in range(512)], dtype=m.bias.dtype)
+    want = torch.logsumexp(-m.energy(states).double(), 0)
+    got = _lattice.lattice_transfer_log_partition(m, 3)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
