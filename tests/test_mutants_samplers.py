@@ -1088,3 +1088,82 @@ def test_lattice_log_partition_exact():
     got = _lattice.lattice_transfer_log_partition(m, 3)
     assert got.dtype == torch.float64
     assert got.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+# ---- non-finite proposals, exact dtypes, constructor pass-through --------------------------
+
+class Cliff(EnergyModel):
+    """0.5 |x|^2, but -inf where x_0 > 0.5 (a proposal there has log alpha = +inf)."""
+
+    def __init__(self):
+        super().__init__(Continuous(2))
+
+    def energy(self, x):
+        e = 0.5 * x.square().sum(-1)
+        return torch.where(x[:, 0] > 0.5, torch.full_like(e, -math.inf), e)
+
+
+@pytest.mark.parametrize("cls", [MALA, HMC])
+@pytest.mark.parametrize("n_warmup", [0, 3])
+def test_nonfinite_proposals_are_rejected_even_when_u_is_zero(cls, n_warmup):
+    # chain 0 proposes x_0 = 1 (E = -inf, log alpha = +inf -> NaN/inf): rejected;
+    # chain 1 proposes x_0 = -1 (finite, log alpha = 0.5 - 0.5 = 0 ... or less): u = 0 accepts
+    m, x = Cliff(), torch.zeros(2, 2, dtype=torch.float64)
+    s = cls(0.5, n_warmup=n_warmup) if cls is MALA else cls(1.0, n_leapfrog=1, n_warmup=n_warmup)
+    noise = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    for u in (0.0, 0.5):
+        tape = rng.NoiseTape([noise, torch.full((2,), u, dtype=torch.float64)])
+        new, info = s.transition(m, s.init_state(m, x), tape)
+        assert torch.equal(new.x[0], x[0]) and new.energy[0].item() == 0.0
+        assert torch.equal(info["nonfinite_rate"], torch.tensor([True, False]))
+        assert info["accept_rate"].dtype == torch.float64
+        assert info["accept_rate"][0].item() == 0.0
+    tape = rng.NoiseTape([noise, torch.zeros(2, dtype=torch.float64)])
+    new, info = s.transition(m, s.init_state(m, x), tape)
+    assert torch.equal(info["accept_rate"], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert new.x[1, 0].item() == -1.0
+    if n_warmup and cls is MALA:  # the rejected NaN/inf proposal counts as probability 0
+        prob = 0.5 * math.exp(_mala_log_alpha_chain1())
+        assert new.extra["log_step_size"].item() == pytest.approx(
+            math.log(0.5) + (prob - 0.574), abs=1e-12)
+
+
+def _mala_log_alpha_chain1():
+    # MALA, eta = 0.5, x = 0, grad 0, xi = (-1, 0): x' = (-1, 0), E(x') = 0.5, grad E(x') = x';
+    # log alpha = E(x) - E(x') + |xi|^2 / 2 - |x - x' + eta grad E(x')|^2 / (4 eta)
+    return 0.0 - 0.5 + 0.5 - (1.0 - 0.5) ** 2 / 2.0
+
+
+_CTORS = {
+    "Langevin": (Langevin, {}),
+    "MALA": (MALA, {}),
+    "HMC": (HMC, {}),
+    "Gibbs": (Gibbs, {}),
+    "GibbsWithGradients": (GibbsWithGradients, {}),
+    "DiscreteLangevin": (DiscreteLangevin, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CTORS))
+def test_constructors_pass_every_option_through(name):
+    cls, _ = _CTORS[name]
+    s = cls()
+    # compile defaults to "auto" in every constructor (the MCMCSampler default)
+    assert (s.n_steps, s.on_nonfinite, s.progress, s.cuda_graph, s.graph_steps, s.compile) == (
+        10, "raise", False, False, None, "auto")
+    s = cls(n_steps=3, on_nonfinite="reset", progress=True, cuda_graph=True, graph_steps=5,
+            compile=False)
+    assert (s.n_steps, s.on_nonfinite, s.progress, s.cuda_graph, s.graph_steps, s.compile) == (
+        3, "reset", True, True, 5, False)
+    assert cls(compile=True).compile is True
+
+
+def test_initial_states_on_the_energys_device_and_generator_message():
+    m = BinQuad(3).to("meta")
+    assert Gibbs()._initial_states(m, 4, None, None).device.type == "meta"
+    with pytest.raises(ValueError) as e:
+        Gibbs()._initial_states(m, 4, None, torch.Generator())
+    assert str(e.value) == ("generator is on cpu but the energy is on meta; create it with "
+                            "torch.Generator(device='meta')")
+    x = Gibbs()._initial_states(BinQuad(3), None, torch.ones(2, 3), None)
+    assert torch.equal(x, torch.ones(2, 3))
