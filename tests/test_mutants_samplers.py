@@ -1167,3 +1167,43 @@ def test_initial_states_on_the_energys_device_and_generator_message():
                             "torch.Generator(device='meta')")
     x = Gibbs()._initial_states(BinQuad(3), None, torch.ones(2, 3), None)
     assert torch.equal(x, torch.ones(2, 3))
+
+
+def test_initial_states_validate_x0_by_name_and_device():
+    with pytest.raises(ValueError) as e:
+        Gibbs()._initial_states(BinQuad(3), None, torch.full((2, 3), 2.0), None)
+    assert str(e.value) == ("x0 has a value 2.0 outside {0, 1} for Binary(3); binarise it first, "
+                            "e.g. (x0 > 0.5).float()")
+    with pytest.raises(ValueError) as e:
+        Gibbs()._initial_states(BinQuad(3).to("meta"), None, torch.ones(2, 3), None)
+    assert str(e.value) == ("x0 is on device cpu but the model is on meta; move it first, "
+                            "e.g. x0 = x0.to('meta')")
+    with pytest.raises(ValueError, match=r"^n=2 but x0 has 3 states; pass one of them$"):
+        Gibbs()._initial_states(BinQuad(2), 2, torch.ones(3, 2), None)
+
+
+def test_langevin_image_states_nan_energy_marks_only_its_chain():
+    class Img(EnergyModel):
+        def __init__(self):
+            super().__init__(Continuous((3, 4)))
+
+        def energy(self, x):
+            e = 0.5 * x.square().flatten(1).sum(-1)
+            return torch.where(torch.arange(x.shape[0]) == 0, torch.full_like(e, math.nan), e)
+
+    x = torch.ones(2, 3, 4, dtype=torch.float64)
+    out = Langevin(0.1, noise_scale=0.0).step(Img(), x, torch.Generator().manual_seed(0))
+    assert torch.isnan(out[0]).all()
+    torch.testing.assert_close(out[1], torch.full((3, 4), 0.9, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+def test_float_dtype_of_the_energy():
+    assert _discrete.float_dtype(Flat(Binary(2))) == torch.get_default_dtype()
+    assert _discrete.float_dtype(BinQuad(2)) == torch.float64
+
+    class IntBuf(Flat):
+        def __init__(self):
+            super().__init__(Binary(2))
+            self.register_buffer("k", torch.zeros(2, dtype=torch.long))
+
+    assert _discrete.float_dtype(IntBuf()) == torch.get_default_dtype()
