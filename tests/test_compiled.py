@@ -346,3 +346,21 @@ def test_inductor_compiles_the_fast_gemm_path_without_fallback() -> None:
             out.append(s.run(energy, x0, 20, generator=torch.Generator().manual_seed(0)))
     assert s.compile_seconds is not None
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=1e-4)
+
+
+def test_short_runs_compile_once() -> None:
+    """Runs shorter than a block: the first run (with its eager recording step) and the later
+    ones use one block size, so one compilation."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    energy = _mixture()
+    s = MALA(0.1, compile=True)
+    s.compile_backend = counting
+    for _ in range(3):
+        s.run(energy, _x0(energy), 5, generator=torch.Generator().manual_seed(0))
+    assert len(graphs) == 1

@@ -339,9 +339,13 @@ class FlowMC(Sampler):
         self._flow_specs: dict[tuple, list[rng.Draw]] = {}
         self._compile_failed: str | None = None
         self._auto_moves = 0
-        if compile is not False and local.compile is False:
-            local.compile = compile
+        # compile=True asks the local kernel to compile too, unless it was told not to (its
+        # default "auto" compiles CPU chains after compile_after steps anyway)
+        if compile is True and local.compile == "auto":
+            local.compile = True
             if local.graph_steps is None and 2 <= n_local - 1 <= _MAX_LOCAL_BLOCK:
+                # the first run records its draws in one eager step: K = n_local - 1 keeps
+                # one block size (one compilation) for that run and the later ones
                 local.graph_steps = n_local - 1
 
     @property

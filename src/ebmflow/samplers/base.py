@@ -193,9 +193,11 @@ class MCMCSampler(Sampler):
             kernels, no per-op dispatch; gradients of a user's ``energy`` by
             ``torch.func.grad_and_value`` inside the block). Random numbers are drawn from
             ``generator`` just before each block in the eager order, so the chains are the
-            eager chains to float rounding. ``"auto"`` compiles once the sampler has run
-            ``compile_after`` steps (default 2000) eagerly, i.e. when it is used for long
-            enough to amortise compiling; ``False`` (default) never compiles. Compiling takes
+            eager chains to float rounding. ``"auto"`` (default) compiles CPU chains once the
+            sampler has run ``compile_after`` steps (default 2000) eagerly, i.e. when it is
+            used for long enough to amortise compiling (CUDA chains stay eager: not measured
+            yet; ``compile=True`` opts in, ``cuda_graph=True`` is the measured-later CUDA
+            path); ``False`` never compiles. Compiling takes
             seconds to minutes the first time (``compile_seconds`` reports it) and much less
             when inductor's on-disk cache holds the kernels. A transition that cannot be
             compiled falls back to eager with a ``CompileFallbackWarning`` naming why. The
@@ -219,7 +221,7 @@ class MCMCSampler(Sampler):
         *,
         cuda_graph: bool = False,
         graph_steps: int | None = None,
-        compile: bool | str = False,
+        compile: bool | str = "auto",
     ):
         super().__init__()
         if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 0:

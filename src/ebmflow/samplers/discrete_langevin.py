@@ -55,7 +55,7 @@ class DiscreteLangevin(GradientDiscreteSampler):
         progress: show a progress bar in ``run`` (default False).
         cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
         graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
-        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
+        compile: the compiled executor: "auto" (default: CPU chains compile after 2000 steps), True or False; see ``MCMCSampler``.
 
     Step info (per chain ``(B,)``): ``accept_rate`` (always 1 for DULA), ``flips`` (number
     of coordinates changed by the step, 0 for a rejected DMALA proposal) and, for DMALA,
@@ -65,7 +65,7 @@ class DiscreteLangevin(GradientDiscreteSampler):
     def __init__(self, step_size: float = 0.1, metropolis: bool = False, n_steps: int = 10,
                  check_gradient: bool = True, on_nonfinite: str = "raise",
                  progress: bool = False, *, cuda_graph: bool = False, graph_steps: int | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = "auto"):
         super().__init__(n_steps=n_steps, on_nonfinite=on_nonfinite, progress=progress,
                          cuda_graph=cuda_graph, graph_steps=graph_steps, compile=compile)
         if not isinstance(step_size, (int, float)) or not 0 < step_size < math.inf:

@@ -105,6 +105,8 @@ def use_compiled(sampler: MCMCSampler, x0: Tensor, n_steps: int) -> bool:
     if mode is False or sampler._compile_failed is not None:
         return False
     if mode == "auto":
+        if x0.device.type != "cpu":  # measured on CPU only: elsewhere compile=True opts in
+            return False
         sampler._auto_steps += n_steps
         if sampler._auto_steps < sampler.compile_after:
             return False
@@ -163,7 +165,9 @@ def run_compiled(
         bar.update(1)
     if n_steps - done < 1:
         return carry, done
-    k = min(sampler.graph_steps or sampler._compile_block_steps(), n_steps - done)
+    # K from n_steps - 1 in every run: the first run of a layout (one eager recording step)
+    # and the later ones then share one block size, i.e. one compilation
+    k = min(sampler.graph_steps or sampler._compile_block_steps(), max(n_steps - 1, 1))
     blocks = (n_steps - done) // k
     flat = flatten_carry(carry)
     key = (id(energy), carry_spec(flat), k, tuple(spec), *hyper)

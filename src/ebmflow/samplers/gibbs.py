@@ -38,7 +38,7 @@ class Gibbs(MCMCSampler):
         progress: show a progress bar in ``run`` (default False).
         cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
         graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
-        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
+        compile: the compiled executor: "auto" (default: CPU chains compile after 2000 steps), True or False; see ``MCMCSampler``.
 
     Step info (per chain ``(B,)``): ``flips`` (number of coordinates whose value changed in
     the step); ``stats`` / ``chain_stats`` also hold ``accept_rate`` = 1 (Gibbs moves are
@@ -47,7 +47,7 @@ class Gibbs(MCMCSampler):
 
     def __init__(self, sweep: bool = False, n_steps: int = 10, on_nonfinite: str = "raise",
                  progress: bool = False, *, cuda_graph: bool = False, graph_steps: int | None = None,
-                 compile: bool | str = False):
+                 compile: bool | str = "auto"):
         super().__init__(n_steps=n_steps, on_nonfinite=on_nonfinite, progress=progress,
                          cuda_graph=cuda_graph, graph_steps=graph_steps, compile=compile)
         self.sweep = bool(sweep)

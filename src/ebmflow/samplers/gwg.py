@@ -49,7 +49,7 @@ class GibbsWithGradients(GradientDiscreteSampler):
         progress: show a progress bar in ``run`` (default False).
         cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
         graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
-        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
+        compile: the compiled executor: "auto" (default: CPU chains compile after 2000 steps), True or False; see ``MCMCSampler``.
 
     Step info (per chain ``(B,)``): ``accept_rate`` (1 if the move was accepted),
     ``flips`` (coordinates changed, 0 or 1) and ``nonfinite_rate`` (1 if the proposal's energy
@@ -58,7 +58,7 @@ class GibbsWithGradients(GradientDiscreteSampler):
 
     def __init__(self, n_steps: int = 10, check_gradient: bool = True,
                  on_nonfinite: str = "raise", progress: bool = False, *,
-                 cuda_graph: bool = False, graph_steps: int | None = None, compile: bool | str = False):
+                 cuda_graph: bool = False, graph_steps: int | None = None, compile: bool | str = "auto"):
         super().__init__(n_steps=n_steps, on_nonfinite=on_nonfinite, progress=progress,
                          cuda_graph=cuda_graph, graph_steps=graph_steps, compile=compile)
         self.check_gradient = bool(check_gradient)

@@ -42,7 +42,7 @@ class HMC(AdaptiveStepSize):
         progress: show a progress bar in ``run`` (default False).
         cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
         graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
-        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
+        compile: the compiled executor: "auto" (default: CPU chains compile after 2000 steps), True or False; see ``MCMCSampler``.
 
     Step info: ``accept_rate``, ``nonfinite_rate`` (per chain); ``stats["step_size"]``.
     """
@@ -62,7 +62,7 @@ class HMC(AdaptiveStepSize):
         progress: bool = False,
         cuda_graph: bool = False,
         graph_steps: int | None = None,
-        compile: bool | str = False,
+        compile: bool | str = "auto",
     ):
         super().__init__(step_size, n_steps, target_accept, n_warmup, adapt_rate,
                          on_nonfinite=on_nonfinite, progress=progress, cuda_graph=cuda_graph,

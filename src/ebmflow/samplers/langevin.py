@@ -47,7 +47,7 @@ class Langevin(MCMCSampler):
         progress: show a progress bar in ``run`` (default False).
         cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
         graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
-        compile: the compiled executor: False (default), True or "auto"; see ``MCMCSampler``.
+        compile: the compiled executor: "auto" (default: CPU chains compile after 2000 steps), True or False; see ``MCMCSampler``.
 
     Cost: one energy-and-gradient evaluation per step. Reports no step info (no acceptance).
     A non-finite $E(x)$ or $\nabla E(x)$ makes the moved state NaN, which ``run`` reports (or undoes).
@@ -65,7 +65,7 @@ class Langevin(MCMCSampler):
         progress: bool = False,
         cuda_graph: bool = False,
         graph_steps: int | None = None,
-        compile: bool | str = False,
+        compile: bool | str = "auto",
     ):
         super().__init__(n_steps, on_nonfinite, progress, cuda_graph=cuda_graph,
                          graph_steps=graph_steps, compile=compile)
