@@ -1207,3 +1207,58 @@ def test_float_dtype_of_the_energy():
             self.register_buffer("k", torch.zeros(2, dtype=torch.long))
 
     assert _discrete.float_dtype(IntBuf()) == torch.get_default_dtype()
+
+
+def test_gibbs_update_costs_one_energy_call_on_the_alternatives():
+    class Counting(CatQuad):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def energy(self, x):
+            self.rows.append(x.shape[0])
+            return super().energy(x)
+
+    for sweep, want in ((False, [5 * 2]), (True, [5 * 2] * 3)):
+        m, x = Counting(), _cats(5)
+        s = Gibbs(sweep=sweep)
+        st = s.init_state(m, x)
+        m.rows.clear()
+        s.transition(m, st, torch.Generator().manual_seed(0))
+        assert m.rows == want
+
+
+def test_langevin_argument_messages():
+    for kw, msg in (
+        ({"step_size": 0}, "step_size must be finite and > 0, got 0"),
+        ({"temperature": -1}, "temperature must be finite and > 0, got -1"),
+        ({"noise_scale": -1}, "noise_scale must be finite and >= 0, got -1"),
+        ({"grad_clip": 0}, "grad_clip must be finite and > 0, got 0"),
+    ):
+        with pytest.raises(ValueError) as e:
+            Langevin(**kw)
+        assert str(e.value) == msg
+
+
+class GradOnce(EnergyModel):
+    """Differentiable at its first call only (then detached): the proposal's gradient fails."""
+
+    def __init__(self, space):
+        super().__init__(space)
+        self.calls = 0
+
+    def energy(self, x):
+        self.calls += 1
+        h = self.space.one_hot(x, dtype=torch.float32) if isinstance(self.space, Categorical) else x
+        h = h.flatten(1)
+        return h.sum(-1) if self.calls == 1 else h.detach().sum(-1)
+
+
+@pytest.mark.parametrize("cls", [GibbsWithGradients, DiscreteLangevin])
+@pytest.mark.parametrize("space", [Binary(3), Categorical(2, 3)], ids=["binary", "categorical"])
+def test_proposal_gradient_error_names_the_sampler(cls, space):
+    m = GradOnce(space)
+    s = cls(metropolis=True) if cls is DiscreteLangevin else cls()
+    st = s.init_state(m, space.noise(2, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ValueError, match=rf"^{cls.__name__} needs the gradient of the energy"):
+        s.transition(m, st, torch.Generator().manual_seed(0))
