@@ -505,6 +505,8 @@ def test_discrete_langevin_binary_transition_exact(metropolis):
         assert torch.equal(new.x, y)
         assert torch.equal(info["accept_rate"], torch.ones(len(x), dtype=torch.float64))
         assert torch.equal(info["flips"], flip.sum(1).double())
+        torch.testing.assert_close(new.energy, ey, rtol=0, atol=1e-12)
+        torch.testing.assert_close(new.grad, gy, rtol=0, atol=1e-12)
         return
     lr = (y - 0.5) * gy - 0.5 / 0.8
 
@@ -540,6 +542,9 @@ def test_discrete_langevin_categorical_transition_exact(metropolis):
     flips = (x != y).sum(1).double()
     if not metropolis:
         assert torch.equal(new.x, y) and torch.equal(info["flips"], flips)
+        torch.testing.assert_close(new.energy, ey, rtol=0, atol=1e-12)
+        torch.testing.assert_close(new.grad, gy, rtol=0, atol=1e-12)
+        assert torch.equal(info["accept_rate"], torch.ones(len(x), dtype=torch.float64))
         return
     lq_f = torch.log_softmax(lf, -1).gather(2, y[..., None])[..., 0].sum(1)
     lq_r = torch.log_softmax(lr, -1).gather(2, x[..., None])[..., 0].sum(1)
