@@ -521,6 +521,9 @@ def test_discrete_langevin_binary_transition_exact(metropolis):
     torch.testing.assert_close(new.energy, torch.where(acc, ey, e), rtol=0, atol=1e-12)
     assert torch.equal(info["flips"], flip.sum(1).double() * acc)
     assert torch.equal(info["accept_rate"], acc.double())
+    torch.testing.assert_close(new.grad, torch.where(acc[:, None], gy, gr), rtol=0, atol=1e-12)
+    assert set(info) == {"accept_rate", "flips", "nonfinite_rate"}
+    assert torch.equal(info["nonfinite_rate"], torch.zeros(len(x), dtype=torch.float64))
 
 
 @pytest.mark.parametrize("metropolis", [False, True])
@@ -553,6 +556,8 @@ def test_discrete_langevin_categorical_transition_exact(metropolis):
     assert 0 < int(acc.sum()) < len(acc)
     assert torch.equal(new.x, torch.where(acc[:, None], y, x))
     assert torch.equal(info["flips"], flips * acc)
+    torch.testing.assert_close(new.grad, torch.where(acc[:, None, None], gy, gx), rtol=0, atol=1e-12)
+    assert set(info) == {"accept_rate", "flips", "nonfinite_rate"}
 
 
 # ---- Gibbs -----------------------------------------------------------------------------
