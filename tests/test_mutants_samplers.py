@@ -1272,3 +1272,9 @@ def test_proposal_gradient_error_names_the_sampler(cls, space):
     st = s.init_state(m, space.noise(2, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match=rf"^{cls.__name__} needs the gradient of the energy"):
         s.transition(m, st, torch.Generator().manual_seed(0))
+
+
+def test_gradient_check_flag_defaults():
+    assert GibbsWithGradients().check_gradient is True
+    assert GibbsWithGradients(check_gradient=False).check_gradient is False
+    assert DiscreteLangevin(check_gradient=0).check_gradient is False
