@@ -1278,3 +1278,11 @@ def test_gradient_check_flag_defaults():
     assert GibbsWithGradients().check_gradient is True
     assert GibbsWithGradients(check_gradient=False).check_gradient is False
     assert DiscreteLangevin(check_gradient=0).check_gradient is False
+
+
+def test_gibbs_end_run_stats_on_the_states_device():
+    s = Gibbs()
+    s.end_run(Flat(Binary(3)), ChainState(torch.zeros(4, 3, device="meta")))
+    assert s.chain_stats["accept_rate"].device.type == "meta"
+    assert s.chain_stats["accept_rate"].shape == (4,)
+    assert s.stats["accept_rate"].device.type == "meta"
