@@ -1286,3 +1286,17 @@ def test_gibbs_end_run_stats_on_the_states_device():
     assert s.chain_stats["accept_rate"].device.type == "meta"
     assert s.chain_stats["accept_rate"].shape == (4,)
     assert s.stats["accept_rate"].device.type == "meta"
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_gibbs_transition_without_cached_energy_and_flip_dtype_device(sweep):
+    for m, x in ((BinQuad(), _bits()), (CatQuad(), _cats())):
+        s = Gibbs(sweep=sweep)
+        a, ia = s.transition(m, ChainState(x), torch.Generator().manual_seed(8))
+        b, ib = s.transition(m, ChainState(x, energy=m.energy(x)), torch.Generator().manual_seed(8))
+        assert torch.equal(a.x, b.x) and torch.equal(a.energy, b.energy)
+        assert torch.equal(ia["flips"], ib["flips"]) and ia["flips"].dtype == torch.float64
+        xm = x.to("meta")
+        _, info = s.transition(m.to("meta"), ChainState(xm, energy=torch.zeros(len(x), dtype=torch.float64,
+                                                                             device="meta")))
+        assert info["flips"].device.type == "meta" and info["flips"].dtype == torch.float64
