@@ -1300,3 +1300,11 @@ def test_gibbs_transition_without_cached_energy_and_flip_dtype_device(sweep):
         _, info = s.transition(m.to("meta"), ChainState(xm, energy=torch.zeros(len(x), dtype=torch.float64,
                                                                              device="meta")))
         assert info["flips"].device.type == "meta" and info["flips"].dtype == torch.float64
+
+
+@pytest.mark.parametrize("cls", [Gibbs, GibbsWithGradients, DiscreteLangevin])
+def test_discrete_init_state_names_the_sampler_for_a_continuous_space(cls):
+    with pytest.raises(ValueError) as e:
+        cls().init_state(Quad(2), torch.zeros(2, 2))
+    assert str(e.value) == (f"{cls.__name__} samples Binary or Categorical spaces, got "
+                            f"{Continuous(2)!r}; use Langevin, MALA or HMC for continuous states")
