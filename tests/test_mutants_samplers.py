@@ -1308,3 +1308,13 @@ def test_discrete_init_state_names_the_sampler_for_a_continuous_space(cls):
         cls().init_state(Quad(2), torch.zeros(2, 2))
     assert str(e.value) == (f"{cls.__name__} samples Binary or Categorical spaces, got "
                             f"{Continuous(2)!r}; use Langevin, MALA or HMC for continuous states")
+
+
+def test_init_states_cache_the_energy():
+    m, x = CatQuad(), _cats(4)
+    torch.testing.assert_close(Gibbs().init_state(m, x).energy, m.energy(x), rtol=0, atol=0)
+    e, g = _catquad_eg(m, x)
+    for cls in (GibbsWithGradients, DiscreteLangevin):
+        st = cls().init_state(m, x)
+        torch.testing.assert_close(st.energy, e, rtol=0, atol=1e-12)
+        torch.testing.assert_close(st.grad, g, rtol=0, atol=1e-12)
