@@ -1318,3 +1318,16 @@ def test_init_states_cache_the_energy():
         st = cls().init_state(m, x)
         torch.testing.assert_close(st.energy, e, rtol=0, atol=1e-12)
         torch.testing.assert_close(st.grad, g, rtol=0, atol=1e-12)
+
+
+def test_mh_select_rejects_infinite_energy_even_at_u_zero_and_float_flags():
+    x, xn = torch.zeros(2, 1), torch.ones(2, 1)
+    e = torch.zeros(2, dtype=torch.float64)
+    en = torch.tensor([math.inf, 0.0], dtype=torch.float64)
+    z = torch.zeros(2, dtype=torch.float64)
+    tape = rng.NoiseTape([torch.zeros(2, dtype=torch.float64)])
+    out = _discrete.mh_select(x, e, torch.zeros(2, 1), xn, en, torch.ones(2, 1), z, z, tape)
+    assert torch.equal(out[0], torch.tensor([[0.0], [1.0]]))
+    assert torch.equal(out[3], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert out[3].dtype == torch.float64 and out[4].dtype == torch.float64
+    assert torch.equal(out[4], torch.tensor([1.0, 0.0], dtype=torch.float64))
