@@ -853,7 +853,7 @@ def test_replay_buffer_defaults_and_messages():
     assert b.states.shape == (0, 2)
     assert repr(ReplayBuffer(sp, 5, 0.25)) == f"ReplayBuffer({sp!r}, capacity=5, reinit_prob=0.25)"
     for args, msg in (
-        ((None,), "space must be an ebmflow.spaces.Space, got NoneType"),
+        (("abc",), "space must be an ebmflow.spaces.Space, got str"),
         ((sp, 0), "capacity must be an int >= 1, got 0"),
         ((sp, 5, 1.5), "reinit_prob must lie in [0, 1], got 1.5"),
         ((sp, 5, -0.1), "reinit_prob must be finite and >= 0, got -0.1"),
@@ -1331,3 +1331,38 @@ def test_mh_select_rejects_infinite_energy_even_at_u_zero_and_float_flags():
     assert torch.equal(out[3], torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert out[3].dtype == torch.float64 and out[4].dtype == torch.float64
     assert torch.equal(out[4], torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def test_eight_bad_chains_are_listed_without_an_ellipsis():
+    x0 = torch.zeros(9, 1)
+    x0[:8] = math.nan
+    with pytest.raises(ValueError, match=r"in 8 chain\(s\) \(\[0, 1, 2, 3, 4, 5, 6, 7\]\): initial"):
+        chain._check_finite_start(x0, None)
+
+
+def test_replay_buffer_state_before_the_first_draw_and_meta_device():
+    b = ReplayBuffer(Categorical(2, 3), 4)
+    assert b.stats == {} and b.states.dtype == torch.long and b.states.shape == (0, 2)
+    assert ReplayBuffer(Binary(2), 4).states.dtype == Binary(2).dtype
+    x, slots = ReplayBuffer(Continuous(2), 4).draw(2, device="meta")
+    assert x.device.type == "meta" and slots.device.type == "meta"
+    seen = []
+    b = ReplayBuffer(Continuous(2), 3, noise=lambda n, g, d: seen.append((g, d)) or torch.zeros(n, 2))
+    g = torch.Generator()
+    b.draw(2, generator=g, device="cpu")
+    assert seen[0] == (g, "cpu") and seen[1][0] is g and seen[1][1] == torch.device("cpu")
+
+
+def test_persistent_sampler_passes_the_generator_and_n_to_its_kernel():
+    m, sp = Quad(2), Continuous(2)
+    ps = PersistentSampler(Langevin(0.1, 2), ReplayBuffer(sp, 5, reinit_prob=0.5))
+    out = ps.sample(m, 3, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    x, _ = ReplayBuffer(sp, 5, reinit_prob=0.5).draw(3, generator=g)
+    torch.testing.assert_close(out, Langevin(0.1, 2).run(m, x, generator=g), rtol=0, atol=0)
+    x0 = torch.ones(3, 2)
+    out = ps.sample(m, 3, x0=x0, generator=torch.Generator().manual_seed(4))
+    want = Langevin(0.1, 2).sample(m, x0=x0, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"^n=2 but x0 has 3 states; pass one of them$"):
+        ps.sample(m, 2, x0=x0)
