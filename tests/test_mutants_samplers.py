@@ -1366,3 +1366,12 @@ def test_persistent_sampler_passes_the_generator_and_n_to_its_kernel():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"^n=2 but x0 has 3 states; pass one of them$"):
         ps.sample(m, 2, x0=x0)
+
+
+def test_discrete_langevin_flip_boundary_u_equal_to_p_keeps_the_bit():
+    # logit 0: p(flip) = 1/2; u = 1/2 is not < 1/2, so the bit stays; u = 0.25 flips
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    tape = rng.NoiseTape([torch.tensor([[0.5, 0.25]], dtype=torch.float64)])
+    y, flip = DiscreteLangevin._propose_binary(x, torch.zeros(1, 2, dtype=torch.float64), tape)
+    assert torch.equal(flip, torch.tensor([[False, True]]))
+    assert torch.equal(y, torch.tensor([[0.0, 1.0]], dtype=torch.float64))
