@@ -1375,3 +1375,12 @@ def test_discrete_langevin_flip_boundary_u_equal_to_p_keeps_the_bit():
     y, flip = DiscreteLangevin._propose_binary(x, torch.zeros(1, 2, dtype=torch.float64), tape)
     assert torch.equal(flip, torch.tensor([[False, True]]))
     assert torch.equal(y, torch.tensor([[0.0, 1.0]], dtype=torch.float64))
+
+
+def test_replay_buffer_shape_message_of_an_image_space():
+    sp = Continuous((2, 3))
+    b = ReplayBuffer(sp, 2)
+    b.draw(1)
+    with pytest.raises(ValueError) as e:
+        b.push(torch.zeros(1, 3, 2), torch.zeros(1, dtype=torch.long))
+    assert str(e.value) == f"x has shape (1, 3, 2) but the buffer stores states of {sp!r}, shape (n, 2, 3)"
