@@ -364,3 +364,10 @@ def test_short_runs_compile_once() -> None:
     for _ in range(3):
         s.run(energy, _x0(energy), 5, generator=torch.Generator().manual_seed(0))
     assert len(graphs) == 1
+
+
+def test_fallback_warning_points_at_the_callers_line() -> None:
+    energy = _mixture()
+    with pytest.warns(CompileFallbackWarning) as record:
+        TorchRandnWalk(compile=True).run(energy, _x0(energy), 5)
+    assert record[0].filename == __file__

@@ -101,10 +101,24 @@ class CompileFallbackWarning(UserWarning):
     """A sampler asked to compile runs eagerly instead (the message says why)."""
 
 
+def _outside_stacklevel() -> int:
+    """``stacklevel`` of the first frame outside ebmflow and torch (the user's call), counted
+    from the caller of this function's caller (``warnings.warn`` in ``warn_fallback``)."""
+    import os
+    import sys
+
+    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+              os.path.dirname(os.path.abspath(torch.__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_fallback(name: str, why: str) -> None:
     warnings.warn(
         f"{name}: compiled chains are not available ({why}); running eagerly. Pass "
         "compile=False to silence this warning.",
         CompileFallbackWarning,
-        stacklevel=4,
+        stacklevel=_outside_stacklevel(),
     )
