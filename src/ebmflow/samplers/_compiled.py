@@ -116,6 +116,7 @@ def _outside_stacklevel() -> int:
 
 
 def warn_fallback(name: str, why: str) -> None:
+    """Warn once that sampler ``name`` runs eagerly instead of compiled, and ``why``."""
     warnings.warn(
         f"{name}: compiled chains are not available ({why}); running eagerly. Pass "
         "compile=False to silence this warning.",

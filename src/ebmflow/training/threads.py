@@ -127,7 +127,7 @@ def warn_if_oversubscribed(n_params: int, device: torch.device) -> bool:
     if _warned or device.type != "cpu" or threads <= 1 or n_params >= SMALL_MODEL_PARAMS:
         return False
     free, load = free_cores()
-    if threads <= free:
+    if threads <= free or load is None:  # no load average on this platform: nothing to say
         return False
     _warned = True
     warnings.warn(
