@@ -349,8 +349,8 @@ def test_inductor_compiles_the_fast_gemm_path_without_fallback() -> None:
 
 
 def test_short_runs_compile_once() -> None:
-    """Runs shorter than a block: the first run (with its eager recording step) and the later
-    ones use one block size, so one compilation."""
+    """The block size never depends on a run's length: runs of 5, 7, 9, 12 and 20 steps share
+    one compiled block (runs shorter than a block stay eager)."""
     torch._dynamo.reset()
     graphs = []
 
@@ -361,8 +361,8 @@ def test_short_runs_compile_once() -> None:
     energy = _mixture()
     s = MALA(0.1, compile=True)
     s.compile_backend = counting
-    for _ in range(3):
-        s.run(energy, _x0(energy), 5, generator=torch.Generator().manual_seed(0))
+    for n in (5, 7, 9, 12, 20, 5):
+        s.run(energy, _x0(energy), n, generator=torch.Generator().manual_seed(0))
     assert len(graphs) == 1
 
 

@@ -42,6 +42,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from ..samplers import rng
+from ..samplers.compiled import CompiledBlock, predraw
+from ..samplers.rng import RecordingTape, real_generator
 from .path import MixturePath
 
 __all__ = ["CTMCSolver", "SolverOutput", "time_grid", "JUMP_METHODS"]
@@ -224,9 +226,6 @@ class CTMCSolver:
     def _sample_compiled(self, velocity_fn: VelocityFn, x: Tensor, times: list[float],
                          generator: torch.Generator | None) -> tuple[Tensor, int]:
         """All steps but the last in compiled blocks; returns (x, steps done)."""
-        from ..samplers.compiled import CompiledBlock, predraw
-        from ..samplers.rng import RecordingTape, real_generator
-
         n = len(times) - 2  # steps before the last
         b = x.shape[0]
         t = torch.tensor(times[:n], dtype=torch.float32, device=x.device)

@@ -131,7 +131,7 @@ class GaussianMixtureEnergy(EnergyModel):
         ex = (logits - top).exp()
         total = ex.sum(0)
         g = ((ex / total)[:, None, :] * (z / scales)).sum(0)  # (D, B)
-        return (top + total.log()).neg(), g.t()
+        return (top + total.log()).neg(), g.t().contiguous()  # chains-major, like x
 
     def responsibilities(self, x: Tensor) -> Tensor:
         r"""Posterior component probabilities $p(k \mid x)$, ``(B, K)``."""

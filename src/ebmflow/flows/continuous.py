@@ -253,6 +253,9 @@ class ContinuousFlow(Flow):
     def sample_and_log_prob(
         self, n: int, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor]:
+        r"""$n$ states $x = T(z)$, $z \sim \rho$, and $\log q(x) = \log \rho(z) - \log|\det
+        \partial T / \partial z|$ (the ODE's trace integral): ``((n, D), (n,))``. The
+        generator also drives the Hutchinson probes when ``trace="hutchinson"``."""
         z = self.base_sample(n, generator)
         x, logdet = self.forward(z, generator)
         return x, self.base_log_prob(z) - logdet

@@ -175,12 +175,6 @@ class ZukoFlow(Flow):
         transform, _ = self._transform_and_base()
         return transform.call_and_ladj(x)
 
-    def _reference_tensor(self) -> Tensor | None:
-        for p in self.flow.parameters():
-            return p
-        for b in self.flow.buffers():
-            return b
-        return None
 
 
 def _is_gaussian(base: Any) -> bool:

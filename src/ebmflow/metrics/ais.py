@@ -48,7 +48,7 @@ class GeometricPathEnergy(EnergyModel):
         super().__init__(energy.space)
         self.target = energy
         self.base = base
-        ref = next(iter([*energy.parameters(), *energy.buffers()]), None)
+        ref = energy.reference_tensor()
         dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
         device = ref.device if ref is not None else None
         self.register_buffer("beta_t", torch.tensor(float(beta), dtype=dtype, device=device))

@@ -93,7 +93,6 @@ class _NoBar:
 
 
 _NO_BAR = _NoBar()
-_NO_BAR = _NoBar()
 
 
 @dataclass

@@ -165,10 +165,12 @@ def run_compiled(
         bar.update(1)
     if n_steps - done < 1:
         return carry, done
-    # K from n_steps - 1 in every run: the first run of a layout (one eager recording step)
-    # and the later ones then share one block size, i.e. one compilation
-    k = min(sampler.graph_steps or sampler._compile_block_steps(), max(n_steps - 1, 1))
+    # a fixed K (never derived from n_steps): runs of any length share one compiled block;
+    # a run with fewer than K steps left stays eager
+    k = sampler.graph_steps or sampler._compile_block_steps()
     blocks = (n_steps - done) // k
+    if blocks == 0:
+        return carry, done
     flat = flatten_carry(carry)
     key = (id(energy), carry_spec(flat), k, tuple(spec), *hyper)
     block = sampler._compiled.get(key)

@@ -37,7 +37,8 @@ class Gibbs(MCMCSampler):
         on_nonfinite: "raise" (default) or "reset"; see ``MCMCSampler``.
         progress: show a progress bar in ``run`` (default False).
         cuda_graph: record K steps as one CUDA graph for CUDA states (default False); see ``MCMCSampler``.
-        graph_steps: K, steps per CUDA graph or compiled block (default None: 32 / about 8 gradient evaluations).
+        graph_steps: K, steps per CUDA graph or compiled block (default None: 32 for graphs;
+            8 random-scan steps or one sweep per compiled block).
         compile: the compiled executor: "auto" (default: CPU chains compile after 2000 steps), True or False; see ``MCMCSampler``.
 
     Step info (per chain ``(B,)``): ``flips`` (number of coordinates whose value changed in

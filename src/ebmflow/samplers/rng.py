@@ -58,6 +58,7 @@ class NoiseTape:
         self.i = 0
 
     def next(self) -> Tensor:
+        """The next pre-drawn tensor (in the order the first step drew them)."""
         if self.i >= len(self.draws):
             raise RuntimeError(
                 "the transition drew more random tensors than its first step did; a compiled "
