@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 import textwrap
@@ -64,19 +63,20 @@ def _run(tmp_path, nproc, batch):
         finally:
             sys.argv = argv
         return json.loads(out.read_text())
-    # the environment torchrun gives each worker, without torchrun's agent process
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # the environment torchrun gives each worker, without its agent process; like torchrun's agent,
+    # this process hosts the rendezvous store, so no worker's exit can pull it from under another
+    store = torch.distributed.TCPStore("127.0.0.1", 0, nproc, is_master=True, wait_for_workers=False)
     procs = []
     for rank in range(nproc):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+               "WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+               "TORCHELASTIC_USE_AGENT_STORE": "True"}
         procs.append(subprocess.Popen([sys.executable, str(script), str(out), str(batch)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    for proc in procs:
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-3000:]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    del store
+    for rank, (proc, err) in enumerate(zip(procs, errors)):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}: {err[-3000:]}"
     return json.loads(out.read_text())
 
 
