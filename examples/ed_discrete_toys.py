@@ -10,26 +10,38 @@ code, ``ebmflow.data.gray_encode`` with the literature's bound max|x| + 2). An `
   ReplayBuffer(space, buffer_size, reinit))``: L = mean E(x+) - mean E(x-) (+ alpha times the
   squared energies), negatives from persistent random-scan Gibbs chains kept in a buffer.
 
-Training runs without any evaluation in the loop; the model is evaluated once, at the end.
+One training run per (data set, method), evaluated on the way: at every budget
+(``--budgets 1000 3000 10000``; the config's ``budgets``) the EMA model gets the full
+evaluation, at the learning-curve points (100, 200, 300, 500, 1k, 2k, 3k, 5k, 10k, ...) the
+NLL only. Each run keeps its record and a checkpoint (model, EMA, Adam, random generator, PCD
+buffer) in a state folder (``runs/ed_discrete_toys/<dataset>_<method>.{json,pt}``, rewritten at
+every evaluation point): a later call with the same settings continues where the run stopped,
+so an interrupted run resumes and ``--budgets ... 30000`` extends a finished one (reached
+budgets are read back, not retrained; ``--restart`` trains afresh).
 
 Evaluation of the EMA model:
 
 * NLL (nats) of 4,000 test points, log Z by importance sampling with uniform bit strings:
   log Z = log mean_i exp(-E(u_i)) + 32 log 2,  u_i ~ Uniform({0, 1}^32);
-* MMD (x 1e-4) with the kernel exp(-0.1 Hamming) between 4,000 test points and 4,000 model
-  samples drawn by systematic-scan ``Gibbs`` from uniform noise.
+* MMD (x 1e-4) with the kernel exp(-0.1 Hamming), ``mmd_repeats`` repeats, each between 4,000
+  fresh test points and 4,000 model samples drawn by systematic-scan ``Gibbs`` from uniform
+  noise: mean and standard deviation over the repeats.
 
 Hyperparameters: the ``[example.*]`` tables of examples/configs/ed_discrete_toys.toml (its
 ``[train]`` table is the closest ``ebmflow train`` run).
 
     python examples/ed_discrete_toys.py --quick    # one data set, 150 iterations (< 1 min)
-    python examples/ed_discrete_toys.py            # the config's data sets and iterations
-    python examples/ed_discrete_toys.py --plot-only --update-docs   # redraw the docs figure
+    python examples/ed_discrete_toys.py            # the config's data sets and budgets
+    python examples/ed_discrete_toys.py --methods pcd --budgets 1000 3000 --merge
+    python examples/ed_discrete_toys.py --plot-only --update-docs   # redraw the docs figures
 
-Writes runs/examples/figures/ed_discrete_toys.png and runs/examples/results/ed_discrete_toys.json
-(``--update-docs``: docs/figures and docs/results) and prints where. The JSON keeps each model's
-samples decoded to 2-D, so ``--plot-only`` redraws the figure from it without training.
-``ed_categorical.py`` reuses these functions for the 5-state categorical version.
+Writes runs/examples/results/ed_discrete_toys.json, runs/examples/figures/ed_discrete_toys.png
+(learning curves: NLL against iterations, the published levels dashed) and
+ed_discrete_toys_samples.png (samples at the largest budget); ``--update-docs``: docs/results
+and docs/figures. The JSON keeps each model's samples decoded to 2-D, so ``--plot-only``
+redraws the figures from it without training. ``ed_categorical.py`` reuses ``train``,
+``evaluate``, ``run`` and ``save`` (one evaluation at the end) for the 5-state categorical
+version.
 """
 
 from __future__ import annotations
@@ -198,6 +210,184 @@ def evaluate_data_baseline(dataset: str, task: Task, ev: dict) -> dict:
     return {"mmd_1e4": float(m) * 1e4}
 
 
+# ---------------------------------------------------------------------------------------------
+# One resumable run per (data set, method), evaluated at every budget on the way.
+
+CURVE_POINTS = (100, 200, 300, 500, 1000, 2000, 3000, 5000, 10_000, 20_000, 30_000, 50_000,
+                100_000)  # NLL-only evaluations for the learning curve (cheap: log Z only)
+SAMPLES_KEPT = 2000  # decoded model samples kept per run (largest budget) for the figure
+
+
+def ema_decay(decay: float, step: int, warmup: bool) -> float:
+    """EMA decay at optimiser step ``step`` (1-based); with ``warmup`` it is
+    min(decay, (1 + step) / (10 + step)), so that an early budget (1k iterations with
+    decay 0.999) does not still carry a third of the initial weights."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
+def run_settings(method: str, cfg: dict) -> dict:
+    """What a stored run depends on (everything but the budgets): a checkpoint is resumed only
+    when these match."""
+    tr = {k: v for k, v in cfg["train"].items() if k not in ("iterations", "budgets")}
+    return {"method": method, "method_settings": cfg.get(method, {}), "model": cfg["model"],
+            "train": tr, "batch_size": cfg["data"]["batch_size"], "bits": cfg["data"]["bits"],
+            "eval": cfg["eval"]}
+
+
+@torch.no_grad()
+def evaluate_repeats(energy: EnergyModel, dataset: str, task: Task, ev: dict,
+                     seed: int = 123) -> dict:
+    """NLL of ``n_test`` test points (log Z from ``n_importance`` uniform strings) and the MMD
+    x 1e-4 over ``mmd_repeats`` repeats, each between ``n_samples`` fresh test points and
+    ``n_samples`` model samples (systematic-scan Gibbs from uniform noise, ``gibbs_sweeps``
+    sweeps; all repeats' chains run as one batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    test = task.encode(toy_2d(dataset, ev["n_test"], gen))
+    log_z = log_partition_uniform(energy, task, ev["n_importance"])
+    nll = float(energy(test).double().mean()) + log_z
+    reps, n = ev.get("mmd_repeats", 1), ev["n_samples"]
+    start = time.perf_counter()
+    samples = Gibbs(sweep=True).run(energy, task.space.noise(reps * n, gen), ev["gibbs_sweeps"],
+                                    generator=gen)
+    sample_seconds = time.perf_counter() - start
+    values = []
+    for r in range(reps):
+        ref = task.encode(toy_2d(dataset, n, torch.Generator().manual_seed(seed + 1 + r)))
+        values.append(float(mmd(ref, samples[r * n:(r + 1) * n], kernel="exp_hamming",
+                                hamming_scale=ev["hamming_scale"])) * 1e4)
+    vals = torch.tensor(values, dtype=torch.float64)
+    return {"nll": nll, "log_z": log_z, "mmd_1e4": float(vals.mean()),
+            "mmd_1e4_std": float(vals.std()) if reps > 1 else 0.0, "mmd_1e4_repeats": values,
+            "gibbs_seconds": sample_seconds, "samples": samples[:n]}
+
+
+def train_budgets(method: str, dataset: str, task: Task, cfg: dict, budgets: list[int],
+                  state_dir: Path, restart: bool = False, log=print) -> dict:
+    """Train one model to ``max(budgets)`` iterations, evaluating its EMA at every budget (NLL
+    and MMD) and at the ``CURVE_POINTS`` on the way (NLL only).
+
+    Resumable: ``state_dir/<dataset>_<method>.json`` holds the record (settings, learning
+    curve, one entry per budget reached) and ``<dataset>_<method>.pt`` the checkpoint (model,
+    EMA, optimiser, random generator, PCD buffer), both rewritten at every evaluation point;
+    a later call with the same settings continues from the checkpoint (a larger budget
+    extends the run, a reached one is read back) unless ``restart``."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    rec_path = state_dir / f"{dataset}_{method}.json"
+    ckpt_path = state_dir / f"{dataset}_{method}.pt"
+    settings = run_settings(method, cfg)
+    tr = cfg["train"]
+    torch.manual_seed(tr["seed"])
+    energy = MLPEnergy(task.space, hidden=cfg["model"]["hidden"])
+    avg = copy.deepcopy(energy).requires_grad_(False)
+    opt = torch.optim.Adam(energy.parameters(), lr=tr["lr"])
+    gen = torch.Generator().manual_seed(tr["seed"] + 1)
+    loss_fn, sampler = make_loss(method, cfg, task.space)
+    record = {"dataset": dataset, "method": method, "settings": settings, "iteration": 0,
+              "train_seconds": 0.0, "curve": [], "budgets": {}, "loss_trace": []}
+    if not restart and rec_path.exists() and ckpt_path.exists():
+        old = json.loads(rec_path.read_text())
+        if old["settings"] != json.loads(json.dumps(settings)):
+            raise RuntimeError(f"{rec_path} was trained with other settings; pass --restart "
+                               "(or another --state-dir) to train afresh")
+        record = old
+        ck = torch.load(ckpt_path, weights_only=False)
+        energy.load_state_dict(ck["model"])
+        avg.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        gen.set_state(ck["generator"])
+        torch.set_rng_state(ck["torch_rng"])
+        if sampler is not None and ck.get("buffer") is not None:
+            sampler.buffer.states = ck["buffer"]
+        log(f"  {dataset:12s} {method:8s} resumed at iteration {record['iteration']}")
+    target = max(budgets)
+    done = record["iteration"]
+    missing = [b for b in budgets if b < done and str(b) not in record["budgets"]]
+    if missing:
+        log(f"  {dataset:12s} {method:8s} budgets {missing} were passed without evaluation "
+            "(only budgets asked for are evaluated)")
+    points = sorted({p for p in (*CURVE_POINTS, *budgets) if done < p <= target})
+    batch = cfg["data"]["batch_size"]
+    warmup = tr.get("ema_warmup", False)
+    seconds = record["train_seconds"]
+    for point in points:
+        start = time.perf_counter()
+        for it in range(done + 1, point + 1):
+            x = task.encode(toy_2d(dataset, batch, gen))
+            loss = loss_fn(energy, x, sampler, generator=gen).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema_update(avg, energy, ema_decay(tr["ema"], it, warmup))
+            if it % 100 == 0:
+                record["loss_trace"].append([it, float(loss.detach())])
+        seconds += time.perf_counter() - start
+        done = point
+        if point in budgets:
+            ev = evaluate_repeats(avg, dataset, task, cfg["eval"])
+            samples = ev.pop("samples")
+            entry = {**ev, "iteration": point, "train_seconds": seconds}
+            record["budgets"][str(point)] = entry
+            if point == target:  # the figure shows the largest budget's samples
+                record["samples_2d"] = task.decode(samples[:SAMPLES_KEPT]).mul(1000).round() \
+                    .div(1000).tolist()
+                record["samples_iteration"] = point
+            log(f"  {dataset:12s} {method:8s} it {point:6d} NLL {ev['nll']:7.3f}  MMD x1e-4 "
+                f"{ev['mmd_1e4']:6.2f} ± {ev['mmd_1e4_std']:4.2f}  ({point / seconds:5.1f} it/s)")
+        else:
+            nll = float(avg(task.encode(toy_2d(dataset, cfg["eval"]["n_test"],
+                                               torch.Generator().manual_seed(123)))
+                            ).double().mean()) + log_partition_uniform(
+                                avg, task, cfg["eval"]["n_importance"])
+            entry = {"iteration": point, "nll": nll, "train_seconds": seconds}
+            log(f"  {dataset:12s} {method:8s} it {point:6d} NLL {nll:7.3f}")
+        record["curve"] = [c for c in record["curve"] if c["iteration"] != point]
+        record["curve"].append({"iteration": point, "nll": entry["nll"],
+                                "train_seconds": seconds})
+        record["iteration"], record["train_seconds"] = point, seconds
+        torch.save({"model": energy.state_dict(), "ema": avg.state_dict(),
+                    "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "buffer": None if sampler is None else sampler.buffer.states},
+                   ckpt_path)
+        tmp = rec_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(rec_path)
+    return record
+
+
+def run_budgets(cfg: dict, methods: list[str], datasets: list[str], budgets: list[int],
+                state_dir: Path, restart: bool = False) -> dict:
+    """``train_budgets`` for every (data set, method), one after the other; returns the results
+    JSON: per data set the noise floor of the MMD and per method the run's record, with the
+    largest budget's NLL/MMD also at the top level (``nll``, ``mmd_1e4``)."""
+    results: dict = {"config": cfg, "budgets": sorted(budgets), "runs": {}}
+    for ds in datasets:
+        task = gray_task(ds, cfg["data"]["bits"])
+        results["runs"][ds] = {"data_vs_data": evaluate_data_floor(ds, task, cfg["eval"])}
+        for method in methods:
+            rec = train_budgets(method, ds, task, cfg, budgets, state_dir, restart)
+            top = rec["budgets"].get(str(max(budgets)), {})
+            results["runs"][ds][method] = {**rec, "nll": top.get("nll", math.nan),
+                                           "mmd_1e4": top.get("mmd_1e4", math.nan)}
+    return results
+
+
+@torch.no_grad()
+def evaluate_data_floor(dataset: str, task: Task, ev: dict) -> dict:
+    """MMD between independent test sets, over ``mmd_repeats`` repeats: the metric's noise."""
+    n, reps = ev["n_samples"], ev.get("mmd_repeats", 1)
+    gen = torch.Generator().manual_seed(999)
+    values = []
+    for _ in range(reps):
+        a = task.encode(toy_2d(dataset, n, gen))
+        b = task.encode(toy_2d(dataset, n, gen))
+        values.append(float(mmd(a, b, kernel="exp_hamming",
+                                hamming_scale=ev["hamming_scale"])) * 1e4)
+    vals = torch.tensor(values, dtype=torch.float64)
+    return {"mmd_1e4": float(vals.mean()),
+            "mmd_1e4_std": float(vals.std()) if reps > 1 else 0.0}
+
+
 FONT = 13  # points; the figure is 8 in wide at 100 dpi, shown at about its pixel size
 LABELS = {"ed_bern": "ED-Bern", "ed_grid": "ED-Grid", "pcd": "PCD with Gibbs",
           "ed_uniform": "ED, uniform kernel", "ed_ordinal": "ED, ordinal kernel",
@@ -273,6 +463,168 @@ def plot(results: dict, make_task: Callable[[str], Task], path: Path, bins: int 
     plt.close(fig)
 
 
+# Published numbers (Schroeder, Ou, Li, Duncan 2023, 32-bit Gray-coded toys; 10^5 iterations).
+PUBLISHED_NLL = {
+    "pcd": {"2spirals": 20.094, "8gaussians": 19.991, "circles": 20.565, "moons": 19.763,
+            "pinwheel": 19.593, "swissroll": 20.172, "checkerboard": 21.214},
+    "ed_bern": {"2spirals": 20.039, "8gaussians": 19.992, "circles": 20.601, "moons": 19.710,
+                "pinwheel": 19.568, "swissroll": 20.084, "checkerboard": 20.679},
+    "ed_grid": {"2spirals": 20.049, "8gaussians": 19.965, "circles": 20.601, "moons": 19.715,
+                "pinwheel": 19.564, "swissroll": 20.088, "checkerboard": 20.678},
+}
+PUBLISHED_MMD = {
+    "pcd": {"2spirals": 2.160, "8gaussians": 0.954, "circles": 0.188, "moons": 0.962,
+            "pinwheel": 0.505, "swissroll": 1.382, "checkerboard": 2.831},
+    "ed_bern": {"2spirals": 0.120, "8gaussians": 0.014, "circles": 0.137, "moons": -0.088,
+                "pinwheel": 0.046, "swissroll": 0.045, "checkerboard": 1.541},
+    "ed_grid": {"2spirals": 0.097, "8gaussians": -0.066, "circles": 0.022, "moons": 0.018,
+                "pinwheel": 0.351, "swissroll": 0.097, "checkerboard": 2.049},
+}
+COLORS = {"ed_bern": "tab:blue", "ed_grid": "tab:orange", "pcd": "tab:green"}
+UNIFORM_NLL = 32 * math.log(2)
+
+
+def _setup_matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": FONT, "axes.titlesize": FONT, "axes.labelsize": FONT,
+                         "xtick.labelsize": FONT - 1, "ytick.labelsize": FONT - 1,
+                         "legend.fontsize": FONT - 1})
+    return plt
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    """Learning curves: per data set the EMA model's test NLL against training iterations (log
+    x), one solid line per method, the published level of each method (10^5 iterations) as a
+    dashed line of the same colour; two panels a row, 9 in wide, the legend in a panel of its
+    own."""
+    plt = _setup_matplotlib()
+    runs = results["runs"]
+    datasets = list(runs)
+    ncol = 2
+    nrow = math.ceil((len(datasets) + 1) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(9.0, 3.1 * nrow + 0.9), squeeze=False)
+    handles = {}
+    for ax, ds in zip(axes.flat, datasets):
+        lows = []
+        for m, r in runs[ds].items():
+            if m == "data_vs_data" or not r.get("curve"):
+                continue
+            color = COLORS.get(m)
+            its = [c["iteration"] for c in r["curve"]]
+            nll = [c["nll"] for c in r["curve"]]
+            (line,) = ax.plot(its, nll, "o-", color=color, lw=2, ms=4)
+            handles[f"{LABELS.get(m, m)} (ours)"] = line
+            lows.append(min(nll))
+            pub = PUBLISHED_NLL.get(m, {}).get(ds)
+            if pub is not None:
+                dash = ax.axhline(pub, color=color, ls="--", lw=1.5)
+                handles[f"{LABELS.get(m, m)}, published (10$^5$ it.)"] = dash
+                lows.append(pub)
+        ax.set_xscale("log")
+        its = [c["iteration"] for r in runs[ds].values() for c in r.get("curve", [])]
+        if its:
+            ticks = [t for t in (100, 300, 1000, 3000, 10_000, 30_000, 100_000)
+                     if min(its) <= t <= max(its)]
+            ax.set_xticks(ticks, [f"{t // 1000}k" if t >= 1000 else str(t) for t in ticks])
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_title(ds)
+        if lows:  # from just below the best value to a little above the uniform model
+            ax.set_ylim(min(lows) - 0.15, UNIFORM_NLL + 0.1)
+        ax.axhline(UNIFORM_NLL, color="grey", lw=1, ls=":")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("training iterations")
+        ax.set_ylabel("test NLL (nats)")
+    for ax in list(axes.flat)[len(datasets):]:
+        ax.axis("off")
+    spare = list(axes.flat)[len(datasets):]
+    labels = sorted(handles, key=lambda k: ("published" in k, k))
+    if spare:
+        spare[0].legend([handles[k] for k in labels], labels, loc="center", frameon=False)
+    fig.suptitle("32-bit Gray-coded toys: NLL of the EMA model during training\n"
+                 "dotted grey: uniform model (22.18 nats)", fontsize=FONT + 1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_samples(results: dict, path: Path, bins: int = 48) -> None:
+    """Per data set (one row): the quantised test data and each method's Gibbs samples at its
+    largest budget, decoded to the plane as 2-D histograms, 10 in wide."""
+    plt = _setup_matplotlib()
+    import numpy as np
+
+    runs = results["runs"]
+    ev = results["config"]["eval"]
+    bits = results["config"]["data"]["bits"]
+    methods = [m for m in ("ed_bern", "ed_grid", "pcd")
+               if any("samples_2d" in r.get(m, {}) for r in runs.values())]
+    methods += sorted({m for r in runs.values() for m in r
+                       if m not in methods and "samples_2d" in r[m]})
+    ncol = 1 + len(methods)
+    fig, axes = plt.subplots(len(runs), ncol, figsize=(2.55 * ncol, 2.75 * len(runs) + 0.8),
+                             squeeze=False)
+    for row, (ds, ds_runs) in zip(axes, runs.items()):
+        task = gray_task(ds, bits)
+        data = task.decode(task.encode(toy_2d(ds, 4000, torch.Generator().manual_seed(5))))
+        lims = [[float(data[:, i].min()) - 0.5, float(data[:, i].max()) + 0.5] for i in (0, 1)]
+        panels = [(f"{ds}: data", data)]
+        for m in methods:
+            r = ds_runs.get(m, {})
+            if "samples_2d" not in r:
+                panels.append((f"{LABELS.get(m, m)}: not run", None))
+                continue
+            panels.append((f"{LABELS.get(m, m)}, {r['samples_iteration']:,} it.\n"
+                           f"NLL {r['nll']:.2f}, MMD {r['mmd_1e4']:.2f}",
+                           torch.tensor(r["samples_2d"])))
+        for ax, (title, pts) in zip(row, panels):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(title, fontsize=FONT - 2)
+            if pts is None:
+                continue
+            h = np.histogram2d(pts[:, 0].numpy(), pts[:, 1].numpy(), bins=bins, range=lims)[0]
+            ax.imshow(h.T, origin="lower", cmap="viridis", aspect="equal",
+                      extent=[*lims[0], *lims[1]])
+    kept = sorted({len(r["samples_2d"]) for ds_runs in runs.values() for r in ds_runs.values()
+                   if "samples_2d" in r})
+    fig.suptitle(f"Model samples decoded to the plane ({'/'.join(f'{n:,}' for n in kept)} per "
+                 f"model,\n{ev['gibbs_sweeps']} Gibbs sweeps from noise); NLL in nats, "
+                 "MMD x 1e-4", fontsize=FONT)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def samples_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}_samples{path.suffix}")
+
+
+def save_budgets(results: dict, name: str, out: Path, merge: bool = False) -> dict:
+    """Write <out>/results/<name>.json, <out>/figures/<name>.png (learning curves) and
+    <out>/figures/<name>_samples.png; ``merge=True`` adds these runs to an existing JSON."""
+    json_path = out / "results" / f"{name}.json"
+    if merge and json_path.exists():
+        old = json.loads(json_path.read_text())
+        if "budgets" in old:
+            for ds, runs in results["runs"].items():
+                old["runs"].setdefault(ds, {}).update(runs)
+            results = {**results, "runs": old["runs"],
+                       "budgets": sorted(set(old["budgets"]) | set(results["budgets"]))}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=1))
+    png = out / "figures" / f"{name}.png"
+    plot_curves(results, png)
+    plot_samples(results, samples_path(png))
+    report_written(json_path, png, samples_path(png))
+    return results
+
+
 def save(results: dict, name: str, out: Path, make_task: Callable[[str], Task],
          merge: bool = False) -> dict:
     """Write <out>/results/<name>.json and <out>/figures/<name>.png; the model samples are kept
@@ -304,11 +656,20 @@ def parse(argv, description: str, config: Path, methods: str):
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--methods", default=methods)
     parser.add_argument("--datasets", default=None)
+    parser.add_argument("--budgets", type=int, nargs="+", default=None,
+                        help="iteration counts at which each run is evaluated (one run per "
+                             "data set and method, resumed from its checkpoint)")
+    parser.add_argument("--restart", action="store_true",
+                        help="train afresh, ignoring the checkpoints in the state folder")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="folder of the per-run records and checkpoints (default "
+                             "runs/<name>, or <--out>/state/<name>)")
     add_output_arguments(parser)
     parser.add_argument("--merge", action="store_true",
                         help="add these runs to the existing results JSON (run data sets in "
                              "separate processes)")
     args = parser.parse_args(argv)
+    args.out_given = args.out is not None
     args.out = output_dir(args)
     cfg = load_example_settings(args.config)
     datasets = args.datasets.split(",") if args.datasets else cfg["data"]["datasets"]
@@ -319,15 +680,35 @@ def parse(argv, description: str, config: Path, methods: str):
         cfg["eval"].update(n_importance=100_000, n_test=1000, n_samples=500, gibbs_sweeps=5)
         cfg["pcd"]["buffer_size"] = 1000
         cfg["train"]["ema"] = 0.9
+        if "mmd_repeats" in cfg["eval"]:
+            cfg["eval"]["mmd_repeats"] = 2
+    if args.budgets:
+        args.budgets = sorted(set(args.budgets))
+    elif args.quick or args.iterations:
+        args.budgets = [iterations]
+    else:
+        args.budgets = sorted(set(cfg["train"].get("budgets", [iterations])))
     return args, cfg, datasets, iterations
 
 
 def plot_from_json(json_path: Path, path: Path) -> dict:
     """Redraw the figure from a results JSON (it keeps the samples decoded to 2-D)."""
     results = json.loads(Path(json_path).read_text())
+    if "budgets" in results:  # one resumable run per data set and method: curves + samples
+        plot_curves(results, path)
+        plot_samples(results, samples_path(path))
+        return results
     bits = results["config"]["data"]["bits"]
     plot(results, lambda ds: gray_task(ds, bits), path)
     return results
+
+
+def state_dir_for(args, name: str) -> Path:
+    """Per-run records and checkpoints: ``--state-dir``, else ``<--out>/state/<name>`` when
+    ``--out`` is given, else ``runs/<name>`` (git ignores ``runs/``)."""
+    if args.state_dir is not None:
+        return Path(args.state_dir)
+    return args.out / "state" / name if args.out_given else ROOT / "runs" / name
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -338,7 +719,7 @@ def main(argv: list[str] | None = None) -> dict:
     known, argv = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
     description = (__doc__.split("\n")[0] + " (--plot-only: redraw the figure from the results "
                    "JSON, without training)")
-    args, cfg, datasets, iterations = parse(argv, description, CONFIG, "ed_bern,ed_grid,pcd")
+    args, cfg, datasets, _ = parse(argv, description, CONFIG, "ed_bern,ed_grid,pcd")
     name = "ed_discrete_toys" + ("_quick" if args.quick else "")
     if known.plot_only:
         png = args.out / "figures" / f"{name}.png"
@@ -346,13 +727,10 @@ def main(argv: list[str] | None = None) -> dict:
         report_written(png)
         return results
     torch.set_num_threads(1)
-
-    def make_task(ds: str) -> Task:
-        return gray_task(ds, cfg["data"]["bits"])
-
-    results = run(cfg, args.methods.split(","), datasets, iterations, make_task)
+    results = run_budgets(cfg, args.methods.split(","), datasets, args.budgets,
+                          state_dir_for(args, name), args.restart)
     results["quick"] = args.quick
-    return save(results, name, args.out, make_task, args.merge)
+    return save_budgets(results, name, args.out, args.merge)
 
 
 if __name__ == "__main__":
