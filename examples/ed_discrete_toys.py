@@ -355,20 +355,37 @@ def train_budgets(method: str, dataset: str, task: Task, cfg: dict, budgets: lis
     return record
 
 
+def load_record(method: str, dataset: str, cfg: dict, state_dir: Path) -> dict | None:
+    """The stored record of a run (None if there is none or it has other settings)."""
+    path = state_dir / f"{dataset}_{method}.json"
+    if not path.exists():
+        return None
+    rec = json.loads(path.read_text())
+    return rec if rec["settings"] == json.loads(json.dumps(run_settings(method, cfg))) else None
+
+
 def run_budgets(cfg: dict, methods: list[str], datasets: list[str], budgets: list[int],
-                state_dir: Path, restart: bool = False) -> dict:
+                state_dir: Path, restart: bool = False, collect: bool = False) -> dict:
     """``train_budgets`` for every (data set, method), one after the other; returns the results
     JSON: per data set the noise floor of the MMD and per method the run's record, with the
-    largest budget's NLL/MMD also at the top level (``nll``, ``mmd_1e4``)."""
+    NLL/MMD of the largest budget reached also at the top level (``nll``, ``mmd_1e4``,
+    ``budget``). ``collect=True`` trains nothing: it gathers the stored records as they are."""
     results: dict = {"config": cfg, "budgets": sorted(budgets), "runs": {}}
     for ds in datasets:
         task = gray_task(ds, cfg["data"]["bits"])
         results["runs"][ds] = {"data_vs_data": evaluate_data_floor(ds, task, cfg["eval"])}
         for method in methods:
-            rec = train_budgets(method, ds, task, cfg, budgets, state_dir, restart)
-            top = rec["budgets"].get(str(max(budgets)), {})
-            results["runs"][ds][method] = {**rec, "nll": top.get("nll", math.nan),
-                                           "mmd_1e4": top.get("mmd_1e4", math.nan)}
+            if collect:
+                rec = load_record(method, ds, cfg, state_dir)
+                if rec is None or not rec["budgets"]:
+                    print(f"  {ds:12s} {method:8s} no stored run with these settings")
+                    continue
+            else:
+                rec = train_budgets(method, ds, task, cfg, budgets, state_dir, restart)
+            reached = max(int(b) for b in rec["budgets"])
+            top = rec["budgets"][str(reached)]
+            results["runs"][ds][method] = {**rec, "nll": top["nll"], "mmd_1e4": top["mmd_1e4"],
+                                           "budget": reached}
     return results
 
 
@@ -605,6 +622,50 @@ def samples_path(path: Path) -> Path:
     return path.with_name(f"{path.stem}_samples{path.suffix}")
 
 
+def markdown_tables(results: dict) -> str:
+    """The NLL and MMD tables of the docs page: one row per method and budget (``-`` where a
+    run has not reached the budget), the published row (10^5 iterations) under each method,
+    the best of ours per data set and method in bold when within 0.1 nats of the published."""
+    runs = results["runs"]
+    datasets = list(runs)
+    methods = [m for m in ("ed_bern", "ed_grid", "pcd")
+               if any(m in r for r in runs.values())]
+    budgets = sorted({int(b) for r in runs.values() for m in methods
+                      for b in r.get(m, {}).get("budgets", {})})
+    head = "| method, iterations | " + " | ".join(datasets) + " |\n|---|" + "---|" * len(
+        datasets) + "\n"
+
+    def cell(ds, m, b, key):
+        e = runs[ds].get(m, {}).get("budgets", {}).get(str(b))
+        if e is None:
+            return "-"
+        if key == "nll":
+            pub = PUBLISHED_NLL.get(m, {}).get(ds)
+            text = f"{e['nll']:.3f}"
+            return f"**{text}**" if pub is not None and e["nll"] - pub <= 0.1 else text
+        return f"{e['mmd_1e4']:.2f} ± {e['mmd_1e4_std']:.2f}"
+
+    out = []
+    for key, pub_table, title in (("nll", PUBLISHED_NLL, "NLL (nats)"),
+                                  ("mmd", PUBLISHED_MMD, "MMD x 1e-4")):
+        rows = []
+        for m in methods:
+            for b in budgets:
+                if any(str(b) in runs[ds].get(m, {}).get("budgets", {}) for ds in datasets):
+                    rows.append(f"| {LABELS.get(m, m)}, ours, {b:,} | "
+                                + " | ".join(cell(ds, m, b, key) for ds in datasets) + " |")
+            fmt = "{:.3f}" if key == "nll" else "{:.3f}"
+            rows.append(f"| {LABELS.get(m, m)}, published, 100,000 | " + " | ".join(
+                fmt.format(pub_table[m][ds]) if ds in pub_table.get(m, {}) else "-"
+                for ds in datasets) + " |")
+        if key == "mmd":
+            rows.append("| two test sets (noise floor) | " + " | ".join(
+                f"{runs[ds]['data_vs_data']['mmd_1e4']:.2f} ± "
+                f"{runs[ds]['data_vs_data'].get('mmd_1e4_std', 0):.2f}" for ds in datasets) + " |")
+        out.append(f"{title}\n\n" + head + "\n".join(rows) + "\n")
+    return "\n".join(out)
+
+
 def save_budgets(results: dict, name: str, out: Path, merge: bool = False) -> dict:
     """Write <out>/results/<name>.json, <out>/figures/<name>.png (learning curves) and
     <out>/figures/<name>_samples.png; ``merge=True`` adds these runs to an existing JSON."""
@@ -661,6 +722,11 @@ def parse(argv, description: str, config: Path, methods: str):
                              "data set and method, resumed from its checkpoint)")
     parser.add_argument("--restart", action="store_true",
                         help="train afresh, ignoring the checkpoints in the state folder")
+    parser.add_argument("--collect", action="store_true",
+                        help="train nothing: gather the stored runs (each at the budgets it "
+                             "has reached) into the results JSON and figures")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the docs page's NLL and MMD tables")
     parser.add_argument("--state-dir", type=Path, default=None,
                         help="folder of the per-run records and checkpoints (default "
                              "runs/<name>, or <--out>/state/<name>)")
@@ -728,9 +794,12 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     torch.set_num_threads(1)
     results = run_budgets(cfg, args.methods.split(","), datasets, args.budgets,
-                          state_dir_for(args, name), args.restart)
+                          state_dir_for(args, name), args.restart, args.collect)
     results["quick"] = args.quick
-    return save_budgets(results, name, args.out, args.merge)
+    results = save_budgets(results, name, args.out, args.merge)
+    if args.markdown:
+        print(markdown_tables(results))
+    return results
 
 
 if __name__ == "__main__":
