@@ -55,6 +55,31 @@ PACKAGES: dict[str, list[str]] = {
         "tests/test_compiled.py",
         "tests/test_mutants_samplers.py",
     ],
+    # test_ctmc_compiled.py is left out: its compiled-equals-eager checks see a mutant on
+    # both sides and recompile for every mutant (seconds each).
+    "discrete_flows": [
+        "tests/test_discrete_flows_*.py",
+        "tests/test_recipe_bootstrap_weights.py",
+        "tests/test_properties.py",
+        "tests/test_reliability_inputs.py",
+        "tests/test_reliability_numerics.py",
+        "tests/test_reliability_determinism.py",
+        "tests/test_names.py",
+        "tests/test_mutants_discrete_flows.py",
+    ],
+    # test_flowmc_compiled.py is left out for the same reason (5-8 s per compiled case);
+    # tests/test_mutants_flows.py checks the compiled rounds once, cheaply.
+    "flows": [
+        "tests/test_flows.py",
+        "tests/test_flowmc.py",
+        "tests/test_flows_zuko.py",
+        "tests/test_tilted.py",
+        "tests/test_reliability_inputs.py",
+        "tests/test_reliability_numerics.py",
+        "tests/test_reliability_determinism.py",
+        "tests/test_names.py",
+        "tests/test_mutants_flows.py",
+    ],
 }
 
 # Package -> tests left out of mutation runs. mutmut runs pytest several times in one
@@ -124,10 +149,22 @@ def lay_out(package: str, work: Path, tests: list[str]) -> None:
     )
 
 
-def run_mutmut(work: Path, max_children: int, max_minutes: float, log: Path) -> int:
+def refresh_tests(work: Path) -> None:
+    """Copy the repository's current tests/ over the scratch copy (for --resume, --rerun-survivors).
+
+    The generated pyproject is left as it is: a changed test selection would make mutmut
+    discard every earlier result. A test file new since the layout is therefore only run if
+    its name was already in the selection (``tests/test_mutants_<package>.py`` always is).
+    """
+    shutil.copytree(ROOT / "tests", work / "tests", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def run_mutmut(work: Path, max_children: int, max_minutes: float, log: Path,
+               names: list[str] | None = None) -> int:
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cmd = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.exit(cli())",
-           "run", "--max-children", str(max_children)]
+           "run", "--max-children", str(max_children), *(names or [])]
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=work, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
@@ -149,14 +186,20 @@ def _mutmut(work: Path, *args: str) -> str:
     return out.stdout
 
 
-def report(package: str, out_dir: Path) -> dict:
-    work = out_dir / "work"
+def _statuses(work: Path) -> dict[str, str]:
+    """mutant name -> mutmut status, from ``mutmut results --all true``."""
     listing = _mutmut(work, "results", "--all", "true")
     statuses: dict[str, str] = {}
     for line in listing.splitlines():
         m = re.match(r"\s*(\S+__mutmut_\d+):\s*(.+?)\s*$", line)
         if m:
             statuses[m.group(1)] = m.group(2)
+    return statuses
+
+
+def report(package: str, out_dir: Path) -> dict:
+    work = out_dir / "work"
+    statuses = _statuses(work)
     counts = {key: 0 for key in STATUS_KEYS}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
@@ -200,15 +243,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=2, help="mutmut workers (at most 2)")
     parser.add_argument("--max-minutes", type=float, default=45.0, help="wall-clock cap of the run")
     parser.add_argument("--report-only", action="store_true", help="only re-read an earlier run")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an earlier run: test the mutants it did not reach "
+                           "(with the current tests/)")
+    mode.add_argument("--rerun-survivors", action="store_true",
+                      help="re-test the earlier run's survivors not judged equivalent, and "
+                           "its mutants without a covering test, with the current tests/")
     args = parser.parse_args(argv)
     out_dir = ROOT / "runs" / "mutation" / args.package
     work = out_dir / "work"
     rc = 0
-    if not args.report_only:
+    children = min(max(args.max_children, 1), 2)
+    if args.resume or args.rerun_survivors:
+        if not (work / "mutants").is_dir():
+            parser.error(f"no earlier run in {work}")
+        refresh_tests(work)
+        names: list[str] = []
+        if args.rerun_survivors:
+            # survivors not judged equivalent, and mutants no test covered (tests added since
+            # may cover them: mutmut collects coverage of new tests before it runs)
+            names = report(args.package, out_dir)["survivors_not_judged_equivalent"]
+            names += sorted(n for n, s in _statuses(work).items() if s == "no tests")
+            if not names:
+                print("no survivors to re-run")
+        log = out_dir / ("mutmut-rerun.log" if args.rerun_survivors else "mutmut-resume.log")
+        if names or args.resume:
+            rc = run_mutmut(work, children, args.max_minutes, log, names)
+            print(f"mutmut exited with {rc}; log: {log}")
+    elif not args.report_only:
         tests = args.tests or _test_files(args.package)
         lay_out(args.package, work, tests)
-        rc = run_mutmut(work, min(max(args.max_children, 1), 2), args.max_minutes,
-                        out_dir / "mutmut.log")
+        rc = run_mutmut(work, children, args.max_minutes, out_dir / "mutmut.log")
         print(f"mutmut exited with {rc}; log: {out_dir / 'mutmut.log'}")
     summary = report(args.package, out_dir)
     print(json.dumps({k: v for k, v in summary.items() if k != "survivors_not_judged_equivalent"},

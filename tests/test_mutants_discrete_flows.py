@@ -1,0 +1,548 @@
+"""Tests written from surviving mutants of ``ebmflow.discrete_flows`` (``tools/mutation.py``).
+
+Each test checks exact values (hand-computed or from the defining formula), exact error
+messages or exact warnings, so that a changed constant, comparison, argument or message in
+the package makes it fail.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from ebmflow.discrete_flows import (
+    BackAndForth,
+    BootstrapFlow,
+    CTMCSolver,
+    DiscreteFlowSampler,
+    FactorizedProposal,
+    FlowNegatives,
+    LinearSchedule,
+    LowESSWarning,
+    MixturePath,
+    MLPVelocity,
+    PolynomialSchedule,
+    VelocityModel,
+    importance_weights,
+    posterior_loss,
+    to_tokens,
+    velocity_regression_loss,
+)
+from ebmflow.discrete_flows.path import check_time
+from ebmflow.discrete_flows.sampler import _check_weights
+from ebmflow.energy import EnergyModel
+from ebmflow.spaces import Binary, Categorical, Continuous
+
+
+class Lin(EnergyModel):
+    """E(x) = sum of the entries (bits or one-hot), for any discrete space."""
+
+    def energy(self, x):
+        return x.reshape(x.shape[0], -1).float().sum(-1)
+
+
+def _flow(dim=3, **kw):
+    torch.manual_seed(0)
+    return DiscreteFlowSampler(MLPVelocity(dim, 2, hidden=(4,)), **kw)
+
+
+PATH = MixturePath(2)
+FLOW = _flow(path=PATH)
+L2 = torch.zeros(2, 3, dtype=torch.long)
+
+ERRORS = {
+    "poly": lambda: PolynomialSchedule(0.5),
+    "time_dev": lambda: check_time(torch.zeros(2, device="meta"), 2, torch.device("cpu")),
+    "time_shape": lambda: check_time(torch.zeros(3), 2, torch.device("cpu")),
+    "time_range": lambda: check_time(torch.tensor([0.5, 1.5]), 2, torch.device("cpu")),
+    "path_S": lambda: MixturePath(1),
+    "path_src": lambda: MixturePath(2, "gauss"),
+    "path_sched": lambda: MixturePath(2, schedule="lin"),
+    "tok_dtype": lambda: PATH.check_tokens(torch.zeros(2, 3)),
+    "tok_list": lambda: PATH.check_tokens([1]),
+    "tok_mask": lambda: PATH.check_tokens(torch.tensor([[0, 3]]), allow_mask=True),
+    "tok_nomask": lambda: PATH.check_tokens(torch.tensor([[0, 2]])),
+    "tok_uni": lambda: MixturePath(2, "uniform").check_tokens(torch.tensor([[0, 2]]), allow_mask=True),
+    "solver_both": lambda: CTMCSolver(PATH, 0.1, step_size=0.1),
+    "solver_path": lambda: CTMCSolver("p"),
+    "solver_dt": lambda: CTMCSolver(PATH, 0.0),
+    "solver_jump": lambda: CTMCSolver(PATH, jump="euler"),
+    "solver_compile": lambda: CTMCSolver(PATH, compile="yes"),
+    "solver_t0": lambda: CTMCSolver(PATH).sample(lambda x, t: None, torch.full((1, 3), 2), t0=1.0),
+    "solver_traj": lambda: CTMCSolver(PATH, 0.5).trajectory_log_prob(lambda x, t: None, [torch.zeros(1, 3, dtype=torch.long)]),
+    "loss_xt": lambda: velocity_regression_loss(torch.zeros(2, 3, 2), torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2), PATH),
+    "loss_out": lambda: velocity_regression_loss(torch.zeros(2, 3, 3), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2), PATH),
+    "loss_post": lambda: posterior_loss(torch.zeros(2, 3, 3), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2), PATH),
+    "loss_t": lambda: velocity_regression_loss(torch.zeros(2, 3, 2), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.zeros(3), PATH),
+    "loss_w": lambda: velocity_regression_loss(torch.zeros(2, 3, 2), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.zeros(2), PATH, torch.ones(3)),
+    "model_dim": lambda: MLPVelocity(0),
+    "model_S": lambda: MLPVelocity(2, 1),
+    "model_hidden": lambda: MLPVelocity(2, 2, hidden=()),
+    "model_fwd": lambda: VelocityModel(2, 2)(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1)),
+    "iw_shape": lambda: importance_weights(torch.zeros(2), torch.zeros(3)),
+    "iw_temp": lambda: importance_weights(torch.zeros(2), torch.zeros(2), 0.0),
+    "prop_shape": lambda: FactorizedProposal(torch.ones(3) / 3),
+    "prop_sum": lambda: FactorizedProposal(torch.tensor([[0.5, 0.6]])),
+    "prop_fit": lambda: FactorizedProposal.fit(torch.zeros(2, 3), 2),
+    "prop_smooth": lambda: FactorizedProposal.fit(torch.zeros(2, 3, dtype=torch.long), 2, -1.0),
+    "prop_logp": lambda: FactorizedProposal.uniform(3).log_prob(torch.zeros(2, 4, dtype=torch.long)),
+    "to_tokens": lambda: to_tokens(torch.zeros(2, 3), Continuous(3)),
+    "dfs_model": lambda: DiscreteFlowSampler("m"),
+    "dfs_obj": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), objective="ce"),
+    "dfs_S": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), MixturePath(3)),
+    "dfs_solver": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), PATH, CTMCSolver(MixturePath(2))),
+    "dfs_fit": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), fit_to="both"),
+    "dfs_sbr_post": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), objective="posterior", scale_by_rate=True),
+    "dfs_sbr_own": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,), schedule=LinearSchedule()), scale_by_rate=True),
+    "dfs_check_every": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), check_every=0),
+    "dfs_temp": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), temperature=0.0),
+    "dfs_batch": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), batch_size=0),
+    "dfs_upc": lambda: DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), updates_per_call=0),
+    "dfs_energy": lambda: FLOW.sample(Lin(Binary(4)), 2),
+    "dfs_t0": lambda: FLOW.sample_tokens(2, t0=0.5),
+    "dfs_n_x0": lambda: FLOW.sample(Lin(Binary(3)), 3, x0=torch.zeros(2, 3)),
+    "dfs_none": lambda: FLOW.sample(Lin(Binary(3))),
+    "cw_nan": lambda: _check_weights(torch.tensor([0.0, float("nan")]), torch.zeros(2)),
+    "cw_ninf": lambda: _check_weights(torch.tensor([0.0, float("-inf")]), torch.zeros(2)),
+    "cw_support": lambda: _check_weights(torch.tensor([0.0, 1.5]), torch.tensor([0.0, float("-inf")])),
+    "cw_all": lambda: _check_weights(torch.tensor([float("inf"), float("inf")]), torch.zeros(2)),
+    "rec_flow": lambda: FlowNegatives("f"),
+    "rec_k": lambda: FlowNegatives(FLOW, k=0),
+    "rec_mcmc": lambda: BootstrapFlow(FLOW, mcmc="m"),
+    "rec_nsteps": lambda: BootstrapFlow(FLOW, n_steps=-1),
+    "rec_mask": lambda: BackAndForth(DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), MixturePath(2, "uniform"))),
+    "rec_tstar": lambda: BackAndForth(FLOW, t_star=1.0),
+    "rec_data": lambda: BackAndForth(FLOW).update(Lin(Binary(3))),    "time_range_first": lambda: check_time(torch.tensor([0.0, 1.0, -0.5]), 3, torch.device("cpu")),
+    "time_nan": lambda: check_time(torch.tensor([0.5, float("nan")]), 2, torch.device("cpu")),
+    "solver_x_init": lambda: CTMCSolver(PATH).sample(lambda x, t: None, torch.full((1, 3), 3)),
+    "loss_post_w": lambda: posterior_loss(torch.zeros(2, 3, 2), L2, L2, torch.zeros(2), PATH, torch.ones(3)),
+    "prop_logp_2d": lambda: FactorizedProposal.uniform(3).log_prob(torch.zeros(4, 2, dtype=torch.long)),
+    "prop_neg": lambda: FactorizedProposal(torch.tensor([[1.5, -0.5]])),
+    "rec_nsteps_float": lambda: BootstrapFlow(FLOW, n_steps=1.5),
+    "rec_k_float": lambda: FlowNegatives(FLOW, k=1.0),
+    "rec_tstar_0": lambda: BackAndForth(FLOW, t_star=0.0),
+    "bs_meta": lambda: BootstrapFlow(FLOW).update(Lin(Binary(3)), torch.zeros(2, 3, device="meta")),
+    "bs_bad": lambda: BootstrapFlow(FLOW).update(Lin(Binary(3)), torch.full((2, 3), 2.0)),
+    "bf_meta": lambda: BackAndForth(FLOW).update(Lin(Binary(3)), torch.zeros(2, 3, device="meta")),
+    "bf_bad": lambda: BackAndForth(FLOW).update(Lin(Binary(3)), torch.full((2, 3), 2.0)),
+    "bf_x0_bad": lambda: BackAndForth(FLOW).sample(Lin(Binary(3)), x0=torch.full((2, 3), 2.0)),
+    "bf_x0_meta": lambda: BackAndForth(FLOW).sample(Lin(Binary(3)), x0=torch.zeros(2, 3, device="meta")),
+    "dfs_upd_bad": lambda: _flow(fit_to="data").update(Lin(Binary(3)), torch.full((2, 3), 2.0)),
+    "dfs_upd_meta": lambda: _flow(fit_to="data").update(Lin(Binary(3)), torch.zeros(2, 3, device="meta")),
+    "dfs_x0_bad": lambda: FLOW.sample(Lin(Binary(3)), x0=torch.full((2, 3), 2.0)),
+    "dfs_x0_meta": lambda: FLOW.sample(Lin(Binary(3)), x0=torch.zeros(2, 3, device="meta")),
+}
+
+MESSAGES = {
+    'poly': (ValueError, "exponent must be a finite number >= 1, got 0.5: for n < 1 the rate kappa'(t) = n t^(n-1) is infinite at t = 0"),
+    'time_dev': (ValueError, 't is on meta but the states are on cpu; move it first'),
+    'time_shape': (ValueError, 't must be a scalar or have shape (B,)=(2,), got (3,)'),
+    'time_range': (ValueError, 't must lie in [0, 1], got 1.5; times run from source 0 to data 1'),
+    'path_S': (ValueError, 'num_classes must be an int >= 2, got 1'),
+    'path_src': (ValueError, "source must be one of ('mask', 'uniform'), got 'gauss'"),
+    'path_sched': (ValueError, 'schedule must be a Schedule (LinearSchedule, PolynomialSchedule), got str'),
+    'tok_dtype': (ValueError, 'x must be a long (B, D) tensor of tokens, got torch.float32 (2, 3)'),
+    'tok_list': (ValueError, 'x must be a long (B, D) tensor of tokens, got list'),
+    'tok_mask': (ValueError, 'x has a token 3 outside the vocabulary [0, 3) (MASK included); data tokens are 0..1'),
+    'tok_nomask': (ValueError, 'x has a token 2 outside the vocabulary [0, 2); data tokens are 0..1'),
+    'tok_uni': (ValueError, 'x has a token 2 outside the vocabulary [0, 2); data tokens are 0..1'),
+    'solver_both': (ValueError, 'pass dt only (step_size is its deprecated name)'),
+    'solver_path': (ValueError, 'path must be a MixturePath, got str'),
+    'solver_dt': (ValueError, 'dt must be a finite float > 0, got 0.0; e.g. 0.05'),
+    'solver_jump': (ValueError, 'jump must be one of (\'exact\', \'exponential\', \'linear\'), got \'euler\'; "exact" is the default, "linear" the first-order Euler step'),
+    'solver_compile': (ValueError, "compile must be True or False, got 'yes'"),
+    'solver_t0': (ValueError, 't0 must be a float in [0, 1), got 1.0'),
+    'solver_traj': (ValueError, 'trajectory has 1 states but the grid from t0=0.0 with step dt=0.5 has 3 times'),
+    'loss_xt': (ValueError, 'x_t has shape (2, 4) but x1 has (2, 3); they must match'),
+    'loss_out': (ValueError, 'velocity has shape (2, 3, 3); expected (B, D, S) = (2, 3, 2)'),
+    'loss_post': (ValueError, 'logits has shape (2, 3, 3); expected (B, D, S) = (2, 3, 2)'),
+    'loss_t': (ValueError, 't must have shape (B,)=(2,), got (3,)'),
+    'loss_w': (ValueError, 'weights must have shape (B,)=(2,), got (3,)'),
+    'model_dim': (ValueError, 'dim must be a positive int, got 0'),
+    'model_S': (ValueError, 'num_classes must be an int >= 2, got 1'),
+    'model_hidden': (ValueError, 'hidden must be a non-empty sequence of positive widths, got ()'),
+    'model_fwd': (NotImplementedError, 'VelocityModel must implement forward(x_t, t)'),
+    'iw_shape': (ValueError, 'energy_values and log_q must both have shape (B,) with B >= 1, got energy_values (2,) and log_q (3,)'),
+    'iw_temp': (ValueError, 'temperature must be a positive finite float, got 0.0'),
+    'prop_shape': (ValueError, 'probs must have shape (D, S) with S >= 2, got (3,)'),
+    'prop_sum': (ValueError, 'probs must be non-negative with rows summing to 1'),
+    'prop_fit': (ValueError, 'x must be long (N, D) tokens, got torch.float32 (2, 3)'),
+    'prop_smooth': (ValueError, 'smoothing must be >= 0, got -1.0'),
+    'prop_logp': (ValueError, 'x must be long (n, 3) tokens, got shape (2, 4)'),
+    'to_tokens': (ValueError, 'discrete flows need a Binary or Categorical space, got Continuous(3)'),
+    'dfs_model': (ValueError, 'model must be a VelocityModel (e.g. MLPVelocity), got str'),
+    'dfs_obj': (ValueError, "objective must be one of ('velocity', 'posterior'), got 'ce'"),
+    'dfs_S': (ValueError, 'path has 3 classes but the model 2; make them equal'),
+    'dfs_solver': (ValueError, 'solver must be built on the same path object: CTMCSolver(path, h)'),
+    'dfs_fit': (ValueError, 'fit_to must be one of (\'energy\', \'data\'), got \'both\': "energy" trains the flow as a sampler of the energy, "data" on the data batches given to update'),
+    'dfs_sbr_post': (ValueError, "scale_by_rate applies to objective='velocity' only (posterior logits are turned into a velocity by the path); pass scale_by_rate=False"),
+    'dfs_sbr_own': (ValueError, "the model already multiplies its output by its schedule's rate; pass scale_by_rate=False (or build the model without schedule=)"),
+    'dfs_check_every': (ValueError, 'check_every must be a positive int, got 0'),
+    'dfs_temp': (ValueError, 'temperature must be > 0, got 0.0'),
+    'dfs_batch': (ValueError, 'batch_size must be a positive int, got 0'),
+    'dfs_upc': (ValueError, 'updates_per_call must be a positive int, got 0'),
+    'dfs_energy': (ValueError, "DiscreteFlowSampler over 3 coordinates with 2 classes cannot sample Binary(4); build the model with the energy's dim and num_classes (Binary: 2)"),
+    'dfs_t0': (ValueError, 't0=0.5 > 0 needs states to re-noise; pass x1= (or x0= to sample)'),
+    'dfs_n_x0': (ValueError, 'n=3 but x0 has 2 states; pass one of them'),
+    'dfs_none': (ValueError, 'pass n (number of states) or x0 (states to re-noise)'),
+    'cw_nan': (ValueError, 'the energy returned NaN or -inf on proposal states; check the energy model'),
+    'cw_ninf': (ValueError, 'the energy returned NaN or -inf on proposal states; check the energy model'),
+    'cw_support': (ValueError, "the proposal's log q is -inf at a state it sampled (index 1) where the energy is finite (1.5); importance weights are undefined. Give the proposal full support (e.g. FactorizedProposal.fit(..., smoothing=1.0))"),
+    'cw_all': (ValueError, 'every importance log-weight is -inf (all energies +inf); check the energy'),
+    'rec_flow': (ValueError, 'flow must be a DiscreteFlowSampler, got str'),
+    'rec_k': (ValueError, 'k must be a positive int, got 0'),
+    'rec_mcmc': (ValueError, 'mcmc must be an MCMCSampler, got str'),
+    'rec_nsteps': (ValueError, 'n_steps must be a non-negative int, got -1'),
+    'rec_mask': (ValueError, "BackAndForth needs the mask source (MixturePath(S, 'mask')): its backward process is analytic; the uniform source would need a learned backward velocity"),
+    'rec_tstar': (ValueError, 't_star must lie in (0, 1), got 1.0'),
+    'rec_data': (ValueError, 'BackAndForth.update needs a data batch to send back and forth'),
+    'time_range_first': (ValueError, 't must lie in [0, 1], got -0.5; times run from source 0 to data 1'),
+    'time_nan': (ValueError, 't must lie in [0, 1], got nan; times run from source 0 to data 1'),
+    'solver_x_init': (ValueError, 'x_init has a token 3 outside the vocabulary [0, 3) (MASK included); data tokens are 0..1'),
+    'loss_post_w': (ValueError, 'weights must have shape (B,)=(2,), got (3,)'),
+    'prop_logp_2d': (ValueError, 'x must be long (n, 3) tokens, got shape (4, 2)'),
+    'prop_neg': (ValueError, 'probs must be non-negative with rows summing to 1'),
+    'rec_nsteps_float': (ValueError, 'n_steps must be a non-negative int, got 1.5'),
+    'rec_k_float': (ValueError, 'k must be a positive int, got 1.0'),
+    'rec_tstar_0': (ValueError, 't_star must lie in (0, 1), got 0.0'),
+    'bs_meta': (ValueError, "data is on device meta but the model is on cpu; move it first, e.g. data = data.to('cpu')"),
+    'bs_bad': (ValueError, 'data has a value 2.0 outside {0, 1} for Binary(3); binarise it first, e.g. (data > 0.5).float()'),
+    'bf_meta': (ValueError, "data is on device meta but the model is on cpu; move it first, e.g. data = data.to('cpu')"),
+    'bf_bad': (ValueError, 'data has a value 2.0 outside {0, 1} for Binary(3); binarise it first, e.g. (data > 0.5).float()'),
+    'bf_x0_bad': (ValueError, 'x0 has a value 2.0 outside {0, 1} for Binary(3); binarise it first, e.g. (x0 > 0.5).float()'),
+    'bf_x0_meta': (ValueError, "x0 is on device meta but the model is on cpu; move it first, e.g. x0 = x0.to('cpu')"),
+    'dfs_upd_bad': (ValueError, 'data has a value 2.0 outside {0, 1} for Binary(3); binarise it first, e.g. (data > 0.5).float()'),
+    'dfs_upd_meta': (ValueError, "data is on device meta but the model is on cpu; move it first, e.g. data = data.to('cpu')"),
+    'dfs_x0_bad': (ValueError, 'x0 has a value 2.0 outside {0, 1} for Binary(3); binarise it first, e.g. (x0 > 0.5).float()'),
+    'dfs_x0_meta': (ValueError, "x0 is on device meta but the model is on cpu; move it first, e.g. x0 = x0.to('cpu')"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_error_messages_are_exact(case):
+    kind, message = MESSAGES[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(kind) as info:
+            ERRORS[case]()
+    assert str(info.value) == message
+
+
+def test_schedule_values_and_rates():
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    lin = LinearSchedule()
+    torch.testing.assert_close(lin.kappa(t), t, rtol=0, atol=0)
+    torch.testing.assert_close(lin.d_kappa(t), torch.ones_like(t), rtol=0, atol=0)
+    torch.testing.assert_close(lin.rate(t), torch.tensor([1.0, 4 / 3, 2.0, 1e6], dtype=torch.float64))
+    cube = PolynomialSchedule(3)
+    torch.testing.assert_close(cube.kappa(t), t**3, rtol=0, atol=0)
+    torch.testing.assert_close(cube.d_kappa(t), 3 * t**2, rtol=0, atol=0)
+    torch.testing.assert_close(cube.rate(t, eps=0.5)[-1], torch.tensor(6.0, dtype=torch.float64))
+    assert repr(cube) == "PolynomialSchedule(exponent=3)"
+    assert repr(lin) == "LinearSchedule()"
+    torch.testing.assert_close(PolynomialSchedule(1).d_kappa(t), torch.ones_like(t), rtol=0, atol=0)
+    assert PolynomialSchedule().exponent == 2.0
+
+
+@pytest.mark.parametrize("bad", [0.5, float("inf"), float("nan")])
+def test_polynomial_schedule_refuses_bad_exponents(bad):
+    with pytest.raises(ValueError, match=r"^exponent must be a finite number >= 1, got"):
+        PolynomialSchedule(bad)
+
+
+def test_deprecated_names_warn_with_their_replacement():
+    with pytest.warns(DeprecationWarning) as rec:
+        solver = CTMCSolver(PATH, step_size=0.25)
+    assert str(rec[0].message) == (
+        "CTMCSolver(step_size=...) is deprecated and will be removed in the next release; use "
+        "CTMCSolver(path, dt=...) (the time step of the grid)")
+    assert rec[0].filename == __file__
+    assert solver.dt == 0.25
+    with pytest.warns(DeprecationWarning) as rec:
+        assert solver.step_size == 0.25
+    assert str(rec[0].message) == "CTMCSolver.step_size is deprecated; use CTMCSolver.dt"
+    assert rec[0].filename == __file__
+    from ebmflow.discrete_flows import effective_sample_size
+
+    with pytest.warns(DeprecationWarning) as rec:
+        ess = effective_sample_size(torch.tensor([0.0, math.log(3.0)]))
+    assert str(rec[0].message) == (
+        "ebmflow.discrete_flows.effective_sample_size is deprecated and will be removed in the "
+        "next release; use ebmflow.metrics.effective_sample_size(log_weights, check=False)")
+    assert rec[0].filename == __file__
+    torch.testing.assert_close(ess, torch.tensor(16.0 / 10.0))
+
+
+def test_compiled_blocks_give_the_eager_samples():
+    """compile=True (eager backend): 7 steps = 1 eager + 1 block of 5 + the eager last step."""
+    torch._dynamo.reset()
+    out = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        path = MixturePath(3, "mask")
+        solver = CTMCSolver(path, dt=1 / 7, compile=compile)
+        solver.compile_backend = "eager"
+        model = MLPVelocity(4, 3, hidden=(8,), schedule=path.schedule)
+        with torch.no_grad():
+            for p in model.net[-1].parameters():
+                p.normal_(0, 1)
+        flow = DiscreteFlowSampler(model, path, solver=solver)
+        g = torch.Generator().manual_seed(3)
+        out.append([flow.sample_tokens(32, generator=g).x for _ in range(2)])
+        assert (solver.compile_seconds is not None) == compile
+        if compile:
+            assert solver.compile_seconds > 0
+            assert len(solver._blocks) == 1
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+    assert not torch.equal(out[0][0], out[0][1])
+
+
+def _same(a, b):
+    """Equal nested dicts / tuples / lists of tensors."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same(a[k], b[k])
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            _same(u, v)
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), (a, b)
+    else:
+        assert a == b
+
+
+def _under_two_global_seeds(make, act):
+    """``act(make(), generator)`` twice, with different global seeds: equal when every draw
+    comes from the generator."""
+    out = []
+    for seed in (1, 2):
+        obj = make()
+        torch.manual_seed(seed)
+        out.append(act(obj, torch.Generator().manual_seed(5)))
+    _same(*out)
+    return out[0]
+
+
+def _params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_recipes_and_renoise_draw_only_from_the_generator():
+    energy = Lin(Binary(3))
+    data = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+
+    def flow_negatives(rec, g):
+        stats = rec.update(energy, data, generator=g)
+        return stats, _params(rec.flow.model)
+
+    _under_two_global_seeds(lambda: FlowNegatives(_flow(batch_size=8), k=2), flow_negatives)
+
+    def bootstrap(rec, g):
+        first = rec.update(energy, data, generator=g)  # nothing kept yet: a step on the data
+        x = rec.sample(energy, 4, generator=g)
+        second = rec.update(energy, None, generator=g)
+        return first, x, second, _params(rec.flow.model)
+
+    _under_two_global_seeds(lambda: BootstrapFlow(_flow(), n_steps=2), bootstrap)
+
+    def back_and_forth(rec, g):
+        stats = rec.update(energy, data, generator=g)
+        x = rec.sample(energy, x0=data, generator=g)
+        return stats, x, _params(rec.flow.model)
+
+    _under_two_global_seeds(lambda: BackAndForth(_flow(), t_star=0.3), back_and_forth)
+
+    x1 = torch.zeros(64, 3, dtype=torch.long)
+    renoised = _under_two_global_seeds(lambda: _flow(), lambda f, g: f.renoise(x1, 0.5, g))
+    assert 0 < int((renoised == PATH.mask_token).sum()) < renoised.numel()
+    assert _flow().renoise(torch.zeros(8, 3, dtype=torch.long), 1.0).eq(0).all()
+
+
+def test_ebm_step_draws_from_the_generator_and_clears_gradients():
+    from ebmflow.discrete_flows import ebm_step
+    from ebmflow.losses import ContrastiveDivergence
+
+    class Weighted(EnergyModel):
+        def __init__(self):
+            super().__init__(Binary(3))
+            self.w = torch.nn.Parameter(torch.tensor([0.5, -0.25, 1.0]))
+            self.unused = torch.nn.Parameter(torch.zeros(()))
+
+        def energy(self, x):
+            return (x * self.w).sum(-1)
+
+    data = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+
+    def make():
+        torch.manual_seed(0)
+        energy = Weighted()
+        return energy, FlowNegatives(_flow(batch_size=8)), torch.optim.SGD(energy.parameters(), lr=0.1)
+
+    def act(objs, g):
+        energy, sampler, opt = objs
+        energy.unused.grad = torch.ones(())
+        stats = ebm_step(energy, ContrastiveDivergence(), sampler, data, opt, generator=g)
+        assert energy.unused.grad is None  # zero_grad(set_to_none=True)
+        return stats, _params(energy), _params(sampler.flow.model)
+
+    _under_two_global_seeds(make, act)
+
+
+def test_recipe_defaults_and_stats():
+    assert FlowNegatives(FLOW).k == 1
+    boot = BootstrapFlow(FLOW)
+    assert boot.n_steps == 10 and boot.mcmc.metropolis is True
+    assert BackAndForth(FLOW).t_star == 0.5
+    energy = Lin(Binary(3))
+    # before any sample and without data, update does nothing and returns no stats
+    fresh = BootstrapFlow(_flow(), n_steps=1)
+    before = _params(fresh.flow.model)
+    assert fresh.update(energy, None) == {} and fresh.stats == {}
+    _same(before, _params(fresh.flow.model))
+    # with data it takes one step on the data
+    stats = fresh.update(energy, torch.ones(2, 3))
+    assert set(stats) == {"flow_loss"}
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(fresh.flow.model)))
+    # sample keeps the MCMC stats, update adds the weight stats to them
+    fresh.sample(energy, 4, generator=torch.Generator().manual_seed(0))
+    assert set(fresh.stats) == {f"mcmc_{k}" for k in fresh.mcmc.stats}
+    assert "mcmc_accept_rate" in fresh.stats
+    stats = fresh.update(energy, None)
+    assert set(stats) == {"flow_loss", "ess", "ess_fraction", "weight_max", "log_weight_std"}
+    assert set(fresh.stats) == set(stats) | {f"mcmc_{k}" for k in fresh.mcmc.stats}
+
+
+def test_bootstrap_reweights_kept_states_by_the_energy_change():
+    """update after sample: log w = -E_new(x) + E_old(x), self-normalised (mean 1)."""
+    energy = Lin(Binary(3))
+    boot = BootstrapFlow(_flow(), n_steps=0)
+    x = boot.sample(energy, 6, generator=torch.Generator().manual_seed(1))
+    e_old = energy(x)
+    torch.testing.assert_close(boot._kept[1], e_old)
+    new = Lin(Binary(3))
+    new.energy = lambda z: 2.0 * z.sum(-1)
+    stats = boot.update(new, None)
+    w = torch.softmax(-(2.0 * x.sum(-1) - e_old), 0)
+    torch.testing.assert_close(stats["ess"], 1 / w.pow(2).sum())
+    torch.testing.assert_close(stats["weight_max"], w.max())
+
+
+def test_is_masked_and_active():
+    x = torch.tensor([[0, 2, 1], [2, 2, 0]])
+    torch.testing.assert_close(PATH.is_masked(x), x == 2)
+    torch.testing.assert_close(PATH.active(x), x == 2)
+    uniform = MixturePath(3, "uniform")
+    assert uniform.is_masked(x).dtype == torch.bool and not uniform.is_masked(x).any()
+    assert uniform.is_masked(x).shape == x.shape
+    assert uniform.active(x).dtype == torch.bool and uniform.active(x).all()
+
+
+def test_posterior_velocity_casts_the_rate_to_the_logits_dtype():
+    """The rate kappa'/(1 - kappa) is cast to the logits' dtype: rounded to bfloat16 here."""
+    logits = torch.zeros(1, 2, 2, dtype=torch.bfloat16)
+    x_t = torch.tensor([[2, 0]])
+    u = PATH.posterior_to_velocity(logits, x_t, 0.3)
+    rate = torch.tensor(1 / 0.7).to(torch.bfloat16).float()
+    assert rate != torch.tensor(1 / 0.7)
+    torch.testing.assert_close(u, rate * torch.tensor([[[0.5, 0.5], [-0.5, 0.5]]]), rtol=0, atol=0)
+
+
+def test_check_time_puts_a_float_on_the_states_device():
+    t = check_time(0.25, 3, torch.device("meta"))
+    assert t.device.type == "meta" and t.shape == (3,) and t.dtype == torch.float32
+    torch.testing.assert_close(check_time(0.0, 2, torch.device("cpu")), torch.zeros(2))
+    torch.testing.assert_close(check_time(torch.tensor([0.0, 1.0]), 2, torch.device("cpu")),
+                               torch.tensor([0.0, 1.0]))
+
+
+def test_to_tokens_of_categorical_states():
+    space = Categorical(2, 3)
+    tokens = torch.tensor([[2, 0], [1, 1]])
+    assert torch.equal(to_tokens(tokens, space), tokens)
+    assert torch.equal(to_tokens(space.one_hot(tokens), space), tokens)
+    assert torch.equal(to_tokens(torch.tensor([[1.0, 0.0]]), Binary(2)), torch.tensor([[1, 0]]))
+
+
+def test_check_weights_passes_finite_weights_and_names_the_first_bad_state():
+    assert _check_weights(torch.tensor([0.0, 2.0]), torch.tensor([-1.0, -1.0])) is None
+    # an infinite energy with log q = -inf is not a support error (the weight is 0 anyway)
+    assert _check_weights(torch.tensor([0.0, float("inf")]), torch.tensor([0.0, float("-inf")])) is None
+    with pytest.raises(ValueError, match=r"^the proposal's log q is -inf at a state it sampled \(index 2\)"):
+        _check_weights(torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([0.0, 0.0, float("-inf"), float("-inf")]))
+
+
+class _ReportsCuda(torch.Tensor):
+    """A CPU tensor that reports a CUDA device: drives the accelerator branch of
+    ``DiscreteFlowSampler._check`` (values read every ``check_every`` updates) on the CPU."""
+
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+
+def _cuda_like(t):
+    return torch.Tensor._make_subclass(_ReportsCuda, t)
+
+
+def test_accelerator_checks_accumulate_flags_and_the_lowest_ess_between_reads():
+    flow = _flow(check_every=3)
+    good_e, good_q = _cuda_like(torch.zeros(4)), _cuda_like(torch.zeros(4))
+    nan_e = _cuda_like(torch.tensor([0.0, float("nan"), 0.0, 0.0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow._check(good_e, good_q, torch.tensor(0.5))  # update 1: read, fine
+        flow._check(nan_e, good_q, torch.tensor(0.5))  # update 2: not read
+    with pytest.raises(ValueError) as info:
+        flow._check(good_e, good_q, torch.tensor(0.5))  # update 3: read, the flag of update 2
+    assert str(info.value) == (
+        "the energy returned NaN or -inf, or the proposal's log q was -inf where the energy is "
+        "finite, on proposal states within the last 3 data-free updates; check the energy and "
+        "give the proposal full support")
+    assert flow._monitor == {}
+    # the lowest ESS fraction of the window is the one warned about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow._check(good_e, good_q, torch.tensor(0.01))  # update 4: not read
+        flow._check(good_e, good_q, torch.tensor(0.5))  # update 5: not read
+    with pytest.warns(LowESSWarning) as rec:
+        flow._check(good_e, good_q, torch.tensor(0.5))  # update 6: read
+    assert str(rec[0].message) == (
+        "importance-weight ESS collapsed to 0.01 of the batch (lowest of the last 3 updates) "
+        "(< ess_threshold=0.05); use a proposal closer to the target "
+        "(FactorizedProposal.fit(data), a higher temperature) or a larger batch_size")
+    # a failing current batch gives the detailed message
+    flow._check(good_e, good_q, torch.tensor(0.5))
+    flow._check(good_e, good_q, torch.tensor(0.5))
+    with pytest.raises(ValueError, match=r"^the energy returned NaN or -inf on proposal states"):
+        flow._check(nan_e, good_q, torch.tensor(0.5))
+
+
+def test_low_ess_warning_on_the_cpu_names_the_caller_and_its_threshold():
+    flow = _flow(ess_threshold=0.5, batch_size=64)
+    with pytest.warns(LowESSWarning) as rec:
+        flow.update(_Scaled(30.0), generator=torch.Generator().manual_seed(0))
+    ess = float(flow.stats["ess_fraction"])
+    assert str(rec[0].message) == (
+        f"importance-weight ESS collapsed to {ess:.3g} of the batch (< ess_threshold=0.5); use a "
+        "proposal closer to the target (FactorizedProposal.fit(data), a higher temperature) or "
+        "a larger batch_size")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flow._check(torch.zeros(4), torch.zeros(4), torch.tensor(0.5))  # at the threshold
+        flow._check(torch.zeros(4), torch.zeros(4), torch.tensor(0.9))
+        _flow(ess_threshold=0.0)._check(torch.zeros(4), torch.zeros(4), torch.tensor(0.0))
+
+
+class _Scaled(EnergyModel):
+    def __init__(self, scale):
+        super().__init__(Binary(3))
+        self.scale = scale
+
+    def energy(self, x):
+        return self.scale * x.sum(-1)
