@@ -36,12 +36,13 @@ Hyperparameters: the ``[example.*]`` tables of examples/configs/ed_discrete_toys
     python examples/ed_discrete_toys.py --plot-only --update-docs   # redraw the docs figures
 
 Writes runs/examples/results/ed_discrete_toys.json, runs/examples/figures/ed_discrete_toys.png
-(learning curves: NLL against iterations, the published levels dashed) and
-ed_discrete_toys_samples.png (samples at the largest budget); ``--update-docs``: docs/results
-and docs/figures. The JSON keeps each model's samples decoded to 2-D, so ``--plot-only``
-redraws the figures from it without training. ``ed_categorical.py`` reuses ``train``,
-``evaluate``, ``run`` and ``save`` (one evaluation at the end) for the 5-state categorical
-version.
+(samples at the largest budget) and ed_discrete_toys_curves.png (learning curves: NLL against
+iterations, the published levels dashed); ``--update-docs``: docs/results and docs/figures.
+``--collect`` gathers the stored runs without training (each at the largest budget it has
+reached), ``--markdown`` prints the docs tables. The JSON keeps each model's samples decoded
+to 2-D, so ``--plot-only`` redraws the figures from it without training. ``ed_categorical.py``
+reuses ``train``, ``evaluate``, ``run`` and ``save`` (one evaluation at the end) for the
+5-state categorical version.
 """
 
 from __future__ import annotations
@@ -618,8 +619,9 @@ def plot_samples(results: dict, path: Path, bins: int = 48) -> None:
     plt.close(fig)
 
 
-def samples_path(path: Path) -> Path:
-    return path.with_name(f"{path.stem}_samples{path.suffix}")
+def curves_path(path: Path) -> Path:
+    """The learning-curve figure beside the samples figure ``path``."""
+    return path.with_name(f"{path.stem}_curves{path.suffix}")
 
 
 def markdown_tables(results: dict) -> str:
@@ -667,8 +669,9 @@ def markdown_tables(results: dict) -> str:
 
 
 def save_budgets(results: dict, name: str, out: Path, merge: bool = False) -> dict:
-    """Write <out>/results/<name>.json, <out>/figures/<name>.png (learning curves) and
-    <out>/figures/<name>_samples.png; ``merge=True`` adds these runs to an existing JSON."""
+    """Write <out>/results/<name>.json, <out>/figures/<name>.png (samples at the largest
+    budget) and <out>/figures/<name>_curves.png (learning curves); ``merge=True`` adds these
+    runs to an existing JSON."""
     json_path = out / "results" / f"{name}.json"
     if merge and json_path.exists():
         old = json.loads(json_path.read_text())
@@ -680,9 +683,9 @@ def save_budgets(results: dict, name: str, out: Path, merge: bool = False) -> di
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1))
     png = out / "figures" / f"{name}.png"
-    plot_curves(results, png)
-    plot_samples(results, samples_path(png))
-    report_written(json_path, png, samples_path(png))
+    plot_samples(results, png)
+    plot_curves(results, curves_path(png))
+    report_written(json_path, png, curves_path(png))
     return results
 
 
@@ -761,8 +764,8 @@ def plot_from_json(json_path: Path, path: Path) -> dict:
     """Redraw the figure from a results JSON (it keeps the samples decoded to 2-D)."""
     results = json.loads(Path(json_path).read_text())
     if "budgets" in results:  # one resumable run per data set and method: curves + samples
-        plot_curves(results, path)
-        plot_samples(results, samples_path(path))
+        plot_samples(results, path)
+        plot_curves(results, curves_path(path))
         return results
     bits = results["config"]["data"]["bits"]
     plot(results, lambda ds: gray_task(ds, bits), path)
@@ -790,7 +793,7 @@ def main(argv: list[str] | None = None) -> dict:
     if known.plot_only:
         png = args.out / "figures" / f"{name}.png"
         results = plot_from_json(args.out / "results" / f"{name}.json", png)
-        report_written(png)
+        report_written(png, *([curves_path(png)] if "budgets" in results else []))
         return results
     torch.set_num_threads(1)
     results = run_budgets(cfg, args.methods.split(","), datasets, args.budgets,
