@@ -276,15 +276,19 @@ def test_deprecated_names_warn_with_their_replacement():
     torch.testing.assert_close(ess, torch.tensor(16.0 / 10.0))
 
 
-def test_compiled_blocks_give_the_eager_samples():
-    """compile=True (eager backend): 7 steps = 1 eager + 1 block of 5 + the eager last step."""
-    torch._dynamo.reset()
+@pytest.mark.parametrize(("steps", "n_k_blocks"), [(7, (6, 5, 1)), (20, (19, 8, 2)), (3, (2, 1, 1)),
+                                                  (2, None)])
+def test_compiled_blocks_give_the_eager_samples(monkeypatch, steps, n_k_blocks):
+    """compile=True with ``torch.compile`` replaced by the identity (the block's own logic,
+    without dynamo: ``tests/test_ctmc_compiled.py`` compiles for real): 7 steps = 1 eager +
+    1 block of 5 + the eager last step (20 steps: 1 + 2 blocks of 8 + 2 eager + the last), the
+    eager samples for the same generator."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     out = []
     for compile in (False, True):
         torch.manual_seed(0)
         path = MixturePath(3, "mask")
-        solver = CTMCSolver(path, dt=1 / 7, compile=compile)
-        solver.compile_backend = "eager"
+        solver = CTMCSolver(path, dt=1 / steps, compile=compile)
         model = MLPVelocity(4, 3, hidden=(8,), schedule=path.schedule)
         with torch.no_grad():
             for p in model.net[-1].parameters():
@@ -292,13 +296,19 @@ def test_compiled_blocks_give_the_eager_samples():
         flow = DiscreteFlowSampler(model, path, solver=solver)
         g = torch.Generator().manual_seed(3)
         out.append([flow.sample_tokens(32, generator=g).x for _ in range(2)])
-        assert (solver.compile_seconds is not None) == compile
-        if compile:
+        assert (solver.compile_seconds is not None) == (compile and n_k_blocks is not None)
+        if compile and n_k_blocks is not None:
+            n, k, blocks = n_k_blocks
             assert solver.compile_seconds > 0
             assert len(solver._blocks) == 1
+            (key, block), = solver._blocks.items()
+            assert block.k == k and key[-2:] == (n, k)
+            assert solver._sample_compiled(flow.velocity, path.sample_source(2, 4), [
+                j / steps for j in range(steps + 1)], None)[1] == 1 + blocks * k
     for a, b in zip(*out):
         assert torch.equal(a, b)
     assert not torch.equal(out[0][0], out[0][1])
+    assert (out[0][0] < 3).all()
 
 
 def _same(a, b):
@@ -546,3 +556,114 @@ class _Scaled(EnergyModel):
 
     def energy(self, x):
         return self.scale * x.sum(-1)
+
+
+def test_bernoulli_uniform_and_fitted_proposals():
+    q = FactorizedProposal.bernoulli(torch.tensor([0.25, 0.5, 1.0]))
+    torch.testing.assert_close(q.probs, torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.0, 1.0]]))
+    assert q.dim == 3 and q.num_classes == 2 and q.probs.dtype == torch.float32
+    x = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    torch.testing.assert_close(q.log_prob(x), torch.tensor([math.log(0.125), float("-inf")]))
+    q = FactorizedProposal.bernoulli([0.5, 0.5])  # a list is accepted
+    torch.testing.assert_close(q.probs, torch.full((2, 2), 0.5))
+    u = FactorizedProposal.uniform(2, 4)
+    torch.testing.assert_close(u.log_prob(torch.tensor([[3, 0]])), torch.tensor([-2 * math.log(4.0)]))
+    assert FactorizedProposal.uniform(5).num_classes == 2
+    fit = FactorizedProposal.fit(torch.tensor([[0, 2], [0, 1], [1, 1]]), 3, smoothing=1.0)
+    torch.testing.assert_close(fit.probs, torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0]]) / 6)
+    fit0 = FactorizedProposal.fit(torch.tensor([[0, 2], [0, 1]]), 3, smoothing=0.0)
+    torch.testing.assert_close(fit0.probs, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]))
+    fit_default = FactorizedProposal.fit(torch.tensor([[0, 2], [0, 1], [1, 1]]), 3)
+    torch.testing.assert_close(fit_default.probs, fit.probs)
+    # probs are renormalised to sum 1 exactly
+    near = FactorizedProposal(torch.tensor([[0.50002, 0.5]]))
+    torch.testing.assert_close(near.probs.sum(-1), torch.ones(1), rtol=0, atol=1e-7)
+
+
+def test_proposal_samples_follow_the_probs_and_the_generator():
+    q = FactorizedProposal(torch.tensor([[0.1, 0.9], [0.7, 0.3]]))
+    a = q.sample(4000, generator=torch.Generator().manual_seed(0))
+    b = q.sample(4000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.dtype == torch.long and a.shape == (4000, 2)
+    torch.testing.assert_close(a.float().mean(0), torch.tensor([0.9, 0.3]), atol=0.03, rtol=0)
+
+
+def test_set_and_get_proposal():
+    flow = _flow()
+    default = flow.get_proposal()
+    assert isinstance(default, FactorizedProposal)
+    torch.testing.assert_close(default.probs, torch.full((3, 2), 0.5))
+    assert "proposal" in dict(flow.named_children())
+
+    class Plain:
+        def sample(self, n, generator=None):
+            return torch.zeros(n, 3, dtype=torch.long)
+
+        def log_prob(self, x):
+            return torch.zeros(x.shape[0])
+
+    plain = Plain()
+    flow.set_proposal(plain)
+    assert flow.get_proposal() is plain and "proposal" not in dict(flow.named_children())
+    fitted = FactorizedProposal.bernoulli(torch.tensor([0.1, 0.2, 0.3]))
+    flow.set_proposal(fitted)
+    assert flow.get_proposal() is fitted and dict(flow.named_children())["proposal"] is fitted
+    other = _flow(proposal=plain)
+    assert other.get_proposal() is plain and "proposal" not in dict(other.named_children())
+
+
+def test_scaled_conditional_velocity_and_conditional_velocity():
+    path = MixturePath(3, "uniform", PolynomialSchedule(2))
+    x_t = torch.tensor([[0, 2]])
+    x1 = torch.tensor([[1, 2]])
+    t = torch.tensor([0.5])
+    # kappa' = 2 t = 1; delta(x1) - delta(x_t)
+    diff = torch.tensor([[[-1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]])
+    torch.testing.assert_close(path.scaled_conditional_velocity(x_t, x1, t), diff)
+    # rate = kappa' / (1 - kappa) = 1 / 0.75
+    torch.testing.assert_close(path.conditional_velocity(x_t, x1, 0.5), diff / 0.75)
+
+
+def test_recipes_support_the_flow_spaces():
+    rec = FlowNegatives(_flow())
+    assert rec.supports(Lin(Binary(3)))
+    assert not rec.supports(Lin(Binary(4)))
+    assert not rec.supports(Lin(Categorical(3, 3)))
+    assert BootstrapFlow(_flow()).supports(Lin(Categorical(3, 2)))
+
+
+def test_velocity_regression_loss_values():
+    """Hand-computed: L = mean_b w_b sum_{d, j != x_t^d} ((1 - kappa) u - kappa' (delta_x1 - delta_xt))^2."""
+    uniform = MixturePath(2, "uniform")
+    u = torch.tensor([[[5.0, 2.0], [4.0, 7.0]], [[1.0, 3.0], [2.0, 6.0]]])
+    x_t = torch.tensor([[0, 1], [1, 1]])
+    x1 = torch.tensor([[1, 1], [1, 0]])
+    t = torch.tensor([0.5, 0.75])
+    # b=0: kappa .5: d0 j=1: (.5*2 - 1)^2 = 0; d1 j=0: (.5*4 - 0)^2 = 4 -> 4
+    # b=1: kappa .75: d0 j=0: (.25*1 - 0)^2 = 1/16; d1 j=0: (.25*2 - 1)^2 = 1/4 -> 5/16
+    per = torch.tensor([4.0, 5 / 16])
+    torch.testing.assert_close(velocity_regression_loss(u, x_t, x1, t, uniform), per.mean())
+    w = torch.tensor([0.5, 1.5])
+    torch.testing.assert_close(velocity_regression_loss(u, x_t, x1, t, uniform, w), (w * per).mean())
+    # mask source: only MASK rows, every j: target kappa' delta(j = x1)
+    xm = torch.tensor([[2, 1], [2, 2]])
+    # b=0: d0 (.5*5 - 0)^2 + (.5*2 - 1)^2 = 6.25; b=1: d0 (.25 - 0)^2 + (.75 - 1)^2 = 1/8,
+    # d1 (.5 - 1)^2 + (1.5 - 0)^2 = 2.5
+    per = torch.tensor([6.25, 0.125 + 2.5])
+    torch.testing.assert_close(velocity_regression_loss(u, xm, x1, t, PATH), per.mean())
+    torch.testing.assert_close(velocity_regression_loss(u, xm, x1, t, PATH, w), (w * per).mean())
+
+
+def test_posterior_loss_values():
+    logits = torch.tensor([[[0.0, math.log(3.0)], [0.0, 0.0]], [[math.log(3.0), 0.0], [0.0, 0.0]]])
+    x1 = torch.tensor([[1, 0], [1, 1]])
+    xm = torch.tensor([[2, 2], [0, 2]])
+    t = torch.tensor([0.3, 0.6])
+    # b=0: -log(3/4) - log(1/2); b=1: only d1 masked: -log(1/2)
+    per = torch.tensor([-math.log(0.75) + math.log(2.0), math.log(2.0)])
+    torch.testing.assert_close(posterior_loss(logits, xm, x1, t, PATH), per.mean())
+    w = torch.tensor([2.0, 0.0])
+    torch.testing.assert_close(posterior_loss(logits, xm, x1, t, PATH, w), (w * per).mean())
+    uniform = MixturePath(2, "uniform")
+    per_u = torch.tensor([-math.log(0.75) + math.log(2.0), -math.log(0.25) + math.log(2.0)])
+    torch.testing.assert_close(posterior_loss(logits, x1, x1, t, uniform), per_u.mean())

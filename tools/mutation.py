@@ -80,6 +80,18 @@ PACKAGES: dict[str, list[str]] = {
         "tests/test_names.py",
         "tests/test_mutants_flows.py",
     ],
+    "training": [
+        "tests/test_trainer.py",
+        "tests/test_checkpoint.py",
+        "tests/test_trainer_fast_samplers.py",
+        "tests/test_reliability_interrupt.py",
+        "tests/test_reliability_numerics.py",
+        "tests/test_reliability_inputs.py",
+        "tests/test_newcomer_training.py",
+        "tests/test_cli.py",
+        "tests/test_distributed.py",
+        "tests/test_mutants_training.py",
+    ],
 }
 
 # Package -> tests left out of mutation runs. mutmut runs pytest several times in one
@@ -91,6 +103,14 @@ DESELECT: dict[str, list[str]] = {
     "samplers": [
         "tests/test_compiled.py::test_no_recompilation_when_steps_data_or_parameter_values_change",
         "tests/test_samplers_continuous.py::test_step_size_adaptation_reaches_target",
+    ],
+    # tests that run ebmflow in subprocesses (which do not see mutmut's mutants) or take
+    # 4-17 s each, for every mutant of the functions they cover
+    "training": [
+        "tests/test_reliability_interrupt.py::test_sigkill_during_checkpoint_write_of_ebmflow_train",
+        "tests/test_distributed.py::test_two_gloo_processes_match_one_process_with_doubled_batch",
+        "tests/test_cli.py::test_train_writes_the_main_job_files_with_finite_metrics",
+        "tests/test_cli.py::test_existing_output_is_refused_resumed_or_overwritten",
     ],
 }
 
