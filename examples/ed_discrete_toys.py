@@ -51,6 +51,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -680,8 +681,15 @@ def save_budgets(results: dict, name: str, out: Path, merge: bool = False) -> di
                 old["runs"].setdefault(ds, {}).update(runs)
             results = {**results, "runs": old["runs"],
                        "budgets": sorted(set(old["budgets"]) | set(results["budgets"]))}
+    for ds_runs in results["runs"].values():
+        for r in ds_runs.values():
+            if "samples_2d" in r:  # 3 decimals (float32 lists print 16 digits)
+                r["samples_2d"] = [[round(a, 3), round(b, 3)] for a, b in r["samples_2d"]]
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=1))
+    # one line per 2-D sample and per [iteration, loss] pair
+    text = re.sub(r"\[\s+(-?[\d.eE+-]+),\s+(-?[\d.eE+-]+)\s+\]", r"[\1, \2]",
+                  json.dumps(results, indent=1))
+    json_path.write_text(text)
     png = out / "figures" / f"{name}.png"
     plot_samples(results, png)
     plot_curves(results, curves_path(png))
