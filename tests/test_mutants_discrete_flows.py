@@ -667,3 +667,82 @@ def test_posterior_loss_values():
     uniform = MixturePath(2, "uniform")
     per_u = torch.tensor([-math.log(0.75) + math.log(2.0), -math.log(0.25) + math.log(2.0)])
     torch.testing.assert_close(posterior_loss(logits, x1, x1, t, uniform), per_u.mean())
+
+
+def test_renoise_keeps_the_tokens_device():
+    out = _flow().renoise(torch.zeros(4, 3, dtype=torch.long, device="meta"), 0.5)
+    assert out.device.type == "meta" and out.shape == (4, 3)
+
+
+@pytest.mark.parametrize("objective", ["velocity", "posterior"])
+def test_flow_loss_is_the_objective_at_uniform_times_below_one(objective, monkeypatch):
+    """loss(x1): t = U[0, 1) * (1 - 1e-3), x_t ~ p_t(. | x1), then the objective's loss; the
+    tokens and times are not validated (no host read per training step)."""
+    flow = _flow(objective=objective)
+    x1 = torch.tensor([[0, 1, 1], [1, 1, 0], [0, 0, 0], [1, 0, 1]])
+    w = torch.tensor([0.5, 1.0, 1.5, 1.0])
+    with torch.no_grad():
+        for p in flow.model.net[-1].parameters():
+            p.copy_(torch.linspace(-1, 1, p.numel()).reshape(p.shape))
+    g = torch.Generator().manual_seed(7)
+    t = torch.rand(4, generator=g) * (1.0 - 1e-3)
+    x_t = PATH._sample(x1, t, g)
+    out = flow.model(x_t, t)
+    if objective == "posterior":
+        expected = posterior_loss(out, x_t, x1, t, PATH, w)
+    else:
+        expected = velocity_regression_loss(out * PATH.schedule.rate(t)[:, None, None], x_t, x1,
+                                            t, PATH, w)
+
+    def no_check(*args, **kwargs):
+        raise AssertionError("validated in a training step")
+
+    monkeypatch.setattr(MixturePath, "check_tokens", no_check)
+    monkeypatch.setattr("ebmflow.discrete_flows.path.check_time", no_check)
+    torch.manual_seed(123)
+    got = flow.loss(x1, w, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(got, expected)
+
+
+def test_fit_step_clears_syncs_and_clips_gradients():
+    class WithUnused(VelocityModel):
+        def __init__(self):
+            super().__init__(3, 2)
+            self.inner = MLPVelocity(3, 2, hidden=(4,))
+            self.unused = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x_t, t):
+            return self.inner(x_t, t)
+
+    torch.manual_seed(0)
+    model = WithUnused()
+    with torch.no_grad():
+        for p in model.inner.net[-1].parameters():
+            p.fill_(0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    flow = DiscreteFlowSampler(model, PATH, optimizer=opt, grad_clip=1e-3)
+    synced = []
+    flow.grad_sync = synced.append
+    model.unused.grad = torch.ones(())
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = flow.fit_step(torch.tensor([[0, 1, 1], [1, 0, 0]]), None, torch.Generator().manual_seed(0))
+    assert set(stats) == {"flow_loss"} and not stats["flow_loss"].requires_grad
+    assert model.unused.grad is None  # zero_grad(set_to_none=True)
+    assert len(synced) == 1 and [id(p) for p in synced[0]] == [id(p) for p in model.parameters()]
+    step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())])
+    torch.testing.assert_close(step.norm(), torch.tensor(1e-3), rtol=1e-4, atol=0)
+
+
+def test_update_draws_only_from_the_generator_and_keeps_its_stats():
+    energy = Lin(Binary(3))
+    data = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]])
+
+    def act(flow, g):
+        stats = flow.update(energy, data, generator=g)
+        assert flow.stats is stats
+        return stats, _params(flow.model)
+
+    stats = _under_two_global_seeds(lambda: _flow(fit_to="data", updates_per_call=2), act)[0]
+    assert set(stats) == {"flow_loss"}
+    stats = _under_two_global_seeds(lambda: _flow(batch_size=8, updates_per_call=2), act)[0]
+    assert set(stats) == {"flow_loss", "ess", "ess_fraction", "weight_max", "log_weight_std"}
