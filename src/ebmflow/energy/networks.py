@@ -145,8 +145,8 @@ class MLPEnergy(EnergyModel):
             x = self.space.one_hot(x, dtype=self.net[0].weight.dtype)
         if x.dim() != 2:
             x = x.flatten(1)
-        if not torch.is_grad_enabled() and x.dtype == torch.float32:
-            plan = _mlp_plan(self.net)  # without autograd: the fast GEMM (Gibbs, evaluation)
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            plan = _mlp_plan(self.net)  # the faster CPU GEMM (with or without autograd)
             if plan is not None:
                 h = x
                 for lin, act in plan:

@@ -283,7 +283,9 @@ class Trainer:
         self._capture_failed = False
         self._loss_fn: Callable[[Tensor], LossOutput] = self._compute_loss
         if self.compile:
-            self._loss_fn = torch.compile(self._compute_loss)
+            # static shapes: a short last batch compiles once more instead of turning every
+            # shape symbolic (random draws of a symbolic shape fail to trace)
+            self._loss_fn = torch.compile(self._compute_loss, dynamic=False)
         self._loggers: list[Any] = []
         self._threads_unlogged = False
 
