@@ -746,3 +746,58 @@ def test_update_draws_only_from_the_generator_and_keeps_its_stats():
     assert set(stats) == {"flow_loss"}
     stats = _under_two_global_seeds(lambda: _flow(batch_size=8, updates_per_call=2), act)[0]
     assert set(stats) == {"flow_loss", "ess", "ess_fraction", "weight_max", "log_weight_std"}
+
+
+class _OneBad(EnergyModel):
+    """E = 0 except at the first state of the batch, where it is ``bad``."""
+
+    def __init__(self, bad):
+        super().__init__(Binary(3))
+        self.bad = bad
+
+    def energy(self, x):
+        e = torch.zeros(x.shape[0])
+        e[0] = self.bad
+        return e
+
+
+class _FirstOutside:
+    """A proposal with log q = -inf at the first of its (all-zero) states."""
+
+    def sample(self, n, generator=None):
+        return torch.zeros(n, 3, dtype=torch.long)
+
+    def log_prob(self, x):
+        lq = torch.full((x.shape[0],), -3 * math.log(2.0))
+        lq[0] = float("-inf")
+        return lq
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_cpu_update_refuses_one_nan_or_minus_inf_energy(bad):
+    with pytest.raises(ValueError, match=r"^the energy returned NaN or -inf on proposal states; "
+                                         r"check the energy model$"):
+        _flow(batch_size=4).update(_OneBad(bad))
+
+
+def test_cpu_update_refuses_a_proposal_without_support_at_a_finite_energy():
+    flow = _flow(batch_size=4, proposal=_FirstOutside())
+    with pytest.raises(ValueError, match=r"^the proposal's log q is -inf at a state it sampled "
+                                         r"\(index 0\) where the energy is finite \(0\)"):
+        flow.update(_OneBad(0.0))
+
+
+def test_velocity_is_scaled_in_the_models_dtype():
+    class Half(VelocityModel):
+        def __init__(self):
+            super().__init__(2, 2)
+            self.w = torch.nn.Parameter(torch.ones((), dtype=torch.bfloat16))
+
+        def forward(self, x_t, t):
+            return self.w * torch.ones(x_t.shape[0], 2, 2, dtype=torch.bfloat16)
+
+    flow = DiscreteFlowSampler(Half(), MixturePath(2))
+    u = flow.velocity(torch.full((1, 2), 2), torch.tensor([0.3]))
+    assert u.dtype == torch.bfloat16
+    torch.testing.assert_close(u.float(), torch.full((1, 2, 2), 1 / 0.7).to(torch.bfloat16).float(),
+                               rtol=0, atol=0)
