@@ -801,3 +801,35 @@ def test_velocity_is_scaled_in_the_models_dtype():
     assert u.dtype == torch.bfloat16
     torch.testing.assert_close(u.float(), torch.full((1, 2, 2), 1 / 0.7).to(torch.bfloat16).float(),
                                rtol=0, atol=0)
+
+
+def test_time_features_values():
+    from ebmflow.discrete_flows.models import time_features
+
+    t = torch.tensor([0.25, 0.7], dtype=torch.float64)
+    f = time_features(t, 3)
+    assert f.shape == (2, 7) and f.dtype == torch.float64
+    for b, tb in enumerate(t.tolist()):
+        angles = [math.pi * 2.0**k * tb for k in range(3)]
+        expected = [tb] + [math.sin(a) for a in angles] + [math.cos(a) for a in angles]
+        torch.testing.assert_close(f[b], torch.tensor(expected, dtype=torch.float64),
+                                   rtol=1e-14, atol=1e-14)
+
+
+def test_mlp_velocity_defaults_and_dtypes():
+    model = MLPVelocity(3)
+    assert model.num_classes == 2 and model.dim == 3
+    assert model.embed.num_embeddings == 3 and model.embed.embedding_dim == 8
+    assert model.time_frequencies == 4 and model.schedule is None
+    linears = [m for m in model.net if isinstance(m, torch.nn.Linear)]
+    assert [m.in_features for m in linears] == [3 * 8 + 2 * 4 + 1, 256, 256, 256]
+    assert [m.out_features for m in linears] == [256, 256, 256, 3 * 2]
+    assert all(isinstance(model.net[i], torch.nn.SiLU) for i in (1, 3, 5))
+    assert MLPVelocity(2, hidden=(1,)).net[0].out_features == 1
+    # a float64 time is cast to the embedding's dtype; the schedule's rate to the output's
+    scaled = MLPVelocity(2, 2, hidden=(4,), schedule=LinearSchedule())
+    with torch.no_grad():
+        scaled.net[-1].bias.fill_(1.0)
+    out = scaled(torch.tensor([[0, 2]]), torch.tensor([0.5], dtype=torch.float64))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.full((1, 2, 2), 2.0))
