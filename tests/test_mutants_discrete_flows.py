@@ -833,3 +833,29 @@ def test_mlp_velocity_defaults_and_dtypes():
     out = scaled(torch.tensor([[0, 2]]), torch.tensor([0.5], dtype=torch.float64))
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.full((1, 2, 2), 2.0))
+
+
+def test_discrete_flow_sampler_defaults():
+    flow = DiscreteFlowSampler(MLPVelocity(3, 2, hidden=(4,)))
+    assert flow.batch_size == 128 and flow.temperature == 1.0 and flow.updates_per_call == 1
+    assert flow.ess_threshold == 0.05 and flow.check_every == 100 and flow.check_weights is True
+    assert flow.grad_clip is None and flow.objective == "velocity" and flow.fit_to == "energy"
+    assert flow.scale_by_rate is True
+    assert flow.path.source == "mask" and flow.path.num_classes == 2
+    assert flow.solver.path is flow.path and flow.solver.dt == 0.05 and flow.solver.jump == "exact"
+    assert flow.solver.compile is False
+    assert flow.optimizer.param_groups[0]["lr"] == 3e-3
+    assert DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), objective="posterior").scale_by_rate is False
+    own = MLPVelocity(3, hidden=(4,), schedule=LinearSchedule())
+    assert DiscreteFlowSampler(own).scale_by_rate is False
+
+
+def test_weighted_losses_keep_the_loss_dtype():
+    u = torch.zeros(2, 3, 2)
+    w = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    t = torch.tensor([0.5, 0.5])
+    x1 = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    loss = velocity_regression_loss(u, torch.full((2, 3), 2), x1, t, PATH, w)
+    assert loss.dtype == torch.float32
+    # every masked coordinate contributes (kappa' = 1)^2 = 1: per sample 3, weighted mean 6
+    torch.testing.assert_close(loss, torch.tensor(6.0))
