@@ -268,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 chains only")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", choices=["1", "default"], default="1")
-    parser.add_argument("--samplers", nargs="+", default=["ula", "mala", "hmc"])
-    parser.add_argument("--energies", nargs="+", default=["mixture", "mlp"])
+    parser.add_argument("--samplers", nargs="+", default=["ula", "mala", "hmc"], type=str.lower,
+                        choices=["ula", "mala", "hmc"])
+    parser.add_argument("--energies", nargs="+", default=["mixture", "mlp"], type=str.lower,
+                        choices=["mixture", "mlp"])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--chains", type=int, nargs="+", default=None,
                         help="override the chain counts (default 256 4096; --quick: 256)")
