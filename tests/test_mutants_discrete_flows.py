@@ -134,6 +134,7 @@ ERRORS = {
     "dfs_upd_meta": lambda: _flow(fit_to="data").update(Lin(Binary(3)), torch.zeros(2, 3, device="meta")),
     "dfs_x0_bad": lambda: FLOW.sample(Lin(Binary(3)), x0=torch.full((2, 3), 2.0)),
     "dfs_x0_meta": lambda: FLOW.sample(Lin(Binary(3)), x0=torch.zeros(2, 3, device="meta")),
+    "dfs_check_every_float": lambda: _flow(check_every=1.5),
 }
 
 MESSAGES = {
@@ -218,6 +219,7 @@ MESSAGES = {
     'dfs_upd_meta': (ValueError, "data is on device meta but the model is on cpu; move it first, e.g. data = data.to('cpu')"),
     'dfs_x0_bad': (ValueError, 'x0 has a value 2.0 outside {0, 1} for Binary(3); binarise it first, e.g. (x0 > 0.5).float()'),
     'dfs_x0_meta': (ValueError, "x0 is on device meta but the model is on cpu; move it first, e.g. x0 = x0.to('cpu')"),
+    'dfs_check_every_float': (ValueError, 'check_every must be a positive int, got 1.5'),
 }
 
 
@@ -848,6 +850,13 @@ def test_discrete_flow_sampler_defaults():
     assert DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), objective="posterior").scale_by_rate is False
     own = MLPVelocity(3, hidden=(4,), schedule=LinearSchedule())
     assert DiscreteFlowSampler(own).scale_by_rate is False
+    assert _flow(check_every=1).check_every == 1
+    three = DiscreteFlowSampler(MLPVelocity(2, 3, hidden=(4,)))
+    torch.testing.assert_close(three.get_proposal().probs, torch.full((2, 3), 1 / 3))
+    assert three.path.vocab_size == 4
+    path = MixturePath(2, "uniform")
+    solver = CTMCSolver(path, dt=0.25, jump="linear")
+    assert DiscreteFlowSampler(MLPVelocity(3, hidden=(4,)), path, solver).solver is solver
 
 
 def test_weighted_losses_keep_the_loss_dtype():
