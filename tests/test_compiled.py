@@ -25,7 +25,7 @@ from ebmflow.samplers import (
     MCMCSampler,
     rng,
 )
-from ebmflow.samplers._compiled import predraw
+from ebmflow.samplers._compiled import predraw, whole_block_fill_is_exact
 from ebmflow.spaces import Binary, Categorical, Continuous
 
 
@@ -103,6 +103,36 @@ def test_predraw_follows_the_eager_order() -> None:
         torch.testing.assert_close(bufs[1][j], torch.rand((6,), generator=g), rtol=0, atol=0)
         torch.testing.assert_close(bufs[2][j], torch.randint(0, 4, (6, 1), generator=g),
                                    rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind,shape", [("randn", (256, 2)), ("randn", (7, 3)), ("rand", (5,)),
+                                        ("randint", (6, 1))])
+def test_whole_block_draws_only_where_they_equal_step_by_step_draws(kind, shape) -> None:
+    """One call for a block's K draws is used only where it gives the eager numbers; either
+    way predraw returns exactly the step-by-step draws."""
+    rec = rng.RecordingTape(torch.Generator().manual_seed(5))
+    cpu = torch.device("cpu")
+    {"randn": lambda: rng.randn(shape, rec, cpu), "rand": lambda: rng.rand(shape, rec, cpu),
+     "randint": lambda: rng.randint(0, 4, shape, rec, cpu)}[kind]()
+    k = 8
+    whole = whole_block_fill_is_exact(rec.spec, k)
+    got = predraw(rec.spec, k, torch.Generator().manual_seed(9), whole=whole)[0]
+    g = torch.Generator().manual_seed(9)
+    want = torch.stack([rec.spec[0].fill(torch.empty(shape, dtype=got.dtype), g) for _ in range(k)])
+    assert torch.equal(got, want)
+    one_call = rec.spec[0].fill(torch.empty((k, *shape), dtype=got.dtype),
+                                torch.Generator().manual_seed(9))
+    assert whole == torch.equal(one_call, want)  # the check answers what it claims
+    if kind == "randn" and shape == (256, 2):
+        assert whole  # the common case (B x D a multiple of 16) takes the one-call path
+
+
+def test_whole_block_draws_need_a_single_cpu_draw() -> None:
+    rec = rng.RecordingTape(torch.Generator().manual_seed(5))
+    rng.randn((256, 2), rec, torch.device("cpu"))
+    rng.rand((256,), rec, torch.device("cpu"))
+    assert not whole_block_fill_is_exact(rec.spec, 8)  # interleaved draws: step by step
+    assert not whole_block_fill_is_exact(rec.spec[:1], 1)
 
 
 def test_noise_tape_refuses_extra_draws() -> None:

@@ -179,7 +179,7 @@ def run_compiled(
     draws: list[Tensor] | None = None
     real = real_generator(generator)
     for _ in range(blocks):
-        draws = predraw(spec, k, real, draws)
+        draws = predraw(spec, k, real, draws, whole=block.whole_draws)
         try:
             flat = block(energy, flat, draws)
         except Exception as err:  # noqa: BLE001 - any compile failure falls back
