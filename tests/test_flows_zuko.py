@@ -88,3 +88,36 @@ def test_tilted_energy_takes_a_zuko_flow(gen):
     sampler = FlowMC(nsf, MALA(0.1), n_local=1, n_global=2, flow_steps=0)
     sampler.sample(TiltedEnergy(model, sampler.flow), 64, generator=gen)
     assert float(sampler.stats["global_accept"]) > 0.999
+
+
+def _box_flow(device: str = "cpu"):
+    torch.manual_seed(0)
+    return zuko.flows.Flow(
+        transform=[zuko.flows.MaskedAutoregressiveTransform(2, hidden_features=(16,))],
+        base=zuko.flows.UnconditionalDistribution(
+            zuko.distributions.BoxUniform, torch.full((2,), -1.0, device=device),
+            torch.full((2,), 1.0, device=device), buffer=True),
+    ).to(device)
+
+
+def test_non_gaussian_base_is_seeded_by_the_generator_and_leaves_the_global_rng():
+    flow = ZukoFlow(_box_flow())
+    state = torch.get_rng_state()
+    x, logq = flow.sample_and_log_prob(16, torch.Generator().manual_seed(3))
+    assert torch.equal(state, torch.get_rng_state())  # sampled under a forked global RNG
+    x2, _ = flow.sample_and_log_prob(16, torch.Generator().manual_seed(3))
+    x3, _ = flow.sample_and_log_prob(16, torch.Generator().manual_seed(4))
+    assert torch.equal(x, x2) and not torch.equal(x, x3)
+    torch.testing.assert_close(logq, flow.flow().log_prob(x))
+    with pytest.raises(TypeError, match="BoxUniform base"):
+        from ebmflow.samplers import rng
+
+        flow.sample_and_log_prob(4, rng.NoiseTape([torch.zeros(4, 2)]))
+
+
+@pytest.mark.cuda
+def test_non_gaussian_base_takes_a_cuda_generator():
+    flow = ZukoFlow(_box_flow("cuda"))
+    x, _ = flow.sample_and_log_prob(16, torch.Generator(device="cuda").manual_seed(3))
+    x2, _ = flow.sample_and_log_prob(16, torch.Generator(device="cuda").manual_seed(3))
+    assert x.device.type == "cuda" and torch.equal(x, x2)

@@ -122,7 +122,7 @@ class ZukoFlow(Flow):
                 f"a zuko flow with a {type(base).__name__} base samples with its own RNG and "
                 f"cannot take pre-drawn noise"
             )
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         devices = [generator.device] if generator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
