@@ -135,6 +135,9 @@ ERRORS = {
     "dfs_x0_bad": lambda: FLOW.sample(Lin(Binary(3)), x0=torch.full((2, 3), 2.0)),
     "dfs_x0_meta": lambda: FLOW.sample(Lin(Binary(3)), x0=torch.zeros(2, 3, device="meta")),
     "dfs_check_every_float": lambda: _flow(check_every=1.5),
+    "model_S_float": lambda: MLPVelocity(2, 2.5),
+    "path_x1": lambda: PATH.sample(torch.tensor([[0, 5]]), 0.5),
+    "prop_one_class": lambda: FactorizedProposal(torch.ones(2, 1)),
 }
 
 MESSAGES = {
@@ -220,6 +223,9 @@ MESSAGES = {
     'dfs_x0_bad': (ValueError, 'x0 has a value 2.0 outside {0, 1} for Binary(3); binarise it first, e.g. (x0 > 0.5).float()'),
     'dfs_x0_meta': (ValueError, "x0 is on device meta but the model is on cpu; move it first, e.g. x0 = x0.to('cpu')"),
     'dfs_check_every_float': (ValueError, 'check_every must be a positive int, got 1.5'),
+    'model_S_float': (ValueError, 'num_classes must be an int >= 2, got 2.5'),
+    'path_x1': (ValueError, 'x1 has a token 5 outside the vocabulary [0, 2); data tokens are 0..1'),
+    'prop_one_class': (ValueError, 'probs must have shape (D, S) with S >= 2, got (2, 1)'),
 }
 
 
@@ -868,3 +874,83 @@ def test_weighted_losses_keep_the_loss_dtype():
     assert loss.dtype == torch.float32
     # every masked coordinate contributes (kappa' = 1)^2 = 1: per sample 3, weighted mean 6
     torch.testing.assert_close(loss, torch.tensor(6.0))
+
+
+def test_path_sample_draws_from_the_generator_and_keeps_given_sources():
+    uniform = MixturePath(3, "uniform")
+    x1 = torch.full((16, 4), 2)
+    out = _under_two_global_seeds(lambda: None, lambda _, g: uniform.sample(x1, 0.5, g))
+    assert 0 < int((out != 2).sum()) < out.numel()
+    src = _under_two_global_seeds(lambda: None, lambda _, g: uniform.sample_source(8, 5, g))
+    assert src.dtype == torch.long and src.min() >= 0 and src.max() <= 2 and len(src.unique()) == 3
+    assert uniform.sample_source(2, 3, device="meta").device.type == "meta"
+    masked = PATH.sample_source(2, 3, device="meta")
+    assert masked.device.type == "meta" and masked.dtype == torch.long
+    x0 = torch.tensor([[1, 0, 1, 1]])
+    assert torch.equal(uniform.sample(torch.full((1, 4), 2), 0.0, x0=x0), x0)
+    assert torch.equal(MixturePath(3).sample(torch.full((1, 4), 2), 1.0), torch.full((1, 4), 2))
+    assert MixturePath(2, "uniform").vocab_size == 2 and MixturePath(2, "uniform").mask_token is None
+
+
+def test_path_keeps_a_coordinate_when_u_is_below_kappa(monkeypatch):
+    """keep = u < kappa(t): with u = kappa = 0.5 the source token stays."""
+    monkeypatch.setattr(torch, "rand", lambda shape, generator=None, device=None: torch.full(shape, 0.5))
+    x1 = torch.zeros(2, 3, dtype=torch.long)
+    assert torch.equal(PATH.sample(x1, 0.5), torch.full((2, 3), 2))
+    assert torch.equal(PATH.sample(x1, 0.5000001), x1)
+
+
+def test_velocity_model_accepts_one_coordinate_and_proposals_are_float32():
+    assert MLPVelocity(1, hidden=(4,)).dim == 1
+    q = FactorizedProposal(torch.tensor([[0.25, 0.75]], dtype=torch.float64))
+    assert q.probs.dtype == torch.float32
+
+
+def test_time_grid_values():
+    from ebmflow.discrete_flows.solver import time_grid
+
+    assert time_grid(0.0, 1.0) == [0.0, 1.0]
+    assert time_grid(0.5, 2.0) == [0.5, 1.0]
+    assert time_grid(0.0, 0.25) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    grid = time_grid(0.0, 0.3)
+    assert grid[:-1] == pytest.approx([0.0, 0.3, 0.6, 0.9], abs=1e-15) and grid[-1] == 1.0
+
+
+def test_jump_scale_values():
+    """c of the step P(j) = c u(j): exact (kappa(t + dt) - kappa(t)) / kappa'(t), exponential
+    (1 - exp(-r dt)) / r, linear dt; the last step (1 - kappa(t)) / kappa'(t)."""
+    sq = MixturePath(2, "mask", PolynomialSchedule(2))
+    t, dt = 0.1, 0.05
+    kappa0, kappa1, d_kappa = t * t, (t + dt) ** 2, 2 * t
+    exact = CTMCSolver(sq, jump="exact")
+    assert exact.jump_scale(t, dt) == pytest.approx((kappa1 - kappa0) / d_kappa, rel=1e-13)
+    assert exact.jump_scale(t, dt, last=True) == pytest.approx((1 - kappa0) / d_kappa, rel=1e-13)
+    rate = d_kappa / (1 - kappa0)
+    assert CTMCSolver(sq, jump="exponential").jump_scale(t, dt) == pytest.approx(
+        -math.expm1(-rate * dt) / rate, rel=1e-13)
+    assert CTMCSolver(sq, jump="linear").jump_scale(t, dt) == dt
+    # t + dt beyond 1 is cut at 1
+    assert exact.jump_scale(0.9, 0.25) == pytest.approx((1 - 0.81) / 1.8, rel=1e-13)
+    # kappa'(0) = 0: the velocity vanishes, c = dt
+    assert exact.jump_scale(0.0, 0.25) == 0.25
+    assert CTMCSolver(PATH).jump_scale(0.0, 0.25) == 0.25
+
+
+def test_step_probabilities_clamp_and_fill_empty_rows():
+    """Off-diagonal c u clamped to [0, 1], the diagonal 1 - sum, rows normalised; at the last
+    step a masked row with no mass left is uniform over the data tokens."""
+    uniform = MixturePath(3, "uniform")
+    solver = CTMCSolver(uniform, jump="linear")
+    x_t = torch.tensor([[0, 0]])
+    u = torch.tensor([[[0.0, 3.0, 1.0], [0.0, 1.0, -0.5]]])  # c = dt = 0.5
+    probs = solver.step_probs(u, x_t, 0.0, 0.5)
+    # row 0: off [1, 0.5] (1.5 clamped to 1), diag 0 -> [0, 2/3, 1/3]
+    # row 1: off [0.5, 0] (-0.25 clamped to 0), diag 0.5
+    torch.testing.assert_close(probs, torch.tensor([[[0.0, 2 / 3, 1 / 3], [0.5, 0.5, 0.0]]]))
+    masked = CTMCSolver(MixturePath(3))
+    x_t = torch.tensor([[3, 3, 1]])
+    u = torch.tensor([[[0.0, 0.0, 0.0], [2.0, 0.0, 2.0], [0.0, 0.0, 0.0]]])
+    probs = masked.step_probs(u, x_t, 0.5, 0.5, last=True)
+    torch.testing.assert_close(probs, torch.tensor([[[1 / 3, 1 / 3, 1 / 3, 0.0],
+                                                    [0.5, 0.0, 0.5, 0.0],
+                                                    [0.0, 1.0, 0.0, 0.0]]]))
