@@ -206,6 +206,23 @@ def _mutmut(work: Path, *args: str) -> str:
     return out.stdout
 
 
+_DIFFS = """
+import json, sys
+from mutmut.__main__ import find_mutant
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+print(json.dumps({n: get_diff_for_mutant(n, path=find_mutant(n).path) for n in json.load(sys.stdin)}))
+"""
+
+
+def _diffs(work: Path, names: list[str]) -> dict[str, str]:
+    """mutant name -> its diff (what ``mutmut show`` prints), in one process."""
+    if not names:
+        return {}
+    out = subprocess.run([sys.executable, "-c", _DIFFS], cwd=work, input=json.dumps(names),
+                         capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(out.stdout)
+
+
 def _statuses(work: Path) -> dict[str, str]:
     """mutant name -> mutmut status, from ``mutmut results --all true``."""
     listing = _mutmut(work, "results", "--all", "true")
@@ -241,9 +258,10 @@ def report(package: str, out_dir: Path) -> dict:
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     parts = [f"# Surviving mutants of ebmflow.{package}\n"]
+    diffs = _diffs(work, survivors)
     for name in survivors:
         tag = f" (equivalent: {equivalent[name]})" if name in equivalent else ""
-        parts.append(f"## {name}{tag}\n\n```diff\n{_mutmut(work, 'show', name).strip()}\n```\n")
+        parts.append(f"## {name}{tag}\n\n```diff\n{diffs[name].strip()}\n```\n")
     (out_dir / "survivors.md").write_text("\n".join(parts))
     return summary
 
