@@ -8,6 +8,7 @@ the package makes it fail.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -139,6 +140,7 @@ ERRORS = {
     "model_S_float": lambda: MLPVelocity(2, 2.5),
     "path_x1": lambda: PATH.sample(torch.tensor([[0, 5]]), 0.5),
     "prop_one_class": lambda: FactorizedProposal(torch.ones(2, 1)),
+    "solver_dt_bool": lambda: CTMCSolver(PATH, True),
 }
 
 MESSAGES = {
@@ -227,6 +229,7 @@ MESSAGES = {
     'model_S_float': (ValueError, 'num_classes must be an int >= 2, got 2.5'),
     'path_x1': (ValueError, 'x1 has a token 5 outside the vocabulary [0, 2); data tokens are 0..1'),
     'prop_one_class': (ValueError, 'probs must have shape (D, S) with S >= 2, got (2, 1)'),
+    'solver_dt_bool': (ValueError, 'dt must be a finite float > 0, got True; e.g. 0.05'),
 }
 
 
@@ -270,6 +273,8 @@ def _points_outside_ebmflow(record):
 
     package = Path(ebmflow.__file__).resolve().parent
     assert not Path(record.filename).resolve().is_relative_to(package), record.filename
+    if "MUTANT_UNDER_TEST" not in os.environ:  # no trampoline: the caller is this file
+        assert record.filename == __file__
 
 
 def test_deprecated_names_warn_with_their_replacement():
@@ -965,3 +970,90 @@ def test_step_probabilities_clamp_and_fill_empty_rows():
     torch.testing.assert_close(probs, torch.tensor([[[1 / 3, 1 / 3, 1 / 3, 0.0],
                                                     [0.5, 0.0, 0.5, 0.0],
                                                     [0.0, 1.0, 0.0, 0.0]]]))
+
+
+class _Zero(EnergyModel):
+    """E = 0 on Binary(3): every back-and-forth proposal is accepted."""
+
+    def __init__(self):
+        super().__init__(Binary(3))
+
+    def energy(self, x):
+        return torch.zeros(x.shape[0])
+
+
+def test_back_and_forth_update_moves_with_the_generator():
+    data = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]).repeat(4, 1)
+
+    def act(rec, g):
+        stats = rec.update(_Zero(), data, generator=g)
+        return stats, _params(rec.flow.model)
+
+    stats = _under_two_global_seeds(lambda: BackAndForth(_flow(), t_star=0.3), act)[0]
+    assert stats["accept_rate"] == 1.0
+
+
+def test_bernoulli_rounds_p_to_float32_first():
+    p = torch.tensor([0.8572511383941286, 0.4485880948000136], dtype=torch.float64)
+    p32 = p.float()
+    expected = torch.stack([1.0 - p32, p32], dim=-1)
+    expected = expected / expected.sum(-1, keepdim=True)
+    q = FactorizedProposal.bernoulli(p)
+    assert torch.equal(q.probs, expected)
+
+
+def test_small_settings_are_accepted():
+    assert _flow(batch_size=1).batch_size == 1
+    other = _flow(proposal=_FirstOutside())
+    other.set_proposal(_FirstOutside())  # nothing registered to remove
+    assert isinstance(other.get_proposal(), _FirstOutside)
+    assert CTMCSolver(PATH).compile_backend == "inductor"
+
+
+def test_deprecated_ess_does_not_check_values():
+    with pytest.warns(DeprecationWarning):
+        from ebmflow.discrete_flows import effective_sample_size
+
+        ess = effective_sample_size(torch.tensor([0.0, float("nan")]))
+    assert torch.isnan(ess)
+
+
+def test_compiled_blocks_are_cached_per_velocity_and_shape(monkeypatch):
+    backends = []
+
+    def fake_compile(fn, **kwargs):
+        backends.append(kwargs.get("backend"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    path = MixturePath(3, "mask")
+    solver = CTMCSolver(path, dt=1 / 7, compile=True)
+    solver.compile_backend = "eager"
+    torch.manual_seed(0)
+    flow = DiscreteFlowSampler(MLPVelocity(4, 3, hidden=(8,), schedule=path.schedule), path,
+                               solver=solver)
+    flow.sample_tokens(5, generator=torch.Generator().manual_seed(0))
+    (key, block), = solver._blocks.items()
+    assert key == (id(flow), DiscreteFlowSampler.velocity, (5, 4), torch.long, 6, 5)
+    assert backends == ["eager"] and block.key == key
+    flow.sample_tokens(5, generator=torch.Generator().manual_seed(1))
+    assert solver._blocks == {key: block}  # reused, not rebuilt
+    assert backends == ["eager"]
+
+    def velocity(x, t):  # a plain function is its own owner
+        return torch.zeros(x.shape[0], x.shape[1], 3)
+
+    out = solver.sample(velocity, path.sample_source(5, 4), generator=torch.Generator().manual_seed(0))
+    (key, _), = solver._blocks.items()
+    assert key == (id(velocity), None, (5, 4), torch.long, 6, 5)
+    assert out.x.max() < 3
+
+
+def test_compiled_blocks_run_on_the_states_device(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    path = MixturePath(3, "mask")
+    torch.manual_seed(0)
+    model = MLPVelocity(4, 3, hidden=(8,), schedule=path.schedule).to("meta")
+    flow = DiscreteFlowSampler(model, path, solver=CTMCSolver(path, dt=1 / 7, compile=True))
+    out = flow.sample_tokens(5)
+    assert out.x.device.type == "meta" and out.x.shape == (5, 4)
