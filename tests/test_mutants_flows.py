@@ -111,6 +111,8 @@ ERRORS = {
     "zuko_dim": lambda: ZukoFlow(zuko.flows.MAF(3, transforms=1), dim=2),
     "zuko_n": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).base_sample(0),
     "zuko_n2": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).sample_and_log_prob(0),
+    "zuko_n_bool": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).base_sample(True),
+    "zuko_not_nf": lambda: ZukoFlow(zuko.mixtures.GMM(2, components=2)).forward(torch.zeros(1, 2)),
 }
 
 MESSAGES = {
@@ -173,6 +175,8 @@ MESSAGES = {
     'zuko_dim': (ValueError, "dim=2 but the zuko flow's event shape is (3,); pass dim=3 or omit it"),
     'zuko_n': (ValueError, 'n must be a positive int, got 0'),
     'zuko_n2': (ValueError, 'n must be a positive int, got 0'),
+    'zuko_n_bool': (ValueError, 'n must be a positive int, got True'),
+    'zuko_not_nf': (ValueError, 'the zuko distribution Mixture is not a NormalizingFlow (no transform/base): only log_prob and sample_and_log_prob are available'),
 }
 
 
@@ -213,3 +217,115 @@ def test_standard_normal_log_prob_and_the_identity_realnvp():
     xs, logdet = flow(torch.tensor([[0.0, 1.0, -1.0]]))
     torch.testing.assert_close(xs, x)
     torch.testing.assert_close(logdet, torch.tensor([3 * math.log(2.0)]))
+
+
+def _two_global_seeds(make, act):
+    """``act(make(), generator)`` under two global seeds: equal when every draw comes from
+    the generator."""
+    out = []
+    for seed in (1, 2):
+        obj = make()
+        torch.manual_seed(seed)
+        out.append(act(obj, torch.Generator().manual_seed(5)))
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+    return out[0]
+
+
+def test_zuko_base_sample_is_standard_normal_noise_from_the_generator():
+    torch.manual_seed(0)
+    flow = ZukoFlow(zuko.flows.MAF(2, transforms=1))
+    z = _two_global_seeds(lambda: flow, lambda f, g: f.base_sample(3, g))
+    torch.testing.assert_close(z, torch.randn((3, 2), generator=torch.Generator().manual_seed(5)))
+    assert flow.base_sample(1).shape == (1, 2)
+
+
+def test_hutchinson_divergence_values_and_graph():
+    from ebmflow.flows.continuous import hutchinson_divergence
+
+    x = torch.tensor([[1.0, 2.0], [0.5, -1.0]], requires_grad=True)
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    v = x @ a.T + x.pow(2)
+    eps = torch.tensor([[0.5, -2.0], [1.5, 0.25]])
+    # eps^T (A + diag(2 x)) eps
+    expected = torch.stack([e @ (a + torch.diag(2 * xb)) @ e for e, xb in zip(eps, x.detach())])
+    got = hutchinson_divergence(v, x, eps)
+    torch.testing.assert_close(got, expected)
+    assert not got.requires_grad
+    assert hutchinson_divergence(v, x, eps, create_graph=True).requires_grad
+
+
+def test_continuous_flow_repr():
+    assert ContinuousFlow(2, hidden=(4,), ode_steps=3).extra_repr() == (
+        "dim=2, method='rk4', ode_steps=3, trace=exact, adjoint=False")
+    assert ContinuousFlow(9, hidden=(4,)).extra_repr() == (
+        "dim=9, method='rk4', ode_steps=16, trace=hutchinson, adjoint=False")
+
+
+@pytest.mark.parametrize("init", ["flow", "noise"])
+def test_flowmc_initial_chains_come_from_the_generator(init):
+    def act(fm, g):
+        return fm.sample(Quad(), 4, generator=g)
+
+    x = _two_global_seeds(lambda: FlowMC(nvp(), n_local=0, n_global=0, init=init), act)
+    g = torch.Generator().manual_seed(5)
+    expected = nvp().sample(4, g) if init == "flow" else torch.randn((4, 2), generator=g)
+    torch.testing.assert_close(x, expected)
+
+
+def test_flowmc_reset_keeps_the_device():
+    fm = FlowMC(nvp(), history=2)
+    fm.chains = torch.zeros(3, 2, device="meta")
+    fm.history_states = torch.zeros(2, 3, 2, device="meta")
+    fm._hist_pos, fm._hist_len = 1, 2
+    fm.reset()
+    assert fm.chains.device.type == "meta" and fm.chains.numel() == 0
+    assert fm.history_states.device.type == "meta" and fm.history_states.numel() == 0
+    assert fm._hist_pos == fm._hist_len == 0
+
+
+def _trained(scheduler=True):
+    torch.manual_seed(0)
+    fm = FlowMC(nvp(), n_local=1, n_global=2, history=3,
+                scheduler=(lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+                if scheduler else None)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        fm.sample(Quad(), 5, generator=g)
+        fm.update(Quad(), generator=g)
+    return fm
+
+
+def test_flowmc_checkpoint_round_trip_of_counters_scheduler_and_history():
+    src = _trained()
+    extra = src.get_extra_state()
+    assert set(extra) == {"optimizer", "scheduler", "n_flow_updates", "n_fits", "history"}
+    assert extra["n_fits"] == 2 and extra["n_flow_updates"] == 2 and extra["history"] == (1, 3)
+    assert extra["scheduler"]["last_epoch"] == 2
+    dst = FlowMC(nvp(), n_local=1, n_global=2, history=3,
+                 scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5))
+    dst.load_state_dict(src.state_dict())
+    assert dst.n_fits == 2 and dst.n_flow_updates == 2 and (dst._hist_pos, dst._hist_len) == (1, 3)
+    assert dst.scheduler.state_dict() == src.scheduler.state_dict()
+    assert dst.optimizer.param_groups[0]["lr"] == src.optimizer.param_groups[0]["lr"] == 2.5e-4
+    torch.testing.assert_close(dst.chains, src.chains)
+    torch.testing.assert_close(dst.history_states, src.history_states)
+    assert dst.history_states.shape == (3, 5, 2)
+
+
+def test_flowmc_extra_state_defaults_and_missing_parts():
+    fm = _trained(scheduler=False)
+    fm.set_extra_state({})
+    assert fm.n_fits == 0 and fm.n_flow_updates == 0 and (fm._hist_pos, fm._hist_len) == (0, 0)
+    fm.set_extra_state({"optimizer": None, "scheduler": {"last_epoch": 3}})  # no scheduler here
+    frozen = RealNVP(2, n_layers=1, hidden=(2,)).requires_grad_(False)
+    fm = FlowMC(frozen)
+    assert fm.optimizer is None and fm.get_extra_state()["optimizer"] is None
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta:UserWarning")
+def test_flowmc_loads_into_buffers_on_their_device():
+    src = _trained(scheduler=False)
+    dst = FlowMC(nvp(), n_local=1, n_global=2, history=3).to("meta")
+    dst.load_state_dict(src.state_dict())
+    assert dst.chains.device.type == "meta" and dst.chains.shape == (5, 2)
+    assert dst.history_states.device.type == "meta" and dst.history_states.shape == (3, 5, 2)
