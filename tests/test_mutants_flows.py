@@ -113,6 +113,11 @@ ERRORS = {
     "zuko_n2": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).sample_and_log_prob(0),
     "zuko_n_bool": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).base_sample(True),
     "zuko_not_nf": lambda: ZukoFlow(zuko.mixtures.GMM(2, components=2)).forward(torch.zeros(1, 2)),
+    "zuko_no_gauss": lambda: ZukoFlow(zuko.mixtures.GMM(2, components=2)).base_sample(2),
+    "zuko_meta_gen": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).to("meta").base_sample(2, torch.Generator()),
+    "zuko_sample_n_bool": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).sample_and_log_prob(True),
+    "zuko_logp": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).log_prob(torch.zeros(2, 3)),
+    "cnf_logp": lambda: ContinuousFlow(2, hidden=(4,)).log_prob(torch.zeros(2, 3)),
 }
 
 MESSAGES = {
@@ -177,6 +182,11 @@ MESSAGES = {
     'zuko_n2': (ValueError, 'n must be a positive int, got 0'),
     'zuko_n_bool': (ValueError, 'n must be a positive int, got True'),
     'zuko_not_nf': (ValueError, 'the zuko distribution Mixture is not a NormalizingFlow (no transform/base): only log_prob and sample_and_log_prob are available'),
+    'zuko_no_gauss': (TypeError, 'Mixture has no Gaussian base: it cannot be sampled from standard normal noise'),
+    'zuko_meta_gen': (ValueError, "generator is on cpu but the flow is on meta; create it with torch.Generator(device='meta')"),
+    'zuko_sample_n_bool': (ValueError, 'n must be a positive int, got True'),
+    'zuko_logp': (ValueError, 'x must have shape (B, 2) for ZukoFlow(dim=2), got (2, 3); flatten event dims with x.flatten(1)'),
+    'cnf_logp': (ValueError, 'x must have shape (B, 2) for ContinuousFlow(dim=2), got (2, 3); flatten event dims with x.flatten(1)'),
 }
 
 
@@ -329,3 +339,82 @@ def test_flowmc_loads_into_buffers_on_their_device():
     dst.load_state_dict(src.state_dict())
     assert dst.chains.device.type == "meta" and dst.chains.shape == (5, 2)
     assert dst.history_states.device.type == "meta" and dst.history_states.shape == (3, 5, 2)
+
+
+class _Cheap(Flow):
+    """log q(x) = -|x - mu|^2 (cheap to fit); records the batch sizes; one unused parameter."""
+
+    def __init__(self):
+        super().__init__(2)
+        self.mu = torch.nn.Parameter(torch.zeros(2))
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+        self.sizes = []
+
+    def log_prob(self, x):
+        self.sizes.append(x.shape[0])
+        return -(x - self.mu).pow(2).sum(-1)
+
+
+def test_fit_defaults_and_gradient_clearing(monkeypatch):
+    lrs = []
+    import ebmflow.flows.base as flow_base
+
+    def adam(params, lr):
+        lrs.append(lr)
+        return torch.optim.SGD(params, lr=0.0)
+
+    monkeypatch.setattr(flow_base, "default_adam", adam)
+    flow = _Cheap()
+    flow.unused.grad = torch.ones(())
+    losses = flow.fit(torch.randn(300, 2, generator=torch.Generator().manual_seed(0)))
+    assert losses.shape == (1000,) and lrs == [1e-3]
+    assert set(flow.sizes) == {256}
+    assert flow.unused.grad is None  # zero_grad(set_to_none=True)
+    one = _Cheap()
+    losses = one.fit(torch.tensor([[1.0, 2.0]]), 3)  # a single row: index 0 is drawn
+    torch.testing.assert_close(losses, torch.full((3,), 5.0))
+
+
+def test_fit_on_the_datas_device():
+    flow = _Cheap().to("meta")
+    losses = flow.fit(torch.zeros(4, 2, device="meta"), 2)
+    assert losses.device.type == "meta"
+
+
+def test_hutchinson_log_prob_draws_from_the_generator():
+    torch.manual_seed(0)
+    flow = ContinuousFlow(2, hidden=(4,), trace="hutchinson", ode_steps=2)
+    with torch.no_grad():
+        flow.velocity.net[-1].weight.normal_()
+    x = torch.tensor([[0.5, -1.0], [1.0, 0.0]])
+    lp = _two_global_seeds(lambda: flow, lambda f, g: f.log_prob(x, g))
+    z = _two_global_seeds(lambda: flow, lambda f, g: f.inverse(x, g)[1])
+    from ebmflow.flows.base import standard_normal_log_prob
+
+    torch.testing.assert_close(lp, standard_normal_log_prob(flow.inverse(x, torch.Generator().manual_seed(5))[0]) + z)
+
+
+def test_flowmc_default_local_kernel():
+    local = FlowMC(nvp()).local
+    assert type(local).__name__ == "MALA" and local.n_warmup == 100 and local.step_size == 0.005
+
+
+def test_zuko_samples_through_the_gaussian_base_noise():
+    from ebmflow.flows.zuko_adapter import _is_gaussian
+
+    torch.manual_seed(0)
+    flow = ZukoFlow(zuko.flows.MAF(2, transforms=1))
+    dist = flow.flow()
+    assert _is_gaussian(dist.base) and _is_gaussian(torch.distributions.Normal(0.0, 1.0))
+    assert not _is_gaussian(torch.distributions.Uniform(0.0, 1.0))
+    x, lq = flow.sample_and_log_prob(3, torch.Generator().manual_seed(1))
+    eps = torch.randn((3, 2), generator=torch.Generator().manual_seed(1))
+    xe, ladj = dist.transform.inv.call_and_ladj(eps)  # base N(0, I): z = eps
+    torch.testing.assert_close(x, xe)
+    torch.testing.assert_close(lq, dist.base.log_prob(eps) - ladj)
+    xs, lqs = flow.sample_from_base(eps)
+    torch.testing.assert_close(xs, xe)
+    assert flow.sample_and_log_prob(1)[0].shape == (1, 2)
+    double = ZukoFlow(zuko.flows.MAF(2, transforms=1)).double()
+    assert double.base_sample(2).dtype == torch.float64
+    assert ZukoFlow(zuko.flows.MAF(2, transforms=1)).to("meta").base_sample(2).device.type == "meta"
