@@ -418,3 +418,83 @@ def test_zuko_samples_through_the_gaussian_base_noise():
     double = ZukoFlow(zuko.flows.MAF(2, transforms=1)).double()
     assert double.base_sample(2).dtype == torch.float64
     assert ZukoFlow(zuko.flows.MAF(2, transforms=1)).to("meta").base_sample(2).device.type == "meta"
+
+
+def _gm_target():
+    from ebmflow.energy import GaussianMixtureEnergy
+
+    return GaussianMixtureEnergy(torch.tensor([[-2.0, 0.0], [2.0, 0.5]]), torch.tensor([0.8, 0.9]),
+                                 torch.tensor([0.6, 0.4]))
+
+
+def _wobbly_realnvp():
+    torch.manual_seed(0)
+    flow = RealNVP(2, n_layers=2, hidden=(8,), scale=torch.tensor([2.5, 1.2]))
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return flow
+
+
+def _wobbly_zuko():
+    torch.manual_seed(0)
+    return ZukoFlow(zuko.flows.MAF(2, transforms=2, hidden_features=(8,)))
+
+
+@pytest.mark.parametrize(("make_flow", "kw", "ks"), [
+    (_wobbly_realnvp, dict(n_local=2, n_global=5, proposal_batch_size=64), {4, 1}),
+    (_wobbly_realnvp, dict(n_local=0, n_global=3, proposal_batch_size=None), {3}),
+    (_wobbly_zuko, dict(n_local=1, n_global=3, proposal_batch_size=32), {2, 1}),
+], ids=["chunks", "global-only", "zuko"])
+def test_compiled_global_moves_are_the_eager_moves(monkeypatch, make_flow, kw, ks):
+    """compile=True with ``torch.compile`` replaced by the identity (the chunks' own logic
+    without dynamo; ``tests/test_flowmc_compiled.py`` compiles for real)."""
+    from ebmflow.samplers import MALA
+
+    backends = []
+
+    def fake_compile(fn, **kwargs):
+        backends.append(kwargs.get("backend"))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    x0 = 2.0 * torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for compiled in (False, True):
+        flow = make_flow()
+        s = FlowMC(flow, MALA(0.1), flow_steps=0, compile=compiled, **kw)
+        s.compile_backend = "eager"
+        g = torch.Generator().manual_seed(1)
+        x = s.sample(_gm_target(), x0=x0, generator=g, n_rounds=2)
+        runs.append((s, x, g))
+    (s_e, x_e, g_e), (s_c, x_c, g_c) = runs
+    assert s_c._compile_failed is None and s_c.compile_seconds is not None
+    assert {key[3] for key in s_c._blocks} == ks and set(backends) == {"eager"}
+    for key, block in s_c._blocks.items():
+        assert key[1] == id(s_c.flow) and key[-2:] == (True, True) and block.key == key
+    torch.testing.assert_close(x_c, x_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s_c.chain_stats["global_accept"], s_e.chain_stats["global_accept"])
+    for key in ("local_accept", "global_accept", "flow_nonfinite"):
+        torch.testing.assert_close(s_c.stats[key], s_e.stats[key])
+    assert 0.0 < float(s_e.stats["global_accept"]) < 1.0
+    assert torch.equal(g_c.get_state(), g_e.get_state())
+
+
+def test_a_flow_drawing_outside_rng_falls_back_with_a_warning(monkeypatch):
+    from ebmflow.samplers import MALA, CompileFallbackWarning
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+
+    class OwnNoise(RealNVP):
+        def base_sample(self, n, generator=None):
+            return torch.randn((n, self.dim), generator=generator)
+
+    torch.manual_seed(0)
+    s = FlowMC(OwnNoise(2, n_layers=2, hidden=(4,)), MALA(0.1), n_local=1, n_global=2,
+               flow_steps=0, compile=True)
+    with pytest.warns(CompileFallbackWarning) as rec:
+        x = s.sample(_gm_target(), x0=torch.zeros(4, 2), generator=torch.Generator().manual_seed(0))
+    assert x.shape == (4, 2) and s._blocks == {}
+    assert s._compile_failed.startswith(
+        "OwnNoise.sample_and_log_prob draws random numbers without ebmflow.samplers.rng (")
+    assert "FlowMC" in str(rec[0].message) and s._compile_failed in str(rec[0].message)
