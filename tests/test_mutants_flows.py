@@ -498,3 +498,38 @@ def test_a_flow_drawing_outside_rng_falls_back_with_a_warning(monkeypatch):
     assert s._compile_failed.startswith(
         "OwnNoise.sample_and_log_prob draws random numbers without ebmflow.samplers.rng (")
     assert "FlowMC" in str(rec[0].message) and s._compile_failed in str(rec[0].message)
+
+
+def test_flowmc_schedule_defaults():
+    from ebmflow.samplers import MALA
+
+    local = MALA(0.05)
+    s = FlowMC.flowmc_schedule(nvp(), local)
+    assert s.local is local
+    assert s.flow_epochs == 5 and s.history == 100 and s.train_examples == 10_000
+    assert s.flow_batch_size == 10_000 and s.train_updates is None and s.max_grad_norm == 1.0
+    assert type(s.optimizer).__name__ == "AdamW" and s.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_zuko_import_error_names_the_install(monkeypatch):
+    import sys
+
+    from ebmflow.flows.zuko_adapter import _import_zuko
+
+    monkeypatch.setitem(sys.modules, "zuko", None)
+    with pytest.raises(ImportError) as info:
+        _import_zuko()
+    assert str(info.value) == ("ZukoFlow needs zuko; install it with `pip install zuko` or `pip "
+                               "install ebmflow[zuko]`")
+
+
+def test_zuko_flow_over_matrices_is_refused():
+    class Matrices(zuko.lazy.LazyDistribution):
+        def forward(self, c=None):
+            normal = torch.distributions.Normal(torch.zeros(2, 2), torch.ones(2, 2))
+            return torch.distributions.Independent(normal, 2)
+
+    with pytest.raises(ValueError) as info:
+        ZukoFlow(Matrices())
+    assert str(info.value) == ("ZukoFlow needs a flow over vectors (event shape (D,)), got event "
+                               "shape (2, 2)")
