@@ -4,8 +4,10 @@ Each test trains one cell of the table with the ``--quick`` settings (2,000 exac
 transfer matrices, 300 updates) and checks the score and where the error sits. The
 thresholds sit between what the methods measure and what a broken method gives: J = 0 (no
 learning) scores -log RMSE = -log(|sigma| sqrt(4 / D)) = 3.91 at |sigma| = 0.1, D = 100; a
-coupling of the wrong sign scores below that; a wrong perturbation (e.g. flipping all bits,
-or a kernel that ignores the data) gives no or wrong-sign edge couplings.
+coupling of the wrong sign (data drawn with -sigma) scores 3.1 to 3.6; a perturbation that
+barely moves the data (eps = 1e-4) or always flips the same bit leaves J at 0 (3.91).
+A uniform kernel (eps = 0.5) is not caught at sigma = 0.1: there it is a working
+noise-contrastive loss against uniform noise, close to the data at this weak coupling.
 """
 
 from __future__ import annotations
