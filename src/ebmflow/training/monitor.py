@@ -13,7 +13,12 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["StepStats", "is_monitored"]
+__all__ = ["StepStats", "TrainingDiverged", "is_monitored"]
+
+
+class TrainingDiverged(FloatingPointError):
+    """A monitored quantity (loss, energies, gradient norm) became NaN or inf; the message
+    names the step and the quantity. The last good checkpoint is kept."""
 
 
 def is_monitored(key: str) -> bool:

@@ -21,21 +21,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._version import __version__
 from ..energy.base import EnergyModel
 from ..losses.base import EBMLoss, LossOutput
 from ..samplers.base import Sampler
 from .batches import BatchStream, first_tensor
 from .callbacks import Callback
-from .checkpoint import (
-    CheckpointError,
-    atomic_save,
-    load_checkpoint,
-    load_module_state,
-    module_state,
-    rng_state,
-    set_rng_state,
-)
 from .distributed import (
     DistInfo,
     all_reduce_gradients,
@@ -46,21 +36,16 @@ from .distributed import (
 )
 from .ema import EMA
 from .loggers import JSONLLogger, ProgressBar, TensorBoardLogger
-from .monitor import StepStats
-from .resume import apply_changed_arguments, scalar_attributes
+from .monitor import StepStats, TrainingDiverged
+from .resume import scalar_attributes
 from .run_folder import check_run_folder
 from .setup import build_optimizer, build_scheduler, resolve_device
+from .state import restore_trainer, save_trainer, trainer_state_dict
 from .threads import ThreadChoice, choose_threads, warn_if_oversubscribed
 
 __all__ = ["Trainer", "TrainingDiverged"]
 
-CHECKPOINT_FORMAT = 1
 _log = logging.getLogger("ebmflow.training")
-
-
-class TrainingDiverged(FloatingPointError):
-    """A monitored quantity (loss, energies, gradient norm) became NaN or inf; the message
-    names the step and the quantity. The last good checkpoint is kept."""
 
 
 def keep_tensor_lr(optimizer: torch.optim.Optimizer, tensors: list[Tensor | None]) -> None:
@@ -459,54 +444,12 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (see ``save_checkpoint``)."""
-        rng = rng_state([self.device])
-        if self.dist.enabled:
-            import torch.distributed as tdist
-
-            states: list[Any] = [None] * self.dist.world_size
-            tdist.all_gather_object(states, rng)
-            rng = {"ranks": states}
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "ebmflow_version": __version__,
-            "step": self.step,
-            "data_seed": self.data_seed,
-            "world_size": self.dist.world_size,
-            "energy": self.energy.state_dict(),
-            "energy_class": type(self.energy).__name__,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "sampler": module_state(self.sampler) if self.sampler is not None else None,
-            "loss": module_state(self.loss),
-            "rng": rng,
-            "config": self.config,
-            "constructed": self._built,
-        }
+        return trainer_state_dict(self)
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path | None:
         """Write a checkpoint atomically (rank 0 only; other ranks wait). Refuses to write
         when the loss or the parameters are non-finite, so a checkpoint is never corrupt."""
-        path = Path(path) if path is not None else self.checkpoint_path
-        if path is None:
-            raise ValueError("no checkpoint path: pass path=... or build the Trainer with out_dir")
-        self._check_finite()
-        with torch.no_grad():
-            finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
-        if not bool(finite):
-            raise TrainingDiverged(
-                f"the energy's parameters are NaN/inf at step {self.step}; not writing a "
-                f"checkpoint (the last good one is {self.last_checkpoint})"
-            )
-        state = self.state_dict()
-        if self.is_main:
-            atomic_save(state, path)
-        if self.dist.enabled:
-            import torch.distributed as tdist
-
-            tdist.barrier()
-        self.last_checkpoint = path
-        return path
+        return save_trainer(self, path)
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a checkpoint written by ``save_checkpoint`` (energy, optimiser, scheduler,
@@ -516,42 +459,7 @@ class Trainer:
         take the checkpoint's values, except those whose constructor argument differs from
         the saved run's: the new argument wins, with a warning naming each one, its old and
         its new value (``ebmflow.training.resume``)."""
-        ckpt = load_checkpoint(path, map_location=self.device)
-        if ckpt.get("format") != CHECKPOINT_FORMAT or "energy" not in ckpt:
-            raise CheckpointError(f"{path} is not an ebmflow Trainer checkpoint")
-        try:
-            self.energy.load_state_dict(ckpt["energy"])
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"the checkpoint's energy ({ckpt.get('energy_class')}) does not match "
-                f"{type(self.energy).__name__}: {str(err).splitlines()[0]}"
-            ) from err
-        before = self._scalar_state()
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scheduler is not None and ckpt.get("scheduler") is not None:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.load_state_dict(ckpt["ema"])
-        if self.sampler is not None and ckpt.get("sampler") is not None:
-            load_module_state(self.sampler, ckpt["sampler"], "sampler", self.device)
-        if ckpt.get("loss") is not None:
-            load_module_state(self.loss, ckpt["loss"], "loss", self.device)
-        saved_built = ckpt.get("constructed")
-        for what, module in self._resumable().items():
-            if module is not None and ckpt.get(what) is not None:
-                apply_changed_arguments(
-                    module, what, self._built.get(what, {}),
-                    saved_built.get(what, {}) if isinstance(saved_built, dict) else None,
-                    before.get(what, {}))
-        rng = ckpt["rng"]
-        if "ranks" in rng:
-            ranks = rng["ranks"]
-            rng = ranks[self.dist.rank] if self.dist.rank < len(ranks) else ranks[0]
-        set_rng_state(rng)
-        self.step = int(ckpt["step"])
-        self.step_stats.step_t.fill_(self.step)
-        self.data_seed = ckpt.get("data_seed")
-        self.last_checkpoint = Path(path)
+        restore_trainer(self, path)
 
     # -- the loop ------------------------------------------------------------------------
     def _prepare_data(self, data: Any, batch_size: int | None) -> BatchStream:
