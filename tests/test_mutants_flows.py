@@ -533,3 +533,75 @@ def test_zuko_flow_over_matrices_is_refused():
         ZukoFlow(Matrices())
     assert str(info.value) == ("ZukoFlow needs a flow over vectors (event shape (D,)), got event "
                                "shape (2, 2)")
+
+
+def _health(chains, ref=None, best=math.inf, flow=None):
+    fm = FlowMC(flow if flow is not None else nvp(chains.shape[1]))
+    fm.chains = chains
+    fm._health_ref = ref
+    fm._best_loss = best
+    return fm
+
+
+def test_check_health_values_and_first_reference():
+    chains = torch.tensor([[0.0, 1.0], [1.0, 1.5], [2.0, 3.0], [0.5, 0.0]])
+    fm = _health(chains)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = fm.check_health()
+    spread = float(chains.std(0).mean())
+    far = float((chains - chains.median(0).values).abs().max())
+    assert out == {"flow_loss": 0.0, "spread": pytest.approx(spread, rel=1e-6),
+                   "farthest": pytest.approx(far, rel=1e-6)}
+    assert fm._health_ref == (pytest.approx(spread, rel=1e-6), pytest.approx(far, rel=1e-6))
+    small = _health(torch.tensor([[0.0], [0.5], [0.25]]))
+    small.check_health()
+    assert small._health_ref == (pytest.approx(0.25, rel=1e-6), pytest.approx(0.25, rel=1e-6))
+    one = _health(torch.tensor([[3.0]]))
+    with pytest.warns(RuntimeWarning, match="collapsed"):  # spread 0 < 2% of the 1e-12 floor
+        assert one.check_health() == {"flow_loss": 0.0, "spread": 0.0, "farthest": 0.0}
+    assert one._health_ref == (1e-12, 1e-12)
+    two = _health(torch.tensor([[0.0], [2.0]]))
+    assert two.check_health()["spread"] == pytest.approx(2 ** 0.5, rel=1e-6)
+
+
+def test_check_health_thresholds():
+    line = torch.tensor([[0.0], [1.0], [2.0]])  # spread 1, farthest 1 from the median
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _health(line, ref=(50.0, 1.0)).check_health()  # spread = 2% of the first: no warning
+        _health(line, ref=(1.0, 0.02)).check_health()  # farthest = 50 times: no warning
+        _health(line, ref=(1.0, 1.0), best=1.0).check_health(torch.tensor(11.0))  # best + 10 D
+    with pytest.warns(RuntimeWarning) as rec:
+        _health(line, ref=(100.0, 1.0)).check_health()
+    assert str(rec[0].message) == (
+        "FlowMC: the chains collapsed (spread 1, first check 100); the energy or the flow "
+        "concentrated on one point. Check the energy's training (lower its lr, add the CD "
+        "regulariser alpha) and do not fit a flow to the chains of an energy tilted by it")
+    with pytest.warns(RuntimeWarning) as rec:
+        _health(line, ref=(1.0, 0.0199)).check_health()
+    assert str(rec[0].message) == (
+        "FlowMC: the chains ran away (farthest 1 from their median, first check 0.0199); the "
+        "energy is not confining or the local step is too large. Add the CD regulariser alpha, "
+        "lower the energy's lr or the local step size")
+    with pytest.warns(RuntimeWarning) as rec:
+        fm = _health(line, ref=(1.0, 1.0), best=1.0)
+        fm.check_health(torch.tensor(11.5))
+    assert str(rec[0].message) == (
+        "FlowMC: the flow loss exploded (11.5, best so far 1); the flow or the chains diverged. "
+        "Lower the flow lr, clip harder (max_grad_norm=1.0), or freeze a flow fitted to the data "
+        "(flow_steps=0)")
+    assert fm._best_loss == 1.0
+    fm.check_health(torch.tensor(0.5))
+    assert fm._best_loss == 0.5
+
+
+def test_check_health_rechecks_flows_with_a_numerical_inverse(monkeypatch):
+    calls = []
+    cnf = _health(torch.zeros(3, 2), flow=ContinuousFlow(2, hidden=(4,)))
+    monkeypatch.setattr(cnf, "_check_flow", lambda: calls.append("cnf"))
+    cnf.check_health()
+    nvp_fm = _health(torch.zeros(3, 2))
+    monkeypatch.setattr(nvp_fm, "_check_flow", lambda: calls.append("nvp"))
+    nvp_fm.check_health()
+    assert calls == ["cnf"]
