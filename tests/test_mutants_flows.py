@@ -598,10 +598,11 @@ def test_check_health_thresholds():
 
 def test_check_health_rechecks_flows_with_a_numerical_inverse(monkeypatch):
     calls = []
-    cnf = _health(torch.zeros(3, 2), flow=ContinuousFlow(2, hidden=(4,)))
+    spread = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0]])
+    cnf = _health(spread, flow=ContinuousFlow(2, hidden=(4,)))
     monkeypatch.setattr(cnf, "_check_flow", lambda: calls.append("cnf"))
     cnf.check_health()
-    nvp_fm = _health(torch.zeros(3, 2))
+    nvp_fm = _health(spread)
     monkeypatch.setattr(nvp_fm, "_check_flow", lambda: calls.append("nvp"))
     nvp_fm.check_health()
     assert calls == ["cnf"]
