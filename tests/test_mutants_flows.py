@@ -118,6 +118,7 @@ ERRORS = {
     "zuko_sample_n_bool": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).sample_and_log_prob(True),
     "zuko_logp": lambda: ZukoFlow(zuko.flows.MAF(2, transforms=1)).log_prob(torch.zeros(2, 3)),
     "cnf_logp": lambda: ContinuousFlow(2, hidden=(4,)).log_prob(torch.zeros(2, 3)),
+    "update_meta": lambda: FlowMC(nvp()).update(_gm_target(), torch.zeros(3, 2, device="meta")),
 }
 
 MESSAGES = {
@@ -187,6 +188,7 @@ MESSAGES = {
     'zuko_sample_n_bool': (ValueError, 'n must be a positive int, got True'),
     'zuko_logp': (ValueError, 'x must have shape (B, 2) for ZukoFlow(dim=2), got (2, 3); flatten event dims with x.flatten(1)'),
     'cnf_logp': (ValueError, 'x must have shape (B, 2) for ContinuousFlow(dim=2), got (2, 3); flatten event dims with x.flatten(1)'),
+    'update_meta': (ValueError, "data is on device meta but the model is on cpu; move it first, e.g. data = data.to('cpu')"),
 }
 
 
@@ -606,3 +608,99 @@ def test_check_health_rechecks_flows_with_a_numerical_inverse(monkeypatch):
     monkeypatch.setattr(nvp_fm, "_check_flow", lambda: calls.append("nvp"))
     nvp_fm.check_health()
     assert calls == ["cnf"]
+
+
+def _kernel(**attrs):
+    """A module with only the given attributes (stands in for FlowMC's local kernel)."""
+    m = torch.nn.Module()
+    for k, v in attrs.items():
+        setattr(m, k, v)
+    return m
+
+
+def test_retune_local_needs_a_reset_and_a_warm_up():
+    fm = FlowMC(nvp())
+    calls = []
+    fm.local = _kernel(reset_adaptation=lambda: calls.append("reset"), n_warmup=1)
+    fm._retune_local()
+    fm.local = _kernel(reset_adaptation=lambda: calls.append("none"), n_warmup=0)
+    fm._retune_local()
+    fm.local = _kernel(reset_adaptation=lambda: calls.append("no n_warmup"))
+    fm._retune_local()
+    fm.local = _kernel(n_warmup=5)  # nothing to reset
+    fm._retune_local()
+    assert calls == ["reset"]
+
+
+def test_training_set_is_the_history_once_recorded():
+    fm = FlowMC(nvp(), history=2)
+    fm.chains = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    fm.history_states = torch.arange(8.0).reshape(2, 2, 2)
+    fm._hist_len = 0  # nothing recorded yet: the chains
+    torch.testing.assert_close(fm._training_set(None), fm.chains)
+    fm._hist_len = 1
+    torch.testing.assert_close(fm._training_set(None), fm.history_states[0])
+    fm.history = 1
+    torch.testing.assert_close(fm._training_set(None), fm.history_states[0])
+    fm.history, fm._hist_len = 0, 2  # no history kept: the chains
+    torch.testing.assert_close(fm._training_set(None), fm.chains)
+    fm.history = 2
+    torch.testing.assert_close(fm._training_set(None), fm.history_states.reshape(4, 2))
+    fm.train_examples = 6
+    got = _two_global_seeds(lambda: fm, lambda f, g: f._training_set(g))
+    idx = torch.randint(0, 4, (6,), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(got, fm.history_states.reshape(4, 2)[idx])
+    fm.history = 0
+    fm.chains = torch.tensor([[3.0, 4.0]])  # one row: index 0 every time
+    torch.testing.assert_close(fm._training_set(None), torch.tensor([[3.0, 4.0]]).expand(6, 2))
+
+
+def test_tilt_feedback_warning_once_for_the_same_flow():
+    from types import SimpleNamespace
+
+    fm = FlowMC(nvp())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fm._warn_tilt_feedback(SimpleNamespace(flow=nvp()))  # another flow
+        fm._warn_tilt_feedback(Quad())
+    with pytest.warns(RuntimeWarning) as rec:
+        fm._warn_tilt_feedback(SimpleNamespace(flow=fm.flow))
+    assert str(rec[0].message) == (
+        "FlowMC is fitting the flow to the chains of an energy tilted by that same flow "
+        "(TiltedEnergy): each fit absorbs the tilt into q and feeds it back, and the model "
+        "drifts or collapses; fit the flow to the data first (flow.fit(data)) and freeze it "
+        "(FlowMC(..., flow_steps=0))")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fm._warn_tilt_feedback(SimpleNamespace(flow=fm.flow))  # once
+    wrapped = FlowMC(_wobbly_zuko())
+    with pytest.warns(RuntimeWarning, match="tilted by that same flow"):
+        wrapped._warn_tilt_feedback(SimpleNamespace(flow=wrapped.flow.flow))
+
+
+def test_update_counts_calls_checks_health_when_due_and_skips_zero_steps(monkeypatch):
+    fm = FlowMC(nvp(), check_every=2)
+    due = []
+    monkeypatch.setattr(fm, "check_health", lambda loss=None: due.append(fm._n_calls))
+    data = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        fm.update(Quad(), data)
+    assert fm._n_calls == 3 and due == [1, 2]
+    idle = FlowMC(nvp(), flow_steps=0)
+    assert idle.update(Quad(), data) == {} and idle.n_fits == 0 and idle.n_flow_updates == 0
+
+
+def test_update_draws_only_from_the_generator():
+    data = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+
+    def make():
+        fm = FlowMC(nvp(), history=2, train_examples=6, flow_epochs=2, flow_batch_size=4)
+        fm.chains = data.clone()
+        fm._record(data)
+        return fm
+
+    def act(fm, g):
+        out = fm.update(Quad(), generator=g)
+        return torch.cat([out["flow_loss"].reshape(1)] + [p.detach().flatten() for p in fm.flow.parameters()])
+
+    _two_global_seeds(make, act)
