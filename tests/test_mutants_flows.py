@@ -704,3 +704,110 @@ def test_update_draws_only_from_the_generator():
         return torch.cat([out["flow_loss"].reshape(1)] + [p.detach().flatten() for p in fm.flow.parameters()])
 
     _two_global_seeds(make, act)
+
+
+class _CheapMC(Flow):
+    """log q(x) = -|x - mu|^2, an unused parameter, and the batches its nll saw."""
+
+    def __init__(self):
+        super().__init__(2)
+        self.mu = torch.nn.Parameter(torch.zeros(2))
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+        self.batches = []
+
+    def log_prob(self, x):
+        self.batches.append(x.detach().clone())
+        return -(x - self.mu).pow(2).sum(-1)
+
+
+def test_update_batches_gradients_and_sync():
+    rows = torch.arange(16.0).reshape(8, 2)
+    fm = FlowMC(_CheapMC(), flow_epochs=1, flow_batch_size=4)
+    fm.chains = rows.clone()
+    synced = []
+    fm.grad_sync = synced.append
+    fm.flow.unused.grad = torch.ones(())
+    fm.update(Quad(), generator=torch.Generator().manual_seed(0))
+    seen = torch.cat(fm.flow.batches)
+    assert [len(b) for b in fm.flow.batches] == [4, 4]
+    assert sorted(seen[:, 0].tolist()) == rows[:, 0].tolist()  # an epoch sees every row once
+    assert fm.flow.unused.grad is None  # zero_grad(set_to_none=True)
+    assert len(synced) == 2 and [id(p) for p in synced[0]] == [id(p) for p in fm.flow.parameters()]
+    # flow_steps with a smaller batch: a random subset; the whole set needs no draw
+    fm = FlowMC(_CheapMC(), flow_steps=2, flow_batch_size=3)
+    fm.chains = rows.clone()
+    fm.update(Quad(), generator=torch.Generator().manual_seed(0))
+    assert [len(b) for b in fm.flow.batches] == [3, 3]
+    fm = FlowMC(_CheapMC(), flow_steps=1, flow_batch_size=8)
+    fm.chains = rows.clone()
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    fm.update(Quad(), generator=g)
+    assert torch.equal(fm.flow.batches[0], rows) and torch.equal(g.get_state(), before)
+    data = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+
+    def subset(fm, g):
+        fm.update(Quad(), generator=g)
+        return torch.cat(fm.flow.batches)
+
+    def make():
+        fm = FlowMC(_CheapMC(), flow_steps=2, flow_batch_size=3)
+        fm.chains = data.clone()
+        return fm
+
+    _two_global_seeds(make, subset)
+
+
+def test_flow_matching_update_draws_from_the_generator():
+    data = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
+
+    def make():
+        torch.manual_seed(0)
+        fm = FlowMC(ContinuousFlow(2, hidden=(4,), ode_steps=2), flow_loss="flow_matching")
+        fm.chains = data.clone()
+        return fm
+
+    _two_global_seeds(make, lambda fm, g: fm.update(Quad(), generator=g)["flow_loss"])
+
+
+def test_record_reallocates_on_a_new_shape_or_device():
+    fm = FlowMC(nvp(), history=3)
+    fm._record(torch.zeros(2, 2))
+    fm._record(torch.ones(2, 2))
+    assert (fm._hist_pos, fm._hist_len) == (2, 2)
+    fm._record(torch.full((3, 2), 2.0))  # three chains now: a new buffer
+    assert fm.history_states.shape == (3, 3, 2) and (fm._hist_pos, fm._hist_len) == (1, 1)
+    torch.testing.assert_close(fm.history_states[0], torch.full((3, 2), 2.0))
+    fm._record(torch.zeros(3, 2, device="meta"))
+    assert fm.history_states.device.type == "meta" and (fm._hist_pos, fm._hist_len) == (1, 1)
+    double = FlowMC(nvp(), history=2)
+    double._record(torch.zeros(3, 2, dtype=torch.float64))  # the buffer takes the states' dtype
+    assert double.history_states.dtype == torch.float64
+
+
+def test_cached_energy_of_the_local_kernel():
+    from types import SimpleNamespace
+
+    fm = FlowMC(nvp())
+    x = torch.zeros(2, 2)
+    fm.local.last_state = SimpleNamespace(x=x, energy=torch.ones(3))
+    assert fm._cached_energy(x) is None  # wrong shape
+    fm.local.last_state = SimpleNamespace(x=x, energy=torch.ones(2))
+    assert torch.equal(fm._cached_energy(x), torch.ones(2))
+    assert fm._cached_energy(x.clone()) is None
+
+
+def test_global_moves_use_the_cached_energy(monkeypatch):
+    from ebmflow.samplers import MALA
+
+    fm = FlowMC(nvp(), MALA(0.1), n_local=1, n_global=1)
+    seen = []
+    real = fm._global_init
+
+    def spy(energy, flat):
+        seen.append(sorted(flat))
+        return real(energy, flat)
+
+    monkeypatch.setattr(fm, "_global_init", spy)
+    fm.sample(Quad(), x0=torch.zeros(3, 2), generator=torch.Generator().manual_seed(0))
+    assert seen == [["e", "x"]]
