@@ -811,3 +811,62 @@ def test_global_moves_use_the_cached_energy(monkeypatch):
     monkeypatch.setattr(fm, "_global_init", spy)
     fm.sample(Quad(), x0=torch.zeros(3, 2), generator=torch.Generator().manual_seed(0))
     assert seen == [["e", "x"]]
+
+
+class _Fixed(Flow):
+    """Proposes the given states (in order), with log q = 0 everywhere."""
+
+    def __init__(self, proposals):
+        super().__init__(proposals.shape[1])
+        self.proposals = proposals
+
+    def log_prob(self, x):
+        return torch.zeros(x.shape[0], dtype=x.dtype)
+
+    def sample_and_log_prob(self, n, generator=None):
+        return self.proposals[:n], torch.zeros(n, dtype=self.proposals.dtype)
+
+
+class _Counting(Quad):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def energy(self, x):
+        self.calls += 1
+        return super().energy(x)
+
+
+def test_global_chunk_acceptance_is_strict_and_rejects_non_finite_proposals():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    # chain 0: the same state (key = v(x): rejected); chain 1: NaN (rejected); chain 2: closer
+    prop = torch.tensor([[1.0, 0.0], [float("nan"), 0.0], [1.0, 0.0]])
+    fm = FlowMC(_Fixed(prop), n_local=0, n_global=1)
+    energy = _Counting()
+    flat = fm._global_init(energy, {"x": x, "e": energy(x)})
+    assert energy.calls == 1  # the cached E(x) is used
+    log_u = torch.zeros(1, 3)  # u = 1
+    out = fm._global_chunk(energy, flat, log_u, None, 1)
+    assert out["acc"].tolist() == [0.0, 0.0, 1.0] and bool(out["bad"])
+    torch.testing.assert_close(out["x"], torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 0.0]]))
+    # k = 2: the same rules move by move
+    prop2 = torch.cat([prop, torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.5, 0.0]])])
+    fm2 = FlowMC(_Fixed(prop2), n_local=0, n_global=2)
+    out = fm2._global_chunk(energy, fm2._global_init(energy, {"x": x}), torch.zeros(2, 3), None, 2)
+    assert out["acc"].tolist() == [0.0, 1.0, 2.0]
+    torch.testing.assert_close(out["x"], torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.5, 0.0]]))
+
+
+def test_global_init_keeps_the_states_dtype():
+    fm = FlowMC(nvp().double(), n_local=0)
+    x = torch.zeros(2, 2, dtype=torch.float64)
+    flat = fm._global_init(Quad(), {"x": x})
+    assert flat["acc"].dtype == torch.float64 and flat["v"].dtype == torch.float64
+
+
+def test_compile_false_never_uses_compiled_moves():
+    fm = FlowMC(nvp(), compile=False)
+    assert fm._use_compiled(torch.zeros(2, 2)) is False
+    fm = FlowMC(nvp(), compile=True)
+    fm._compile_failed = "an earlier failure"
+    assert fm._use_compiled(torch.zeros(2, 2)) is False
