@@ -870,3 +870,63 @@ def test_compile_false_never_uses_compiled_moves():
     fm = FlowMC(nvp(), compile=True)
     fm._compile_failed = "an earlier failure"
     assert fm._use_compiled(torch.zeros(2, 2)) is False
+
+
+def _counting_forwards(monkeypatch):
+    counts = {"linear": 0, "silu": 0}
+    linear, silu = torch.nn.Linear.forward, torch.nn.SiLU.forward
+
+    def lin(self, x):
+        counts["linear"] += 1
+        return linear(self, x)
+
+    def act(self, x):
+        counts["silu"] += 1
+        return silu(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", lin)
+    monkeypatch.setattr(torch.nn.SiLU, "forward", act)
+    return counts
+
+
+def test_realnvp_conditioner_runs_functionally_unless_hooks_ask_for_modules(monkeypatch):
+    counts = _counting_forwards(monkeypatch)
+    flow = nvp()
+    x = torch.tensor([[0.5, -1.0], [1.0, 2.0]])
+    with torch.no_grad():
+        reference = flow.log_prob(x)
+    assert counts == {"linear": 0, "silu": 0}  # the functional path, in-place activations
+    lp = flow.log_prob(x)  # with autograd: the activation modules (backward needs inputs)
+    lp.sum().backward()
+    assert counts == {"linear": 0, "silu": 2}
+    torch.testing.assert_close(lp.detach(), reference)
+    fired = []
+    handle = flow.layers[0].net.register_forward_hook(lambda m, i, o: fired.append("net"))
+    flow.log_prob(x)
+    handle.remove()
+    handle = flow.layers[0].net.register_forward_pre_hook(lambda m, i: fired.append("pre"))
+    flow.log_prob(x)
+    handle.remove()
+    handle = flow.layers[1].net[0].register_forward_hook(lambda m, i, o: fired.append("linear"))
+    flow.log_prob(x)
+    handle.remove()
+    assert fired == ["net", "pre", "linear"]
+    from torch.nn.modules.module import (
+        register_module_forward_hook,
+        register_module_forward_pre_hook,
+    )
+
+    seen = []
+    handle = register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        flow.log_prob(x)
+    finally:
+        handle.remove()
+    assert seen.count("Linear") == 4
+    seen.clear()
+    handle = register_module_forward_pre_hook(lambda m, i: seen.append(type(m).__name__))
+    try:
+        flow.log_prob(x)
+    finally:
+        handle.remove()
+    assert seen.count("Linear") == 4
