@@ -278,9 +278,9 @@ def test_flowmc_initial_chains_come_from_the_generator(init):
     def act(fm, g):
         return fm.sample(Quad(), 4, generator=g)
 
-    x = _two_global_seeds(lambda: FlowMC(nvp(), n_local=0, n_global=0, init=init), act)
+    x = _two_global_seeds(lambda: FlowMC(_wobbly_realnvp(), n_local=0, n_global=0, init=init), act)
     g = torch.Generator().manual_seed(5)
-    expected = nvp().sample(4, g) if init == "flow" else torch.randn((4, 2), generator=g)
+    expected = _wobbly_realnvp().sample(4, g) if init == "flow" else torch.randn((4, 2), generator=g)
     torch.testing.assert_close(x, expected)
 
 
@@ -574,6 +574,8 @@ def test_check_health_thresholds():
         _health(line, ref=(50.0, 1.0)).check_health()  # spread = 2% of the first: no warning
         _health(line, ref=(1.0, 0.02)).check_health()  # farthest = 50 times: no warning
         _health(line, ref=(1.0, 1.0), best=1.0).check_health(torch.tensor(11.0))  # best + 10 D
+        plane = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]])  # D = 2: best + 20
+        _health(plane, ref=(0.5, 1.0), best=1.0).check_health(torch.tensor(21.0))
     with pytest.warns(RuntimeWarning) as rec:
         _health(line, ref=(100.0, 1.0)).check_health()
     assert str(rec[0].message) == (
@@ -586,6 +588,8 @@ def test_check_health_thresholds():
         "FlowMC: the chains ran away (farthest 1 from their median, first check 0.0199); the "
         "energy is not confining or the local step is too large. Add the CD regulariser alpha, "
         "lower the energy's lr or the local step size")
+    with pytest.warns(RuntimeWarning, match="exploded"):
+        _health(plane, ref=(0.5, 1.0), best=1.0).check_health(torch.tensor(21.5))
     with pytest.warns(RuntimeWarning) as rec:
         fm = _health(line, ref=(1.0, 1.0), best=1.0)
         fm.check_health(torch.tensor(11.5))
@@ -930,3 +934,76 @@ def test_realnvp_conditioner_runs_functionally_unless_hooks_ask_for_modules(monk
     finally:
         handle.remove()
     assert seen.count("Linear") == 4
+
+
+def test_a_failing_compile_falls_back_to_the_eager_moves(monkeypatch):
+    from ebmflow.samplers import MALA, CompileFallbackWarning
+
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("boom")
+        return call
+
+    x0 = 2.0 * torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for compiled in (False, True):
+        monkeypatch.setattr(torch, "compile", broken if compiled else (lambda fn, **kw: fn))
+        s = FlowMC(_wobbly_realnvp(), MALA(0.1), n_local=0, n_global=5, proposal_batch_size=32,
+                   flow_steps=0, compile=compiled)
+        g = torch.Generator().manual_seed(1)
+        if compiled:
+            with pytest.warns(CompileFallbackWarning) as rec:
+                x = s.sample(_gm_target(), x0=x0, generator=g)
+            assert s._compile_failed == "torch.compile failed: RuntimeError: boom"
+            assert s._compile_failed in str(rec[0].message) and s._blocks == {}
+        else:
+            x = s.sample(_gm_target(), x0=x0, generator=g)
+        runs.append((s, x, g))
+    (s_e, x_e, g_e), (s_c, x_c, g_c) = runs
+    torch.testing.assert_close(x_c, x_e)
+    torch.testing.assert_close(s_c.chain_stats["global_accept"], s_e.chain_stats["global_accept"])
+    assert torch.equal(g_c.get_state(), g_e.get_state())
+
+
+def test_compiled_blocks_cache_per_energy_evict_the_oldest_and_record_noise_once(monkeypatch):
+    from ebmflow.samplers import MALA, rng
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    torch.manual_seed(0)
+    s = FlowMC(_wobbly_realnvp(), MALA(0.1), n_local=0, n_global=2, proposal_batch_size=None,
+               flow_steps=0, compile=True)
+    recordings = []
+    real = s.flow.sample_and_log_prob
+
+    def spy(n, generator=None):
+        if isinstance(generator, rng.RecordingTape):
+            recordings.append(n)
+        return real(n, generator)
+
+    monkeypatch.setattr(s.flow, "sample_and_log_prob", spy)
+    x0 = torch.zeros(4, 2)
+    energy = _gm_target()
+    state = torch.get_rng_state()
+    s.sample(energy, x0=x0, generator=torch.Generator().manual_seed(0))
+    (key, block), = s._blocks.items()
+    assert key[0] == id(energy) and key[1] == id(s.flow) and key[3] == 2 and key[-2:] == (True, True)
+    assert key[2] == (("x", (4, 2), torch.float32, torch.device("cpu")),)
+    assert block.spec[0] == rng.Draw("rand", (2, 4), torch.float32, torch.device("cpu"))
+    s.sample(energy, x0=x0, generator=torch.Generator().manual_seed(1))
+    assert s._blocks == {key: block}  # reused
+    assert recordings == [8]  # the flow's draws are recorded once per size
+    assert list(s._flow_specs) == [(id(s.flow), 8, torch.float32, "cpu")]
+    assert torch.equal(torch.get_rng_state(), state)  # recorded on a private generator
+    energies = [_gm_target() for _ in range(9)]
+    for e in energies:
+        s.sample(e, x0=x0, generator=torch.Generator().manual_seed(0))
+    assert len(s._blocks) == 8 and {k[0] for k in s._blocks} == {id(e) for e in energies[1:]}
+
+
+def test_ode_flows_are_not_compiled():
+    from ebmflow.samplers import CompileFallbackWarning
+
+    fm = FlowMC(ContinuousFlow(2, hidden=(4,)), compile=True)
+    with pytest.warns(CompileFallbackWarning):
+        assert fm._use_compiled(torch.zeros(2, 2)) is False
+    assert fm._compile_failed == "ContinuousFlow solves an ODE (torchdiffeq), which is not compiled"
