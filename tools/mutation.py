@@ -5,6 +5,8 @@ Usage (from the repository root, with the ``dev`` extra installed)::
     python tools/mutation.py --package losses
     python tools/mutation.py --package samplers --max-minutes 40
     python tools/mutation.py --package losses --report-only   # re-read an earlier run
+    python tools/mutation.py --package flows --resume         # finish a run --max-minutes stopped
+    python tools/mutation.py --package flows --rerun-survivors  # after writing tests from them
 
 The tool never touches tracked files: it lays a scratch copy of ``src/``, ``tests/`` and a
 generated ``pyproject.toml`` (the repository's pytest settings plus a ``[tool.mutmut]`` table
@@ -13,7 +15,8 @@ so mutmut's ``mutants/`` folder is ``runs/mutation/<package>/work/mutants/``. Ea
 is tested only with the package's own test files (``PACKAGES`` below) that cover the
 mutated function; mutmut caps every mutant's test run at
 ``(baseline duration + timeout_constant) * timeout_multiplier`` seconds and the whole run is
-capped by ``--max-minutes``. At most two mutmut workers run at a time.
+capped by ``--max-minutes``. At most two mutmut workers run at a time (``--max-children 1``:
+one).
 
 Reports: ``summary.json`` (counts and score), ``survivors.md`` (the diff of every surviving
 mutant) and ``mutmut.log`` (mutmut's own output).
