@@ -617,7 +617,7 @@ def plot_samples(results: dict, path: Path, bins: int = 48) -> None:
     fig.suptitle(f"Model samples decoded to the plane ({'/'.join(f'{n:,}' for n in kept)} per "
                  f"model,\n{ev['gibbs_sweeps']} Gibbs sweeps from noise); NLL in nats, "
                  "MMD x 1e-4", fontsize=FONT)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
