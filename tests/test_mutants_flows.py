@@ -385,10 +385,10 @@ def test_fit_on_the_datas_device():
 
 def test_hutchinson_log_prob_draws_from_the_generator():
     torch.manual_seed(0)
-    flow = ContinuousFlow(2, hidden=(4,), trace="hutchinson", ode_steps=2)
+    flow = ContinuousFlow(2, hidden=(4,), trace="hutchinson", noise="gaussian", ode_steps=2)
     with torch.no_grad():
         flow.velocity.net[-1].weight.normal_()
-    x = torch.tensor([[0.5, -1.0], [1.0, 0.0]])
+    x = torch.tensor([[0.5, -1.0], [1.0, 0.0], [-0.5, 2.0], [0.0, 0.3]])
     lp = _two_global_seeds(lambda: flow, lambda f, g: f.log_prob(x, g))
     z = _two_global_seeds(lambda: flow, lambda f, g: f.inverse(x, g)[1])
     from ebmflow.flows.base import standard_normal_log_prob
@@ -939,7 +939,11 @@ def test_realnvp_conditioner_runs_functionally_unless_hooks_ask_for_modules(monk
 def test_a_failing_compile_falls_back_to_the_eager_moves(monkeypatch):
     from ebmflow.samplers import MALA, CompileFallbackWarning
 
+    built = []
+
     def broken(fn, **kwargs):
+        built.append(fn)
+
         def call(*args, **kw):
             raise RuntimeError("boom")
         return call
@@ -960,9 +964,33 @@ def test_a_failing_compile_falls_back_to_the_eager_moves(monkeypatch):
             x = s.sample(_gm_target(), x0=x0, generator=g)
         runs.append((s, x, g))
     (s_e, x_e, g_e), (s_c, x_c, g_c) = runs
+    assert len(built) == 1  # after the failure the other chunks are not compiled again
     torch.testing.assert_close(x_c, x_e)
     torch.testing.assert_close(s_c.chain_stats["global_accept"], s_e.chain_stats["global_accept"])
     assert torch.equal(g_c.get_state(), g_e.get_state())
+
+
+def test_a_compiled_chunk_failing_after_running_raises(monkeypatch):
+    from ebmflow.samplers import MALA
+
+    def flaky(fn, **kwargs):
+        calls = []
+
+        def call(*args, **kw):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("late failure")
+            return fn(*args, **kw)
+        return call
+
+    monkeypatch.setattr(torch, "compile", flaky)
+    s = FlowMC(_wobbly_realnvp(), MALA(0.1), n_local=0, n_global=2, proposal_batch_size=None,
+               flow_steps=0, compile=True)
+    x0 = torch.zeros(4, 2)
+    energy = _gm_target()
+    s.sample(energy, x0=x0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="late failure"):
+        s.sample(energy, x0=x0, generator=torch.Generator().manual_seed(1))
 
 
 def test_compiled_blocks_cache_per_energy_evict_the_oldest_and_record_noise_once(monkeypatch):
