@@ -117,6 +117,8 @@ DESELECT: dict[str, list[str]] = {
         "tests/test_distributed.py::test_two_gloo_processes_match_one_process_with_doubled_batch",
         "tests/test_cli.py::test_train_writes_the_main_job_files_with_finite_metrics",
         "tests/test_cli.py::test_existing_output_is_refused_resumed_or_overwritten",
+        # reads the repository's examples/, which the scratch copy does not hold
+        "tests/test_cli.py::test_every_cli_example_config_is_valid",
     ],
 }
 
