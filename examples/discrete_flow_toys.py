@@ -203,6 +203,174 @@ def run_dataset(name, cfg, quick, log):
     return out, {k: gray_decode(v, 16, bound) for k, v in samples.items()}
 
 
+# ---------------------------------------------------------------------------------------------
+# --recipes-table: the three recipes on the seven toys of the ED table, evaluated with
+# examples/ed_discrete_toys.py's protocol (evaluate_repeats), one resumable run per cell.
+
+
+def recipe_settings(recipe, cfg, ev):
+    """What a stored recipe run depends on (all but the budgets): resumed only when equal."""
+    return {"recipe": recipe, "flow": {k: v for k, v in cfg["flow"].items() if k != "fit_steps"},
+            "energy": {k: v for k, v in cfg["energy"].items() if k != "ed_iterations"},
+            "recipes": {k: v for k, v in cfg["recipes"].items() if k != "iterations"},
+            "batch_size": cfg["data"]["batch_size"], "seed": cfg["eval"]["seed"], "eval": ev}
+
+
+@torch.no_grad()
+def flow_mmd_repeats(flow, energy, dataset, task, ev, gen, seed=123):
+    """MMD x 1e-4 of the flow's own samples (no MCMC) to fresh test points, with the repeats
+    and reference sets of ``ed_discrete_toys.evaluate_repeats``: (mean, std)."""
+    from ebmflow.metrics import mmd as _mmd
+
+    reps, n = ev.get("mmd_repeats", 1), ev["n_samples"]
+    x = flow.sample(energy, reps * n, generator=gen)
+    vals = []
+    for r in range(reps):
+        ref = task.encode(toy_2d(dataset, n, torch.Generator().manual_seed(seed + 1 + r)))
+        vals.append(1e4 * float(_mmd(ref, x[r * n:(r + 1) * n], kernel="exp_hamming",
+                                     hamming_scale=ev["hamming_scale"])))
+    v = torch.tensor(vals, dtype=torch.float64)
+    return float(v.mean()), float(v.std()) if reps > 1 else 0.0
+
+
+def train_recipe_budgets(recipe, dataset, cfg, ev, budgets, state_dir, restart=False, log=print):
+    """Train ``recipe`` (as ``train_recipe``) on ``dataset`` to ``max(budgets)`` EBM steps and
+    evaluate the energy at every budget with ``ed_discrete_toys.evaluate_repeats`` (NLL with
+    ``ev["n_importance"]`` uniform strings, MMD of Gibbs samples over ``ev["mmd_repeats"]``
+    repeats), plus the MMD of the flow's own samples. Record and checkpoint in
+    ``state_dir/<dataset>_<recipe>.{json,pt}``, rewritten at every budget; a later call with
+    the same settings reads reached budgets back and continues from the checkpoint."""
+    from ed_discrete_toys import evaluate_repeats, gray_task
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    rec_path, ckpt_path = state_dir / f"{dataset}_{recipe}.json", state_dir / f"{dataset}_{recipe}.pt"
+    settings = json.loads(json.dumps(recipe_settings(recipe, cfg, ev)))
+    seed = cfg["eval"]["seed"]
+    gen = torch.Generator().manual_seed(seed)
+    enc, _ = toy_encoder(dataset, seed)
+    task = gray_task(dataset, cfg["data"]["bits"], seed)
+    batch = cfg["data"]["batch_size"]
+    torch.manual_seed(seed)
+    energy = MLPEnergy(Binary(32), hidden=cfg["energy"]["hidden"])
+    flow = make_flow(cfg, seed)
+    flow.batch_size = batch
+    sampler = make_recipe(recipe, flow, cfg["recipes"])
+    loss = ContrastiveDivergence(alpha=cfg["recipes"]["alpha"])
+    opt = torch.optim.Adam(energy.parameters(), lr=cfg["energy"]["lr"])
+    record = {"dataset": dataset, "recipe": recipe, "settings": settings, "iteration": 0,
+              "train_seconds": 0.0, "budgets": {}, "loss_trace": []}
+    if not restart and rec_path.exists() and ckpt_path.exists():
+        old = json.loads(rec_path.read_text())
+        if old["settings"] != settings:
+            raise RuntimeError(f"{rec_path} was trained with other settings; pass --restart")
+        record = old
+        if max(budgets) > record["iteration"]:
+            ck = torch.load(ckpt_path, weights_only=False)
+            energy.load_state_dict(ck["energy"])
+            opt.load_state_dict(ck["optimizer"])
+            flow.model.load_state_dict(ck["flow_model"])
+            flow.optimizer.load_state_dict(ck["flow_optimizer"])
+            for key, value in ck["flow_state"].items():
+                setattr(flow, key, value)
+            if ck.get("kept") is not None:  # BootstrapFlow: the last refined negatives
+                sampler._kept = ck["kept"]
+            gen.set_state(ck["generator"])
+            torch.set_rng_state(ck["torch_rng"])
+            log(f"  {dataset:12s} {recipe:14s} resumed at iteration {record['iteration']}")
+    done = record["iteration"]
+    seconds = record["train_seconds"]
+    for point in sorted(b for b in set(budgets) if b > done):
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for it in range(done + 1, point + 1):
+                stats = ebm_step(energy, loss, sampler, enc(toy_2d(dataset, batch, gen)), opt,
+                                 gen)
+                if it % 100 == 0:
+                    record["loss_trace"].append(
+                        [it, {k: float(v) for k, v in stats.items() if torch.as_tensor(v).numel() == 1}])
+        seconds += time.perf_counter() - start
+        done = point
+        energy.requires_grad_(False)
+        t0 = time.perf_counter()
+        res = evaluate_repeats(energy, dataset, task, ev)
+        res.pop("samples")
+        fm, fs = flow_mmd_repeats(flow, energy, dataset, task, ev, gen)
+        energy.requires_grad_(True)
+        record["budgets"][str(point)] = {**res, "flow_mmd_1e4": fm, "flow_mmd_1e4_std": fs,
+                                         "iteration": point, "train_seconds": seconds,
+                                         "eval_seconds": time.perf_counter() - t0}
+        log(f"  {dataset:12s} {recipe:14s} it {point:5d} NLL {res['nll']:7.3f}  MMD x1e-4 "
+            f"{res['mmd_1e4']:6.2f} ± {res['mmd_1e4_std']:4.2f}  flow MMD {fm:6.2f} ± {fs:4.2f}"
+            f"  ({point / seconds:5.1f} it/s)")
+        record["iteration"], record["train_seconds"] = point, seconds
+        ckpt = {"energy": energy.state_dict(), "optimizer": opt.state_dict(),
+                "flow_model": flow.model.state_dict(),
+                "flow_optimizer": flow.optimizer.state_dict(),
+                "flow_state": {k: getattr(flow, k) for k in ("_free_updates", "_proposal")
+                               if hasattr(flow, k)},
+                "kept": getattr(sampler, "_kept", None), "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state()}
+        try:
+            torch.save(ckpt, ckpt_path)
+        except Exception as err:  # the record is still written; only resuming is lost
+            log(f"  {dataset:12s} {recipe:14s} no checkpoint ({err})")
+            ckpt_path.unlink(missing_ok=True)
+        tmp = rec_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(rec_path)
+    return record
+
+
+def recipes_table(cfg, ev, datasets, recipes, budgets, state_dir, restart=False, collect=False):
+    """Every (data set, recipe) with ``train_recipe_budgets`` (``collect``: the stored records
+    only); returns the results JSON's payload."""
+    results = {"config": cfg, "eval": ev, "budgets": sorted(budgets), "runs": {}}
+    for ds in datasets:
+        for recipe in recipes:
+            if collect:
+                path = state_dir / f"{ds}_{recipe}.json"
+                if not path.exists():
+                    continue
+                rec = json.loads(path.read_text())
+            else:
+                rec = train_recipe_budgets(recipe, ds, cfg, ev, budgets, state_dir, restart)
+            results["runs"].setdefault(ds, {})[recipe] = rec
+    return results
+
+
+RECIPE_NAMES = {"negatives": "FlowNegatives", "bootstrap": "BootstrapFlow",
+                "back_and_forth": "BackAndForth"}
+
+
+def recipes_markdown(results):
+    """The docs tables (data sets as columns, one row per recipe and budget): NLL, MMD x 1e-4
+    of Gibbs samples of the energy (the ED table's MMD), MMD x 1e-4 of the flow's samples."""
+    datasets = list(results["runs"])
+    rows = {}  # (recipe, budget) -> {dataset: entry}
+    for ds, runs in results["runs"].items():
+        for recipe, rec in runs.items():
+            for b, e in rec["budgets"].items():
+                rows.setdefault((recipe, int(b)), {})[ds] = e
+    order = sorted(rows, key=lambda k: (list(RECIPES).index(k[0]), k[1]))
+    head = ["| recipe, iterations | " + " | ".join(datasets) + " |",
+            "|---" * (len(datasets) + 1) + "|"]
+    tables = []
+    for title, fmt in (
+            ("NLL (nats)", lambda e: f"{e['nll']:.3f}"),
+            ("MMD x 1e-4, Gibbs samples of the energy",
+             lambda e: f"{e['mmd_1e4']:.2f} ± {e['mmd_1e4_std']:.2f}"),
+            ("MMD x 1e-4, the flow's own samples",
+             lambda e: f"{e['flow_mmd_1e4']:.2f} ± {e['flow_mmd_1e4_std']:.2f}")):
+        lines = [title, "", *head]
+        for recipe, b in order:
+            cells = [fmt(rows[recipe, b][ds]) if ds in rows[recipe, b] else "not run"
+                     for ds in datasets]
+            lines.append(f"| {RECIPE_NAMES[recipe]}, ours, {b:,} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
 FONT = 13  # points; the figure is 8 in wide at 100 dpi, shown at about its pixel size
 PANELS = {  # key in samples_2d -> (title, key of its metrics in the results)
     "flow from data": ("flow fitted to data", "flow_from_data_mmd"),
@@ -297,10 +465,22 @@ def main():
     ap.add_argument("--datasets", nargs="*", default=None)
     ap.add_argument("--plot-only", action="store_true",
                     help="redraw the figure from the results JSON, without training")
+    ap.add_argument("--recipes-table", action="store_true",
+                    help="the three recipes on the ED table's toys, evaluated with "
+                         "ed_discrete_toys.py's protocol at each of --budgets (resumable)")
+    ap.add_argument("--budgets", type=int, nargs="+", default=None)
+    ap.add_argument("--recipes", nargs="+", default=None, choices=RECIPES)
+    ap.add_argument("--state-dir", type=Path, default=None,
+                    help="per-run records and checkpoints (default runs/discrete_flow_recipes_toys)")
+    ap.add_argument("--restart", action="store_true", help="train stored runs afresh")
+    ap.add_argument("--collect", action="store_true",
+                    help="gather the stored runs into the JSON without training")
     add_output_arguments(ap)
     args = ap.parse_args()
     suffix = "_quick" if args.quick else ""
     folder = output_dir(args)
+    if args.recipes_table:
+        return main_recipes_table(args, folder, suffix)
     out = folder / "results" / f"discrete_flow_toys{suffix}.json"
     fig = folder / "figures" / f"discrete_flow_toys{suffix}.png"
     if args.plot_only:
@@ -335,6 +515,37 @@ def main():
     plot(results, cfg, fig)
     report_written(out, fig)
     print(f"took {time.perf_counter() - start:.0f} s")
+
+
+def main_recipes_table(args, folder, suffix):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from ed_discrete_toys import CONFIG as ED_CONFIG
+
+    torch.set_num_threads(1)
+    cfg = load_example_settings(args.config)
+    ev = dict(load_example_settings(ED_CONFIG)["eval"])  # the ED table's protocol, unchanged
+    tab = cfg["table"]
+    datasets = args.datasets or tab["datasets"]
+    recipes = args.recipes or list(RECIPES)
+    budgets = args.budgets or tab["budgets"]
+    state_dir = args.state_dir or ROOT / "runs" / f"discrete_flow_recipes_toys{suffix}"
+    if args.quick:
+        datasets, budgets = datasets[:1], args.budgets or [20]
+        cfg["flow"].update(hidden=[64, 64], proposal_batch=128)
+        cfg["energy"].update(hidden=[64, 64])
+        ev.update(n_importance=20_000, n_test=1000, n_samples=500, mmd_repeats=2,
+                  gibbs_sweeps=2)
+    start = time.perf_counter()
+    results = recipes_table(cfg, ev, datasets, recipes, budgets, state_dir, args.restart,
+                            args.collect)
+    results["seconds"] = time.perf_counter() - start
+    out = folder / "results" / f"discrete_flow_recipes_toys{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(recipes_markdown(results))
+    report_written(out)
 
 
 if __name__ == "__main__":
