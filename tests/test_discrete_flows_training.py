@@ -128,9 +128,10 @@ def test_importance_weights_by_hand():
 def test_low_ess_warns(gen):
     energy = IsingEnergy.lattice(3, 1.0)  # nearly two ground states: uniform proposal collapses
     sampler = make_sampler(9, batch_size=64)
-    with pytest.warns(LowESSWarning, match="ESS"):
+    with pytest.warns(LowESSWarning, match="ESS") as rec:
         stats = sampler.update(energy, generator=gen)
     assert stats["ess_fraction"] < 0.05
+    assert rec[0].filename == __file__  # the user's line, not a frame inside ebmflow
 
 
 class _BrokenProposal:

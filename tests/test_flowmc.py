@@ -530,3 +530,15 @@ def test_health_checks_warn_on_collapse_runaway_and_exploding_loss(gen):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         sampler.check_health(torch.tensor(3.0))  # healthy: no warning
+
+
+def test_health_check_before_chains_exist_and_with_one_chain(gen):
+    sampler = FlowMC(RealNVP(2, n_layers=2, hidden=(8,)), MALA(0.1), n_local=1, n_global=1)
+    assert sampler.check_health() == {}  # no chains yet: nothing to read
+    sampler.chains = torch.zeros(1, 2)  # a single chain has no spread: not "collapsed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = sampler.check_health()
+        sampler.chains = torch.ones(1, 2)
+        sampler.check_health()
+    assert out["spread"] == 0.0 and out["farthest"] == 0.0

@@ -121,3 +121,15 @@ def test_non_gaussian_base_takes_a_cuda_generator():
     x, _ = flow.sample_and_log_prob(16, torch.Generator(device="cuda").manual_seed(3))
     x2, _ = flow.sample_and_log_prob(16, torch.Generator(device="cuda").manual_seed(3))
     assert x.device.type == "cuda" and torch.equal(x, x2)
+
+
+def test_a_zuko_mixture_samples_with_its_log_prob(gen):
+    torch.manual_seed(0)
+    gmm = zuko.mixtures.GMM(2, components=3)
+    flow = ZukoFlow(gmm)
+    x, logq = flow.sample_and_log_prob(32, torch.Generator().manual_seed(1))
+    x2, _ = flow.sample_and_log_prob(32, torch.Generator().manual_seed(1))
+    assert x.shape == (32, 2) and torch.equal(x, x2)
+    torch.testing.assert_close(logq, gmm().log_prob(x))
+    x3, logq3 = flow.sample_and_log_prob(16)  # global RNG
+    torch.testing.assert_close(logq3, gmm().log_prob(x3))

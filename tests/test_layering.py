@@ -21,7 +21,7 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src" / "ebmflow"
 
 # package -> the packages of ebmflow it may import (docs/design.md, "Layout");
-# "_shared" are the root's private helper modules (_optim, _seed, _version)
+# "_shared" are the root's private helper modules (_optim, _seed, _version, _warnings)
 ALLOWED: dict[str, set[str]] = {
     "data": set(),
     "spaces": set(),
@@ -42,7 +42,7 @@ ALLOWED: dict[str, set[str]] = {
 # the one documented exception: AIS's path energy is an EnergyModel (so that any sampler
 # accepts it); metrics/ais.py is imported lazily by ebmflow.metrics
 EXCEPTIONS = {("metrics/ais.py", "energy")}
-SHARED = {"_optim", "_seed", "_version"}
+SHARED = {"_optim", "_seed", "_version", "_warnings"}
 
 # Uses of another package's private names in files owned by other work in progress (the
 # public replacements exist: EnergyModel.reference_tensor(), Space.check_n); remove an entry

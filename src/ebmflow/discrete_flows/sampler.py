@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .._optim import default_adam
+from .._warnings import user_stacklevel
 from ..energy.base import EnergyModel
 from ..samplers.base import Sampler
 from ..spaces import Binary, Categorical, Space
@@ -366,7 +367,7 @@ class DiscreteFlowSampler(Sampler):
                 "target (FactorizedProposal.fit(data), a higher temperature) or a "
                 "larger batch_size",
                 LowESSWarning,
-                stacklevel=5,
+                stacklevel=user_stacklevel(),
             )
 
     def update(

@@ -865,12 +865,13 @@ class FlowMC(Sampler):
         standard deviation over chains) and their farthest excursion from the chains'
         median. Warns (``RuntimeWarning``) on an exploding flow loss (non-finite, or more than
         10 nats per coordinate above its best so far), collapsed chains (spread below 2% of
-        the first check's) or runaway chains (excursion above 50 times the first check's),
+        the first check's; not checked for a single chain) or runaway chains (excursion above 50 times the first check's),
         and re-checks the flow's $\log q$ (``check_exact_log_prob``). Called by ``update`` every
-        ``check_every`` calls (also when the flow is frozen); returns the three numbers."""
-        x = self.chains.reshape(self.chains.shape[0], -1)
-        if x.numel() == 0:
+        ``check_every`` calls (also when the flow is frozen); returns the three numbers
+        (an empty dict before the chains exist)."""
+        if self.chains.numel() == 0:  # no chains yet: nothing to check
             return {}
+        x = self.chains.reshape(self.chains.shape[0], -1)
         spread = x.std(0).mean() if x.shape[0] > 1 else torch.zeros((), device=x.device)
         far = (x - x.median(0).values).abs().max()
         loss = flow_loss if flow_loss is not None else torch.zeros((), device=x.device)
@@ -891,7 +892,7 @@ class FlowMC(Sampler):
                 )
             if math.isfinite(loss_v):
                 self._best_loss = min(self._best_loss, loss_v)
-        if spread_v < 0.02 * ref_spread:
+        if x.shape[0] > 1 and spread_v < 0.02 * ref_spread:  # one chain has no spread
             warnings.warn(
                 f"FlowMC: the chains collapsed (spread {spread_v:.3g}, first check "
                 f"{ref_spread:.3g}); the energy or the flow concentrated on one point. Check "

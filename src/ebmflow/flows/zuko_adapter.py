@@ -106,8 +106,9 @@ class ZukoFlow(Flow):
 
         With a Gaussian base the noise is drawn through ``ebmflow.samplers.rng`` from
         ``generator`` (a ``torch.Generator``, None for the global one, or a tape of pre-drawn
-        noise). Other bases sample with zuko under the global RNG, seeded from ``generator``;
-        they cannot take pre-drawn noise (``TypeError``).
+        noise). Other bases, and distributions without a transform (``zuko.mixtures.GMM``),
+        sample with zuko under the global RNG, seeded from ``generator`` (a forked RNG: the
+        global state is left as it was); they cannot take pre-drawn noise (``TypeError``).
         """
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
@@ -116,7 +117,7 @@ class ZukoFlow(Flow):
         if transform is not None and base is not None and _is_gaussian(base):
             return self._from_noise(transform, base, self._gaussian_noise(dist, n, generator))
         if generator is None:
-            return dist.rsample_and_log_prob((n,))
+            return _draw_with_log_prob(dist, n)
         if not isinstance(generator, torch.Generator):
             raise TypeError(
                 f"a zuko flow with a {type(base).__name__} base samples with its own RNG and "
@@ -126,7 +127,7 @@ class ZukoFlow(Flow):
         devices = [generator.device] if generator.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return dist.rsample_and_log_prob((n,))
+            return _draw_with_log_prob(dist, n)
 
     def _gaussian_noise(self, dist: Any, n: int, generator: rng.Rng) -> Tensor:
         base = getattr(dist, "base", None)
@@ -181,3 +182,14 @@ def _is_gaussian(base: Any) -> bool:
     """A diagonal Gaussian base (zuko's DiagNormal or torch Normal/Independent(Normal))."""
     inner = getattr(base, "base_dist", base)
     return isinstance(inner, torch.distributions.Normal)
+
+
+def _draw_with_log_prob(dist: Any, n: int) -> tuple[Tensor, Tensor]:
+    """``n`` draws and their log-density from any torch distribution zuko returns: its own
+    ``rsample_and_log_prob`` (flows), else ``rsample`` or ``sample`` (mixtures such as
+    ``zuko.mixtures.GMM`` cannot reparametrise) followed by ``log_prob``."""
+    joint = getattr(dist, "rsample_and_log_prob", None)
+    if joint is not None:
+        return joint((n,))
+    x = dist.rsample((n,)) if getattr(dist, "has_rsample", False) else dist.sample((n,))
+    return x, dist.log_prob(x)

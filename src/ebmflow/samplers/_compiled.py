@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._warnings import user_stacklevel
 from .rng import Draw, NoiseTape
 
 __all__ = ["CompiledBlock", "CompileFallbackWarning", "predraw", "compile_available",
@@ -129,25 +130,11 @@ class CompileFallbackWarning(UserWarning):
     """A sampler asked to compile runs eagerly instead (the message says why)."""
 
 
-def _outside_stacklevel() -> int:
-    """``stacklevel`` of the first frame outside ebmflow and torch (the user's call), counted
-    from the caller of this function's caller (``warnings.warn`` in ``warn_fallback``)."""
-    import os
-    import sys
-
-    inside = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-              os.path.dirname(os.path.abspath(torch.__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def warn_fallback(name: str, why: str) -> None:
     """Warn once that sampler ``name`` runs eagerly instead of compiled, and ``why``."""
     warnings.warn(
         f"{name}: compiled chains are not available ({why}); running eagerly. Pass "
         "compile=False to silence this warning.",
         CompileFallbackWarning,
-        stacklevel=_outside_stacklevel(),
+        stacklevel=user_stacklevel(),
     )
