@@ -124,15 +124,22 @@ def ema_update(avg: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             pa.lerp_(pm, 1 - decay)
 
 
-def train(method: str, dataset: str, task: Task, cfg: dict, iterations: int,
-          log=print) -> tuple[EnergyModel, dict]:
-    """Train one model; returns the EMA energy and timing/loss information."""
+def fresh_model(task: Task, cfg: dict) -> tuple[EnergyModel, torch.nn.Module,
+                                                   torch.optim.Optimizer, torch.Generator]:
+    """The seeded starting point of a run: energy, its EMA copy, Adam, the data generator."""
     tr = cfg["train"]
     torch.manual_seed(tr["seed"])
     energy = MLPEnergy(task.space, hidden=cfg["model"]["hidden"])
     avg = copy.deepcopy(energy).requires_grad_(False)
     opt = torch.optim.Adam(energy.parameters(), lr=tr["lr"])
-    gen = torch.Generator().manual_seed(tr["seed"] + 1)
+    return energy, avg, opt, torch.Generator().manual_seed(tr["seed"] + 1)
+
+
+def train(method: str, dataset: str, task: Task, cfg: dict, iterations: int,
+          log=print) -> tuple[EnergyModel, dict]:
+    """Train one model; returns the EMA energy and timing/loss information."""
+    tr = cfg["train"]
+    energy, avg, opt, gen = fresh_model(task, cfg)
     batch = cfg["data"]["batch_size"]
     loss_fn, sampler = make_loss(method, cfg, task.space)
     start, losses = time.perf_counter(), []
@@ -278,11 +285,7 @@ def train_budgets(method: str, dataset: str, task: Task, cfg: dict, budgets: lis
     ckpt_path = state_dir / f"{dataset}_{method}.pt"
     settings = run_settings(method, cfg)
     tr = cfg["train"]
-    torch.manual_seed(tr["seed"])
-    energy = MLPEnergy(task.space, hidden=cfg["model"]["hidden"])
-    avg = copy.deepcopy(energy).requires_grad_(False)
-    opt = torch.optim.Adam(energy.parameters(), lr=tr["lr"])
-    gen = torch.Generator().manual_seed(tr["seed"] + 1)
+    energy, avg, opt, gen = fresh_model(task, cfg)
     loss_fn, sampler = make_loss(method, cfg, task.space)
     record = {"dataset": dataset, "method": method, "settings": settings, "iteration": 0,
               "train_seconds": 0.0, "curve": [], "budgets": {}, "loss_trace": []}

@@ -573,12 +573,7 @@ def main(argv: list[str] | None = None) -> dict:
     wall_start, cpu_start = time.perf_counter(), time.process_time()
     for sigma in sigmas:
         truth = IsingEnergy.lattice(side, sigma)
-        gen = torch.Generator().manual_seed(cfg["data"]["seed"])
-        t0 = time.perf_counter()
-        data = make_data(truth, side, cfg["data"], gen)
-        data_s = time.perf_counter() - t0
-        exact = data if cfg["data"]["source"] == "exact" else lattice_exact_sample(
-            truth, cfg["data"]["n"], side, generator=gen)
+        data, exact, data_s = column_data(cfg, side, sigma)
         res = train(data, truth, cfg["train"])
         res["data_seconds"] = data_s
         res["data_nn_corr"] = neighbour_correlation(data, side)
