@@ -131,6 +131,12 @@ class CTMCSolver:
         self.compile_seconds: float | None = None
         self._blocks: dict[tuple, Any] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling leaves out the compiled blocks (a cache rebuilt on use)."""
+        state = dict(self.__dict__)
+        state["_blocks"] = {}
+        return state
+
     @property
     def step_size(self) -> float:
         """Deprecated name of ``dt``."""

@@ -348,6 +348,13 @@ class FlowMC(Sampler):
                 # one block size (one compilation) for that run and the later ones
                 local.graph_steps = n_local - 1
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling leaves out the compiled global moves (a cache rebuilt on use); the local
+        kernel drops its own."""
+        state = dict(super().__getstate__())
+        state.update(_blocks={}, _flow_specs={})
+        return state
+
     @property
     def compile_backend(self) -> Any:
         """``torch.compile`` backend of the compiled global moves and of the local kernel

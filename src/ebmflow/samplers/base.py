@@ -398,6 +398,13 @@ class MCMCSampler(Sampler):
         self._compiled = {}
         self._draw_specs = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling (``torch.save(sampler)``, ``copy.deepcopy``) leaves out the compiled blocks
+        and the recorded CUDA graph: caches that cannot be pickled and are rebuilt on use."""
+        state = dict(super().__getstate__())
+        state.update(_graph=None, _compiled={}, _draw_specs={})
+        return state
+
     # -- internals ---------------------------------------------------------------------
     def _advance(
         self, energy: EnergyModel, carry: _Carry, generator: torch.Generator | None
