@@ -52,6 +52,7 @@ import copy
 import json
 import math
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -787,7 +788,8 @@ def plot_from_json(json_path: Path, path: Path) -> dict:
 
 def state_dir_for(args, name: str) -> Path:
     """Per-run records and checkpoints: ``--state-dir``, else ``<--out>/state/<name>`` when
-    ``--out`` is given, else ``runs/<name>`` (git ignores ``runs/``)."""
+    ``--out`` is given, else ``runs/<name>`` (git ignores ``runs/``). ``--quick`` runs keep
+    theirs in a temporary folder unless ``--state-dir`` is given."""
     if args.state_dir is not None:
         return Path(args.state_dir)
     return args.out / "state" / name if args.out_given else ROOT / "runs" / name
@@ -809,8 +811,15 @@ def main(argv: list[str] | None = None) -> dict:
         report_written(png, *([curves_path(png)] if "budgets" in results else []))
         return results
     torch.set_num_threads(1)
-    results = run_budgets(cfg, args.methods.split(","), datasets, args.budgets,
-                          state_dir_for(args, name), args.restart, args.collect)
+    if args.quick and args.state_dir is None and not args.collect:
+        # a quick run is not worth resuming: its checkpoints go to a temporary folder, so it
+        # writes only the results JSON and the figures
+        with tempfile.TemporaryDirectory() as tmp:
+            results = run_budgets(cfg, args.methods.split(","), datasets, args.budgets,
+                                  Path(tmp), args.restart, args.collect)
+    else:
+        results = run_budgets(cfg, args.methods.split(","), datasets, args.budgets,
+                              state_dir_for(args, name), args.restart, args.collect)
     results["quick"] = args.quick
     results = save_budgets(results, name, args.out, args.merge)
     if args.markdown:
