@@ -1,0 +1,824 @@
+"""Exact checks of ebmflow.training written from its surviving mutants (tools/mutation.py).
+
+Each test pins a behaviour a wrong implementation would change: messages, defaults, file
+names, saved and restored state, the batches a stream yields, what the figures draw.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ebmflow.energy import EnergyModel
+from ebmflow.losses import EBMLoss, LossOutput
+from ebmflow.samplers import Sampler
+from ebmflow.spaces import Binary, Continuous
+from ebmflow.training import (
+    EMA,
+    CheckpointError,
+    EvalCallback,
+    LambdaCallback,
+    PlotCallback,
+    StopOnNonFinite,
+    atomic_save,
+    baselines,
+    batches,
+    checkpoint,
+    load_checkpoint,
+    loggers,
+    monitor,
+)
+from ebmflow.training.batches import BatchStream
+
+
+# -- helpers ---------------------------------------------------------------------------------
+class Quadratic(EnergyModel):
+    """E(x) = 0.5 * a * |x|^2 with one trainable scalar ``a`` (exact and cheap)."""
+
+    def __init__(self, dim=2, a=1.0):
+        super().__init__(Continuous(dim))
+        self.a = nn.Parameter(torch.tensor(float(a)))
+
+    def energy(self, x):
+        return 0.5 * self.a * (x**2).sum(-1)
+
+
+class BitsEnergy(EnergyModel):
+    """A linear energy on bits."""
+
+    def __init__(self, dim=4):
+        super().__init__(Binary(dim))
+        self.w = nn.Parameter(torch.linspace(-1.0, 1.0, dim))
+
+    def energy(self, x):
+        return x.float() @ self.w
+
+
+class PosLoss(EBMLoss):
+    """mean E(data): a loss needing no sampler; stats carry the positive energy."""
+
+    def forward(self, energy, data, sampler=None):
+        pos = energy(data).mean()
+        return LossOutput(pos, {"energy_pos": pos.detach()})
+
+
+class FixedSampler(Sampler):
+    """Returns x0 (or zeros) and records what it was called with."""
+
+    def __init__(self, dim=2):
+        super().__init__()
+        self.dim = dim
+        self.calls = []
+
+    def sample(self, energy, n=None, *, x0=None, generator=None):
+        self.calls.append({"energy": energy, "n": n, "x0": x0})
+        if x0 is not None:
+            return x0.clone()
+        return torch.zeros(n, self.dim)
+
+
+class _FakeTrainer:
+    """What callbacks read from a trainer."""
+
+    def __init__(self, is_main=True, step=0, sampler=None, energy=None):
+        self.is_main = is_main
+        self.step = step
+        self.sampler = sampler
+        self.energy = energy if energy is not None else Quadratic()
+        self.eval_energy = self.energy
+        self.stops = []
+        self.evals = []
+
+    def request_stop(self, reason):
+        self.stops.append(reason)
+
+    def report_eval(self, step, metrics):
+        self.evals.append((step, dict(metrics)))
+
+
+# -- baselines -------------------------------------------------------------------------------
+def test_baseline_warning_boundary_and_message():
+    """baseline_warning: strict margin, needs both floats, names the baseline and advice."""
+    ok = {"nll": 1.0, "nll_baseline": 1.2, "baseline": "B"}
+    assert baselines.baseline_warning(ok, margin=0.1) is None
+    # exactly at the margin: not below, so it warns
+    edge = {"nll": 1.0, "nll_baseline": 1.5, "baseline": "the-base"}
+    msg = baselines.baseline_warning(edge, margin=0.5)
+    assert msg is not None
+    assert "(the-base, NLL 1.500) by 0.5 nats" in msg
+    assert msg.startswith("the model's NLL 1.000 does not beat the trivial baseline")
+    assert msg.endswith("raise the learning rate or check the loss and sampler settings")
+    # only one of the two is a float: no warning
+    assert baselines.baseline_warning({"nll": 5.0, "nll_baseline": None}) is None
+    assert baselines.baseline_warning({"nll": None, "nll_baseline": 5.0}) is None
+    assert baselines.baseline_warning({"nll": float("nan"), "nll_baseline": 5.0}) is not None
+
+
+def test_gaussian_fit_nll_uses_the_ml_covariance_plus_ridge():
+    """gaussian_fit_nll: ML covariance (correction=0) plus a +1e-6 ridge, in float64."""
+    train = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    test = torch.tensor([[1.0, 1.0], [3.0, 1.0]])
+    mean = train.double().mean(0)
+    cov = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64) + 1e-6 * torch.eye(2, dtype=torch.float64)
+    law = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
+    expected = float(-law.log_prob(test.double()).mean())
+    assert baselines.gaussian_fit_nll(train, test) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # a degenerate direction: the ridge decides the value (a -1e-6 ridge would fail)
+    flat = torch.tensor([[0.0, 1.0], [2.0, 1.0]])
+    v = baselines.gaussian_fit_nll(flat, torch.tensor([[1.0, 1.0]]))
+    assert math.isfinite(v)
+    assert v == pytest.approx(0.5 * math.log(2 * math.pi * 1.000001) + 0.5 * math.log(2 * math.pi * 1e-6), rel=1e-6)
+
+
+def test_trivial_baseline_keys():
+    """trivial_baseline: gray -> uniform bits; otherwise the Gaussian fit; exact keys."""
+    x = torch.zeros(3, 6)
+    out = baselines.trivial_baseline("gray", x, x, torch.zeros(3, 2), torch.zeros(3, 2))
+    assert out == {"nll_baseline": 6 * math.log(2.0), "baseline": "uniform law on 6 bits"}
+    t2 = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    out = baselines.trivial_baseline("none", t2, t2, t2, t2)
+    assert set(out) == {"nll_baseline", "baseline"}
+    assert out["baseline"] == "one Gaussian fitted to the training data"
+    assert out["nll_baseline"] == baselines.gaussian_fit_nll(t2, t2)
+
+
+# -- batches ---------------------------------------------------------------------------------
+class _EpochSampler(torch.utils.data.Sampler):
+    """A sampler with set_epoch (like DistributedSampler): order reversed on odd epochs."""
+
+    def __init__(self, n):
+        self.n = n
+        self.epochs = []
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+        self.epoch = epoch
+
+    def __iter__(self):
+        idx = list(range(self.n))
+        return iter(idx[::-1] if self.epoch % 2 else idx)
+
+    def __len__(self):
+        return self.n
+
+
+def _loader(n=6, bs=1, sampler=None):
+    data = torch.arange(float(n)).reshape(n, 1)
+    return DataLoader(TensorDataset(data), batch_size=bs, sampler=sampler, shuffle=False)
+
+
+def _take(it, k):
+    return [float(next(it)[0].reshape(-1)[0]) for _ in range(k)]
+
+
+def test_loader_batches_in_order_across_epochs_and_resume_skip():
+    """A plain DataLoader is replayed epoch after epoch; resume skips used batches."""
+    loader = _loader(4)
+    s = BatchStream(loader, None)
+    assert s.batch_size == 1 and len(s) == 4
+    assert _take(s.batches(0), 10) == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert _take(s.batches(2), 6) == [2, 3, 0, 1, 2, 3]
+    assert _take(s.batches(5), 4) == [1, 2, 3, 0]
+    assert _take(s.batches(4), 2) == [0, 1]
+
+
+def test_loader_batches_call_set_epoch_with_the_epoch():
+    """A loader whose sampler has set_epoch gets the epoch number before each pass."""
+    sampler = _EpochSampler(3)
+    s = BatchStream(_loader(3, sampler=sampler), None)
+    got = _take(s.batches(4), 6)  # epoch 1 (reversed), from its second batch
+    assert got == [1, 0, 0, 1, 2, 2]
+    assert sampler.epochs[:3] == [1, 2, 3]
+
+
+def test_loader_sharded_by_batch_under_data_parallelism():
+    """Without a DistributedSampler rank r takes batches r, r+W, ...; equal counts."""
+    loader = _loader(5)
+    r0 = BatchStream(loader, None, rank=0, world_size=2)
+    r1 = BatchStream(loader, None, rank=1, world_size=2)
+    assert len(r0) == 2 and len(r1) == 2
+    assert _take(r0.batches(0), 5) == [0, 2, 0, 2, 0]
+    assert _take(r1.batches(0), 5) == [1, 3, 1, 3, 1]
+    assert _take(r1.batches(3), 3) == [3, 1, 3]
+    # a loader with set_epoch is used as is on every rank
+    es = BatchStream(_loader(3, sampler=_EpochSampler(3)), None, rank=1, world_size=2)
+    assert len(es) == 3
+    with pytest.raises(ValueError, match=r"the DataLoader yields 1 batches per epoch, fewer than the 2 "
+                                         r"processes; use a smaller batch_size or a DistributedSampler"):
+        BatchStream(_loader(1), None, rank=0, world_size=2)
+
+
+def test_tensor_and_dataset_streams():
+    """Tensor/Dataset streams: seeded permutations, drop the remainder, shard by rank."""
+    data = torch.arange(10.0).reshape(10, 1)
+    s = BatchStream(data, 3, seed=5)
+    assert len(s) == 3
+    perm = batches._epoch_permutation(10, 5, 0)
+    it = s.batches(0)
+    for i in range(3):
+        assert torch.equal(next(it), data[perm[3 * i: 3 * i + 3]])
+    perm1 = batches._epoch_permutation(10, 5, 1)
+    assert torch.equal(next(it), data[perm1[:3]])
+    gen = torch.Generator().manual_seed((5 * 1_000_003 + 1) % (2**63 - 1))
+    assert torch.equal(perm1, torch.randperm(10, generator=gen))
+    # rank 1 of 2: rows [2, 4) of each global batch of 4
+    r1 = BatchStream(data, 2, seed=5, rank=1, world_size=2)
+    assert len(r1) == 2
+    assert torch.equal(next(r1.batches(1)), data[perm[6:8]])
+    ds = BatchStream(TensorDataset(data), 3, seed=5)
+    b = next(ds.batches(0))
+    assert isinstance(b, list) and torch.equal(b[0], data[perm[:3]])
+    with pytest.raises(ValueError, match=r"batch_size must be a positive int for tensor data, got 0"):
+        BatchStream(data, 0)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive int for tensor data, got None"):
+        BatchStream(data, None)
+    with pytest.raises(ValueError, match=r"the data has 10 rows but one step needs batch_size x processes = "
+                                         r"6 x 2 = 12; lower batch_size"):
+        BatchStream(data, 6, world_size=2)
+    with pytest.raises(ValueError, match=r"data must be a Tensor, a torch Dataset or a DataLoader, got list"):
+        BatchStream([1, 2], 1)
+
+    class Endless(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    with pytest.raises(ValueError, match=r"an iterable Dataset has no length; wrap it in a DataLoader"):
+        BatchStream(Endless(), 1)
+    assert BatchStream(data, 10).batches_per_epoch == 1
+
+
+def test_first_tensor():
+    """first_tensor: tensor, first item of a tuple/list, 'x' of a dict, else a clear error."""
+    a, b = torch.zeros(2), torch.ones(2)
+    assert batches.first_tensor(a) is a
+    assert batches.first_tensor((a, b)) is a
+    assert batches.first_tensor([b, a]) is b
+    assert batches.first_tensor({"y": b, "x": a}) is a
+    assert batches.first_tensor({"y": b}) is b
+    for bad in ([], {}, ("s", a), {"x": "s"}):
+        with pytest.raises(ValueError, match=r"a batch must be a Tensor or a tuple/list whose first item is "
+                                             r"the state tensor, got \w+; return x \(or \(x, y\)\) from your Dataset"):
+            batches.first_tensor(bad)
+
+
+# -- callbacks -------------------------------------------------------------------------------
+def test_lambda_callback_passes_its_arguments():
+    """LambdaCallback: each hook calls its function with the hook's arguments."""
+    seen = []
+    cb = LambdaCallback(on_fit_start=lambda t: seen.append(("start", t)),
+                        on_step=lambda t, s, st: seen.append(("step", t, s, st)),
+                        on_eval=lambda t, s, m: seen.append(("eval", t, s, m)),
+                        on_end=lambda t: seen.append(("end", t)))
+    t, stats, metrics = object(), {"loss": 1}, {"mmd": 0.5}
+    cb.on_fit_start(t)
+    cb.on_step(t, 3, stats)
+    cb.on_eval(t, 4, metrics)
+    cb.on_end(t)
+    assert seen == [("start", t), ("step", t, 3, stats), ("eval", t, 4, metrics), ("end", t)]
+    empty = LambdaCallback()
+    empty.on_fit_start(t)
+    empty.on_step(t, 1, {})
+    empty.on_eval(t, 1, {})
+    empty.on_end(t)
+
+
+def test_eval_callback_schedule_and_defaults():
+    """EvalCallback: default every=1000, runs once per step, at the end on rank 0 only."""
+    calls = []
+    cb = EvalCallback(lambda tr: calls.append(tr.step) or {"m": torch.tensor(2.0)})
+    assert cb.every == 1000 and cb.at_end is True and cb.last_step == -1 and cb.last == {}
+    tr = _FakeTrainer(step=999)
+    cb.on_step(tr, 999, {})
+    assert calls == []
+    tr.step = 1000
+    cb.on_step(tr, 1000, {})
+    assert calls == [1000] and cb.last == {"m": 2.0} and cb.last_step == 1000
+    assert isinstance(cb.last["m"], float)
+    cb.on_end(tr)  # same step: not again
+    assert calls == [1000]
+    assert tr.evals == [(1000, {"m": 2.0})]
+    # at step 0 (last_step starts at -1) the end evaluation runs
+    cb0 = EvalCallback(lambda tr: {"m": 1.0}, every=None)
+    tr0 = _FakeTrainer(step=0)
+    cb0.on_step(tr0, 0, {})
+    assert tr0.evals == []
+    cb0.on_end(tr0)
+    assert tr0.evals == [(0, {"m": 1.0})]
+    # not on other ranks, nor with at_end=False
+    other = _FakeTrainer(is_main=False, step=5)
+    EvalCallback(lambda tr: {"m": 1.0}).on_end(other)
+    assert other.evals == []
+    off = _FakeTrainer(step=5)
+    EvalCallback(lambda tr: {"m": 1.0}, at_end=False).on_end(off)
+    assert off.evals == []
+    # last_step -1 vs +1 / -2: step 1 and step -2
+    tr1 = _FakeTrainer(step=1)
+    EvalCallback(lambda tr: {"m": 1.0}, every=None).on_end(tr1)
+    assert tr1.evals == [(1, {"m": 1.0})]
+    every1 = EvalCallback(lambda tr: {"m": 1.0}, every=1)
+    assert every1.every == 1
+    with pytest.raises(ValueError, match=r"every must be a positive int or None, got 0"):
+        EvalCallback(lambda tr: {}, every=0)
+    assert EvalCallback(lambda tr: {}, every=None).every is None
+
+
+def test_eval_callback_last_step_after_run():
+    """EvalCallback._run records the step so a second call at that step does nothing."""
+    n = []
+    cb = EvalCallback(lambda tr: n.append(1) or {"a": 1.0}, every=2)
+    tr = _FakeTrainer(step=2)
+    cb.on_step(tr, 2, {})
+    cb.on_step(tr, 2, {})
+    assert len(n) == 1 and cb.last_step == 2
+
+
+def test_stop_on_non_finite():
+    """StopOnNonFinite: every step by default, only the named keys, message with value and step."""
+    cb = StopOnNonFinite()
+    assert cb.keys is None and cb.every == 1
+    tr = _FakeTrainer()
+    cb.on_step(tr, 1, {"a": torch.tensor(1.0), "b": torch.tensor(float("inf"))})
+    assert tr.stops == ["b became inf at step 1"]
+    tr = _FakeTrainer()
+    StopOnNonFinite(keys=("a",)).on_step(tr, 3, {"a": torch.tensor(1.0), "b": torch.tensor(float("nan"))})
+    assert tr.stops == []
+    tr = _FakeTrainer()
+    StopOnNonFinite(keys=("b",)).on_step(tr, 3, {"a": torch.tensor(float("nan")), "b": torch.tensor(float("nan"))})
+    assert tr.stops == ["b became nan at step 3"]
+    tr = _FakeTrainer()
+    StopOnNonFinite().on_step(tr, 2, {"v": torch.tensor([float("nan"), 1.0])})  # not one element
+    assert tr.stops == []
+    every3 = StopOnNonFinite(every=3)
+    assert every3.every == 3 and StopOnNonFinite(every=0).every == 1
+    tr = _FakeTrainer()
+    every3.on_step(tr, 4, {"a": torch.tensor(float("nan"))})
+    assert tr.stops == []
+    every3.on_step(tr, 6, {"a": torch.tensor(float("nan"))})
+    assert tr.stops == ["a became nan at step 6"]
+
+
+def _capture_figures(monkeypatch):
+    """Keep every figure that plots.py closes (and save nothing to disk but the files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    real_close = plt.close
+
+    def close(fig=None):
+        figs.append(fig)
+
+    monkeypatch.setattr(plt, "close", close)
+    return figs, real_close
+
+
+def test_plot_callback_settings_and_errors():
+    """PlotCallback: defaults, 'every' checks and the space checks of on_fit_start."""
+    cb = PlotCallback("out", every=2, data=torch.zeros(1, 2), gray_bits=3)
+    assert cb.every == 2 and cb.data is not None and cb.gray_bits == 3 and cb.out_dir == Path("out")
+    assert cb.name_format == "{kind}_{step}.png"
+    assert PlotCallback("o", every=1).every == 1
+    with pytest.raises(ValueError, match=r"every must be a positive int or None, got 0"):
+        PlotCallback("o", every=0)
+    with pytest.raises(ValueError, match=r"PlotCallback draws its samples with the Trainer's sampler, but the "
+                                         r"Trainer has none \(the loss draws its own negatives\); pass "
+                                         r"sample_fn=lambda trainer: MALA\(n_steps=300\)\.sample\("
+                                         r"trainer\.eval_energy, 2000\), or a sampler to the Trainer$"):
+        PlotCallback("o").on_fit_start(_FakeTrainer())
+    fn = lambda tr: torch.zeros(2, 2)  # noqa: E731
+    PlotCallback("o", sample_fn=fn).on_fit_start(_FakeTrainer())  # 2-D continuous: fine
+    with pytest.raises(ValueError, match=r"gray_bits=2 means Gray-coded 2-D points, i\.e\. Binary\(4\), "
+                                         r"but the energy's space is Binary\(6\)"):
+        PlotCallback("o", sample_fn=fn, gray_bits=2).on_fit_start(_FakeTrainer(energy=BitsEnergy(6)))
+    with pytest.raises(ValueError, match=r"gray_bits=1 means .*Binary\(2\), but the energy's space is Continuous\(2\)"):
+        PlotCallback("o", sample_fn=fn, gray_bits=1).on_fit_start(_FakeTrainer())
+    PlotCallback("o", sample_fn=fn, gray_bits=3).on_fit_start(_FakeTrainer(energy=BitsEnergy(6)))
+    with pytest.raises(ValueError, match=r"PlotCallback plots 2-D models, but the energy's space is "
+                                         r"Binary\(6\); for Gray-coded 2-D points pass gray_bits=3$"):
+        PlotCallback("o", sample_fn=fn).on_fit_start(_FakeTrainer(energy=BitsEnergy(6)))
+    with pytest.raises(ValueError, match=r"PlotCallback plots 2-D models, but the energy's space is Binary\(5\)$"):
+        PlotCallback("o", sample_fn=fn).on_fit_start(_FakeTrainer(energy=BitsEnergy(5)))
+    with pytest.raises(ValueError, match=r"PlotCallback plots 2-D models, but the energy's space is Continuous\(3\)$"):
+        PlotCallback("o", sample_fn=fn).on_fit_start(_FakeTrainer(energy=Quadratic(3)))
+
+
+def test_plot_callback_draws_samples_and_energy(tmp_path, monkeypatch):
+    """PlotCallback._plot: sampler's 2000 states of eval_energy, file names, data panels."""
+    figs, _ = _capture_figures(monkeypatch)
+    sampler = FixedSampler()
+    tr = _FakeTrainer(sampler=sampler, step=7)
+    data = torch.tensor([[5.0, 5.0], [6.0, 6.0]])
+    cb = PlotCallback(tmp_path / "a" / "b", every=3, data=data)
+    cb.on_step(tr, 2, {})
+    assert figs == []
+    cb.on_step(_FakeTrainer(is_main=False, sampler=sampler), 3, {})
+    assert figs == []
+    cb.on_step(tr, 3, {})
+    assert sampler.calls[-1]["n"] == 2000 and sampler.calls[-1]["energy"] is tr.eval_energy
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["energy_3.png", "samples_3.png"]
+    samples_fig, energy_fig = figs[0], figs[1]
+    titles = [ax.get_title() for ax in samples_fig.axes]
+    assert titles == ["model samples", "data"]
+    assert energy_fig.axes[0].get_xlim()[1] > 5.0  # the grid covers the data
+    figs.clear()
+    cb.on_end(tr)
+    assert (tmp_path / "a" / "b" / "samples_7.png").is_file()
+    assert (tmp_path / "a" / "b" / "energy_7.png").is_file()
+    # without data the energy grid covers the samples
+    figs.clear()
+    fn_calls = []
+
+    def fn(t):
+        fn_calls.append(t)
+        return torch.tensor([[-9.0, -9.0], [-8.0, -8.0]])
+
+    PlotCallback(tmp_path / "c", sample_fn=fn, name_format="{step}-{kind}.png").on_end(tr)
+    assert fn_calls == [tr]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["7-energy.png", "7-samples.png"]
+    assert [ax.get_title() for ax in figs[0].axes] == ["model samples"]
+    x0, x1 = figs[1].axes[0].get_xlim()
+    assert x0 < -9.0 and x1 < -7.0
+    # not on other ranks
+    figs.clear()
+    PlotCallback(tmp_path / "d", sample_fn=fn).on_end(_FakeTrainer(is_main=False))
+    assert figs == [] and not (tmp_path / "d").exists()
+
+
+def test_plot_callback_decodes_gray_bits(tmp_path, monkeypatch):
+    """PlotCallback with gray_bits decodes samples to the plane and plots a decoded energy."""
+    from ebmflow.data import gray_encode
+
+    figs, _ = _capture_figures(monkeypatch)
+    pts = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    bits = gray_encode(pts, 8)
+    tr = _FakeTrainer(energy=BitsEnergy(16))
+    PlotCallback(tmp_path, sample_fn=lambda t: bits, gray_bits=8).on_end(tr)
+    offsets = figs[0].axes[0].collections[0].get_offsets()
+    assert torch.allclose(torch.tensor(offsets, dtype=torch.float32), pts, atol=0.05)
+
+
+# -- checkpoint ------------------------------------------------------------------------------
+def test_atomic_save_names_and_cleanup(tmp_path, monkeypatch):
+    """atomic_save: creates parents, temp file '.<name>.*.tmp' in the folder, cleans stale ones."""
+    target = tmp_path / "x" / "y" / "ck.pt"
+    made = []
+    real = checkpoint.tempfile.mkstemp
+
+    def spy(*a, **kw):
+        fd, tmp = real(*a, **kw)
+        made.append(tmp)
+        return fd, tmp
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkstemp", spy)
+    stale = tmp_path / "x" / "y"
+    stale.mkdir(parents=True)
+    (stale / ".ck.pt.abc.tmp").write_bytes(b"partial")
+    (stale / ".other.pt.abc.tmp").write_bytes(b"keep")
+    assert atomic_save({"a": 1}, target) == target
+    name = Path(made[0]).name
+    assert Path(made[0]).parent == target.parent
+    assert name.startswith(".ck.pt.") and name.endswith(".tmp")
+    assert sorted(p.name for p in stale.iterdir()) == [".other.pt.abc.tmp", "ck.pt"]
+    assert torch.load(target, weights_only=True) == {"a": 1}
+    deep = tmp_path / "p" / "q" / "r.pt"
+    atomic_save([1], deep)
+    assert deep.is_file()
+
+
+def test_atomic_save_removes_its_temp_file_on_failure(tmp_path):
+    """A failing save leaves no temporary file behind and re-raises."""
+
+    class Bad:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save(Bad(), tmp_path / "c.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_save_ignores_a_stale_file_it_cannot_remove(tmp_path, monkeypatch):
+    """An OSError while removing a stale temp file is suppressed."""
+    (tmp_path / ".c.pt.zzz.tmp").write_bytes(b"x")
+    real_unlink = Path.unlink
+
+    def unlink(self, *a, **kw):
+        if self.name == ".c.pt.zzz.tmp":
+            raise OSError("busy")
+        return real_unlink(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert atomic_save(1, tmp_path / "c.pt") == tmp_path / "c.pt"
+
+
+def test_load_checkpoint_messages_and_weights_only(tmp_path):
+    """load_checkpoint: messages name the path; weights_only refuses pickled objects."""
+    missing = tmp_path / "none.pt"
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(missing)
+    assert str(err.value) == f"checkpoint {str(missing)!r} does not exist; check the path"
+    lst = tmp_path / "list.pt"
+    torch.save([1, 2], lst)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(lst)
+    assert str(err.value) == f"{str(lst)!r} is not an ebmflow checkpoint (got list)"
+    obj = tmp_path / "obj.pt"
+    torch.save({"f": Path("x")}, obj)  # a pickled object: refused with weights_only=True
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(obj)
+    ok = tmp_path / "ok.pt"
+    torch.save({"t": torch.ones(2)}, ok)
+    seen = []
+    got = load_checkpoint(ok, map_location=lambda s, loc: seen.append(loc) or s)
+    assert seen == ["cpu"] and torch.equal(got["t"], torch.ones(2))
+
+
+def test_rng_state_round_trip_and_cuda_keys(monkeypatch):
+    """rng_state/set_rng_state: the next draws repeat; CUDA devices add a 'cuda' entry."""
+    state = checkpoint.rng_state([torch.device("cpu")])
+    assert set(state) == {"torch"}
+    a = torch.rand(5)
+    checkpoint.set_rng_state(state)
+    assert torch.equal(torch.rand(5), a)
+    assert set(checkpoint.rng_state()) == {"torch"}
+    got = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda i: got.append(i) or torch.tensor([i]))
+    st = checkpoint.rng_state([torch.device("cuda", 2), torch.device("cuda"), torch.device("cpu"),
+                               torch.device("cuda", 2)])
+    assert sorted(st["cuda"]) == ["0", "2"] and sorted(got) == [0, 2]
+    assert torch.equal(st["cuda"]["2"], torch.tensor([2]))
+    # set_rng_state restores the CUDA states of existing devices only
+    put = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: put.append((s.tolist(), i)))
+    checkpoint.set_rng_state({"torch": torch.get_rng_state(),
+                              "cuda": {"0": torch.tensor([7]), "1": torch.tensor([8]), "2": torch.tensor([9])}})
+    assert put == [([7], 0), ([8], 1)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    put.clear()
+    checkpoint.set_rng_state({"torch": torch.get_rng_state(), "cuda": {"0": torch.tensor([7])}})
+    assert put == []
+
+
+class _Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.step_size = 0.5
+        self.name = "h"
+        self.maybe = None
+        self.flag = True
+        self.t = torch.arange(3.0)
+        self.tensors = {"a": torch.ones(2)}
+        self.mixed = {"a": torch.ones(1), 1: torch.ones(1)}
+        self.bad_dict = {"a": 1}
+        self._private = 3
+        self.obj = object()
+        self.register_buffer("buf", torch.zeros(2))
+        self.child = nn.Linear(1, 1)
+        self.child.rate = 2
+
+
+def test_plain_attributes_and_module_state():
+    """_plain_attributes: public numbers/strings/None/tensors/str->tensor dicts, copies."""
+    h = _Holder()
+    attrs = checkpoint._plain_attributes(h)
+    assert set(attrs) == {"step_size", "name", "maybe", "flag", "t", "tensors"}
+    assert attrs["step_size"] == 0.5 and attrs["maybe"] is None and attrs["flag"] is True
+    assert torch.equal(attrs["t"], torch.arange(3.0)) and attrs["t"] is not h.t
+    assert torch.equal(attrs["tensors"]["a"], torch.ones(2)) and attrs["tensors"]["a"] is not h.tensors["a"]
+    st = checkpoint.module_state(h)
+    assert set(st) == {"state_dict", "attributes"}
+    assert set(st["attributes"]) == {".", "child"}
+    assert st["attributes"]["child"]["rate"] == 2
+    assert "training" not in st["attributes"]["child"]
+
+
+def test_load_module_state_restores_attributes_and_messages():
+    """load_module_state: state_dict and attributes restored; unknown submodules skipped."""
+    src = _Holder()
+    src.step_size = 0.25
+    src.t = torch.tensor([9.0, 8.0])
+    src.tensors = {"a": torch.full((2,), 3.0), "new": torch.ones(1)}
+    src.child.rate = 5
+    with torch.no_grad():
+        src.child.weight.fill_(4.0)
+    st = checkpoint.module_state(src)
+    st["attributes"] = {"ghost": {"x": 1}, **st["attributes"]}
+    dst = _Holder()
+    checkpoint.load_module_state(dst, st, "sampler")
+    assert dst.step_size == 0.25 and dst.child.rate == 5
+    assert torch.equal(dst.t, torch.tensor([9.0, 8.0]))
+    assert torch.equal(dst.tensors["a"], torch.full((2,), 3.0)) and torch.equal(dst.tensors["new"], torch.ones(1))
+    assert float(dst.child.weight.detach()) == 4.0
+    # a state without attributes still loads the state_dict
+    dst2 = _Holder()
+    checkpoint.load_module_state(dst2, {"state_dict": st["state_dict"]}, "loss")
+    assert float(dst2.child.weight.detach()) == 4.0 and dst2.step_size == 0.5
+    # device: explicit device for tensors without a current tensor
+    dst3 = _Holder()
+    dst3.t = None
+    checkpoint.load_module_state(dst3, st, "sampler", device=torch.device("meta"))
+    assert dst3.t.device.type == "meta"
+    assert dst3.tensors["new"].device.type == "meta" and dst3.tensors["a"].device.type == "cpu"
+    dst4 = _Holder()
+    dst4.t = torch.zeros(1, device="meta")
+    dst4.tensors = {"a": torch.zeros(1, device="meta")}
+    checkpoint.load_module_state(dst4, st, "sampler")
+    assert dst4.t.device.type == "meta" and dst4.tensors["a"].device.type == "meta"
+    assert dst4.tensors["new"].device.type == "cpu"
+    # mismatching state_dict: message names what, the class and the first line of the error
+    other = nn.Linear(3, 3)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load_module_state(other, st, "sampler")
+    msg = str(err.value)
+    assert msg.startswith("the checkpoint's sampler does not match this sampler (Linear): Error(s) in loading "
+                          "state_dict for Linear:")
+    assert msg.endswith("; build it with the same settings as the saved run")
+
+
+# -- EMA -------------------------------------------------------------------------------------
+class _WithCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(2, 1)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        return self.lin(x) * 2
+
+
+def test_ema_defaults_checks_and_messages():
+    """EMA: default decay 0.999, decay in [0, 1), messages; integer buffers copied."""
+    m = _WithCounter()
+    ema = EMA(m)
+    assert ema.decay == 0.999 and ema.warmup is False and ema.num_updates == 0
+    assert EMA(m, decay=0.0).decay == 0.0
+    assert EMA(m, warmup=True).warmup is True
+    with pytest.raises(ValueError, match=r"^decay must be in \[0, 1\), got 1\.0; e\.g\. decay=0\.999$"):
+        EMA(m, decay=1.0)
+    with pytest.raises(ValueError, match=r"^EMA needs an nn\.Module, got int$"):
+        EMA(3)
+    m.count.fill_(7)
+    ema.update(m)
+    assert int(ema.module.count) == 7 and ema.num_updates == 1
+    x = torch.ones(1, 2)
+    assert torch.equal(ema(x), ema.module(x))
+
+
+def test_ema_mismatch_message():
+    """EMA.update with another model: the message lists missing and extra names (3 at most)."""
+    a = nn.Sequential(*[nn.Linear(1, 1) for _ in range(4)])
+    b = nn.Sequential(nn.Linear(1, 1))
+    b.extra1 = nn.Linear(1, 1)
+    ema = EMA(a)
+    with pytest.raises(ValueError) as err:
+        ema.update(b)
+    assert str(err.value) == (
+        "EMA.update got a model whose parameters differ from the averaged one "
+        "(missing ['1.bias', '1.weight', '2.bias'], extra ['extra1.bias', 'extra1.weight']); "
+        "pass the model the EMA was built from")
+
+
+def test_ema_extra_state_round_trip():
+    """EMA state_dict keeps num_updates, decay and warmup."""
+    m = nn.Linear(1, 1)
+    a = EMA(m, decay=0.5, warmup=True)
+    a.update(m)
+    b = EMA(m, decay=0.9, warmup=False)
+    b.load_state_dict(a.state_dict())
+    assert (b.num_updates, b.decay, b.warmup) == (1, 0.5, True)
+    c = EMA(m, decay=0.9, warmup=True)
+    c.set_extra_state({"num_updates": 2, "decay": 0.3, "warmup": False})
+    assert (c.num_updates, c.decay, c.warmup) == (2, 0.3, False)
+
+
+# -- loggers ---------------------------------------------------------------------------------
+def test_to_json_number_and_jsonl(tmp_path):
+    """to_json_number: nan/inf/-inf strings; JSONLLogger writes them, appends, closes twice."""
+    assert loggers.to_json_number(1.5) == 1.5
+    assert loggers.to_json_number(0.0) == 0.0
+    assert loggers.to_json_number(float("nan")) == "nan"
+    assert loggers.to_json_number(float("inf")) == "inf"
+    assert loggers.to_json_number(float("-inf")) == "-inf"
+    path = tmp_path / "deep" / "er" / "log.jsonl"
+    log = loggers.JSONLLogger(path)
+    log.log({"step": 1, "loss": float("nan"), "note": "é", "x": 2.0})
+    log.close()
+    log.close()
+    log2 = loggers.JSONLLogger(path)
+    log2.log({"step": 2, "loss": float("-inf")})
+    log2.close()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(s) for s in lines] == [{"step": 1, "loss": "nan", "note": "é", "x": 2.0},
+                                              {"step": 2, "loss": "-inf"}]
+
+
+def test_progress_bar_postfix(monkeypatch):
+    """ProgressBar.show: loss/acc/ess/it/s with 4 significant digits, sampler/ fallbacks."""
+    bar = loggers.ProgressBar(total=10, disable=True)
+    seen = []
+    monkeypatch.setattr(bar._bar, "set_postfix", lambda shown, refresh=True: seen.append((shown, refresh)))
+    bar.show({"loss": 1.234567, "sampler/accept_rate": 0.5, "accept_rate": "x", "ess": 3, "it_per_s": 100.0,
+              "sampler/ess": 2.0})
+    assert seen == [({"loss": "1.235", "acc": "0.5", "ess": "2", "it/s": "100"}, False)]
+    bar.close()
+
+
+def test_progress_bar_arguments(monkeypatch):
+    """ProgressBar: tqdm over the steps with its total, start, 'train' label; advance/close."""
+    made = []
+
+    class Bar:
+        def __init__(self, **kw):
+            made.append(kw)
+            self.n = 0
+            self.closed = False
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(loggers, "tqdm", Bar)
+    bar = loggers.ProgressBar(total=10, initial=2, disable=True)
+    assert made == [{"total": 10, "initial": 2, "disable": True, "desc": "train", "dynamic_ncols": True,
+                     "leave": True}]
+    bar.advance(3)
+    assert bar._bar.n == 3
+    bar.close()
+    assert bar._bar.closed
+    loggers.ProgressBar(total=5)
+    assert made[-1]["initial"] == 0 and made[-1]["disable"] is False
+
+
+def test_tensorboard_logger_writes_scalars(tmp_path, monkeypatch):
+    """TensorBoardLogger.log: numbers except 'step' and bools, at the record's step."""
+    import sys
+    import types
+
+    written = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            written.append((key, value, step))
+
+        def close(self):
+            written.append("closed")
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    tb = loggers.TensorBoardLogger(tmp_path / "tb")
+    tb.log({"step": 4, "loss": 1.5, "n": 2, "flag": True, "s": "x"})
+    tb.log({"loss": 2.0})
+    tb.close()
+    assert written == [("dir", str(tmp_path / "tb")), ("loss", 1.5, 4), ("n", 2, 4), ("loss", 2.0, 0), "closed"]
+
+
+def test_tensorboard_available(monkeypatch):
+    """TensorBoardLogger.available: False when tensorboard cannot be imported, True when it can."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    assert loggers.TensorBoardLogger.available() is False
+    monkeypatch.setitem(sys.modules, "tensorboard", types.ModuleType("tensorboard"))
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = object
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    assert loggers.TensorBoardLogger.available() is True
+
+
+# -- monitor ---------------------------------------------------------------------------------
+def test_step_stats_means_and_divergence():
+    """StepStats: means over counted steps; the first non-finite monitored stat and its step."""
+    s = monitor.StepStats(torch.device("cpu"))
+    assert s.first_divergence() is None
+    s.pack({"loss": torch.tensor(1.0), "other": torch.tensor(3.0)})
+    s.count += 1
+    s.pack({"loss": torch.tensor(3.0), "other": torch.tensor(5.0)})
+    s.count += 1
+    assert s.take_means().tolist() == [2.0, 4.0]
+    assert s.count == 0 and s.sums.tolist() == [0.0, 0.0]
+    s.pack({"loss": torch.tensor(4.0), "other": torch.tensor(1.0)})
+    assert s.take_means().tolist() == [4.0, 1.0]  # count 0 -> divided by 1
+    s.pack({"loss": torch.tensor(1.0), "other": torch.tensor(float("nan"))})
+    assert s.first_divergence() is None  # "other" is not monitored
+    s.pack({"loss": torch.tensor(float("inf")), "other": torch.tensor(1.0)})
+    assert s.first_divergence() == ("loss", 5)
+    assert monitor.is_monitored("energy_pos") and monitor.is_monitored("grad_norm")
+    assert monitor.is_monitored("my_loss") and not monitor.is_monitored("sampler/accept_rate")
