@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ebmflow.energy import EnergyModel
+from ebmflow.energy import EnergyModel, MLPEnergy
 from ebmflow.losses import EBMLoss, LossOutput
 from ebmflow.samplers import Sampler
 from ebmflow.spaces import Binary, Continuous
@@ -26,6 +26,7 @@ from ebmflow.training import (
     LambdaCallback,
     PlotCallback,
     StopOnNonFinite,
+    Trainer,
     atomic_save,
     baselines,
     batches,
@@ -822,3 +823,327 @@ def test_step_stats_means_and_divergence():
     assert s.first_divergence() == ("loss", 5)
     assert monitor.is_monitored("energy_pos") and monitor.is_monitored("grad_norm")
     assert monitor.is_monitored("my_loss") and not monitor.is_monitored("sampler/accept_rate")
+
+
+# -- plots -----------------------------------------------------------------------------------
+def _png_size(path):
+    head = Path(path).read_bytes()[:24]
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_plot_samples_panels_limits_and_file(tmp_path, monkeypatch):
+    """plot_samples: one panel per set, shared limits from the data, styling, 100 dpi file."""
+    import matplotlib
+
+    from ebmflow.training.plots import plot_samples
+
+    figs, _ = _capture_figures(monkeypatch)
+    x = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    data = torch.tensor([[0.0, 0.0], [1.0, 2.0], [float("nan"), 0.0]])
+    with matplotlib.rc_context({"figure.dpi": 50, "savefig.dpi": "figure"}):
+        out = plot_samples(x, tmp_path / "n" / "s.png", data=data)
+    assert out == tmp_path / "n" / "s.png" and out.is_file()
+    assert _png_size(out) == (800, 400)
+    fig = figs[0]
+    assert tuple(fig.get_size_inches()) == (8.0, 4.0)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["model samples", "data"]
+    pad_x, pad_y = 0.1 + 1e-3, 0.2 + 1e-3
+    for ax in axes:
+        assert ax.get_xlim() == pytest.approx((-pad_x, 1 + pad_x))
+        assert ax.get_ylim() == pytest.approx((-pad_y, 2 + pad_y))
+        assert ax.get_aspect() == 1.0
+        coll = ax.collections[0]
+        assert list(coll.get_sizes()) == [2.0] and coll.get_alpha() == 0.5
+    assert axes[0].collections[0].get_offsets().tolist() == [[0.0, 0.0], [10.0, 10.0]]
+    assert axes[1].collections[0].get_offsets()[:2].tolist() == [[0.0, 0.0], [1.0, 2.0]]
+    # without data: one panel, limits from the samples; a custom title
+    figs.clear()
+    plot_samples(torch.tensor([[1.0, -1.0], [3.0, 1.0]]), tmp_path / "t.png", title="T")
+    (ax,) = figs[0].axes
+    assert ax.get_title() == "T" and tuple(figs[0].get_size_inches()) == (4.0, 4.0)
+    assert ax.get_xlim() == pytest.approx((1 - 0.201, 3 + 0.201))
+    assert ax.get_ylim() == pytest.approx((-1 - 0.201, 1 + 0.201))
+    # nothing finite: limits around the origin
+    figs.clear()
+    plot_samples(torch.full((2, 2), float("inf")), tmp_path / "u.png")
+    assert figs[0].axes[0].get_xlim() == pytest.approx((-1e-3, 1e-3))
+    assert figs[0].axes[0].get_ylim() == pytest.approx((-1e-3, 1e-3))
+
+
+def test_plot_input_checks_and_missing_matplotlib(tmp_path, monkeypatch):
+    """plots: shape errors name the argument; no matplotlib -> an install hint."""
+    import sys
+
+    from ebmflow.training.plots import plot_energy, plot_samples
+
+    with pytest.raises(ValueError, match=r"^x must be 2-D points of shape \(N, 2\) to plot, got \(3, 3\)$"):
+        plot_samples(torch.zeros(3, 3), tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"^x must be 2-D points of shape \(N, 2\) to plot, got \(2,\)$"):
+        plot_samples(torch.zeros(2), tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"^data must be 2-D points of shape \(N, 2\) to plot, got \(1, 3\)$"):
+        plot_samples(torch.zeros(3, 2), tmp_path / "a.png", data=torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"^data must be 2-D points"):
+        plot_energy(Quadratic(), tmp_path / "a.png", data=torch.zeros(4))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"^plots need matplotlib; install it with `pip install ebmflow\[plot\]`$"):
+        plot_samples(torch.zeros(3, 2), tmp_path / "a.png")
+
+
+def test_plot_energy_grid_and_panels(tmp_path, monkeypatch):
+    """plot_energy: default box [-4, 4]^2, data box, explicit limits; both panels titled."""
+    from ebmflow.training.plots import plot_energy
+
+    figs, _ = _capture_figures(monkeypatch)
+    out = plot_energy(Quadratic(), tmp_path / "e" / "e.png", resolution=20)
+    assert out.is_file()
+    ax0, ax1 = figs[0].axes[:2]
+    img = ax0.images[0]
+    assert tuple(img.get_extent()) == (-4.0, 4.0, -4.0, 4.0)
+    arr = img.get_array()
+    assert arr.shape == (20, 20) and float(arr.max()) == pytest.approx(1.0)
+    assert ax0.get_title() == "exp(-(E - min E))"
+    assert ax1.get_title() == "energy E(x) (capped at min E + 20)"
+    figs.clear()
+    plot_energy(Quadratic(), tmp_path / "f.png", data=torch.tensor([[0.0, 0.0], [1.0, 2.0]]), resolution=10)
+    assert figs[0].axes[0].images[0].get_extent() == pytest.approx((-0.101, 1.101, -0.201, 2.201))
+    figs.clear()
+    plot_energy(Quadratic(), tmp_path / "g.png", limits=(0.0, 1.0, 2.0, 3.0), resolution=10)
+    assert tuple(figs[0].axes[0].images[0].get_extent()) == (0.0, 1.0, 2.0, 3.0)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+class NoParams(EnergyModel):
+    """A parameter-free 2-D energy (reference_tensor() is None)."""
+
+    def __init__(self):
+        super().__init__(Continuous(2))
+
+    def energy(self, x):
+        return 0.5 * (x**2).sum(-1)
+
+
+class MetaEnergy(EnergyModel):
+    """An energy whose parameters live on the meta device (to see where states are sent)."""
+
+    def __init__(self):
+        super().__init__(Continuous(2))
+        self.p = nn.Parameter(torch.zeros(1, device="meta"))
+
+    def energy(self, x):
+        return x.sum(-1)
+
+
+class RandSampler(Sampler):
+    """Returns x0 plus global-RNG noise; records its calls."""
+
+    def __init__(self, accepts_x0=True):
+        super().__init__()
+        self.calls = []
+        self.accepts_x0 = accepts_x0
+
+    def sample(self, energy, n=None, *, x0=None, generator=None):
+        if x0 is not None and not self.accepts_x0:
+            raise TypeError("no x0")
+        self.calls.append({"energy": energy, "n": n, "x0": x0})
+        base = x0 if x0 is not None else torch.zeros(n, 2)
+        return base + torch.rand(base.shape)
+
+
+def test_draw_samples_starts_from_the_data_gaussian_and_forks_the_rng():
+    """draw_samples: x0 = eval_init with a seed-1 generator, RNG seeded and restored."""
+    from ebmflow.training.evaluation import draw_samples
+    from ebmflow.training.registry import RunConfig, eval_init
+
+    cfg = RunConfig()
+    train2d = torch.tensor([[0.0, 1.0], [2.0, 5.0], [4.0, 3.0]])
+    sampler = RandSampler()
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    out = draw_samples(cfg, NoParams(), sampler, train2d, 5)
+    assert torch.equal(torch.get_rng_state(), before)
+    x0 = eval_init(cfg, train2d, 5, torch.Generator().manual_seed(1))
+    torch.manual_seed(1)
+    noise = torch.rand(5, 2)
+    assert torch.allclose(out, x0 + noise)
+    call = sampler.calls[0]
+    assert call["n"] == 5 and isinstance(call["energy"], NoParams) and torch.equal(call["x0"], x0)
+    out7 = draw_samples(cfg, NoParams(), RandSampler(), train2d, 5, seed=7)
+    x07 = eval_init(cfg, train2d, 5, torch.Generator().manual_seed(7))
+    torch.manual_seed(7)
+    assert torch.allclose(out7, x07 + torch.rand(5, 2))
+    # states go to the energy's device
+    meta_sampler = FixedSampler()
+    draw_samples(cfg, MetaEnergy(), meta_sampler, train2d, 3)
+    assert meta_sampler.calls[0]["x0"].device.type == "meta"
+
+
+def test_draw_samples_binary_uses_the_space_noise_and_falls_back_without_x0():
+    """draw_samples for gray data: x0 from the space's noise (seeded); samplers without x0 work."""
+    from ebmflow.training.evaluation import draw_samples
+    from ebmflow.training.registry import RunConfig
+
+    cfg = RunConfig(encoding="gray")
+    energy = BitsEnergy(4)
+    sampler = FixedSampler(dim=4)
+    out = draw_samples(cfg, energy, sampler, torch.zeros(3, 2), 6, seed=3)
+    expected = energy.space.noise(6, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out, expected) and sampler.calls[0]["n"] == 6 and sampler.calls[0]["energy"] is energy
+    no_x0 = RandSampler(accepts_x0=False)
+    out = draw_samples(cfg, energy, no_x0, torch.zeros(3, 2), 4, seed=2)
+    torch.manual_seed(2)
+    assert torch.allclose(out, torch.rand(4, 2))
+    assert no_x0.calls[0]["energy"] is energy and no_x0.calls[0]["n"] == 4 and no_x0.calls[0]["x0"] is None
+    meta = FixedSampler(dim=2)
+
+    class MetaBits(EnergyModel):
+        def __init__(self):
+            super().__init__(Binary(2))
+            self.p = nn.Parameter(torch.zeros(1, device="meta"))
+
+        def energy(self, x):
+            return x.sum(-1)
+
+    draw_samples(cfg, MetaBits(), meta, torch.zeros(3, 2), 2)
+    assert meta.calls[0]["x0"].device.type == "meta"
+
+
+def test_to_points_box_and_gray_energy():
+    """to_points decodes gray bits with 16 bits; _box pads by 3; GrayDecodedEnergy is 2-D."""
+    from ebmflow.data import gray_encode
+    from ebmflow.training.evaluation import GrayDecodedEnergy, _box, to_points
+    from ebmflow.training.registry import RunConfig
+
+    pts = torch.tensor([[1.0, -2.0], [0.5, 3.0]])
+    got = to_points(RunConfig(encoding="gray"), gray_encode(pts, 16))
+    assert torch.allclose(got, pts, atol=1e-3)
+    x = torch.tensor([[1.0, 2.0]], requires_grad=True)
+    same = to_points(RunConfig(), x)
+    assert not same.requires_grad and same.dtype == torch.float32
+    assert _box(torch.tensor([[0.0, 1.0], [2.0, 5.0]])) == (-3.0, 5.0, -2.0, 8.0)
+    assert _box(torch.tensor([[0.0, 1.0], [2.0, 5.0]]), margin=1.0) == (-1.0, 3.0, 0.0, 6.0)
+    inner = BitsEnergy(32)
+    g = GrayDecodedEnergy(inner)
+    assert g.space == Continuous(2) and g.bits == 16
+    assert torch.allclose(g(pts), inner(gray_encode(pts, 16)))
+    g8 = GrayDecodedEnergy(BitsEnergy(16), bits=8)
+    assert torch.allclose(g8(pts), g8.inner(gray_encode(pts, 8)))
+
+
+def test_write_figures_names_and_limits(tmp_path, monkeypatch):
+    """write_figures: samples.png beside as many test points, energy.png on the test box +- 1."""
+    from ebmflow.training.evaluation import write_figures
+    from ebmflow.training.registry import RunConfig
+
+    figs, _ = _capture_figures(monkeypatch)
+    test2d = torch.tensor([[0.0, 0.0], [1.0, 4.0], [2.0, 1.0], [9.0, 9.0]])
+    samples = torch.tensor([[0.5, 0.5], [1.5, 1.5], [0.0, 1.0]])
+    write_figures(RunConfig(), Quadratic(), samples, test2d, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["energy.png", "samples.png"]
+    data_ax = figs[0].axes[1]
+    assert data_ax.get_title() == "data"
+    assert data_ax.collections[0].get_offsets().tolist() == test2d[:3].tolist()
+    assert tuple(figs[1].axes[0].images[0].get_extent()) == (-1.0, 10.0, -1.0, 10.0)
+    # gray: the energy is decoded to the plane
+    figs.clear()
+    from ebmflow.data import gray_encode
+
+    write_figures(RunConfig(encoding="gray"), BitsEnergy(32), gray_encode(samples, 16), test2d, tmp_path / "g")
+    assert (tmp_path / "g" / "energy.png").is_file()
+    assert torch.allclose(torch.tensor(figs[0].axes[0].collections[0].get_offsets(), dtype=torch.float32),
+                          samples, atol=1e-3)
+
+
+# -- loading ---------------------------------------------------------------------------------
+def test_energy_state_choices_and_messages():
+    """energy_state: EMA average by default when saved, raw weights on request, clear errors."""
+    from ebmflow.training.loading import energy_state
+
+    raw = {"w": torch.zeros(1)}
+    avg = {"module.w": torch.ones(1), "other": torch.full((1,), 5.0)}
+    ckpt = {"energy": raw, "ema": avg}
+    state, used = energy_state(ckpt)
+    assert used is True and list(state) == ["w"] and torch.equal(state["w"], torch.ones(1))
+    assert energy_state(ckpt, ema=False) == (raw, False)
+    assert energy_state({"energy": raw, "ema": None}) == (raw, False)
+    with pytest.raises(CheckpointError, match=r"^not an ebmflow Trainer checkpoint \(no 'energy' entry\)$"):
+        energy_state({})
+    with pytest.raises(CheckpointError, match=r"^the checkpoint has no EMA weights \(the run was trained without "
+                                              r"ema=\.\.\.\); pass ema=False for the trained weights$"):
+        energy_state({"energy": raw, "ema": None}, ema=True)
+
+
+def _trained_checkpoint(tmp_path, config=None, ema=0.5):
+    torch.manual_seed(0)
+    energy = MLPEnergy(Continuous(2), hidden=(8,))
+    tr = Trainer(energy, PosLoss(), ema=ema, progress=False, out_dir=tmp_path, log_every=2,
+                 tensorboard=False, threads=None, config=config)
+    tr.fit(torch.randn(16, 2), steps=2, batch_size=8)
+    return tr
+
+
+def test_load_energy_builds_loads_and_reports(tmp_path):
+    """load_energy: eval mode, no gradients, rebuilt from the config; messages name the path."""
+    from ebmflow.training import load_energy
+    from ebmflow.training.registry import RunConfig
+
+    cfg = RunConfig(hidden=[8]).to_dict()
+    tr = _trained_checkpoint(tmp_path, config=cfg)
+    path = tmp_path / "checkpoint.pt"
+    e = load_energy(path)
+    assert not e.training and all(not p.requires_grad for p in e.parameters())
+    for a, b in zip(e.parameters(), tr.ema.module.parameters()):
+        assert torch.equal(a, b)
+    raw = load_energy(path, ema=False, energy=MLPEnergy(Continuous(2), hidden=(8,)))
+    for a, b in zip(raw.parameters(), tr.energy.parameters()):
+        assert torch.equal(a, b.detach())
+    seen = []
+    load_energy(path, map_location=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"^energy must be an ebmflow EnergyModel or None, got Linear$"):
+        load_energy(path, energy=nn.Linear(1, 1))
+    with pytest.raises(CheckpointError) as err:
+        load_energy(path, energy=MLPEnergy(Continuous(2), hidden=(4,)))
+    msg = str(err.value)
+    assert msg.startswith(f"the weights in {str(path)!r} (MLPEnergy) do not fit MLPEnergy: Error(s) in loading "
+                          "state_dict for MLPEnergy:")
+    assert msg.endswith("; build the energy with the same class and sizes as the training run")
+    assert seen == []
+
+
+def test_load_energy_without_config_names_the_path(tmp_path):
+    """load_energy: a checkpoint without settings asks for energy=..., naming path and class."""
+    from ebmflow.training import load_energy
+
+    _trained_checkpoint(tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(CheckpointError) as err:
+        load_energy(path)
+    assert str(err.value) == (
+        f"{str(path)!r} does not record how to build its energy (MLPEnergy); pass energy=... built as in the "
+        "training script, e.g. load_energy(path, energy=MLPEnergy(Continuous(2), hidden=(128, 128, 128)))")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"] = {"hidden": [8], "bogus": 1}
+    atomic_save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="does not record how to build its energy"):
+        load_energy(tmp_path / "bad.pt")
+
+
+def test_rebuild_reports_the_source_of_a_bad_config(tmp_path):
+    """_rebuild passes the path to RunConfig.from_dict (named in its errors)."""
+    from ebmflow.training import registry
+    from ebmflow.training.loading import _rebuild
+
+    seen = []
+    real = registry.RunConfig.from_dict
+
+    def spy(values, source="config"):
+        seen.append(source)
+        return real(values, source=source)
+
+    orig = registry.RunConfig.from_dict
+    registry.RunConfig.from_dict = staticmethod(spy)
+    try:
+        e = _rebuild({"config": {"hidden": [3]}}, "P.pt")
+    finally:
+        registry.RunConfig.from_dict = orig
+    assert seen == ["P.pt"] and isinstance(e, MLPEnergy)
