@@ -1147,3 +1147,190 @@ def test_rebuild_reports_the_source_of_a_bad_config(tmp_path):
     finally:
         registry.RunConfig.from_dict = orig
     assert seen == ["P.pt"] and isinstance(e, MLPEnergy)
+
+
+# -- registry --------------------------------------------------------------------------------
+def _shapes(module):
+    return [tuple(p.shape) for p in module.parameters()]
+
+
+def test_run_config_from_dict_and_defaults():
+    """RunConfig.from_dict: unknown keys listed with the source and every valid key."""
+    from ebmflow.training.registry import ComponentError, RunConfig
+
+    cfg = RunConfig.from_dict({"steps": 5, "lr": 0.5})
+    assert cfg.steps == 5 and cfg.lr == 0.5 and cfg.batch == 128
+    keys = ", ".join(sorted(RunConfig.keys()))
+    with pytest.raises(ComponentError) as err:
+        RunConfig.from_dict({"zzz": 1, "aaa": 2})
+    assert str(err.value) == f"unknown setting(s) ['aaa', 'zzz'] in config; valid keys: {keys}"
+    with pytest.raises(ComponentError, match=r"^unknown setting\(s\) \['q'\] in my\.toml; valid keys: alpha, amp, "):
+        RunConfig.from_dict({"q": 1}, source="my.toml")
+
+
+def test_check_config_messages():
+    """check_config: each refusal's exact message; the default sampler filled in."""
+    from ebmflow.data import TOY_DATASETS
+    from ebmflow.training.registry import ComponentError, RunConfig, check_config
+
+    def refuse(msg, **kw):
+        with pytest.raises(ComponentError) as err:
+            check_config(RunConfig(**kw))
+        assert str(err.value) == msg
+
+    refuse(f"unknown data set 'nope'; valid names: {', '.join(TOY_DATASETS)}", data="nope")
+    refuse("unknown encoding 'x'; valid names: none, gray", encoding="x")
+    refuse("unknown loss 'x'; valid names: ed, cd, pcd, dsm", loss="x")
+    refuse("unknown sampler 'x'; valid names: langevin, mala, hmc, flowmc, gibbs, gwg, dula, dmala, discrete-flow",
+           sampler="x")
+    refuse("sampler 'mala' moves continuous states but --encoding gray makes the data binary; use one of "
+           "gibbs, gwg, dula, dmala, discrete-flow", encoding="gray", sampler="mala")
+    refuse("sampler 'gibbs' moves binary states but '8gaussians' is continuous 2-D data; use one of "
+           "langevin, mala, hmc, flowmc (or --encoding gray for binary data)", sampler="gibbs")
+    refuse("score matching needs gradients in x, so continuous data; drop --encoding gray or use --loss ed",
+           encoding="gray", loss="dsm")
+    refuse("steps must be a positive integer, got -1", steps=-1)
+    refuse("batch must be a positive integer, got 0", batch=0)
+    refuse("n_train must be a positive integer, got 2.0", n_train=2.0)
+    refuse("log_every must be a positive integer, got True", log_every=True)
+    refuse("eval_samples must be a positive integer, got 0", eval_samples=0)
+    refuse("batch (11) is larger than n_train (10)", batch=11, n_train=10)
+    assert check_config(RunConfig(steps=0, batch=1, n_train=1, n_test=1, eval_samples=1, log_every=1)).steps == 0
+    assert check_config(RunConfig(batch=10, n_train=10)).sampler == "mala"
+    assert check_config(RunConfig(encoding="gray")).sampler == "gibbs"
+    if not torch.cuda.is_available():
+        refuse("device 'cuda:1' requested but no CUDA GPU is available; use --device cpu", device="cuda:1")
+
+
+def test_registry_import_errors(monkeypatch):
+    """_import/_get: a missing module or name gives a ComponentError naming it."""
+    import sys
+
+    from ebmflow.training import registry
+
+    monkeypatch.setitem(sys.modules, "ebmflow.nothing_here", None)
+    with pytest.raises(registry.ComponentError, match=r"^widgets are not available in this installation \("):
+        registry._import("ebmflow.nothing_here", "widgets")
+    with pytest.raises(registry.ComponentError, match=r"^ebmflow\.nothing_here are not available in this installation"):
+        registry._get("ebmflow.nothing_here", "x")
+    with pytest.raises(registry.ComponentError,
+                       match=r"^ebmflow\.data\.nothing is not available in this installation of ebmflow$"):
+        registry._get("ebmflow.data", "nothing")
+    monkeypatch.setitem(sys.modules, "ebmflow.data", None)
+    with pytest.raises(registry.ComponentError, match=r"^data sets are not available in this installation"):
+        registry.dataset_names()
+
+
+def test_mcmc_builders():
+    """_mcmc: each kernel with its default step size, steps, warm-up; unknown names refused."""
+    from ebmflow.samplers import HMC, MALA, DiscreteLangevin, Gibbs, GibbsWithGradients, Langevin
+    from ebmflow.training.registry import ComponentError, _mcmc
+
+    lan = _mcmc("langevin", 7, None)
+    assert type(lan) is Langevin and lan.step_size == 0.01 and lan.n_steps == 7
+    assert _mcmc("langevin", 7, 0.3).step_size == 0.3
+    mala = _mcmc("mala", 8, None)
+    assert type(mala) is MALA and mala.step_size == 0.05 and mala.n_steps == 8 and mala.n_warmup == 0
+    assert _mcmc("mala", 8, 0.2, warmup=4).n_warmup == 4 and _mcmc("mala", 8, 0.2).step_size == 0.2
+    hmc = _mcmc("hmc", 9, None, warmup=2)
+    assert type(hmc) is HMC and hmc.step_size == 0.1 and hmc.n_leapfrog == 5 and hmc.n_steps == 9
+    assert hmc.n_warmup == 2 and _mcmc("hmc", 9, 0.4).step_size == 0.4
+    g = _mcmc("gibbs", 3, None)
+    assert type(g) is Gibbs and g.n_steps == 3
+    gwg = _mcmc("gwg", 4, None)
+    assert type(gwg) is GibbsWithGradients and gwg.n_steps == 4
+    dula = _mcmc("dula", 5, None)
+    assert type(dula) is DiscreteLangevin and dula.metropolis is False and dula.n_steps == 5
+    assert dula.step_size == DiscreteLangevin().step_size
+    dmala = _mcmc("dmala", 6, 0.7)
+    assert dmala.metropolis is True and dmala.step_size == 0.7 and dmala.n_steps == 6
+    with pytest.raises(ComponentError, match=r"^'flowmc' is not an MCMC sampler$"):
+        _mcmc("flowmc", 1, None)
+
+
+def test_learned_samplers_and_build_sampler():
+    """_learned/build_sampler/build_eval_sampler: sizes and settings of each component."""
+    from ebmflow.discrete_flows import MLPVelocity
+    from ebmflow.flows import FlowMC, RealNVP
+    from ebmflow.samplers import MALA, Langevin, PersistentSampler
+    from ebmflow.training.registry import (
+        RunConfig,
+        _learned,
+        build_eval_sampler,
+        build_sampler,
+    )
+
+    cfg = RunConfig(sampler="flowmc", sampler_steps=7, step_size=0.3)
+    fm = _learned(cfg, n_chains=11)
+    assert type(fm) is FlowMC and fm.n_local == 7 and fm.n_global == 5 and fm.n_chains == 11
+    assert type(fm.local) is MALA and fm.local.n_warmup == 100 and fm.local.step_size == 0.3
+    assert fm.local.n_steps == 7
+    assert _shapes(fm.flow) == _shapes(RealNVP(2, n_layers=6, hidden=(64, 64)))
+    df = _learned(RunConfig(sampler="discrete-flow", encoding="gray", batch=17), n_chains=3)
+    assert df.batch_size == 17 and df.fit_to == "energy"
+    assert _shapes(df.model) == _shapes(MLPVelocity(32, 2, hidden=(256, 256)))
+    assert build_sampler(RunConfig(loss="ed")) is None
+    assert build_sampler(RunConfig(loss="dsm", sampler="mala")) is None
+    cd = build_sampler(RunConfig(loss="cd", sampler="langevin", sampler_steps=4, step_size=0.2))
+    assert type(cd) is Langevin and cd.n_steps == 4 and cd.step_size == 0.2
+    pcd = build_sampler(RunConfig(loss="pcd", sampler="langevin", sampler_steps=4, buffer_size=33, step_size=0.2))
+    assert type(pcd) is PersistentSampler and pcd.n_steps == 4 and pcd.buffer.capacity == 33
+    assert pcd.mcmc.step_size == 0.2
+    assert pcd.buffer.space == Continuous(2)
+    learned = build_sampler(RunConfig(loss="pcd", sampler="flowmc", batch=9))
+    assert type(learned) is FlowMC and learned.n_chains == 9
+    fl = build_sampler(RunConfig(loss="ed", sampler="flowmc", batch=6))
+    assert type(fl) is FlowMC and fl.n_chains == 6
+    # evaluation sampler
+    assert build_eval_sampler(RunConfig(sampler="flowmc"), fl) is fl
+    ev = build_eval_sampler(RunConfig(sampler="mala", eval_steps=9, step_size=0.4), fl)
+    assert type(ev) is MALA and ev.n_steps == 9 and ev.n_warmup == 4 and ev.step_size == 0.4
+    assert build_eval_sampler(RunConfig(sampler="hmc", eval_steps=10), None).n_warmup == 5
+
+
+def test_build_eval_sampler_without_trained_learned_sampler():
+    """build_eval_sampler: a learned sampler name with nothing trained is an error (not an MCMC)."""
+    from ebmflow.training.registry import ComponentError, RunConfig, build_eval_sampler
+
+    with pytest.raises(ComponentError, match="'flowmc' is not an MCMC sampler"):
+        build_eval_sampler(RunConfig(sampler="flowmc", eval_steps=8), None)
+
+
+def test_build_loss_and_energy_and_data():
+    """build_loss/build_energy/build_data: settings passed through, seeds and encodings."""
+    from ebmflow.data import gray_encode, toy_2d
+    from ebmflow.losses import ContrastiveDivergence, DenoisingScoreMatching, EnergyDiscrepancy
+    from ebmflow.training.registry import RunConfig, build_data, build_energy, build_loss
+
+    ed = build_loss(RunConfig(loss="ed", t=0.7, w=2.0))
+    assert type(ed) is EnergyDiscrepancy and ed.m == 4 and ed.w == 2.0 and ed.perturbation.t == 0.7
+    assert build_loss(RunConfig(loss="ed", m=9)).m == 9
+    edg = build_loss(RunConfig(loss="ed", encoding="gray", eps=0.2, w=3.0))
+    assert edg.m == 32 and edg.w == 3.0 and edg.perturbation.eps == 0.2
+    assert build_loss(RunConfig(loss="ed", encoding="gray", m=5)).m == 5
+    cd = build_loss(RunConfig(loss="cd", alpha=0.3))
+    assert type(cd) is ContrastiveDivergence and cd.alpha == 0.3 and cd.init == "data"
+    assert build_loss(RunConfig(loss="pcd")).init == "default"
+    dsm = build_loss(RunConfig(loss="dsm", dsm_sigma=0.25))
+    assert type(dsm) is DenoisingScoreMatching and dsm.sigma == 0.25
+    e = build_energy(RunConfig(hidden=[5, 3]))
+    assert _shapes(e) == _shapes(MLPEnergy(Continuous(2), hidden=(5, 3)))
+    assert build_energy(RunConfig(encoding="gray", hidden=[4])).space == Binary(32)
+    tr, te, tr2, te2 = build_data(RunConfig(n_train=20, n_test=10, seed=3))
+    assert torch.equal(tr, toy_2d("8gaussians", 20, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(te, toy_2d("8gaussians", 10, generator=torch.Generator().manual_seed(10_010)))
+    assert tr is tr2 and te is te2
+    g_tr, g_te, g_tr2, g_te2 = build_data(RunConfig(n_train=20, n_test=10, seed=3, encoding="gray"))
+    assert torch.equal(g_tr, gray_encode(tr, 16)) and torch.equal(g_te, gray_encode(te, 16))
+    assert torch.equal(g_tr2, tr) and torch.equal(g_te2, te)
+
+
+def test_eval_init():
+    """eval_init: a Gaussian with the data's mean and std (continuous), None for bits."""
+    from ebmflow.training.registry import RunConfig, eval_init
+
+    train = torch.tensor([[0.0, 10.0], [2.0, 14.0], [4.0, 12.0]])
+    got = eval_init(RunConfig(), train, 4, torch.Generator().manual_seed(5))
+    z = torch.randn(4, 2, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(got, torch.tensor([2.0, 12.0]) + torch.tensor([2.0, 2.0]) * z)
+    assert eval_init(RunConfig(encoding="gray"), train, 4, torch.Generator()) is None
