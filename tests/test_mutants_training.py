@@ -6,8 +6,10 @@ names, saved and restored state, the batches a stream yields, what the figures d
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1334,3 +1336,302 @@ def test_eval_init():
     z = torch.randn(4, 2, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(got, torch.tensor([2.0, 12.0]) + torch.tensor([2.0, 2.0]) * z)
     assert eval_init(RunConfig(encoding="gray"), train, 4, torch.Generator()) is None
+
+
+# -- resume ----------------------------------------------------------------------------------
+def _extra_frames(module, fn):
+    """mutmut calls every function through a trampoline: two more frames below the caller."""
+    return 2 if hasattr(module, f"x_{fn}__mutmut_orig") else 0
+
+
+class _Settings(nn.Module):
+    def __init__(self, n_steps=10, step_size=0.1):
+        super().__init__()
+        self.n_steps = n_steps
+        self.step_size = step_size
+        self.kind = "a"
+        self._hidden = 1
+        self.obj = [1]
+        self.inner = nn.Module()
+        self.inner.rate = 0.5
+        self.empty = nn.Module()
+
+
+def test_scalar_attributes():
+    """scalar_attributes: public numbers/strings/None per submodule ('.' for the module)."""
+    from ebmflow.training.resume import scalar_attributes
+
+    assert scalar_attributes(None) == {}
+    m = _Settings()
+    m.none = None
+    assert scalar_attributes(m) == {".": {"n_steps": 10, "step_size": 0.1, "kind": "a", "none": None},
+                                    "inner": {"rate": 0.5}}
+
+
+def test_apply_changed_arguments_new_arguments_win():
+    """With the saved run's arguments: changed ones take the new value, with one warning."""
+    from ebmflow.training import resume
+
+    m = _Settings(n_steps=99, step_size=0.7)  # restored values
+    m.inner.rate = 0.9
+    built = {".": {"n_steps": 20, "step_size": 0.1, "kind": "a"}, "inner": {"rate": 0.25},
+             "ghost": {"x": 1}}
+    saved = {".": {"n_steps": 10, "step_size": 0.1}, "inner": {"rate": 0.5}, "ghost": {"x": 2}}
+
+    def level2():
+        return resume.apply_changed_arguments(m, "sampler", built, saved, {}), inspect.currentframe().f_lineno
+
+    def level3():
+        return level2()
+
+    def level4():
+        return level3(), inspect.currentframe().f_lineno
+
+    with pytest.warns(UserWarning) as rec:
+        ((lines, line2), line4) = level4()
+    assert lines == ["sampler.n_steps: checkpoint 10 -> using the new argument 20",
+                     "sampler.inner.rate: checkpoint 0.5 -> using the new argument 0.25"]
+    assert m.n_steps == 20 and m.step_size == 0.7 and m.inner.rate == 0.25
+    assert len(rec) == 1 and rec[0].category is UserWarning
+    assert str(rec[0].message) == (
+        "resuming: sampler settings differ from the checkpoint (arguments changed since the saved run win "
+        "over the checkpoint): " + "; ".join(lines))
+    # stacklevel=4: the caller of the caller of restore_trainer's caller (level4 here)
+    assert rec[0].filename == __file__
+    assert rec[0].lineno == (line2 if _extra_frames(resume, "apply_changed_arguments") else line4)
+    # a submodule the saved run did not record: nothing to compare
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resume.apply_changed_arguments(m, "loss", {"inner": {"rate": 3.0}}, {}, {}) == []
+    assert m.inner.rate == 0.25
+
+
+def test_apply_changed_arguments_old_checkpoint_values_win():
+    """Without the saved run's arguments: the checkpoint wins; differences are named."""
+    from ebmflow.training import resume
+
+    m = _Settings(n_steps=99)  # restored
+    m.inner.rate = 0.9
+    before = {".": {"n_steps": 5, "step_size": 0.1, "gone": 3}, "inner": {"rate": 0.5}, "ghost": {"y": 1}}
+    with pytest.warns(UserWarning) as rec:
+        lines = resume.apply_changed_arguments(m, "ema", {".": {"n_steps": 1}}, None, before)
+    assert lines == ["ema.n_steps: this run's 5 -> using the checkpoint's 99",
+                     "ema.inner.rate: this run's 0.5 -> using the checkpoint's 0.9"]
+    assert m.n_steps == 99
+    assert str(rec[0].message) == (
+        "resuming: ema settings differ from the checkpoint (this checkpoint does not record the saved run's "
+        "arguments, so its values win; set the attribute after load_checkpoint() to change it): "
+        + "; ".join(lines))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resume.apply_changed_arguments(m, "ema", {}, None, {".": {"n_steps": 99}}) == []
+
+
+# -- state (Trainer checkpoints) -------------------------------------------------------------
+class Chains(Sampler):
+    """A sampler with a buffer, a float attribute and a counter."""
+
+    def __init__(self, step_size=0.1):
+        super().__init__()
+        self.register_buffer("chains", torch.zeros(4, 2))
+        self.step_size = step_size
+        self.updates = 0
+
+    def update(self, energy, data=None):
+        self.updates += 1
+        self.chains.add_(1.0)
+        return {}
+
+    def sample(self, energy, n=None, *, x0=None, generator=None):
+        return self.chains[:n].clone()
+
+
+class AttrLoss(PosLoss):
+    """PosLoss with a plain attribute (restored from checkpoints)."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+
+def _trainer(tmp_path=None, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("tensorboard", False)
+    kw.setdefault("threads", None)
+    energy = kw.pop("energy", None) or Quadratic()
+    loss = kw.pop("loss", None) or AttrLoss()
+    return Trainer(energy, loss, out_dir=tmp_path, **kw)
+
+
+def test_trainer_state_dict_contents(monkeypatch):
+    """trainer_state_dict: every entry, with the values of the trainer."""
+    from ebmflow._version import __version__
+    from ebmflow.training.distributed import DistInfo
+    from ebmflow.training.state import CHECKPOINT_FORMAT, trainer_state_dict
+
+    tr = _trainer(sampler=Chains(), ema=0.5, config={"a": 1})
+    tr.step, tr.data_seed = 3, 11
+    st = trainer_state_dict(tr)
+    assert set(st) == {"format", "ebmflow_version", "step", "data_seed", "world_size", "energy", "energy_class",
+                       "optimizer", "scheduler", "ema", "sampler", "loss", "rng", "config", "constructed"}
+    assert st["format"] == CHECKPOINT_FORMAT == 1 and st["ebmflow_version"] == __version__
+    assert st["step"] == 3 and st["data_seed"] == 11 and st["world_size"] == 1
+    assert st["energy_class"] == "Quadratic" and st["config"] == {"a": 1}
+    assert st["loss"]["attributes"]["."]["scale"] == 1.0
+    assert st["sampler"]["attributes"]["."]["step_size"] == 0.1
+    assert st["scheduler"] is None and st["ema"] is not None
+    assert set(st["rng"]) == {"torch"}
+    assert st["constructed"] == tr._built
+    plain = trainer_state_dict(_trainer())
+    assert plain["sampler"] is None and plain["ema"] is None
+    # data parallel: every rank's RNG state, gathered
+    import torch.distributed as tdist
+
+    def gather(out, obj):
+        assert out == [None, None]
+        out[0], out[1] = obj, {"torch": torch.zeros(1)}
+
+    monkeypatch.setattr(tdist, "all_gather_object", gather)
+    tr.dist = DistInfo(rank=0, world_size=2)
+    st = trainer_state_dict(tr)
+    assert list(st["rng"]) == ["ranks"] and len(st["rng"]["ranks"]) == 2
+    assert torch.equal(st["rng"]["ranks"][0]["torch"], torch.get_rng_state())
+    assert st["world_size"] == 2
+
+
+def test_save_trainer_paths_and_messages(tmp_path):
+    """save_checkpoint: an explicit path, the default path, or a clear error without either."""
+    tr = _trainer()
+    with pytest.raises(ValueError, match=r"^no checkpoint path: pass path=\.\.\. or build the Trainer with out_dir$"):
+        tr.save_checkpoint()
+    assert tr.save_checkpoint(tmp_path / "x.pt") == tmp_path / "x.pt"
+    assert (tmp_path / "x.pt").is_file() and tr.last_checkpoint == tmp_path / "x.pt"
+    tr2 = _trainer(tmp_path / "run")
+    assert tr2.save_checkpoint() == tmp_path / "run" / "checkpoint.pt"
+    assert tr2.save_checkpoint(str(tmp_path / "y.pt")) == tmp_path / "y.pt"
+    with torch.no_grad():
+        tr2.energy.a.fill_(float("nan"))
+    with pytest.raises(Exception, match=r"the energy's parameters are NaN/inf at step 0; not writing a checkpoint "
+                                        r"\(the last good one is .*y\.pt\)"):
+        tr2.save_checkpoint()
+
+
+def test_restore_trainer_round_trip(tmp_path):
+    """restore: energy, optimiser, EMA, sampler and loss state, step, seed and RNG come back."""
+    src = _trainer(sampler=Chains(step_size=0.3), ema=0.5, loss=AttrLoss(scale=2.0))
+    src.fit(torch.randn(8, 2), steps=3, batch_size=4)
+    src.sampler.step_size = 0.35
+    src.loss.scale = 2.5
+    path = src.save_checkpoint(tmp_path / "c.pt")
+    a = torch.rand(3)
+    dst = _trainer(sampler=Chains(step_size=0.3), ema=0.5, loss=AttrLoss(scale=2.0))
+    torch.manual_seed(123)
+    dst.load_checkpoint(path)
+    assert torch.equal(torch.rand(3), a)
+    assert dst.step == 3 and dst.step_stats.step_t.item() == 3 and dst.data_seed == src.data_seed
+    assert dst.last_checkpoint == Path(path) and isinstance(dst.last_checkpoint, Path)
+    assert dst.energy.a.item() == src.energy.a.item()
+    assert dst.ema.module.a.item() == src.ema.module.a.item() and dst.ema.num_updates == 3
+    assert torch.equal(dst.sampler.chains, src.sampler.chains) and dst.sampler.updates == 3
+    assert dst.sampler.step_size == 0.35 and dst.loss.scale == 2.5
+    assert dst.optimizer.state_dict()["state"][0]["step"] == src.optimizer.state_dict()["state"][0]["step"]
+
+
+def test_restore_trainer_into_a_trainer_with_fewer_parts(tmp_path):
+    """A checkpoint with a scheduler, EMA and sampler loads into a Trainer without them."""
+    src = _trainer(sampler=Chains(), ema=0.5, scheduler="cosine")
+    src.fit(torch.randn(8, 2), steps=2, batch_size=4)
+    path = src.save_checkpoint(tmp_path / "c.pt")
+    dst = _trainer()
+    dst.load_checkpoint(path)
+    assert dst.step == 2 and dst.scheduler is None and dst.ema is None and dst.sampler is None
+    # an EMA set after construction: nothing recorded at construction, nothing to compare
+    late = _trainer()
+    late.ema = EMA(late.energy, decay=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        late.load_checkpoint(path)
+    assert late.ema.num_updates == 2
+
+
+def test_restore_trainer_messages(tmp_path):
+    """restore: not a Trainer checkpoint, another energy, another sampler/loss: clear errors."""
+    src = _trainer(sampler=Chains())
+    path = src.save_checkpoint(tmp_path / "c.pt")
+    for bad in ({"format": 1}, {"format": 2, "energy": {}}):
+        atomic_save(bad, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError) as err:
+            _trainer().load_checkpoint(tmp_path / "bad.pt")
+        assert str(err.value) == f"{tmp_path / 'bad.pt'} is not an ebmflow Trainer checkpoint"
+    with pytest.raises(CheckpointError) as err:
+        _trainer(energy=MLPEnergy(Continuous(2), hidden=(3,))).load_checkpoint(path)
+    assert str(err.value).startswith("the checkpoint's energy (Quadratic) does not match MLPEnergy: Error(s) in "
+                                     "loading state_dict for MLPEnergy:")
+
+    class OtherChains(Chains):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("extra", torch.zeros(1))
+
+    with pytest.raises(CheckpointError, match=r"^the checkpoint's sampler does not match this sampler \(OtherChains\)"):
+        _trainer(sampler=OtherChains()).load_checkpoint(path)
+
+    class BufLoss(AttrLoss):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.zeros(1))
+
+    with pytest.raises(CheckpointError, match=r"^the checkpoint's loss does not match this loss \(BufLoss\)"):
+        _trainer(loss=BufLoss()).load_checkpoint(path)
+
+
+def test_restore_trainer_rng_of_this_rank(tmp_path):
+    """A data-parallel checkpoint gives each rank its own RNG state (rank 0's if missing)."""
+    from ebmflow.training.distributed import DistInfo
+
+    src = _trainer()
+    path = src.save_checkpoint(tmp_path / "c.pt")
+    ckpt = torch.load(path, weights_only=True)
+    states = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        states.append({"torch": torch.get_rng_state()})
+    ckpt["rng"] = {"ranks": states}
+    atomic_save(ckpt, tmp_path / "ranks.pt")
+
+    def next_draw(rank):
+        tr = _trainer()
+        tr.dist = DistInfo(rank=rank, world_size=1)
+        tr.load_checkpoint(tmp_path / "ranks.pt")
+        return torch.rand(2)
+
+    def first_draw(seed):
+        torch.manual_seed(seed)
+        return torch.rand(2)
+
+    assert torch.equal(next_draw(1), first_draw(2))
+    assert torch.equal(next_draw(0), first_draw(1))
+    assert torch.equal(next_draw(2), first_draw(3))
+    assert torch.equal(next_draw(3), first_draw(1))
+    assert torch.equal(next_draw(7), first_draw(1))
+
+
+def test_restore_with_an_empty_constructed_record(tmp_path):
+    """A checkpoint whose 'constructed' record lacks the loss: no argument counts as changed."""
+    src = _trainer(loss=AttrLoss(scale=1.0))
+    path = src.save_checkpoint(tmp_path / "c.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["constructed"] = {}
+    atomic_save(ckpt, tmp_path / "e.pt")
+    dst = _trainer(loss=AttrLoss(scale=5.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dst.load_checkpoint(tmp_path / "e.pt")
+    assert dst.loss.scale == 1.0
+    # no record at all (older checkpoints): the checkpoint wins and the difference is named
+    ckpt["constructed"] = None
+    atomic_save(ckpt, tmp_path / "old.pt")
+    dst = _trainer(loss=AttrLoss(scale=5.0))
+    with pytest.warns(UserWarning, match=r"loss\.scale: this run's 5\.0 -> using the checkpoint's 1\.0"):
+        dst.load_checkpoint(tmp_path / "old.pt")
+    assert dst.loss.scale == 1.0
