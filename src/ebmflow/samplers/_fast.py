@@ -117,13 +117,19 @@ def _restore_rng(generator: torch.Generator | None, device: torch.device, state:
 
 
 class GraphRunner:
-    """A K-step CUDA graph with its static carry buffers."""
+    """A K-step CUDA graph with its static carry buffers.
 
-    def __init__(self, key: tuple, graph: Any, static: dict[str, Tensor], k: int):
+    It keeps the generator it was recorded with: the graph advances that generator's state,
+    and holding it means its ``id`` (part of the key) cannot be reused by a new generator.
+    """
+
+    def __init__(self, key: tuple, graph: Any, static: dict[str, Tensor], k: int,
+                 generator: torch.Generator | None = None):
         self.key = key
         self.graph = graph
         self.static = static
         self.k = k
+        self.generator = generator
 
     @classmethod
     def record(cls, key: tuple, advance: Callable[[Any], Any], carry: Any, k: int,
@@ -178,7 +184,7 @@ class GraphRunner:
             _restore_rng(generator, device, rng)
             return None
         _restore_rng(generator, device, rng)
-        return cls(key, graph, static, k)
+        return cls(key, graph, static, k, generator)
 
     def replay(self, flat: dict[str, Tensor], times: int, bar: Any) -> dict[str, Tensor]:
         """Load ``flat`` into the static inputs, replay ``times`` times, return copies."""

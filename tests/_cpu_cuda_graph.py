@@ -1,0 +1,126 @@
+"""A CPU stand-in for CUDA graphs, so that the graph recorders run in the CPU test suite.
+
+``torch.cuda.graph(g)`` capture records every aten operation run inside it (through a
+``TorchDispatchMode``), with the tensors it read and wrote; ``g.replay()`` runs the recorded
+operations again in order and writes each result into the tensor that the capture produced.
+That is what a CUDA graph's fixed memory gives: the recorded work re-runs on whatever the
+static input tensors hold at replay time, and Python control flow is frozen at capture.
+Random operations draw from the generator they were called with, at replay time, so
+replays advance it as eager steps would (a CUDA graph advances the Philox offset). As a CUDA
+graph keeps the generator's *state*, not the Python object, the graph holds the user's
+``torch.Generator`` only weakly: after it is freed, a new generator can get its ``id``, while
+replays keep drawing from the old state.
+
+As on CUDA, reading a value on the host (``.item()``, ``bool(t)``) during capture raises.
+
+Use ``graphs = patch_cuda_graphs(monkeypatch)`` in a test; ``graphs`` lists every graph
+recorded, for counting recordings and replays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["CPUGraph", "patch_cuda_graphs"]
+
+# operations that read a tensor's value on the host: not allowed while a stream captures
+_HOST_READS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.nonzero.default,
+}
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, graph: CPUGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func in _HOST_READS:
+            raise RuntimeError(
+                f"{func}: operation not permitted when stream is capturing (CPU stand-in of "
+                "CUDA graph capture)"
+            )
+        out = func(*args, **kwargs)
+        self.graph.ops.append((func, args, kwargs, out))
+        return out
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype)
+
+
+class CPUGraph:
+    """Recorded operations of one capture; ``replay`` re-runs them into the same tensors."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple] = []
+        self.generators: list[weakref.ref] = []
+        self.captured = False
+        self.replays = 0
+
+    def register_generator_state(self, generator: torch.Generator) -> None:
+        self.generators.append(weakref.ref(generator))
+
+    def replay(self) -> None:
+        if not self.captured:
+            raise RuntimeError("replay of a graph that was never captured")
+        with torch.no_grad():
+            for func, args, kwargs, out in self.ops:
+                res = func(*args, **kwargs)
+                for o, r in zip(tree_leaves(out), tree_leaves(res)):
+                    if isinstance(o, Tensor) and not _same_tensor(o, r):
+                        o.detach().copy_(r)
+        self.replays += 1
+
+
+class _Stream:
+    def __init__(self, device: object = None) -> None:
+        self.device = device
+
+    def wait_stream(self, other: object) -> None:
+        pass
+
+
+def patch_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CPUGraph]:
+    """Make ``torch.cuda``'s graph, stream and RNG-state functions work on CPU tensors."""
+    graphs: list[CPUGraph] = []
+    capturing = [False]
+
+    def new_graph() -> CPUGraph:
+        g = CPUGraph()
+        graphs.append(g)
+        return g
+
+    @contextlib.contextmanager
+    def graph(g: CPUGraph, pool: object = None, stream: object = None,
+              capture_error_mode: object = None) -> Iterator[None]:
+        capturing[0] = True
+        try:
+            with _Recorder(g):
+                yield
+        finally:
+            capturing[0] = False
+        g.captured = True
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream(device))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state())
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device=None: torch.set_rng_state(state))
+    return graphs
