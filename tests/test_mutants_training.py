@@ -1635,3 +1635,388 @@ def test_restore_with_an_empty_constructed_record(tmp_path):
     with pytest.warns(UserWarning, match=r"loss\.scale: this run's 5\.0 -> using the checkpoint's 1\.0"):
         dst.load_checkpoint(tmp_path / "old.pt")
     assert dst.loss.scale == 1.0
+
+
+# -- threads ---------------------------------------------------------------------------------
+def test_cores_and_free_cores(monkeypatch):
+    """_cores: the affinity set, else cpu_count (1 when unknown); free_cores from the load."""
+    from ebmflow.training import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert threads._cores() == 3
+
+    def no_affinity(pid):
+        raise OSError
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", no_affinity, raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: None)
+    assert threads._cores() == 1
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 6)
+    assert threads._cores() == 6
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.4, 0.0, 0.0))
+    assert threads.free_cores() == (4, 2.4)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.5, 0.0, 0.0))
+    assert threads.free_cores() == (4, 2.5)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert threads.free_cores() == (3, 2.6)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert threads.free_cores() == (1, 9.0)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert threads.free_cores() == (6, 0.0)
+
+    def no_load():
+        raise OSError
+
+    monkeypatch.setattr(threads.os, "getloadavg", no_load)
+    assert threads.free_cores() == (6, None)
+
+
+def test_user_set_threads(monkeypatch):
+    """user_set_threads: the environment variable, a set_num_threads call, or None."""
+    from ebmflow.training import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_THREADS_AT_IMPORT", torch.get_num_threads())
+    assert threads.user_set_threads() is None
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")
+    assert threads.user_set_threads() == "MKL_NUM_THREADS=3 is set"
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert threads.user_set_threads() == "OMP_NUM_THREADS=2 is set"
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    monkeypatch.delenv("MKL_NUM_THREADS")
+    assert threads.user_set_threads() is None
+    monkeypatch.setattr(threads, "_THREADS_AT_IMPORT", torch.get_num_threads() + 1)
+    assert threads.user_set_threads() == "torch.set_num_threads was called"
+
+
+def test_choose_threads_every_branch(monkeypatch):
+    """choose_threads: None, ints, 'auto' on GPU, a user setting, and the load-based choice."""
+    from ebmflow.training import threads
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert threads.choose_threads(None, cpu, 10) == threads.ThreadChoice(
+        None, False, "threads=None: keeping torch's setting (8)")
+    assert threads.choose_threads(3, cpu, 10) == threads.ThreadChoice(3, True, "threads=3 (as given)")
+    assert threads.choose_threads(8, cpu, 10) == threads.ThreadChoice(8, False, "threads=8 (as given)")
+    assert threads.choose_threads(1, cpu, 10).threads == 1
+    for bad in (True, "x", 1.5):
+        with pytest.raises(ValueError) as err:
+            threads.choose_threads(bad, cpu, 10)
+        assert str(err.value) == (f"threads must be 'auto', a positive int or None, got {bad!r}; e.g. threads=1 "
+                                  "for small models on a shared machine")
+    with pytest.raises(ValueError, match=r"^threads must be a positive int, got 0; e\.g\. threads=1$"):
+        threads.choose_threads(0, cpu, 10)
+    assert threads.choose_threads("auto", torch.device("cuda"), 10) == threads.ThreadChoice(
+        None, False, "threads='auto': cuda run, keeping torch's setting (8)")
+    monkeypatch.setattr(threads, "user_set_threads", lambda: "OMP_NUM_THREADS=2 is set")
+    assert threads.choose_threads("auto", cpu, 10) == threads.ThreadChoice(
+        None, False, "threads='auto': keeping 8 (OMP_NUM_THREADS=2 is set)")
+    monkeypatch.setattr(threads, "user_set_threads", lambda: None)
+    monkeypatch.setattr(threads, "_cores", lambda: 16)
+    monkeypatch.setattr(threads, "free_cores", lambda: (6, 10.0))
+    assert threads.choose_threads("auto", cpu, 999_999) == threads.ThreadChoice(
+        4, True, "threads='auto' chose 4 (16 cores, 1-min load 10.0, small energy (999,999 parameters); "
+                 "torch default 8)")
+    assert threads.choose_threads("auto", cpu, 1_000_000) == threads.ThreadChoice(
+        6, True, "threads='auto' chose 6 (16 cores, 1-min load 10.0; torch default 8)")
+    monkeypatch.setattr(threads, "free_cores", lambda: (12, None))
+    assert threads.choose_threads("auto", cpu, 2_000_000) == threads.ThreadChoice(
+        8, False, "threads='auto' chose 8 (16 cores; torch default 8)")
+    monkeypatch.setattr(threads, "free_cores", lambda: (0, 1.0))
+    assert threads.choose_threads("auto", cpu, 2_000_000).threads == 1
+
+
+def test_warn_if_oversubscribed(monkeypatch):
+    """warn_if_oversubscribed: once, only for small CPU models with more threads than free cores."""
+    from ebmflow.training import threads
+
+    monkeypatch.setattr(threads, "_warned", False)
+    monkeypatch.setattr(threads, "_cores", lambda: 2)
+    monkeypatch.setattr(threads, "free_cores", lambda: (1, 1.96))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu = torch.device("cpu")
+    assert threads.warn_if_oversubscribed(10, torch.device("meta")) is False
+    assert threads.warn_if_oversubscribed(1_000_000, cpu) is False
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert threads.warn_if_oversubscribed(10, cpu) is False
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(threads, "free_cores", lambda: (2, 0.1))
+    assert threads.warn_if_oversubscribed(10, cpu) is False
+    monkeypatch.setattr(threads, "free_cores", lambda: (1, None))
+    assert threads.warn_if_oversubscribed(10, cpu) is False
+    monkeypatch.setattr(threads, "free_cores", lambda: (1, 1.96))
+
+    def caller():
+        return threads.warn_if_oversubscribed(12_345, cpu), inspect.currentframe().f_lineno
+
+    def outer():
+        return caller(), inspect.currentframe().f_lineno
+
+    with pytest.warns(RuntimeWarning) as rec:
+        ((warned, line_caller), line_outer) = outer()
+    assert warned is True and threads._warned is True
+    assert str(rec[0].message) == (
+        "a small energy (12,345 parameters) trains with 2 CPU threads while the 1-minute load average is 2.0 on "
+        "2 cores: small ops run far slower multi-threaded on busy cores (up to 10x); use Trainer(threads='auto') "
+        "or 1, or torch.set_num_threads(1)")
+    assert rec[0].category is RuntimeWarning and rec[0].filename == __file__
+    assert rec[0].lineno == (line_caller if _extra_frames(threads, "warn_if_oversubscribed") else line_outer)
+    assert threads.warn_if_oversubscribed(12_345, cpu) is False  # once per process
+    monkeypatch.setattr(threads, "_warned", False)
+    with pytest.warns(RuntimeWarning, match=r"^a small energy \(999,999 parameters\)"):
+        assert threads.warn_if_oversubscribed(999_999, cpu) is True
+
+
+# -- setup -----------------------------------------------------------------------------------
+def test_resolve_device(monkeypatch):
+    """resolve_device: the energy's device by default, an explicit device, CUDA checks."""
+    from ebmflow.training.distributed import DistInfo
+    from ebmflow.training.setup import resolve_device
+
+    one = DistInfo()
+    assert resolve_device(Quadratic(), None, one) == torch.device("cpu")
+    assert resolve_device(NoParams(), None, one) == torch.device("cpu")
+    assert resolve_device(MetaEnergy(), None, one) == torch.device("meta")
+    assert resolve_device(Quadratic(), "meta", one) == torch.device("meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^device='cuda' but no CUDA GPU is available; use device='cpu'$"):
+        resolve_device(Quadratic(), "cuda", one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(d))
+    assert resolve_device(Quadratic(), "cuda", one) == torch.device("cuda", 3)
+    assert resolve_device(Quadratic(), "cuda:1", one) == torch.device("cuda", 1)
+    assert resolve_device(Quadratic(), "cuda:1", DistInfo(rank=1, world_size=2, local_rank=2)) == torch.device("cuda", 2)
+    assert resolve_device(Quadratic(), "cuda", DistInfo(rank=0, world_size=1, local_rank=5)) == torch.device("cuda", 3)
+    assert current == [torch.device("cuda", 3), torch.device("cuda", 1), torch.device("cuda", 2),
+                       torch.device("cuda", 3)]
+
+
+def test_build_optimizer_and_scheduler():
+    """build_optimizer/build_scheduler: what each spec gives, and the messages."""
+    from ebmflow.training.setup import build_optimizer, build_scheduler
+
+    e = Quadratic()
+    params = list(e.parameters())
+    opt = torch.optim.SGD(params, lr=0.1)
+    assert build_optimizer(opt, params, 1e-3, False, torch.device("cpu")) is opt
+    other = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"^optimizer does not update any parameter of the energy; build it from "
+                                         r"energy\.parameters\(\)$"):
+        build_optimizer(other, params, 1e-3, False, torch.device("cpu"))
+    made = build_optimizer(lambda p: torch.optim.SGD(p, lr=0.5), params, 1e-3, False, torch.device("cpu"))
+    assert isinstance(made, torch.optim.SGD) and made.param_groups[0]["params"] == params
+    with pytest.raises(ValueError, match=r"^optimizer must be a torch Optimizer, a function params -> Optimizer, or "
+                                         r"None; got str$"):
+        build_optimizer("adam", params, 1e-3, False, torch.device("cpu"))
+    adam = build_optimizer(None, params, 0.02, False, torch.device("cpu"))
+    assert isinstance(adam, torch.optim.Adam) and adam.param_groups[0]["lr"] == 0.02
+    fast = build_optimizer(None, params, 0.03, True, torch.device("cpu"))
+    lr = fast.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and float(lr) == pytest.approx(0.03)
+    assert fast.param_groups[0]["capturable"] is True
+    assert build_scheduler(None, adam, 10) is None
+    assert build_scheduler("constant", adam, 10) is None
+    cos = build_scheduler("cosine", adam, 10)
+    assert isinstance(cos, torch.optim.lr_scheduler.CosineAnnealingLR) and cos.T_max == 10
+    assert build_scheduler("cosine", torch.optim.SGD(params, lr=1.0), 0).T_max == 1
+    with pytest.raises(ValueError, match=r"^unknown scheduler 'linear'; use 'cosine', 'constant', an LRScheduler "
+                                         r"or a function$"):
+        build_scheduler("linear", adam, 10)
+    step = torch.optim.lr_scheduler.StepLR(adam, 3)
+    assert build_scheduler(step, adam, 10) is step
+    assert isinstance(build_scheduler(lambda o: torch.optim.lr_scheduler.StepLR(o, 2), adam, 10),
+                      torch.optim.lr_scheduler.StepLR)
+    with pytest.raises(ValueError, match=r"^scheduler must be None, a name, an LRScheduler or a function, got 3$"):
+        build_scheduler(3, adam, 10)
+
+
+# -- run_folder ------------------------------------------------------------------------------
+def test_run_folder_checks(tmp_path):
+    """check_run_folder: refuses an earlier run, clears it with overwrite, skips when resuming."""
+    from ebmflow.training import RunExistsError
+    from ebmflow.training.run_folder import check_run_folder, earlier_run_files
+
+    ck = tmp_path / "ck.pt"
+    assert earlier_run_files(None, None) == []
+    assert earlier_run_files(tmp_path, ck) == []
+    ck.write_bytes(b"x")
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    assert earlier_run_files(tmp_path, ck) == [ck, tmp_path / "log.jsonl"]
+    assert earlier_run_files(None, ck) == [ck]
+    assert earlier_run_files(tmp_path, None) == [tmp_path / "log.jsonl"]
+    assert check_run_folder(tmp_path, ck, resuming=True, overwrite=False) == []
+    with pytest.raises(RunExistsError) as err:
+        check_run_folder(tmp_path, ck, resuming=False, overwrite=False)
+    assert str(err.value) == (
+        f"{ck}, {tmp_path / 'log.jsonl'} already exist(s) from an earlier run; pass resume=True to fit() to "
+        "continue that run, overwrite=True to the Trainer to replace it, or choose another out_dir")
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "ev").write_text("x")
+    (tmp_path / "keep.txt").write_text("x")
+    removed = check_run_folder(tmp_path, ck, resuming=False, overwrite=True)
+    assert removed == [ck, tmp_path / "log.jsonl", tmp_path / "tensorboard"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    assert check_run_folder(tmp_path, ck, resuming=False, overwrite=True) == []
+    ck.write_bytes(b"x")
+    assert check_run_folder(None, ck, resuming=False, overwrite=True) == [ck]
+    ck.write_bytes(b"x")
+    assert check_run_folder(tmp_path, ck, resuming=False, overwrite=True) == [ck]
+
+
+# -- distributed (with a fake process group) ---------------------------------------------------
+def test_distributed_reductions_with_a_fake_group(monkeypatch):
+    """_all_reduce_mean_/all_reduce_mean/all_reduce_gradients/average_module: sums / world."""
+    from ebmflow.training import distributed as d
+
+    calls = []
+
+    def all_reduce(t, op=None):
+        calls.append((t.dtype, t.numel(), op))
+        t.add_(torch.arange(t.numel(), dtype=t.dtype).reshape(t.shape))  # the other rank
+
+    monkeypatch.setattr(d.dist, "all_reduce", all_reduce)
+    a, b, c = torch.zeros(2), torch.full((2, 2), 4.0), torch.zeros(3, dtype=torch.float64)
+    d._all_reduce_mean_([a, b, c], 2)
+    assert a.tolist() == [0.0, 0.5] and b.tolist() == [[3.0, 3.5], [4.0, 4.5]]
+    assert c.tolist() == [0.0, 0.5, 1.0]
+    assert calls == [(torch.float32, 6, d.dist.ReduceOp.SUM), (torch.float64, 3, d.dist.ReduceOp.SUM)]
+    groups = d._grouped([a, b, c])
+    assert list(groups) == [(torch.float32, torch.device("cpu")), (torch.float64, torch.device("cpu"))]
+    assert groups[(torch.float32, torch.device("cpu"))][1] is b
+    v = torch.tensor([2.0, 4.0])
+    assert d.all_reduce_mean(v, 1) is v
+    out = d.all_reduce_mean(v, 2)
+    assert out.tolist() == [1.0, 2.5] and v.tolist() == [2.0, 4.0]
+    # gradients: a missing one becomes zeros first; world 1 is a no-op
+    p, q = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(1))
+    p.grad = torch.full((2,), 2.0)
+    d.all_reduce_gradients([p, q], 1)
+    assert q.grad is None
+    d.all_reduce_gradients([p, q], 2)
+    assert p.grad.tolist() == [1.0, 1.5] and q.grad.tolist() == [1.0]
+    d.all_reduce_gradients([], 2)
+    lin = nn.Linear(1, 1)
+    with torch.no_grad():
+        lin.weight.fill_(2.0)
+        lin.bias.fill_(4.0)
+    d.average_module(lin, 1)
+    assert lin.weight.item() == 2.0
+    d.average_module(lin, 2)
+    assert lin.weight.item() == 1.0 and lin.bias.item() == 2.5
+    d.average_module(nn.Module(), 2)
+
+
+def test_broadcast_module_and_setup_distributed(monkeypatch):
+    """broadcast_module sends parameters (and buffers unless told) from src; setup reads the env."""
+    from ebmflow.training import distributed as d
+
+    bn = nn.BatchNorm1d(2)
+    d.broadcast_module(bn)  # no process group: nothing happens
+    sent = []
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(d.dist, "broadcast", lambda t, src: sent.append((tuple(t.shape), src)))
+    d.broadcast_module(bn, src=1)
+    assert sent == [((2,), 1), ((2,), 1), ((2,), 1), ((2,), 1), ((), 1)]
+    sent.clear()
+    d.broadcast_module(bn, buffers=False)
+    assert sent == [((2,), 0), ((2,), 0)]
+    # an initialised group is reused
+    monkeypatch.setattr(d.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(d.dist, "get_world_size", lambda: 3)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert d.setup_distributed() == d.DistInfo(1, 3, 2)
+    assert d.setup_distributed(False) == d.DistInfo()
+    assert d.setup_distributed("off") == d.DistInfo() and d.setup_distributed("none") == d.DistInfo()
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert d.setup_distributed() == d.DistInfo()
+    for mode in (True, "on"):
+        with pytest.raises(RuntimeError, match=r"^distributed=True but WORLD_SIZE is not set; launch with "
+                                               r"`torchrun --nproc_per_node=N your_script\.py`$"):
+            d.setup_distributed(mode)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert d.setup_distributed() == d.DistInfo()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    inits = []
+    monkeypatch.setattr(d.dist, "init_process_group", lambda backend: inits.append(backend))
+    monkeypatch.setattr(d.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(d.dist, "get_world_size", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert d.setup_distributed() == d.DistInfo(0, 2, 0)
+    assert d.setup_distributed(True, torch.device("cuda")) == d.DistInfo(0, 2, 0)
+    assert d.setup_distributed("on", torch.device("cpu")) == d.DistInfo(0, 2, 0)
+    assert inits == ["gloo", "nccl", "gloo"]
+    monkeypatch.setattr(d.dist, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^torch\.distributed is not available in this torch build$"):
+        d.setup_distributed()
+    info = d.DistInfo(rank=1, world_size=2)
+    assert info.enabled and not info.is_main and d.DistInfo().is_main and not d.DistInfo().enabled
+
+
+# -- graph (CUDA graphs, with fakes standing in for the CUDA calls) ---------------------------
+def test_captured_step_and_capture_with_fakes(monkeypatch):
+    """CapturedStep copies the batch in and replays; capture_step records step_fn once."""
+    from ebmflow.training import graph
+
+    class FakeGraph:
+        def __init__(self):
+            self.replays = 0
+
+        def replay(self):
+            self.replays += 1
+
+    g = FakeGraph()
+    static, outputs = torch.zeros(2, 2), torch.ones(3)
+    step = graph.CapturedStep(g, static, outputs)
+    assert step.graph is g and step.static_batch is static and step.outputs is outputs
+    got = step(torch.full((2, 2), 5.0))
+    assert got is outputs and g.replays == 1 and static.tolist() == [[5.0, 5.0], [5.0, 5.0]]
+    with pytest.raises(ValueError, match=r"^the captured step expects batches of shape \(2, 2\), got \(3, 2\); use "
+                                         r"a fixed batch size \(drop the last partial batch\)$"):
+        step(torch.zeros(3, 2))
+    events = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+
+    class Ctx:
+        def __init__(self, graph):
+            events.append(("graph", type(graph).__name__))
+
+        def __enter__(self):
+            events.append("enter")
+
+        def __exit__(self, *a):
+            events.append("exit")
+
+    monkeypatch.setattr(torch.cuda, "graph", Ctx)
+    batch = torch.full((2, 1), 3.0)
+
+    def step_fn(b):
+        events.append(("step", b.tolist(), b is batch))
+        return b * 2
+
+    cap = graph.capture_step(step_fn, batch, lambda: events.append("zero"))
+    assert events == ["sync", "zero", ("graph", "FakeGraph"), "enter", ("step", [[3.0], [3.0]], False), "exit"]
+    assert isinstance(cap, graph.CapturedStep) and isinstance(cap.graph, FakeGraph)
+    assert torch.equal(cap.static_batch, batch) and cap.static_batch is not batch
+    assert cap.outputs.tolist() == [[6.0], [6.0]]
+
+
+def test_keep_tensor_lr():
+    """keep_tensor_lr writes a scheduler's float lr into the group's tensor and puts it back."""
+    from ebmflow.training.trainer import keep_tensor_lr
+
+    p = nn.Parameter(torch.zeros(1))
+    t = torch.tensor(0.5)
+    opt = torch.optim.SGD([{"params": [p], "lr": t}, {"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1}])
+    opt.param_groups[0]["lr"] = 0.25
+    opt.param_groups[1]["lr"] = 0.05
+    keep_tensor_lr(opt, [t, None])
+    assert opt.param_groups[0]["lr"] is t and float(t) == 0.25
+    assert opt.param_groups[1]["lr"] == 0.05
+    keep_tensor_lr(opt, [t, None])  # already the tensor: unchanged
+    assert opt.param_groups[0]["lr"] is t and float(t) == 0.25
