@@ -2020,3 +2020,464 @@ def test_keep_tensor_lr():
     assert opt.param_groups[1]["lr"] == 0.05
     keep_tensor_lr(opt, [t, None])  # already the tensor: unchanged
     assert opt.param_groups[0]["lr"] is t and float(t) == 0.25
+
+
+# -- trainer ---------------------------------------------------------------------------------
+class NeedsSampler(PosLoss):
+    requires_sampler = True
+
+
+class BinaryOnly(Chains):
+    def supports(self, energy):
+        return isinstance(energy.space, Binary)
+
+
+def test_trainer_argument_checks():
+    """Trainer: every refused argument gets its exact message."""
+    e = Quadratic()
+
+    def refuse(msg, *args, **kw):
+        with pytest.raises(ValueError) as err:
+            Trainer(*args, **kw)
+        assert str(err.value) == msg
+
+    refuse("energy must be an ebmflow EnergyModel, got Linear", nn.Linear(1, 1), PosLoss())
+    refuse("loss must be an ebmflow EBMLoss (e.g. EnergyDiscrepancy, ContrastiveDivergence), got Linear",
+           e, nn.Linear(1, 1))
+    refuse("sampler must be an ebmflow Sampler or None, got Linear", e, PosLoss(), nn.Linear(1, 1))
+    refuse("NeedsSampler draws its negatives from a sampler; pass sampler=... (e.g. Langevin() for continuous "
+           "data, GibbsWithGradients() for binary data)", e, NeedsSampler())
+    refuse("BinaryOnly cannot draw states of Continuous(2) (the energy's space); pick a sampler for this space",
+           e, PosLoss(), BinaryOnly())
+    refuse("on_nonfinite must be 'raise' or 'stop', got 'ignore'", e, PosLoss(), on_nonfinite="ignore")
+    refuse("log_every must be a positive int, got 0", e, PosLoss(), log_every=0)
+    refuse("checkpoint_every must be a positive int or None, got 0", e, PosLoss(), checkpoint_every=0)
+    refuse("checkpoint_every needs out_dir or checkpoint_path", e, PosLoss(), checkpoint_every=5)
+    refuse("NoParams has no trainable parameters", NoParams(), PosLoss())
+    frozen = Quadratic()
+    frozen.a.requires_grad_(False)
+    refuse("Quadratic has no trainable parameters", frozen, PosLoss())
+    Trainer(Quadratic(), NeedsSampler(), Chains(), threads=None)
+    Trainer(Quadratic(), PosLoss(), log_every=1, checkpoint_every=1, checkpoint_path="unused.pt", threads=None)
+
+
+def test_trainer_defaults_and_settings(tmp_path):
+    """Trainer: the defaults of every setting and how each argument is stored."""
+    tr = Trainer(Quadratic(), PosLoss())
+    assert tr.lr == 1e-3 and tr.optimizer.param_groups[0]["lr"] == 1e-3
+    assert tr.ema is None and tr.grad_clip is None and tr.amp is False and tr.compile is False
+    assert tr.fast is False and tr.warmup_steps == 3 and tr.callbacks == [] and tr.out_dir is None
+    assert tr.log_every == 100 and tr.checkpoint_every is None and tr.checkpoint_path is None
+    assert tr.progress is True and tr.quiet is False and tr.seed is None and tr.tensorboard == "auto"
+    assert tr.on_nonfinite == "raise" and tr.check_every == 1 and tr.config == {} and tr.overwrite is False
+    assert tr.threads == "auto" and tr.step == 0 and tr.history == [] and tr.data_seed is None
+    assert tr.last_checkpoint is None and tr.device == torch.device("cpu") and tr.dist.world_size == 1
+    assert tr.scheduler is None and tr.sampler is None and tr._lr_tensors == [None]
+    assert tr.params == [tr.energy.a] and tr.is_main is True and tr.eval_energy is tr.energy
+    assert tr._built == {"loss": {".": {"check_data_mode": "auto"}}}
+    cb = StopOnNonFinite()
+    cfg = {"x": 1}
+    tr = Trainer(Quadratic(), AttrLoss(), Chains(), lr=0.2, ema=0.5, grad_clip=2, amp=True, fast=True,
+                 warmup_steps=0, callbacks=(cb,), out_dir=str(tmp_path), log_every=7, checkpoint_every=3,
+                 quiet=True, seed=4, tensorboard=False, on_nonfinite="stop", check_every=5, config=cfg,
+                 threads=2, overwrite=True, scheduler="cosine")
+    assert tr.lr == 0.2 and tr.optimizer.param_groups[0]["lr"] == 0.2 and isinstance(tr.ema, EMA)
+    assert tr.ema.decay == 0.5 and tr.eval_energy is tr.ema.module
+    assert tr.grad_clip == 2.0 and isinstance(tr.grad_clip, float) and tr.amp is True
+    assert tr.fast is False  # CPU: eager steps
+    assert tr.warmup_steps == 1 and tr.callbacks == [cb] and tr.out_dir == tmp_path
+    assert tr.log_every == 7 and tr.checkpoint_every == 3 and tr.checkpoint_path == tmp_path / "checkpoint.pt"
+    assert tr.quiet is True and tr.progress is False and tr.seed == 4 and tr.tensorboard is False
+    assert tr.on_nonfinite == "stop" and tr.check_every == 5 and tr.config == cfg and tr.config is not cfg
+    assert tr.overwrite is True and tr.threads == 2 and tr.thread_choice.threads == 2
+    assert tr._scheduler_spec == "cosine" and tr.scheduler is None
+    assert tr._built == {"sampler": {".": {"grad_sync": None, "step_size": 0.1, "updates": 0}},
+                         "loss": {".": {"check_data_mode": "auto", "scale": 1.0}},
+                         "ema": {".": {"decay": 0.5, "warmup": False, "num_updates": 0}}}
+    assert tr._resumable() == {"sampler": tr.sampler, "loss": tr.loss, "ema": tr.ema}
+    own = EMA(Quadratic(), decay=0.7)
+    assert Trainer(Quadratic(), PosLoss(), ema=own).ema is own
+    t2 = Trainer(Quadratic(), PosLoss(), out_dir=tmp_path, checkpoint_path=tmp_path / "o.pt", progress=False,
+                 check_every=0)
+    assert t2.checkpoint_path == tmp_path / "o.pt" and t2.progress is False and t2.check_every == 1
+    assert Trainer(Quadratic(), PosLoss(), device="cpu").device == torch.device("cpu")
+    assert Trainer(Quadratic(), PosLoss(), check_every=3).check_every == 3
+
+
+def test_trainer_fits_an_exact_quadratic(tmp_path):
+    """fit: Adam steps on mean E(data); the log records, its keys and the returned record."""
+    data = torch.full((8, 2), 1.0)
+    tr = _trainer(tmp_path, optimizer=lambda p: torch.optim.SGD(p, lr=0.1), log_every=2, seed=0)
+    rec = tr.fit(data, steps=3, batch_size=4)
+    # dE/da = 0.5 * |x|^2 = 1 for every row: a = 1 - 3 * 0.1
+    assert tr.energy.a.item() == pytest.approx(0.7)
+    assert tr.step == 3 and rec["step"] == 3
+    assert [h["step"] for h in tr.history] == [2, 3]
+    first = tr.history[0]
+    assert set(first) == {"step", "loss", "energy_pos", "lr", "it_per_s", "threads", "threads_reason"}
+    assert first["loss"] == pytest.approx((0.9 + 1.0) / 2) and first["lr"] == 0.1
+    assert first["threads"] == torch.get_num_threads()
+    assert first["threads_reason"] == tr.thread_choice.reason
+    assert "threads_reason" not in tr.history[1]
+    assert tr.history[1]["loss"] == pytest.approx(0.8)
+    lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 3] and lines[1]["loss"] == pytest.approx(0.8)
+    assert (tmp_path / "checkpoint.pt").is_file() and tr.last_checkpoint == tmp_path / "checkpoint.pt"
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_fit_argument_checks_and_resume(tmp_path):
+    """fit: steps checked; an earlier run refused, resumed or continued by the same Trainer."""
+    from ebmflow.training import RunExistsError
+
+    data = torch.randn(8, 2)
+    tr = _trainer(tmp_path, log_every=1)
+    for bad in (-1, 2.0, "3"):
+        with pytest.raises(ValueError, match=rf"^steps must be a non-negative int, got {bad!r}$"):
+            tr.fit(data, steps=bad)
+    tr.fit(data, steps=2, batch_size=4)
+    tr.fit(data, steps=3, batch_size=4)  # its own run: continues
+    assert tr.step == 3
+    with pytest.raises(RunExistsError):
+        _trainer(tmp_path).fit(data, steps=4, batch_size=4)
+    again = _trainer(tmp_path, log_every=1)
+    again.fit(data, steps=4, batch_size=4, resume=True)
+    assert again.step == 4
+    fresh = _trainer(tmp_path, overwrite=True, log_every=1)
+    fresh.fit(data, steps=1, batch_size=4)
+    assert fresh.step == 1 and len((tmp_path / "log.jsonl").read_text().splitlines()) == 1
+    other = _trainer(tmp_path / "none", log_every=1)
+    other.fit(data, steps=1, batch_size=4, resume=True)  # nothing to resume: starts
+    assert other.step == 1
+    elsewhere = _trainer(tmp_path / "b", log_every=1)
+    elsewhere.fit(data, steps=5, batch_size=4, resume=tmp_path / "checkpoint.pt")
+    assert elsewhere.step == 5
+    zero = _trainer(tmp_path / "z")
+    assert zero.fit(data, steps=0, batch_size=4) == {}
+
+
+def test_fit_data_checks_and_seeds(tmp_path):
+    """_prepare_data: data type checked; the data seed from seed, else drawn once."""
+    tr = _trainer()
+    with pytest.raises(ValueError, match=r"^data must be a Tensor, a torch Dataset or a DataLoader, got list$"):
+        tr.fit([[0.0, 0.0]], steps=1)
+    with pytest.raises(ValueError):
+        tr.fit(torch.zeros(4, 3), steps=1, batch_size=2)  # not states of Continuous(2)
+    seeded = _trainer(seed=5)
+    seeded.fit(torch.randn(8, 2), steps=1, batch_size=4)
+    assert seeded.data_seed == 5
+    torch.manual_seed(0)
+    expected = int(torch.randint(0, 2**31 - 1, (1,)))
+    torch.manual_seed(0)
+    free = _trainer()
+    free.fit(torch.randn(8, 2, generator=torch.Generator().manual_seed(1)), steps=1, batch_size=4)
+    assert free.data_seed == expected
+    free.fit(torch.randn(8, 2), steps=2, batch_size=4)
+    assert free.data_seed == expected
+    ds = _trainer()
+    ds.fit(TensorDataset(torch.ones(8, 2), torch.zeros(8)), steps=2, batch_size=4)
+    assert ds.step == 2
+    dl = _trainer()
+    dl.fit(DataLoader(TensorDataset(torch.ones(8, 2)), batch_size=2), steps=5, batch_size=None)
+    assert dl.step == 5
+
+
+def test_fit_seed_gives_repeatable_runs():
+    """fit with a seed: torch is seeded with seed + rank, so two runs agree exactly."""
+
+    def run():
+        tr = _trainer(seed=3, sampler=Chains(), loss=NoisyLoss())
+        tr.fit(torch.randn(16, 2, generator=torch.Generator().manual_seed(0)), steps=3, batch_size=4)
+        return tr.energy.a.item(), torch.rand(1).item()
+
+    a = run()
+    torch.manual_seed(99)
+    b = run()
+    assert a == b
+    torch.manual_seed(3)
+    r = torch.rand(1).item()
+    tr = _trainer(seed=3)
+    tr._seeded = True
+    data = torch.randn(8, 2)
+    torch.manual_seed(3)
+    tr.fit(data, steps=0, batch_size=4)
+    assert torch.rand(1).item() == r
+
+
+class NoisyLoss(PosLoss):
+    """Uses the global RNG (so seeding matters)."""
+
+    def forward(self, energy, data, sampler=None):
+        pos = energy(data + torch.randn_like(data)).mean()
+        return LossOutput(pos, {"energy_pos": pos.detach(), "vec": torch.ones(2), "num": 3.0})
+
+
+def test_step_stats_and_callbacks_see_each_step():
+    """_step_math: loss, 0-d loss stats, grad_norm with clipping, sampler stats and updates."""
+    seen = []
+
+    class StatsSampler(Chains):
+        def update(self, energy, data=None):
+            super().update(energy, data)
+            return {"fit_loss": torch.tensor(0.5), "note": 1.0}
+
+        def sample(self, energy, n=None, *, x0=None, generator=None):
+            self.stats = {"accept_rate": torch.tensor(0.25), "per_chain": torch.ones(3),
+                          "energy_pos": torch.tensor(9.0)}
+            return super().sample(energy, n)
+
+    class UsesSampler(NoisyLoss):
+        requires_sampler = True
+
+        def forward(self, energy, data, sampler=None):
+            sampler.sample(energy, 2)
+            out = super().forward(energy, data, sampler)
+            return LossOutput(out.loss, {**out.stats, "two": torch.ones(1, 1) * 2})
+
+    tr = _trainer(sampler=StatsSampler(), loss=UsesSampler(), grad_clip=0.001, seed=0,
+                  callbacks=[LambdaCallback(on_step=lambda t, s, st: seen.append((s, {k: float(v) for k, v in st.items()})))])
+    tr.fit(torch.ones(8, 2), steps=2, batch_size=4)
+    step, stats = seen[0]
+    assert step == 1
+    # the loss's energy_pos is kept; the sampler's one of the same name is not added
+    assert list(stats) == ["sampler/fit_loss", "grad_norm", "loss", "energy_pos", "two", "sampler/accept_rate"]
+    assert stats["sampler/fit_loss"] == 0.5 and stats["two"] == 2.0 and stats["sampler/accept_rate"] == 0.25
+    assert stats["grad_norm"] > 0.001 and stats["loss"] == pytest.approx(stats["energy_pos"])
+    assert tr.sampler.updates == 2 and seen[1][0] == 2
+    assert abs(tr.energy.a.item() - 1.0) < 0.01  # clipped steps stay small
+
+
+def test_amp_runs_the_loss_under_autocast():
+    """amp=True runs the loss under bfloat16 autocast; False does not."""
+    seen = []
+
+    class Probe(PosLoss):
+        def forward(self, energy, data, sampler=None):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return super().forward(energy, data, sampler)
+
+    _trainer(loss=Probe(), amp=True).fit(torch.ones(4, 2), steps=1, batch_size=4)
+    _trainer(loss=Probe()).fit(torch.ones(4, 2), steps=1, batch_size=4)
+    assert seen == [True, False]
+    tr = _trainer(amp=True)
+    with tr._autocast():
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def test_loss_must_return_a_loss_output():
+    """A loss returning something else: a TypeError naming the loss."""
+
+    class Bad(EBMLoss):
+        def forward(self, energy, data, sampler=None):
+            return energy(data).mean()
+
+    with pytest.raises(TypeError, match=r"^Bad must return a LossOutput, got Tensor$"):
+        _trainer(loss=Bad()).fit(torch.ones(4, 2), steps=1, batch_size=4)
+
+
+def test_divergence_raises_or_stops(tmp_path):
+    """A NaN loss raises TrainingDiverged naming step and key, or stops with a warning."""
+    from ebmflow.training import TrainingDiverged
+
+    class NaNAt(PosLoss):
+        def __init__(self, at):
+            super().__init__()
+            self.at, self.n = at, 0
+
+        def forward(self, energy, data, sampler=None):
+            self.n += 1
+            out = super().forward(energy, data, sampler)
+            if self.n >= self.at:
+                return LossOutput(out.loss * float("nan"), out.stats)
+            return out
+
+    tr = _trainer(tmp_path, loss=NaNAt(3), checkpoint_every=1, log_every=1)
+    with pytest.raises(TrainingDiverged) as err:
+        tr.fit(torch.ones(4, 2), steps=5, batch_size=4)
+    assert str(err.value) == (
+        f"training diverged: loss became NaN/inf at step 3; the last good checkpoint is "
+        f"{tmp_path / 'checkpoint.pt'}. Lower the learning rate, clip gradients (grad_clip=...), or regularise "
+        "the energy")
+    assert tr.step == 3
+    tr2 = _trainer(loss=NaNAt(2), on_nonfinite="stop")
+    with pytest.warns(RuntimeWarning, match=r"^training diverged: loss became NaN/inf at step 2; no checkpoint "
+                                            r"was written\. Lower"):
+        tr2.fit(torch.ones(4, 2), steps=5, batch_size=4)
+    assert tr2.step == 2 and tr2._stop_reason.startswith("training diverged")
+
+
+def test_stop_request_and_message(capsys):
+    """A callback's stop request ends fit after that step and is printed unless quiet."""
+    cb = LambdaCallback(on_step=lambda t, s, st: t.request_stop("enough") if s == 2 else None)
+    tr = _trainer(callbacks=[cb], progress=True)
+    tr.fit(torch.ones(4, 2), steps=10, batch_size=4)
+    assert tr.step == 2
+    out = capsys.readouterr().out
+    assert "training stopped at step 2: enough" in out
+    assert f"ebmflow: CPU {tr.thread_choice.reason}" in out
+    quiet = _trainer(callbacks=[cb], quiet=True)
+    quiet.fit(torch.ones(4, 2), steps=10, batch_size=4)
+    assert capsys.readouterr().out == ""
+
+
+def test_callback_hooks_order_and_eval_report(tmp_path):
+    """fit calls on_fit_start, on_step each step, on_end once; report_eval logs eval/ keys."""
+    events = []
+    cb = LambdaCallback(on_fit_start=lambda t: events.append("start"),
+                        on_step=lambda t, s, st: events.append(("step", s)),
+                        on_eval=lambda t, s, m: events.append(("eval", s, dict(m))),
+                        on_end=lambda t: events.append("end"))
+    ev = EvalCallback(lambda t: {"m": 1.5}, every=2)
+    tr = _trainer(tmp_path, callbacks=[ev, cb], log_every=10)
+    tr.fit(torch.ones(4, 2), steps=3, batch_size=4)
+    assert events == ["start", ("step", 1), ("eval", 2, {"m": 1.5}), ("step", 2), ("step", 3),
+                      ("eval", 3, {"m": 1.5}), "end"]
+    evals = [h for h in tr.history if "eval/m" in h]
+    assert evals == [{"step": 2, "eval/m": 1.5}, {"step": 3, "eval/m": 1.5}]
+    logged = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {"step": 2, "eval/m": 1.5} in logged
+
+
+def test_report_eval_on_other_ranks():
+    """report_eval: only rank 0 records; every callback hears of it with the trainer."""
+    from ebmflow.training.distributed import DistInfo
+
+    heard = []
+    tr = _trainer(callbacks=[LambdaCallback(on_eval=lambda t, s, m: heard.append((t, s, m)))])
+    tr.report_eval(4, {"a": 1})
+    assert tr.history == [{"step": 4, "eval/a": 1.0}] and heard == [(tr, 4, {"a": 1})]
+    tr.dist = DistInfo(rank=1, world_size=1)
+    tr.report_eval(5, {"a": 2})
+    assert len(tr.history) == 1 and heard[-1] == (tr, 5, {"a": 2})
+
+
+def test_ema_and_scheduler_follow_the_steps():
+    """train_step: the scheduler steps and the EMA updates once per step."""
+    tr = _trainer(ema=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=1.0),
+                  scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5))
+    tr.fit(torch.full((4, 2), 1.0), steps=2, batch_size=4)
+    # a: 1 -> 0 (lr 1) -> -0.5 (lr 0.5); EMA: 0.5*1 + 0.5*0 = 0.5, then 0.5*0.5 + 0.5*(-0.5) = 0
+    assert tr.energy.a.item() == pytest.approx(-0.5)
+    assert tr.ema.module.a.item() == pytest.approx(0.0) and tr.ema.num_updates == 2
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.25)
+    assert tr.history[-1]["lr"] == pytest.approx(0.25)
+
+
+def test_logging_means_and_it_per_s(monkeypatch):
+    """_log: means since the last record; it/s from the elapsed time; nan when none elapsed."""
+    tr = _trainer(log_every=2, optimizer=lambda p: torch.optim.SGD(p, lr=0.0))
+    tr.fit(torch.full((4, 2), 2.0), steps=4, batch_size=4)
+    assert [h["loss"] for h in tr.history] == [pytest.approx(4.0), pytest.approx(4.0)]
+    tr.step_stats.pack({"loss": torch.tensor(1.0), "energy_pos": torch.tensor(1.0)})
+    tr.step_stats.count = 1
+    rec = tr._log(0.0, 3)
+    assert math.isnan(rec["it_per_s"]) and rec["loss"] == 1.0
+    tr.step_stats.pack({"loss": torch.tensor(1.0), "energy_pos": torch.tensor(1.0)})
+    tr.step_stats.count = 1
+    assert tr._log(2.0, 3)["it_per_s"] == 1.5
+
+
+def test_threads_applied_during_fit_and_restored(monkeypatch):
+    """fit sets the chosen thread count while it runs and restores the previous one."""
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    seen = []
+    cb = LambdaCallback(on_step=lambda t, s, st: seen.append(torch.get_num_threads()))
+    tr = _trainer(threads=want, callbacks=[cb])
+    tr.fit(torch.ones(4, 2), steps=1, batch_size=4)
+    assert seen == [want] and torch.get_num_threads() == before
+    assert tr.history[-1]["threads"] == want
+
+
+def test_open_loggers(tmp_path, monkeypatch):
+    """_open_loggers: JSONL with out_dir on rank 0; TensorBoard when asked or available."""
+    from ebmflow.training import trainer as trainer_mod
+    from ebmflow.training.distributed import DistInfo
+
+    made = []
+
+    class FakeTB:
+        def __init__(self, log_dir):
+            made.append(log_dir)
+
+        def log(self, record):
+            pass
+
+        def close(self):
+            made.append("closed")
+
+        @staticmethod
+        def available():
+            return True
+
+    monkeypatch.setattr(trainer_mod, "TensorBoardLogger", FakeTB)
+    tr = _trainer(tmp_path, tensorboard=True)
+    tr._open_loggers()
+    assert [type(lg).__name__ for lg in tr._loggers] == ["JSONLLogger", "FakeTB"]
+    assert made == [tmp_path / "tensorboard"]
+    tr._close_loggers()
+    assert tr._loggers == [] and made[-1] == "closed"
+    auto = _trainer(tmp_path / "a", tensorboard="auto")
+    auto._open_loggers()
+    assert len(auto._loggers) == 2
+    auto._close_loggers()
+    FakeTB.available = staticmethod(lambda: False)
+    auto._open_loggers()
+    assert len(auto._loggers) == 1
+    auto._close_loggers()
+    off = _trainer(tmp_path / "o", tensorboard=False)
+    off._open_loggers()
+    assert [type(lg).__name__ for lg in off._loggers] == ["JSONLLogger"]
+    off._close_loggers()
+    none = _trainer(None, tensorboard=True)
+    none._open_loggers()
+    assert none._loggers == []
+    rank1 = _trainer(tmp_path / "r", tensorboard=True)
+    rank1.dist = DistInfo(rank=1, world_size=1)
+    rank1._open_loggers()
+    assert rank1._loggers == [] and not (tmp_path / "r").exists()
+
+
+def test_check_every_and_checkpoint_every(tmp_path, monkeypatch):
+    """check_every: divergence checked on those steps; checkpoint_every: saves on its steps."""
+    from ebmflow.training import trainer as trainer_mod
+
+    saves = []
+    real = trainer_mod.save_trainer
+    monkeypatch.setattr(trainer_mod, "save_trainer", lambda t, p=None: saves.append(t.step) or real(t, p))
+    tr = _trainer(tmp_path, checkpoint_every=2, log_every=100)
+    tr.fit(torch.ones(4, 2), steps=5, batch_size=4)
+    assert saves == [2, 4, 5]
+    checks = []
+    tr2 = _trainer(check_every=2)
+    real_check = tr2._check_finite
+    tr2._check_finite = lambda: checks.append(tr2.step) or real_check()
+    tr2.fit(torch.ones(4, 2), steps=5, batch_size=4)
+    assert checks[:2] == [2, 4]
+
+
+def test_last_stats_view_uses_the_captured_outputs():
+    """_last_stats_view: the captured step's outputs when a graph is used, else the last vector."""
+    tr = _trainer()
+    tr._last_vec = torch.tensor([1.0, 2.0])
+    assert [float(v) for v in tr._last_stats_view()] == [1.0, 2.0]
+
+    class Cap:
+        outputs = torch.tensor([3.0])
+
+    tr._captured = Cap()
+    assert [float(v) for v in tr._last_stats_view()] == [3.0]
+
+
+def test_scalar_and_state_dict():
+    """_scalar: detached 0-d tensors; Trainer.state_dict is trainer_state_dict."""
+    from ebmflow.training.trainer import _scalar
+
+    v = torch.ones(1, 1, requires_grad=True) * 2
+    s = _scalar(v)
+    assert s.dim() == 0 and float(s) == 2.0 and not s.requires_grad
+    z = torch.tensor(3.0)
+    assert _scalar(z) is not None and float(_scalar(z)) == 3.0
+    tr = _trainer(config={"k": 2})
+    st = tr.state_dict()
+    assert st["config"] == {"k": 2} and st["step"] == 0 and st["format"] == 1
