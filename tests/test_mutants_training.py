@@ -367,21 +367,26 @@ def test_stop_on_non_finite():
     assert tr.stops == ["a became nan at step 6"]
 
 
-def _capture_figures(monkeypatch):
-    """Keep every figure that plots.py closes (and save nothing to disk but the files)."""
+@pytest.fixture
+def figs(monkeypatch):
+    """The figures plots.py closes, kept open for inspection (closed after the test)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figs = []
+    kept, every = [], []
     real_close = plt.close
 
     def close(fig=None):
-        figs.append(fig)
+        kept.append(fig)
+        every.append(fig)
 
     monkeypatch.setattr(plt, "close", close)
-    return figs, real_close
+    yield kept
+    for fig in every:
+        if fig is not None:
+            real_close(fig)
 
 
 def test_plot_callback_settings_and_errors():
@@ -414,9 +419,8 @@ def test_plot_callback_settings_and_errors():
         PlotCallback("o", sample_fn=fn).on_fit_start(_FakeTrainer(energy=Quadratic(3)))
 
 
-def test_plot_callback_draws_samples_and_energy(tmp_path, monkeypatch):
+def test_plot_callback_draws_samples_and_energy(tmp_path, figs):
     """PlotCallback._plot: sampler's 2000 states of eval_energy, file names, data panels."""
-    figs, _ = _capture_figures(monkeypatch)
     sampler = FixedSampler()
     tr = _FakeTrainer(sampler=sampler, step=7)
     data = torch.tensor([[5.0, 5.0], [6.0, 6.0]])
@@ -456,11 +460,10 @@ def test_plot_callback_draws_samples_and_energy(tmp_path, monkeypatch):
     assert figs == [] and not (tmp_path / "d").exists()
 
 
-def test_plot_callback_decodes_gray_bits(tmp_path, monkeypatch):
+def test_plot_callback_decodes_gray_bits(tmp_path, figs):
     """PlotCallback with gray_bits decodes samples to the plane and plots a decoded energy."""
     from ebmflow.data import gray_encode
 
-    figs, _ = _capture_figures(monkeypatch)
     pts = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
     bits = gray_encode(pts, 8)
     tr = _FakeTrainer(energy=BitsEnergy(16))
@@ -833,13 +836,12 @@ def _png_size(path):
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def test_plot_samples_panels_limits_and_file(tmp_path, monkeypatch):
+def test_plot_samples_panels_limits_and_file(tmp_path, figs):
     """plot_samples: one panel per set, shared limits from the data, styling, 100 dpi file."""
     import matplotlib
 
     from ebmflow.training.plots import plot_samples
 
-    figs, _ = _capture_figures(monkeypatch)
     x = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
     data = torch.tensor([[0.0, 0.0], [1.0, 2.0], [float("nan"), 0.0]])
     with matplotlib.rc_context({"figure.dpi": 50, "savefig.dpi": "figure"}):
@@ -892,11 +894,10 @@ def test_plot_input_checks_and_missing_matplotlib(tmp_path, monkeypatch):
         plot_samples(torch.zeros(3, 2), tmp_path / "a.png")
 
 
-def test_plot_energy_grid_and_panels(tmp_path, monkeypatch):
+def test_plot_energy_grid_and_panels(tmp_path, figs):
     """plot_energy: default box [-4, 4]^2, data box, explicit limits; both panels titled."""
     from ebmflow.training.plots import plot_energy
 
-    figs, _ = _capture_figures(monkeypatch)
     out = plot_energy(Quadratic(), tmp_path / "e" / "e.png", resolution=20)
     assert out.is_file()
     ax0, ax1 = figs[0].axes[:2]
@@ -1032,12 +1033,11 @@ def test_to_points_box_and_gray_energy():
     assert torch.allclose(g8(pts), g8.inner(gray_encode(pts, 8)))
 
 
-def test_write_figures_names_and_limits(tmp_path, monkeypatch):
+def test_write_figures_names_and_limits(tmp_path, figs):
     """write_figures: samples.png beside as many test points, energy.png on the test box +- 1."""
     from ebmflow.training.evaluation import write_figures
     from ebmflow.training.registry import RunConfig
 
-    figs, _ = _capture_figures(monkeypatch)
     test2d = torch.tensor([[0.0, 0.0], [1.0, 4.0], [2.0, 1.0], [9.0, 9.0]])
     samples = torch.tensor([[0.5, 0.5], [1.5, 1.5], [0.0, 1.0]])
     write_figures(RunConfig(), Quadratic(), samples, test2d, tmp_path)

@@ -93,6 +93,7 @@ PACKAGES: dict[str, list[str]] = {
         "tests/test_newcomer_training.py",
         "tests/test_cli.py",
         "tests/test_distributed.py",
+        "tests/test_gpu_fixes.py",
         "tests/test_mutants_training.py",
     ],
 }
