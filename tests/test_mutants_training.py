@@ -2597,3 +2597,103 @@ def test_fast_mode_falls_back_to_eager_steps(monkeypatch):
     tr.train_step(torch.ones(4, 2))
     with pytest.warns(RuntimeWarning, match=r"\(RuntimeError: the step's statistics changed between steps\)"):
         tr.train_step(torch.ones(4, 2))
+
+
+def test_trainer_under_fake_data_parallelism(monkeypatch, tmp_path):
+    """Data parallel paths with a faked process group: broadcasts, all-reduces, seeds, saving."""
+    import torch.distributed as tdist
+
+    from ebmflow.training import distributed as d
+    from ebmflow.training import trainer as tm
+
+    calls, grads, avg, means, ops = [], [], [], [], []
+    rank = {"r": 0}
+    monkeypatch.setattr(tm, "setup_distributed",
+                        lambda mode, hint: calls.append(("setup", mode, hint)) or d.DistInfo(rank["r"], 2))
+    monkeypatch.setattr(tm, "broadcast_module",
+                        lambda m, buffers=True: calls.append(("bcast", type(m).__name__, buffers)))
+    monkeypatch.setattr(tm, "all_reduce_gradients", lambda params, world: grads.append((len(params), world)))
+    monkeypatch.setattr(tm, "average_module", lambda m, world: avg.append((type(m).__name__, world)))
+    monkeypatch.setattr(tm, "all_reduce_mean", lambda v, world: means.append(world) or v * 2)
+    monkeypatch.setattr(tdist, "broadcast", lambda t, src: calls.append(("seed", src)) or t.fill_(77))
+    monkeypatch.setattr(tdist, "all_reduce", lambda t, op=None: ops.append(op))
+    monkeypatch.setattr(tdist, "barrier", lambda: calls.append("barrier"))
+
+    def gather(out, obj):
+        for i in range(len(out)):
+            out[i] = obj
+
+    monkeypatch.setattr(tdist, "all_gather_object", gather)
+    with pytest.raises(ValueError, match="has no trainable parameters"):
+        Trainer(NoParams(), PosLoss(), threads=None, distributed=True)
+    assert calls == [("setup", True, None), ("bcast", "NoParams", True)]
+    calls.clear()
+    tr = _trainer(tmp_path, sampler=Chains(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), log_every=2,
+                  device="cpu")
+    assert calls == [("setup", "auto", torch.device("cpu")), ("bcast", "Quadratic", True), ("bcast", "Chains", False)]
+    assert tr.dist.enabled and tr.check_every == 1
+    tr.sampler.grad_sync([tr.energy.a])
+    assert grads == [(1, 2)]
+    grads.clear()
+    calls.clear()
+    torch.manual_seed(5)
+    tr.fit(torch.ones(8, 2), steps=2, batch_size=2)
+    assert tr.data_seed == 77 and ("seed", 0) in calls
+    assert grads == [(1, 2), (1, 2)] and avg == [("Chains", 2), ("Chains", 2)]
+    assert means == [2] and tr.history[0]["loss"] == pytest.approx(2 * (1.0 + 0.9) / 2)
+    assert tdist.ReduceOp.MIN in ops
+    assert calls[-1] == "barrier" and (tmp_path / "checkpoint.pt").is_file()
+    assert list(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["rng"]) == ["ranks"]
+    # another rank: seeded with initial_seed() + rank, writes nothing, logs nothing
+    rank["r"] = 1
+    other = _trainer(tmp_path / "r1", seed=None)
+    torch.manual_seed(5)
+    expected_seed = torch.initial_seed() + 1
+    other.fit(torch.ones(8, 2), steps=1, batch_size=2)
+    assert torch.initial_seed() == expected_seed
+    assert other.history == [] and not (tmp_path / "r1" / "checkpoint.pt").exists()
+    seeded = _trainer(None, seed=4)
+    seeded.fit(torch.ones(8, 2), steps=1, batch_size=2)
+    assert torch.initial_seed() == 5 and seeded.data_seed == 4
+
+
+def test_compile_option_uses_static_shapes(monkeypatch):
+    """compile=True wraps the loss step with torch.compile(dynamic=False)."""
+    seen = []
+
+    def fake_compile(fn, **kw):
+        seen.append((fn, kw))
+        return fn
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    tr = _trainer(compile=True)
+    assert tr.compile is True and len(seen) == 1
+    fn, kw = seen[0]
+    assert kw == {"dynamic": False} and fn == tr._compute_loss and tr._loss_fn == tr._compute_loss
+    plain = _trainer()
+    assert plain._loss_fn == plain._compute_loss and len(seen) == 1
+
+
+def test_apply_threads_logs_prints_and_warns(monkeypatch, caplog, capsys):
+    """_apply_threads: logs the reason, prints it once at step 0, warns when threads=None."""
+    import logging
+
+    from ebmflow.training import trainer as tm
+
+    warned = []
+    monkeypatch.setattr(tm, "warn_if_oversubscribed", lambda n, dev: warned.append((n, dev)))
+    tr = _trainer(threads=None, progress=True)
+    with caplog.at_level(logging.INFO, logger="ebmflow.training"):
+        tr.fit(torch.ones(4, 2), steps=1, batch_size=4)
+    assert caplog.records[0].getMessage() == tr.thread_choice.reason
+    assert capsys.readouterr().out == f"ebmflow: CPU {tr.thread_choice.reason}\n"
+    assert warned == [(1, torch.device("cpu"))]
+    tr.fit(torch.ones(4, 2), steps=2, batch_size=4)
+    assert capsys.readouterr().out == ""
+    two = _trainer(threads=1, progress=True)
+    two.fit(torch.ones(4, 2), steps=1, batch_size=4)
+    assert len(warned) == 2  # threads=None warns at each fit; threads=1 never
+    assert capsys.readouterr().out == f"ebmflow: CPU {two.thread_choice.reason}\n"
+    quiet = _trainer(threads=1)
+    quiet.fit(torch.ones(4, 2), steps=1, batch_size=4)
+    assert capsys.readouterr().out == ""
