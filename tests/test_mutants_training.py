@@ -680,6 +680,12 @@ def test_ema_defaults_checks_and_messages():
     x = torch.ones(1, 2)
     assert torch.equal(ema(x), ema.module(x))
 
+    class Scaled(nn.Module):
+        def forward(self, x, scale=1.0):
+            return x * scale
+
+    assert EMA(Scaled())(torch.ones(2), scale=3.0).tolist() == [3.0, 3.0]
+
 
 def test_ema_mismatch_message():
     """EMA.update with another model: the message lists missing and extra names (3 at most)."""
@@ -1883,10 +1889,12 @@ def test_distributed_reductions_with_a_fake_group(monkeypatch):
 
     monkeypatch.setattr(d.dist, "all_reduce", all_reduce)
     a, b, c = torch.zeros(2), torch.full((2, 2), 4.0), torch.zeros(3, dtype=torch.float64)
-    d._all_reduce_mean_([a, b, c], 2)
+    e = torch.zeros(1)
+    d._all_reduce_mean_([a, b, c, e], 2)
     assert a.tolist() == [0.0, 0.5] and b.tolist() == [[3.0, 3.5], [4.0, 4.5]]
-    assert c.tolist() == [0.0, 0.5, 1.0]
-    assert calls == [(torch.float32, 6, d.dist.ReduceOp.SUM), (torch.float64, 3, d.dist.ReduceOp.SUM)]
+    assert c.tolist() == [0.0, 0.5, 1.0] and e.tolist() == [3.0]
+    assert calls == [(torch.float32, 7, d.dist.ReduceOp.SUM), (torch.float64, 3, d.dist.ReduceOp.SUM)]
+    calls.clear()
     groups = d._grouped([a, b, c])
     assert list(groups) == [(torch.float32, torch.device("cpu")), (torch.float64, torch.device("cpu"))]
     assert groups[(torch.float32, torch.device("cpu"))][1] is b
@@ -1894,6 +1902,7 @@ def test_distributed_reductions_with_a_fake_group(monkeypatch):
     assert d.all_reduce_mean(v, 1) is v
     out = d.all_reduce_mean(v, 2)
     assert out.tolist() == [1.0, 2.5] and v.tolist() == [2.0, 4.0]
+    assert calls == [(torch.float32, 2, d.dist.ReduceOp.SUM)]
     # gradients: a missing one becomes zeros first; world 1 is a no-op
     p, q = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(1))
     p.grad = torch.full((2,), 2.0)
@@ -1978,6 +1987,15 @@ def test_captured_step_and_capture_with_fakes(monkeypatch):
     assert step.graph is g and step.static_batch is static and step.outputs is outputs
     got = step(torch.full((2, 2), 5.0))
     assert got is outputs and g.replays == 1 and static.tolist() == [[5.0, 5.0], [5.0, 5.0]]
+    class Static:
+        shape = torch.Size([1])
+
+        def copy_(self, batch, **kw):
+            copies.append(kw)
+
+    copies = []
+    graph.CapturedStep(FakeGraph(), Static(), outputs)(torch.zeros(1))
+    assert copies == [{"non_blocking": True}]
     with pytest.raises(ValueError, match=r"^the captured step expects batches of shape \(2, 2\), got \(3, 2\); use "
                                          r"a fixed batch size \(drop the last partial batch\)$"):
         step(torch.zeros(3, 2))
@@ -2023,6 +2041,12 @@ def test_keep_tensor_lr():
     assert opt.param_groups[1]["lr"] == 0.05
     keep_tensor_lr(opt, [t, None])  # already the tensor: unchanged
     assert opt.param_groups[0]["lr"] is t and float(t) == 0.25
+    u = torch.tensor(1.0)
+    opt2 = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.1},
+                            {"params": [nn.Parameter(torch.zeros(1))], "lr": u}])
+    opt2.param_groups[1]["lr"] = 0.5
+    keep_tensor_lr(opt2, [None, u])
+    assert opt2.param_groups[1]["lr"] is u and float(u) == 0.5
 
 
 # -- trainer ---------------------------------------------------------------------------------
@@ -2509,7 +2533,7 @@ def _fake_cuda(monkeypatch, events):
             events.append("leave")
 
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: events.append(("stream", str(device))) or Stream("side"))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: main)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: events.append(("current", str(device))) or main)
     monkeypatch.setattr(torch.cuda, "stream", StreamCtx)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", str(device))))
 
@@ -2546,7 +2570,8 @@ def test_fast_mode_warm_up_capture_and_replay(monkeypatch):
                   callbacks=[LambdaCallback(on_step=lambda t, s, st: seen.append({k: float(v) for k, v in st.items()}))])
     tr.fast = True
     tr.fit(torch.ones(4, 2), steps=4, batch_size=4)
-    warm = [("stream", "cpu"), ("wait", "side", "main"), ("use", "side"), "leave", ("wait", "main", "side")]
+    warm = [("stream", "cpu"), ("current", "cpu"), ("wait", "side", "main"), ("use", "side"), "leave",
+            ("current", "cpu"), ("wait", "main", "side")]
     assert events == warm + warm + [("capture", True, (4, 2)), "replay", "replay"]
     assert tr.energy.a.item() == pytest.approx(0.6) and tr._captured.calls == 2
     assert [s["loss"] for s in seen] == pytest.approx([1.0, 0.9, 0.8, 0.7])
