@@ -199,6 +199,9 @@ def test_loader_batches_call_set_epoch_with_the_epoch():
     got = _take(s.batches(4), 6)  # epoch 1 (reversed), from its second batch
     assert got == [1, 0, 0, 1, 2, 2]
     assert sampler.epochs[:3] == [1, 2, 3]
+    one = _EpochSampler(1)
+    s1 = BatchStream(_loader(1, sampler=one), None)
+    assert _take(s1.batches(3), 2) == [0, 0] and one.epochs[:2] == [3, 4]
 
 
 def test_loader_sharded_by_batch_under_data_parallelism():
@@ -2722,3 +2725,54 @@ def test_apply_threads_logs_prints_and_warns(monkeypatch, caplog, capsys):
     quiet = _trainer(threads=1)
     quiet.fit(torch.ones(4, 2), steps=1, batch_size=4)
     assert capsys.readouterr().out == ""
+
+
+def test_step_stats_bookkeeping_in_detail():
+    """StepStats.pack: layout changes, exact vs cheap bookkeeping, first bad step per stat."""
+    s = monitor.StepStats(torch.device("cpu"))
+    assert s.layout is None and s.sums is None and s.count == 0 and s.first_bad is None
+    assert s.monitored is None and s.clean is True and s.step_t.dtype == torch.long and int(s.step_t) == 0
+    changes = []
+    vec = s.pack({"a": torch.tensor(1.0), "loss": torch.tensor(2)}, exact=False,
+                 on_new_layout=lambda: changes.append("x"))
+    assert changes == [] and vec.dtype == torch.float32 and vec.tolist() == [1.0, 2.0]
+    assert s.layout == ["a", "loss"] and s.monitored.tolist() == [False, True]
+    assert s.first_bad.tolist() == [-1, -1] and s.first_bad.dtype == torch.long
+    assert s.clean is True and int(s.step_t) == 1
+    s.pack({"a": torch.tensor(1.0), "loss": torch.tensor(2.0)}, exact=True)
+    assert s.clean is False and s.sums.tolist() == [2.0, 4.0]
+    s.count = 2
+    s.pack({"b_loss": torch.tensor(float("nan")), "energy_neg": torch.tensor(1.0)}, on_new_layout=lambda: changes.append("y"))
+    assert changes == ["y"] and s.count == 0
+    assert math.isnan(s.sums[0]) and float(s.sums[1]) == 1.0
+    assert s.layout == ["b_loss", "energy_neg"] and s.monitored.tolist() == [True, True]
+    assert s.first_bad.tolist() == [3, -1] and s.clean is False
+    s.pack({"b_loss": torch.tensor(float("inf")), "energy_neg": torch.tensor(float("inf"))})
+    assert s.first_bad.tolist() == [3, 4]
+    assert s.first_divergence() == ("b_loss", 3)
+    # data parallel: the minimum over ranks; never-set entries stay unset
+    seen = []
+
+    def reduce_min(t):
+        seen.append(t.clone())
+        return torch.minimum(t, torch.tensor([5, 2]))
+
+    assert s.first_divergence(reduce_min) == ("energy_neg", 2)
+    never = torch.iinfo(torch.long).max
+    assert seen[0].tolist() == [3, 4]
+    fresh = monitor.StepStats(torch.device("cpu"))
+    fresh.pack({"loss": torch.tensor(1.0), "x": torch.tensor(1.0)})
+    assert fresh.first_divergence(lambda t: (seen.append(t.clone()), t)[1]) is None
+    assert seen[-1].tolist() == [never, never]
+    assert fresh.first_divergence(lambda t: torch.tensor([never, 7])) == ("x", 7)
+    clean = monitor.StepStats(torch.device("cpu"))
+    clean.pack({"loss": torch.tensor(1.0)}, exact=False)
+    assert clean.first_divergence() is None
+    assert clean.first_divergence(lambda t: torch.tensor([4])) == ("loss", 4)
+
+
+def test_cpu_steps_skip_bookkeeping_while_finite():
+    """On CPU the Trainer packs with exact=False: finite steps leave the stats 'clean'."""
+    tr = _trainer()
+    tr.fit(torch.ones(4, 2), steps=2, batch_size=4)
+    assert tr.step_stats.clean is True and int(tr.step_stats.step_t) == 2
