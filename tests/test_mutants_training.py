@@ -2776,3 +2776,19 @@ def test_cpu_steps_skip_bookkeeping_while_finite():
     tr = _trainer()
     tr.fit(torch.ones(4, 2), steps=2, batch_size=4)
     assert tr.step_stats.clean is True and int(tr.step_stats.step_t) == 2
+
+
+def test_auto_threads_count_the_trainable_parameters(monkeypatch):
+    """threads='auto' measures the energy by its trainable parameters (in the reason)."""
+    from ebmflow.training import threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_THREADS_AT_IMPORT", torch.get_num_threads())
+    energy = MLPEnergy(Continuous(2), hidden=(8,))
+    frozen = next(energy.parameters())
+    frozen.requires_grad_(False)
+    n = sum(p.numel() for p in energy.parameters() if p.requires_grad)
+    tr = Trainer(energy, PosLoss(), threads="auto", progress=False)
+    assert f"small energy ({n:,} parameters)" in tr.thread_choice.reason
+    assert tr.thread_choice.reason.startswith("threads='auto' chose ")
