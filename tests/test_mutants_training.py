@@ -165,6 +165,7 @@ class _EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
+        _count_pass(self)
         idx = list(range(self.n))
         return iter(idx[::-1] if self.epoch % 2 else idx)
 
@@ -172,9 +173,30 @@ class _EpochSampler(torch.utils.data.Sampler):
         return self.n
 
 
+def _count_pass(sampler):
+    """A stream that never yields would loop over its loader forever: fail fast instead."""
+    sampler.passes = getattr(sampler, "passes", 0) + 1
+    if sampler.passes > 100:
+        raise RuntimeError("the stream went through 100 epochs without yielding what the test takes")
+
+
+class _Sequential(torch.utils.data.Sampler):
+    """Indices in order (no set_epoch), with the endless-loop guard."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        _count_pass(self)
+        return iter(range(self.n))
+
+    def __len__(self):
+        return self.n
+
+
 def _loader(n=6, bs=1, sampler=None):
     data = torch.arange(float(n)).reshape(n, 1)
-    return DataLoader(TensorDataset(data), batch_size=bs, sampler=sampler, shuffle=False)
+    return DataLoader(TensorDataset(data), batch_size=bs, sampler=sampler or _Sequential(n), shuffle=False)
 
 
 def _take(it, k):
