@@ -661,6 +661,10 @@ def test_load_module_state_restores_attributes_and_messages():
     checkpoint.load_module_state(dst3, st, "sampler", device=torch.device("meta"))
     assert dst3.t.device.type == "meta"
     assert dst3.tensors["new"].device.type == "meta" and dst3.tensors["a"].device.type == "cpu"
+    dst5 = _Holder()
+    dst5.tensors = None  # not a dict yet: the saved dict is taken as it is
+    checkpoint.load_module_state(dst5, st, "sampler")
+    assert sorted(dst5.tensors) == ["a", "new"] and torch.equal(dst5.tensors["a"], torch.full((2,), 3.0))
     dst4 = _Holder()
     dst4.t = torch.zeros(1, device="meta")
     dst4.tensors = {"a": torch.zeros(1, device="meta")}
