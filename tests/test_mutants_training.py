@@ -2217,7 +2217,7 @@ def test_fit_data_checks_and_seeds(tmp_path):
     tr = _trainer()
     with pytest.raises(ValueError, match=r"^data must be a Tensor, a torch Dataset or a DataLoader, got list$"):
         tr.fit([[0.0, 0.0]], steps=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^data has shape \(4, 3\) but Continuous\(2\) expects \(B, 2\)"):
         tr.fit(torch.zeros(4, 3), steps=1, batch_size=2)  # not states of Continuous(2)
     seeded = _trainer(seed=5)
     seeded.fit(torch.randn(8, 2), steps=1, batch_size=4)
