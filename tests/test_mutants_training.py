@@ -573,6 +573,17 @@ def test_load_checkpoint_messages_and_weights_only(tmp_path):
     assert seen == ["cpu"] and torch.equal(got["t"], torch.ones(2))
 
 
+def test_load_checkpoint_asks_for_weights_only(tmp_path, monkeypatch):
+    """load_checkpoint passes weights_only=True explicitly (torch < 2.6 defaults to False)."""
+    ok = tmp_path / "ok.pt"
+    torch.save({"t": 1}, ok)
+    seen = []
+    real = torch.load
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    assert load_checkpoint(ok, map_location="cpu") == {"t": 1}
+    assert seen == [{"map_location": "cpu", "weights_only": True}]
+
+
 def test_rng_state_round_trip_and_cuda_keys(monkeypatch):
     """rng_state/set_rng_state: the next draws repeat; CUDA devices add a 'cuda' entry."""
     state = checkpoint.rng_state([torch.device("cpu")])
