@@ -136,7 +136,8 @@ def test_gaussian_fit_nll_uses_the_ml_covariance_plus_ridge():
     flat = torch.tensor([[0.0, 1.0], [2.0, 1.0]])
     v = baselines.gaussian_fit_nll(flat, torch.tensor([[1.0, 1.0]]))
     assert math.isfinite(v)
-    assert v == pytest.approx(0.5 * math.log(2 * math.pi * 1.000001) + 0.5 * math.log(2 * math.pi * 1e-6), rel=1e-6)
+    # a float64 ridge of exactly 1e-6 (a float32 one is 1e-6 * (1 - 2.5e-9))
+    assert v == pytest.approx(0.5 * math.log(2 * math.pi * 1.000001) + 0.5 * math.log(2 * math.pi * 1e-6), rel=1e-13)
 
 
 def test_trivial_baseline_keys():
