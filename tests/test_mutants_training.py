@@ -733,12 +733,13 @@ def test_ema_mismatch_message():
     a = nn.Sequential(*[nn.Linear(1, 1) for _ in range(4)])
     b = nn.Sequential(nn.Linear(1, 1))
     b.extra1 = nn.Linear(1, 1)
+    b.extra2 = nn.Linear(1, 1)
     ema = EMA(a)
     with pytest.raises(ValueError) as err:
         ema.update(b)
     assert str(err.value) == (
         "EMA.update got a model whose parameters differ from the averaged one "
-        "(missing ['1.bias', '1.weight', '2.bias'], extra ['extra1.bias', 'extra1.weight']); "
+        "(missing ['1.bias', '1.weight', '2.bias'], extra ['extra1.bias', 'extra1.weight', 'extra2.bias']); "
         "pass the model the EMA was built from")
 
 
@@ -1085,14 +1086,14 @@ def test_write_figures_names_and_limits(tmp_path, figs):
     from ebmflow.training.evaluation import write_figures
     from ebmflow.training.registry import RunConfig
 
-    test2d = torch.tensor([[0.0, 0.0], [1.0, 4.0], [2.0, 1.0], [9.0, 9.0]])
+    test2d = torch.tensor([[0.0, 2.0], [1.0, 4.0], [2.0, 1.0], [9.0, 7.0]])
     samples = torch.tensor([[0.5, 0.5], [1.5, 1.5], [0.0, 1.0]])
     write_figures(RunConfig(), Quadratic(), samples, test2d, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["energy.png", "samples.png"]
     data_ax = figs[0].axes[1]
     assert data_ax.get_title() == "data"
     assert data_ax.collections[0].get_offsets().tolist() == test2d[:3].tolist()
-    assert tuple(figs[1].axes[0].images[0].get_extent()) == (-1.0, 10.0, -1.0, 10.0)
+    assert tuple(figs[1].axes[0].images[0].get_extent()) == (-1.0, 10.0, 0.0, 8.0)
     # gray: the energy is decoded to the plane
     figs.clear()
     from ebmflow.data import gray_encode
