@@ -767,7 +767,9 @@ def test_to_json_number_and_jsonl(tmp_path):
     path = tmp_path / "deep" / "er" / "log.jsonl"
     log = loggers.JSONLLogger(path)
     log.log({"step": 1, "loss": float("nan"), "note": "é", "x": 2.0})
+    assert not log._file.closed
     log.close()
+    assert log._file.closed
     log.close()
     log2 = loggers.JSONLLogger(path)
     log2.log({"step": 2, "loss": float("-inf")})
