@@ -895,8 +895,8 @@ def test_plot_samples_panels_limits_and_file(tmp_path, figs):
     x = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
     data = torch.tensor([[0.0, 0.0], [1.0, 2.0], [float("nan"), 0.0]])
     with matplotlib.rc_context({"figure.dpi": 50, "savefig.dpi": "figure"}):
-        out = plot_samples(x, tmp_path / "n" / "s.png", data=data)
-    assert out == tmp_path / "n" / "s.png" and out.is_file()
+        out = plot_samples(x, tmp_path / "n" / "m" / "s.png", data=data)
+    assert out == tmp_path / "n" / "m" / "s.png" and out.is_file()
     assert _png_size(out) == (800, 400)
     fig = figs[0]
     assert tuple(fig.get_size_inches()) == (8.0, 4.0)
