@@ -291,10 +291,11 @@ def test_first_tensor():
     assert batches.first_tensor([b, a]) is b
     assert batches.first_tensor({"y": b, "x": a}) is a
     assert batches.first_tensor({"y": b}) is b
-    for bad in ([], {}, ("s", a), {"x": "s"}):
-        with pytest.raises(ValueError, match=r"a batch must be a Tensor or a tuple/list whose first item is "
-                                             r"the state tensor, got \w+; return x \(or \(x, y\)\) from your Dataset"):
+    for bad, name in (([], "list"), ({}, "dict"), (("s", a), "tuple"), ({"x": "s"}, "dict"), (3, "int")):
+        with pytest.raises(ValueError) as err:
             batches.first_tensor(bad)
+        assert str(err.value) == (f"a batch must be a Tensor or a tuple/list whose first item is the state tensor, "
+                                  f"got {name}; return x (or (x, y)) from your Dataset")
 
 
 # -- callbacks -------------------------------------------------------------------------------
@@ -2445,7 +2446,7 @@ def test_logging_means_and_it_per_s(monkeypatch):
     assert math.isnan(rec["it_per_s"]) and rec["loss"] == 1.0
     tr.step_stats.pack({"loss": torch.tensor(1.0), "energy_pos": torch.tensor(1.0)})
     tr.step_stats.count = 1
-    assert tr._log(2.0, 3)["it_per_s"] == 1.5
+    assert tr._log(0.5, 3)["it_per_s"] == 6.0
 
 
 def test_threads_applied_during_fit_and_restored(monkeypatch):
@@ -2548,7 +2549,9 @@ def test_scalar_and_state_dict():
     s = _scalar(v)
     assert s.dim() == 0 and float(s) == 2.0 and not s.requires_grad
     z = torch.tensor(3.0)
-    assert _scalar(z) is not None and float(_scalar(z)) == 3.0
+    assert _scalar(z).dim() == 0 and float(_scalar(z)) == 3.0
+    one = _scalar(torch.ones(1))
+    assert one.dim() == 0 and one.shape == torch.Size([])
     tr = _trainer(config={"k": 2})
     st = tr.state_dict()
     assert st["config"] == {"k": 2} and st["step"] == 0 and st["format"] == 1
@@ -2618,6 +2621,7 @@ def test_fast_mode_warm_up_capture_and_replay(monkeypatch):
             ("current", "cpu"), ("wait", "main", "side")]
     assert events == warm + warm + [("capture", True, (4, 2)), "replay", "replay"]
     assert tr.energy.a.item() == pytest.approx(0.6) and tr._captured.calls == 2
+    assert tr.step_stats.clean is False  # captured steps do the branch-free bookkeeping
     assert [s["loss"] for s in seen] == pytest.approx([1.0, 0.9, 0.8, 0.7])
     assert tr.optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.1)
 
@@ -2810,6 +2814,35 @@ def test_step_stats_bookkeeping_in_detail():
     clean.pack({"loss": torch.tensor(1.0)}, exact=False)
     assert clean.first_divergence() is None
     assert clean.first_divergence(lambda t: torch.tensor([4])) == ("loss", 4)
+
+
+def test_default_pack_is_exact():
+    """StepStats.pack is exact (branch-free bookkeeping) unless told otherwise."""
+    s = monitor.StepStats(torch.device("cpu"))
+    s.pack({"loss": torch.tensor(1.0)})
+    assert s.clean is False
+
+
+def test_a_layout_change_checks_the_old_stats_first():
+    """When the step's stats change names, a NaN recorded under the old ones still raises."""
+    from ebmflow.training import TrainingDiverged
+
+    class Shifting(PosLoss):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def forward(self, energy, data, sampler=None):
+            self.n += 1
+            pos = energy(data).mean()
+            if self.n == 1:
+                return LossOutput(pos, {"energy_pos": torch.tensor(float("nan"))})
+            return LossOutput(pos, {"energy_pos": pos.detach(), "extra": torch.tensor(1.0)})
+
+    tr = _trainer(loss=Shifting(), check_every=100, log_every=100)
+    with pytest.raises(TrainingDiverged, match=r"^training diverged: energy_pos became NaN/inf at step 1;"):
+        tr.fit(torch.ones(4, 2), steps=3, batch_size=4)
+    assert tr.step == 1  # raised while packing the second step's stats
 
 
 def test_cpu_steps_skip_bookkeeping_while_finite():
