@@ -1036,3 +1036,513 @@ def test_ode_flows_are_not_compiled():
     with pytest.warns(CompileFallbackWarning):
         assert fm._use_compiled(torch.zeros(2, 2)) is False
     assert fm._compile_failed == "ContinuousFlow solves an ODE (torchdiffeq), which is not compiled"
+
+
+# -- second pass: defaults, duck-typed flows, devices (meta), spies on warn/generators --------
+
+
+def test_flowmc_defaults_and_initial_state():
+    fm = FlowMC(nvp())
+    assert (fm.n_local, fm.n_global, fm.n_rounds, fm.n_chains) == (10, 10, 1, None)
+    assert fm.flow_steps == 1 and fm.flow_batch_size is None and fm.flow_loss == "ml"
+    assert fm.max_grad_norm == 10.0 and fm.adapt_steps is None and fm.train_updates is None
+    assert fm.history == 0 and fm.train_examples is None and fm.flow_epochs is None
+    assert fm.retune_local is True and fm.logq_tol == 1e-3 and fm.check_every == 25
+    assert fm.init == "noise" and fm.check_finite is True and fm.proposal_batch_size == 4096
+    assert fm.compile is False and fm.scheduler is None
+    assert fm.chains.shape == (0,) and fm.history_states.shape == (0,)
+    assert fm._hist_pos == 0 and fm._hist_len == 0 and fm._n_calls == 0 and fm._auto_moves == 0
+    assert fm._flow_checked is False and fm._warned_tilt is False
+    assert fm._health_ref is None and fm._best_loss == math.inf
+    assert fm.chain_stats == {} and fm.compile_after == 2000
+    assert fm._compile_backend == "inductor" and fm.compile_backend == "inductor"
+    assert fm._blocks == {} and fm._flow_specs == {} and fm._compile_failed is None
+    assert fm.n_flow_updates == 0 and fm.n_fits == 0
+    assert type(fm.optimizer).__name__ == "Adam" and fm.optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_flowmc_accepts_the_smallest_valid_settings():
+    fm = FlowMC(nvp(), train_updates=0)
+    assert fm.train_updates == 0 and fm.frozen
+    fm = FlowMC(nvp(), adapt_steps=0)
+    assert fm.adapt_steps == 0 and fm.frozen
+    assert FlowMC(nvp(), proposal_batch_size=1).proposal_batch_size == 1
+    assert FlowMC(nvp(), compile="auto").compile == "auto"
+
+
+def test_flowmc_takes_a_callable_optimizer():
+    seen = []
+
+    def make(params):
+        params = list(params)
+        seen.append(params)
+        return torch.optim.SGD(params, lr=0.5)
+
+    fm = FlowMC(nvp(), optimizer=make)
+    assert type(fm.optimizer) is torch.optim.SGD and fm.optimizer.param_groups[0]["lr"] == 0.5
+    assert [id(p) for p in seen[0]] == [id(p) for p in fm.flow.parameters()]
+    assert type(FlowMC(nvp(), optimizer="adamw").optimizer) is torch.optim.AdamW
+
+
+def test_compile_true_asks_the_local_kernel_to_compile_in_blocks_of_n_local_minus_one():
+    from ebmflow.samplers import MALA
+
+    def local_after(mode, n_local, **kw):
+        local = MALA(0.1, **kw)
+        FlowMC(nvp(), local, n_local=n_local, compile=mode)
+        return local.compile, local.graph_steps
+
+    assert local_after(True, 10) == (True, 9)
+    assert local_after(True, 3) == (True, 2)
+    assert local_after(True, 2) == (True, None)  # a block of one step: none set
+    assert local_after(True, 17) == (True, 16)
+    assert local_after(True, 18) == (True, None)  # above the largest block FlowMC sets
+    assert local_after(True, 10, graph_steps=5) == (True, 5)  # the kernel's own K is kept
+    assert local_after(True, 10, compile=False) == (False, None)  # told not to compile
+    assert local_after(False, 10) == ("auto", None)
+    assert local_after("auto", 10) == ("auto", None)
+
+
+class _Gap(Flow):
+    """A flow with a numerical inverse whose sampling pass is off by ``gap`` nats; records
+    the (n, generator) of every sampling call."""
+
+    numerical_inverse = True
+
+    def __init__(self, gap, ode_steps=None, dim=2):
+        super().__init__(dim)
+        self.gap = gap
+        self.calls = []
+        if ode_steps is not None:
+            self.ode_steps = ode_steps
+
+    def log_prob(self, x):
+        return torch.zeros(x.shape[0])
+
+    def sample_and_log_prob(self, n, generator=None):
+        self.calls.append((n, generator))
+        return torch.zeros(n, self.dim), torch.full((n,), self.gap)
+
+
+def test_check_exact_log_prob_defaults_tolerance_and_message():
+    from types import SimpleNamespace
+
+    from ebmflow.flows.flowmc import check_exact_log_prob
+
+    assert check_exact_log_prob(nvp()) == 0.0  # an analytic inverse: nothing drawn
+    assert check_exact_log_prob(SimpleNamespace()) == 0.0  # no attributes: exact, analytic
+    flow = _Gap(0.5)
+    g = torch.Generator()
+    assert check_exact_log_prob(flow, tol=0.5, generator=g) == 0.5  # gap == tol passes
+    assert flow.calls == [(256, g)]
+    assert check_exact_log_prob(_Gap(2.0 ** -11)) == 2.0 ** -11  # below the default 1e-3
+    with pytest.raises(ValueError) as info:
+        check_exact_log_prob(_Gap(0.5, ode_steps=7))  # default tol 1e-3
+    assert str(info.value) == (
+        "the forward and inverse ODE solves of _Gap disagree by 0.5 nats in log q (tolerance "
+        "0.001): the independence proposals would not keep the target invariant; solve more "
+        "accurately, e.g. more ode_steps (now 7) or method='dopri5' with atol=rtol=1e-7, or "
+        "raise FlowMC(logq_tol=...)")
+    with pytest.raises(ValueError, match=r"disagree by 0.01 nats in log q \(tolerance 0.001\)"):
+        check_exact_log_prob(_Gap(0.01))
+    with pytest.raises(ValueError) as info:  # NaN counts as an infinite gap
+        check_exact_log_prob(_Gap(float("nan")), tol=10.0)
+    assert str(info.value).startswith("the forward and inverse ODE solves of _Gap disagree by "
+                                      "inf nats in log q (tolerance 10): ")
+    assert "more ode_steps (now ?) or" in str(info.value)
+    with pytest.raises(ValueError, match="estimates the trace stochastically"):
+        check_exact_log_prob(ContinuousFlow(9, hidden=(4,)))
+
+
+def test_check_exact_log_prob_kind_reads_the_flows_flag():
+    from types import SimpleNamespace
+
+    from ebmflow.flows.flowmc import check_exact_log_prob_kind
+
+    check_exact_log_prob_kind(SimpleNamespace())  # no flag: exact
+    check_exact_log_prob_kind(SimpleNamespace(exact_log_prob=True))
+    with pytest.raises(ValueError, match="^FlowMC needs an exact log q"):
+        check_exact_log_prob_kind(SimpleNamespace(exact_log_prob=False))
+
+
+def test_check_flow_uses_a_private_seeded_generator_on_the_flows_device(monkeypatch):
+    import ebmflow.flows.flowmc as flowmc
+
+    made, checks = [], []
+    real = torch.Generator
+
+    def generator(device=None):
+        made.append(device)
+        return real()
+
+    def check(flow, n=256, tol=1e-3, generator=None):
+        checks.append((tol, generator.initial_seed() if generator is not None else None))
+        return 0.0
+
+    monkeypatch.setattr(torch, "Generator", generator)
+    monkeypatch.setattr(flowmc, "check_exact_log_prob", check)
+    fm = FlowMC(nvp(), logq_tol=0.25)
+    fm._check_flow()
+    assert fm._flow_checked is True
+    fm.flow = nvp().to("meta")
+    fm._check_flow()
+    fm.flow = Bare(2)  # no parameters or buffers: the CPU
+    fm._check_flow()
+    assert made == [torch.device("cpu"), torch.device("meta"), torch.device("cpu")]
+    assert checks == [(0.25, 0), (0.25, 0), (0.25, 0)]
+
+
+def test_check_flow_passes_the_samplers_tolerance():
+    fm = FlowMC(_Gap(0.5), logq_tol=0.6)
+    fm._check_flow()
+    ((n, g),) = fm.flow.calls
+    assert n == 256 and isinstance(g, torch.Generator) and g.initial_seed() == 0
+    with pytest.raises(ValueError, match=r"\(tolerance 0.4\)"):
+        FlowMC(_Gap(0.5), logq_tol=0.4)._check_flow()
+
+
+class _QuadOn(Quad):
+    """Quad with a (unused) parameter on ``device``."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1, device=device))
+
+
+def test_flowmc_refuses_a_flow_on_another_device_than_the_energy():
+    with pytest.raises(ValueError) as info:
+        FlowMC(nvp())._check_energy(_QuadOn("meta"))
+    assert str(info.value) == ("the flow is on device cpu but the model is on meta; move it "
+                               "first, e.g. the flow = the flow.to('meta')")
+    FlowMC(nvp())._check_energy(_QuadOn("cpu"))
+    FlowMC(Bare(2))._check_energy(_QuadOn("meta"))  # a flow without parameters: not checked
+
+
+def _spy_warn(monkeypatch):
+    calls = []
+
+    def warn(message, category=None, stacklevel=1, **kw):
+        calls.append((str(message), category, stacklevel))
+
+    monkeypatch.setattr(warnings, "warn", warn)
+    return calls
+
+
+def test_flowmc_warnings_point_at_the_caller_of_update(monkeypatch):
+    from types import SimpleNamespace
+
+    line = torch.tensor([[0.0], [1.0], [2.0]])
+    calls = _spy_warn(monkeypatch)
+    _health(line, ref=(1.0, 1.0), best=1.0).check_health(torch.tensor(11.5))  # exploded
+    _health(line, ref=(100.0, 1.0)).check_health()  # collapsed
+    _health(line, ref=(1.0, 0.0199)).check_health()  # ran away
+    fm = FlowMC(nvp())
+    fm._warn_tilt_feedback(SimpleNamespace(flow=fm.flow))
+    assert [c[2] for c in calls] == [3, 3, 3, 3]
+    assert all(c[1] is RuntimeWarning for c in calls)
+    assert [c[0].split(" ")[1:3] for c in calls[:3]] == [["the", "flow"], ["the", "chains"],
+                                                         ["the", "chains"]]
+
+
+def test_check_health_of_two_chains_checks_the_collapse():
+    two = torch.tensor([[0.0], [0.01]])
+    with pytest.warns(RuntimeWarning, match="collapsed"):
+        _health(two, ref=(100.0, 1.0)).check_health()
+
+
+def test_check_health_builds_its_zeros_on_the_chains_device():
+    # on meta everything up to the one host read works: the zeros are made on the chains'
+    # device (a CPU zero would fail to stack with the meta numbers first)
+    for chains in (torch.zeros(1, 2, device="meta"), torch.zeros(3, 2, device="meta")):
+        with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor"):
+            _health(chains).check_health()
+
+
+def test_use_compiled_auto_counts_the_global_moves(monkeypatch):
+    import ebmflow.flows.flowmc as flowmc
+
+    fm = FlowMC(nvp(), n_global=10, compile="auto")
+    fm.compile_after = 20
+    x = torch.zeros(2, 2)
+    assert fm._use_compiled(x) is False and fm._auto_moves == 10
+    assert fm._use_compiled(x) is True and fm._auto_moves == 20  # 20 moves: compile now
+    assert fm._use_compiled(x) is True and fm._auto_moves == 30
+    fm = FlowMC(nvp(), n_global=10, compile="auto")
+    fm.compile_after = 25
+    assert [fm._use_compiled(x) for _ in range(3)] == [False, False, True]
+    fm = FlowMC(nvp(), compile=True)
+    assert fm._use_compiled(x) is True and fm._auto_moves == 0
+    from ebmflow.samplers import CompileFallbackWarning
+
+    monkeypatch.setattr(flowmc, "compile_available", lambda: (False, "no compiler here"))
+    fm = FlowMC(nvp(), compile=True)
+    with pytest.warns(CompileFallbackWarning) as rec:
+        assert fm._use_compiled(x) is False
+    assert fm._compile_failed == "no compiler here" and "no compiler here" in str(rec[0].message)
+
+
+def test_sample_runs_the_rounds_asked_for_and_checks_x0_against_n():
+    fm = FlowMC(nvp(), n_local=1, n_global=1, history=10, flow_steps=0)
+    fm.sample(Quad(), x0=torch.zeros(3, 2), generator=torch.Generator().manual_seed(0),
+              n_rounds=3)
+    assert fm._hist_len == 6  # two snapshots a round
+    fm.sample(Quad(), generator=torch.Generator().manual_seed(0))
+    assert fm._hist_len == 8
+    with pytest.raises(ValueError) as info:
+        FlowMC(nvp()).sample(Quad(), 3, x0=torch.zeros(4, 2))
+    assert str(info.value) == "n=3 but x0 has 4 states; pass one of them"
+    with pytest.raises(ValueError) as info:
+        FlowMC(nvp(3), n_chains=2).sample(Quad(3), 4)
+    assert str(info.value) == ("n=4 but FlowMC keeps 2 persistent chains; pass n <= 2 or build "
+                               "FlowMC(n_chains=4)")
+
+
+def test_sample_subsets_the_chains_on_their_device():
+    fm = FlowMC(nvp(), n_local=0, n_global=0, check_finite=False).to("meta")
+    fm._flow_checked = True
+    fm.chains = torch.zeros(5, 2, device="meta")
+    state = torch.get_rng_state()
+    assert fm.sample(Quad(), 3).shape == (3, 2)
+    assert torch.equal(torch.get_rng_state(), state)  # drawn on meta, not by the CPU
+
+
+def _meta_update(**kw):
+    torch.manual_seed(0)
+    fm = FlowMC(nvp(), check_every=0, retune_local=False, **kw).to("meta")
+    fm.chains = torch.zeros(4, 2, device="meta")
+    return fm
+
+
+@pytest.mark.parametrize("kw", [dict(flow_epochs=1, flow_batch_size=2),
+                                dict(flow_steps=2, flow_batch_size=2),
+                                dict(train_examples=6)], ids=["epochs", "steps", "examples"])
+def test_update_draws_its_batches_on_the_chains_device(kw):
+    fm = _meta_update(**kw)
+    state = torch.get_rng_state()
+    out = fm.update(Quad())
+    assert out["flow_loss"].device.type == "meta" and fm.n_flow_updates >= 1
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_fit_draws_its_batches_on_the_datas_device():
+    flow = _Cheap().to("meta")
+    state = torch.get_rng_state()
+    flow.fit(torch.zeros(4, 2, device="meta"), 2, batch_size=2)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_global_moves_on_the_chains_device():
+    fm = FlowMC(_Scripted(torch.zeros(12, 2, device="meta")), n_local=0, n_global=3)
+    x = torch.zeros(4, 2, device="meta")
+    state = torch.get_rng_state()
+    xs, acc, bad = fm._global_moves(Quad(), x, None, None)  # one chunk of three moves
+    assert xs.device.type == acc.device.type == bad.device.type == "meta"
+    fm.n_global = 1  # the single-move chunk
+    xs, acc, bad = fm._global_moves(Quad(), x, None, None)
+    assert xs.device.type == acc.device.type == "meta"
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+class _Scripted(Flow):
+    """log q = 0 everywhere; proposes fixed states, records the sizes asked for."""
+
+    def __init__(self, proposals):
+        super().__init__(proposals.shape[1])
+        self.proposals = proposals
+        self.sizes = []
+
+    def log_prob(self, x):
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+    def sample_and_log_prob(self, n, generator=None):
+        self.sizes.append(n)
+        p = self.proposals
+        return p[:n], torch.zeros(n, dtype=p.dtype, device=p.device)
+
+
+def test_global_moves_draw_float64_uniforms_for_float64_chains():
+    b, n_global = 64, 2
+    x = torch.zeros(b, 1, dtype=torch.float64)
+    prop = torch.full((n_global * b, 1), 1.0, dtype=torch.float64)  # E = 0.5: alpha = e^-0.5
+    fm = FlowMC(_Scripted(prop), n_local=0, n_global=n_global, proposal_batch_size=None)
+    g = torch.Generator().manual_seed(3)
+    xs, acc, bad = fm._global_moves(Quad(1), x, None, g)
+    log_u = torch.rand((n_global, b), generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float64).log()
+    accepted = (log_u + 0.5 < 0.0).any(0)  # from x = 0 (v = 0) to x' = 1 (v = 0.5), then stay
+    torch.testing.assert_close(xs[:, 0], accepted.double(), rtol=0, atol=0)
+    assert fm.flow.sizes == [n_global * b] and not bool(bad)
+
+
+def test_global_moves_make_at_least_one_move_per_flow_call():
+    fm = FlowMC(_Scripted(torch.zeros(12, 2)), n_local=0, n_global=3, proposal_batch_size=4)
+    fm._global_moves(Quad(), torch.zeros(4, 2), None, None)
+    assert fm.flow.sizes == [4, 4, 4]  # 4 // 4 = one move (four proposals) per call
+    fm = FlowMC(_Scripted(torch.zeros(12, 2)), n_local=0, n_global=3, proposal_batch_size=2)
+    fm._global_moves(Quad(), torch.zeros(4, 2), None, None)
+    assert fm.flow.sizes == [4, 4, 4]  # fewer than one per chain: still one move per call
+
+
+def test_flow_spec_records_on_the_chains_device(monkeypatch):
+    made = []
+    real = torch.Generator
+
+    def generator(device=None):
+        made.append(device)
+        return real()
+
+    fm = FlowMC(_Scripted(torch.zeros(8, 2)), n_local=0, n_global=1)
+    monkeypatch.setattr(torch, "Generator", generator)
+    assert fm._flow_spec(4, torch.zeros(4, 2, device="meta")) == []
+    assert made == [torch.device("meta")]
+
+
+def test_flow_matching_loss_is_the_formula():
+    torch.manual_seed(0)
+    flow = ContinuousFlow(2, hidden=(4,), ode_steps=2).double()
+    with torch.no_grad():
+        flow.velocity.net[-1].weight.normal_()
+    x1 = torch.tensor([[0.5, -1.0], [1.0, 2.0], [-0.5, 0.25]], dtype=torch.float64)
+    got = flow.flow_matching_loss(x1, torch.Generator().manual_seed(4)).detach()
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn((3, 2), generator=g, dtype=torch.float64)
+    t = torch.rand(3, generator=g, dtype=torch.float64)
+    xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+    with torch.no_grad():
+        residual = flow.velocity(t, xt) - (x1 - x0)
+    expected = sum(float(residual[b].pow(2).sum()) for b in range(3)) / 3
+    assert got.dtype == torch.float64
+    assert float(got) == pytest.approx(expected, rel=1e-12)
+
+
+def test_flow_matching_loss_draws_on_the_datas_device():
+    flow = ContinuousFlow(2, hidden=(4,), ode_steps=2).to("meta")
+    state = torch.get_rng_state()
+    loss = flow.flow_matching_loss(torch.zeros(3, 2, device="meta"))
+    assert loss.device.type == "meta" and loss.shape == ()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_realnvp_defaults_masks_and_parameter_dtypes():
+    flow = RealNVP(3)
+    assert len(flow.layers) == 8 and flow.layers[0].scale_bound == 3.0
+    assert type(flow.layers[0].net[1]) is torch.nn.SiLU
+    assert [layer.mask.tolist() for layer in flow.layers[:3]] == [
+        [1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+    assert RealNVP(2, scale_bound=0.5).layers[1].scale_bound == 0.5
+    f = RealNVP(2, n_layers=2, hidden=(4,), loc=1, scale=torch.tensor([2.0, 4.0], dtype=torch.float64))
+    assert f.loc.dtype == torch.float32 and f.log_scale.dtype == torch.float32
+    assert f.loc.tolist() == [1.0, 1.0]
+    torch.testing.assert_close(f.log_scale, torch.tensor([2.0, 4.0]).log())
+    f = RealNVP(2, n_layers=2, hidden=(4,), loc=torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert f.loc.dtype == torch.float32 and f.loc.tolist() == [0.5, 1.5]
+
+
+def test_coupling_keeps_only_the_mask_in_its_state_dict():
+    layer = RealNVP(2, n_layers=1, hidden=(4,)).layers[0]
+    assert sorted(layer.state_dict()) == ["mask", "net.0.bias", "net.0.weight", "net.2.bias",
+                                          "net.2.weight"]
+    assert layer.free.tolist() == [0.0, 1.0] and layer.free_bound.tolist() == [0.0, 3.0]
+
+
+def test_draw_with_log_prob_prefers_the_joint_then_rsample_then_sample():
+    from types import SimpleNamespace
+
+    from ebmflow.flows.zuko_adapter import _draw_with_log_prob
+
+    calls = []
+
+    def log_prob(x):
+        return x.sum(-1)
+
+    joint = SimpleNamespace(rsample_and_log_prob=lambda shape: ("joint", shape))
+    assert _draw_with_log_prob(joint, 3) == ("joint", (3,))
+
+    def draw(name):
+        def fn(shape):
+            calls.append((name, shape))
+            return torch.ones(*shape, 2)
+        return fn
+
+    both = dict(rsample=draw("rsample"), sample=draw("sample"), log_prob=log_prob)
+    x, lq = _draw_with_log_prob(SimpleNamespace(has_rsample=True, **both), 2)
+    assert lq.tolist() == [2.0, 2.0]
+    _draw_with_log_prob(SimpleNamespace(has_rsample=False, **both), 2)
+    _draw_with_log_prob(SimpleNamespace(**both), 4)  # no has_rsample: sample
+    assert calls == [("rsample", (2,)), ("sample", (2,)), ("sample", (4,))]
+
+
+class _Custom(zuko.lazy.LazyDistribution):
+    """A zuko lazy distribution returning ``make()``."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+        self.p = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, c=None):
+        return self.make(self.p)
+
+
+def _normal(p):
+    return torch.distributions.Independent(torch.distributions.Normal(p, torch.ones(2)), 1)
+
+
+class _BaseOnly(torch.distributions.Distribution):
+    """A distribution with a Gaussian ``base`` but no transform."""
+
+    arg_constraints = {}
+
+    def __init__(self, p):
+        self.base = _normal(p)
+        super().__init__(event_shape=(2,), validate_args=False)
+
+    def log_prob(self, x):
+        return self.base.log_prob(x)
+
+    def sample(self, shape=()):
+        return self.base.sample(shape)
+
+
+def _uniform_flow(p):
+    uniform = torch.distributions.Independent(
+        torch.distributions.Uniform(torch.zeros(2), torch.ones(2)), 1)
+    return zuko.distributions.NormalizingFlow(zuko.transforms.MonotonicAffineTransform(p, p), uniform)
+
+
+def test_zuko_distributions_without_a_transform_or_gaussian_base():
+    plain = ZukoFlow(_Custom(_normal))  # neither transform nor base
+    with pytest.raises(ValueError) as info:
+        plain.forward(torch.zeros(1, 2))
+    assert str(info.value) == ("the zuko distribution Independent is not a NormalizingFlow (no "
+                               "transform/base): only log_prob and sample_and_log_prob are "
+                               "available")
+    with pytest.raises(TypeError) as info:
+        plain.base_sample(2)
+    assert str(info.value) == ("Independent has no Gaussian base: it cannot be sampled from "
+                               "standard normal noise")
+    torch.manual_seed(0)
+    x, lq = plain.sample_and_log_prob(3)
+    assert x.shape == (3, 2)
+    torch.testing.assert_close(lq, _normal(torch.zeros(2)).log_prob(x))
+    with pytest.raises(TypeError, match="^_BaseOnly has no Gaussian base"):
+        ZukoFlow(_Custom(_BaseOnly)).base_sample(2)
+    uniform = ZukoFlow(_Custom(_uniform_flow))
+    with pytest.raises(TypeError, match="^NormalizingFlow has no Gaussian base"):
+        uniform.base_sample(2)
+    with pytest.raises(TypeError) as info:
+        uniform.sample_from_base(torch.zeros(2, 2))
+    assert str(info.value) == "sample_from_base needs a Gaussian base, this flow's is Independent"
+
+
+def test_zuko_sampling_without_gaussian_noise_seeds_the_global_rng_from_the_generator():
+    torch.manual_seed(0)
+    flow = ZukoFlow(zuko.mixtures.GMM(2, components=2))
+    x, lq = flow.sample_and_log_prob(5, torch.Generator().manual_seed(7))
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(7)))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        dist = flow.flow()
+        expected = dist.sample((5,))
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    torch.testing.assert_close(lq, flow.flow().log_prob(expected))
