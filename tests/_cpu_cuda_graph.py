@@ -4,7 +4,9 @@
 ``TorchDispatchMode``), with the tensors it read and wrote; ``g.replay()`` runs the recorded
 operations again in order and writes each result into the tensor that the capture produced.
 That is what a CUDA graph's fixed memory gives: the recorded work re-runs on whatever the
-static input tensors hold at replay time, and Python control flow is frozen at capture.
+static input tensors hold at replay time, and Python control flow is frozen at capture. As a
+CUDA capture runs nothing, the tensors that existed before the capture and the generators
+are restored when it ends: parameters, optimiser state and random streams are as they were.
 Random operations draw from the generator they were called with, at replay time, so
 replays advance it as eager steps would (a CUDA graph advances the Philox offset). As a CUDA
 graph keeps the generator's *state*, not the Python object, the graph holds the user's
@@ -29,6 +31,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import ebmflow._capture
+
 __all__ = ["CPUGraph", "patch_cuda_graphs"]
 
 # operations that read a tensor's value on the host: not allowed while a stream captures
@@ -39,10 +43,50 @@ _HOST_READS = {
 }
 
 
+def _storage(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
 class _Recorder(TorchDispatchMode):
+    """Records the operations of a capture. They also run (their outputs are needed to go
+    on), but a CUDA capture runs nothing: so every tensor that existed before the capture
+    and is written during it, and every generator drawn from, is put back as it was when
+    the capture ends (``undo``)."""
+
     def __init__(self, graph: CPUGraph) -> None:
         super().__init__()
         self.graph = graph
+        self.created: set[int] = set()  # storages allocated inside the capture
+        self.saved: list[tuple[Tensor, Tensor]] = []
+        self.saved_ids: set[tuple] = set()
+        self.generators: dict[int, tuple[torch.Generator, Tensor]] = {}
+        self.default_rng = torch.get_rng_state()
+
+    def _save_written(self, func, args, kwargs) -> None:  # noqa: ANN001
+        named = dict(zip((a.name for a in func._schema.arguments), args))
+        named.update(kwargs)
+        for arg in func._schema.arguments:
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            value = named.get(arg.name)
+            for t in value if isinstance(value, (list, tuple)) else [value]:  # Tensor[] too
+                if not isinstance(t, Tensor) or _storage(t) in self.created:
+                    continue
+                key = (t.data_ptr(), tuple(t.shape), t.stride())
+                if key not in self.saved_ids:
+                    self.saved_ids.add(key)
+                    self.saved.append((t, t.detach().clone()))
+        gen = named.get("generator")
+        if isinstance(gen, torch.Generator) and gen.device.type == "cpu":
+            self.generators.setdefault(id(gen), (gen, gen.get_state()))
+
+    def undo(self) -> None:
+        with torch.no_grad():
+            for t, value in reversed(self.saved):
+                t.detach().copy_(value)
+        for gen, state in self.generators.values():
+            gen.set_state(state)
+        torch.set_rng_state(self.default_rng)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -51,7 +95,12 @@ class _Recorder(TorchDispatchMode):
                 f"{func}: operation not permitted when stream is capturing (CPU stand-in of "
                 "CUDA graph capture)"
             )
+        self._save_written(func, args, kwargs)
         out = func(*args, **kwargs)
+        inputs = {_storage(a) for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)}
+        for o in tree_leaves(out):  # new memory (a view of an input is not)
+            if isinstance(o, Tensor) and _storage(o) not in inputs:
+                self.created.add(_storage(o))
         self.graph.ops.append((func, args, kwargs, out))
         return out
 
@@ -107,11 +156,13 @@ def patch_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CPUGraph]:
     def graph(g: CPUGraph, pool: object = None, stream: object = None,
               capture_error_mode: object = None) -> Iterator[None]:
         capturing[0] = True
+        recorder = _Recorder(g)
         try:
-            with _Recorder(g):
+            with recorder:
                 yield
         finally:
             capturing[0] = False
+            recorder.undo()
         g.captured = True
 
     monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
@@ -120,6 +171,9 @@ def patch_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CPUGraph]:
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream(device))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    # CPU tensors stand in for CUDA tensors while a graph is recorded
+    monkeypatch.setattr(ebmflow._capture, "capturing", lambda x: capturing[0])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state())
     monkeypatch.setattr(torch.cuda, "set_rng_state",
                         lambda state, device=None: torch.set_rng_state(state))

@@ -42,7 +42,7 @@ ALLOWED: dict[str, set[str]] = {
 # the one documented exception: AIS's path energy is an EnergyModel (so that any sampler
 # accepts it); metrics/ais.py is imported lazily by ebmflow.metrics
 EXCEPTIONS = {("metrics/ais.py", "energy")}
-SHARED = {"_optim", "_seed", "_version", "_warnings"}
+SHARED = {"_capture", "_optim", "_seed", "_version", "_warnings"}
 
 # Uses of another package's private names in files owned by other work in progress (the
 # public replacements exist: EnergyModel.reference_tensor(), Space.check_n); remove an entry

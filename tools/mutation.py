@@ -107,6 +107,7 @@ PACKAGES: dict[str, list[str]] = {
 DESELECT: dict[str, list[str]] = {
     "samplers": [
         "tests/test_compiled.py::test_no_recompilation_when_steps_data_or_parameter_values_change",
+        "tests/test_compiled.py::test_short_runs_compile_once",
         "tests/test_samplers_continuous.py::test_step_size_adaptation_reaches_target",
         # the warning names the first frame outside ebmflow and torch: mutmut's trampoline
         "tests/test_compiled.py::test_fallback_warning_points_at_the_callers_line",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .. import _capture
 from ..energy.base import EnergyModel
 from ..samplers.base import Sampler
 from ..spaces import Categorical
@@ -34,7 +35,7 @@ class LossOutput:
 
 def _capturing_or_compiling(x: Tensor) -> bool:
     """True while a CUDA graph is captured or torch.compile traces: no value may be read."""
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _capture.capturing(x):
         return True
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _capture
 from ..energy.base import EnergyModel
 from ..spaces import Binary, Categorical, Space
 from . import rng
@@ -37,7 +38,7 @@ def is_discrete_space(space: Space) -> bool:
 
 
 def _capturing(x: Tensor) -> bool:
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+    return _capture.capturing(x)
 
 
 def check_discrete_states(sampler: str, energy: EnergyModel, x: Tensor,

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import _capture
 from ..energy.base import EnergyModel
 from ..spaces import Categorical, check_same_device
 from ._compiled import CompiledBlock
@@ -330,13 +331,14 @@ class MCMCSampler(Sampler):
                     f"x0 has dtype {x0.dtype} but the energy's parameters are {ref.dtype}; "
                     f"cast one of them, e.g. x0.to({ref.dtype})"
                 )
-        if x0.is_floating_point() and not x0.is_cuda and not math.isfinite(float(x0.sum())):
+        capturing = _capture.capturing(x0)
+        if (x0.is_floating_point() and not x0.is_cuda and not capturing
+                and not math.isfinite(float(x0.sum()))):
             _check_finite_start(x0, None)  # CPU: one read; CUDA states are checked on failure
         state = self.init_state(energy, x0.detach())
         show = self.progress if progress is None else progress
         bar = (tqdm(total=n_steps, desc=type(self).__name__, leave=False) if show
                else _NO_BAR)
-        capturing = x0.is_cuda and torch.cuda.is_current_stream_capturing()
         graphed = self.cuda_graph and x0.is_cuda and not capturing and n_steps > 0
         compiled = (not graphed and not capturing and n_steps > 1
                     and use_compiled(self, x0, n_steps))
