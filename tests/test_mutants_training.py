@@ -2866,3 +2866,25 @@ def test_auto_threads_count_the_trainable_parameters(monkeypatch):
     tr = Trainer(energy, PosLoss(), threads="auto", progress=False)
     assert f"small energy ({n:,} parameters)" in tr.thread_choice.reason
     assert tr.thread_choice.reason.startswith("threads='auto' chose ")
+
+
+def test_step_stats_tensors_live_on_its_device():
+    """StepStats keeps its sums, masks and counters on its own device."""
+    s = monitor.StepStats(torch.device("meta"))
+    assert s.step_t.device.type == "meta"
+    s._new_layout(["loss", "x"])
+    assert s.sums.device.type == "meta" and s.monitored.device.type == "meta"
+    assert s.first_bad.device.type == "meta" and s.first_bad.dtype == torch.long
+    assert s.sums.shape == (2,) and s.count == 0 and s.clean is True
+
+
+def test_one_process_never_averages_the_sampler(monkeypatch):
+    """Without data parallelism the sampler's parameters are not averaged (no call at all)."""
+    from ebmflow.training import trainer as tm
+
+    calls = []
+    monkeypatch.setattr(tm, "average_module", lambda m, world: calls.append(world))
+    monkeypatch.setattr(tm, "all_reduce_gradients", lambda p, world: calls.append(world))
+    tr = _trainer(sampler=Chains())
+    tr.fit(torch.ones(4, 2), steps=2, batch_size=4)
+    assert calls == [] and tr.sampler.updates == 2
