@@ -2888,3 +2888,34 @@ def test_one_process_never_averages_the_sampler(monkeypatch):
     tr = _trainer(sampler=Chains())
     tr.fit(torch.ones(4, 2), steps=2, batch_size=4)
     assert calls == [] and tr.sampler.updates == 2
+
+
+class TwoParams(Quadratic):
+    """Quadratic plus a parameter ``b`` that only some steps use."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.tensor(0.0))
+
+
+class FirstStepUsesB(PosLoss):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def forward(self, energy, data, sampler=None):
+        self.n += 1
+        pos = energy(data).mean()
+        loss = pos + energy.b if self.n == 1 else pos
+        return LossOutput(loss, {"energy_pos": pos.detach()})
+
+
+def test_gradients_are_reset_to_none_each_step():
+    """zero_grad(set_to_none=True): a parameter without a gradient this step is left alone by Adam."""
+    tr = _trainer(energy=TwoParams(), loss=FirstStepUsesB(),
+                  optimizer=lambda p: torch.optim.Adam(p, lr=0.1))
+    tr.fit(torch.ones(4, 2), steps=1, batch_size=4)
+    b1 = tr.energy.b.item()
+    assert b1 == pytest.approx(-0.1)
+    tr.fit(torch.ones(4, 2), steps=3, batch_size=4)
+    assert tr.energy.b.item() == b1 and tr.energy.b.grad is None
