@@ -2919,3 +2919,57 @@ def test_gradients_are_reset_to_none_each_step():
     assert b1 == pytest.approx(-0.1)
     tr.fit(torch.ones(4, 2), steps=3, batch_size=4)
     assert tr.energy.b.item() == b1 and tr.energy.b.grad is None
+
+
+def test_fit_progress_bar_and_rates_with_a_fake_clock(monkeypatch):
+    """_fit: the bar's total/start, one advance per step, shown records; it/s from a fake clock."""
+    import types
+
+    from ebmflow.training import trainer as tm
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, initial=0, disable=False):
+            self.args = (total, initial, disable)
+            self.advanced, self.shown, self.closed = 0, [], False
+            bars.append(self)
+
+        def advance(self, n):
+            self.advanced += n
+
+        def show(self, record):
+            self.shown.append(record["step"])
+
+        def close(self):
+            self.closed = True
+
+    clock = {"t": 0.0}
+
+    def perf_counter():
+        clock["t"] += 1.0
+        return clock["t"]
+
+    monkeypatch.setattr(tm, "ProgressBar", Bar)
+    monkeypatch.setattr(tm, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    tr = _trainer(log_every=2, progress=True)
+    tr.energy.eval()
+    tr.fit(torch.ones(4, 2), steps=5, batch_size=4)
+    assert tr.energy.training is True
+    bar = bars[0]
+    assert bar.args == (5, 0, False) and bar.advanced == 5 and bar.shown == [2, 4, 5] and bar.closed
+    assert [h["it_per_s"] for h in tr.history] == [2.0, 2.0, 1.0]
+    tr.fit(torch.ones(4, 2), steps=6, batch_size=4)
+    assert bars[1].args == (6, 5, False) and bars[1].advanced == 1
+    # a stop between log steps: one more record for the steps since the last one
+    cb = LambdaCallback(on_step=lambda t, s, st: t.request_stop("x") if s == 3 else None)
+    stop = _trainer(log_every=2, callbacks=[cb], quiet=True)
+    stop.fit(torch.ones(4, 2), steps=9, batch_size=4)
+    assert [h["step"] for h in stop.history] == [2, 3]
+    assert stop.history[-1]["it_per_s"] == 1.0 and bars[-1].args[2] is True and bars[-1].shown == [2]
+    from ebmflow.training.distributed import DistInfo
+
+    other = _trainer(progress=True)
+    other.dist = DistInfo(rank=1, world_size=1)  # not the main process (rows 4:8 of each batch)
+    other.fit(torch.ones(8, 2), steps=1, batch_size=4)
+    assert bars[-1].args == (1, 0, True)
