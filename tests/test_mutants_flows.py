@@ -1546,3 +1546,16 @@ def test_zuko_sampling_without_gaussian_noise_seeds_the_global_rng_from_the_gene
         expected = dist.sample((5,))
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
     torch.testing.assert_close(lq, flow.flow().log_prob(expected))
+
+
+def test_pickling_leaves_out_the_compiled_moves():
+    import pickle
+
+    fm = FlowMC(nvp(), n_local=1, n_global=1)
+    fm._blocks = {"key": lambda: None}  # stands in for a compiled chunk (not picklable)
+    fm._flow_specs = {"key": [lambda: None]}
+    state = fm.__getstate__()
+    assert state["_blocks"] == {} and state["_flow_specs"] == {}
+    assert state["n_local"] == 1 and "key" in fm._blocks  # the sampler itself keeps its cache
+    copy = pickle.loads(pickle.dumps(fm))
+    assert copy._blocks == {} and copy._flow_specs == {} and copy.n_global == 1
