@@ -2973,3 +2973,20 @@ def test_fit_progress_bar_and_rates_with_a_fake_clock(monkeypatch):
     other.dist = DistInfo(rank=1, world_size=1)  # not the main process (rows 4:8 of each batch)
     other.fit(torch.ones(8, 2), steps=1, batch_size=4)
     assert bars[-1].args == (1, 0, True)
+
+
+def test_every_part_moves_to_the_trainer_device():
+    """device=...: energy, loss and sampler buffers, EMA and step statistics all go there."""
+
+    class BufLoss(AttrLoss):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.zeros(1))
+
+    tr = Trainer(Quadratic(), BufLoss(), Chains(), device="meta", ema=0.5, threads=None, progress=False)
+    assert tr.device == torch.device("meta") and tr.energy.a.device.type == "meta"
+    assert tr.loss.w.device.type == "meta" and tr.sampler.chains.device.type == "meta"
+    assert tr.ema.module.a.device.type == "meta" and tr.step_stats.step_t.device.type == "meta"
+    own = EMA(Quadratic(), decay=0.5)
+    tr2 = Trainer(Quadratic(), BufLoss(), device="meta", ema=own, threads=None, progress=False)
+    assert tr2.ema is own and own.module.a.device.type == "meta"
