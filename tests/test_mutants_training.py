@@ -2990,3 +2990,66 @@ def test_every_part_moves_to_the_trainer_device():
     own = EMA(Quadratic(), decay=0.5)
     tr2 = Trainer(Quadratic(), BufLoss(), device="meta", ema=own, threads=None, progress=False)
     assert tr2.ema is own and own.module.a.device.type == "meta"
+
+
+def test_fit_defaults_and_second_fit():
+    """fit: batch_size 128 by default; a second fit neither reseeds nor rebuilds the schedule."""
+    sizes = []
+
+    class Sizes(PosLoss):
+        def forward(self, energy, data, sampler=None):
+            sizes.append(data.shape[0])
+            return super().forward(energy, data, sampler)
+
+    tr = _trainer(loss=Sizes(), seed=3, scheduler="cosine")
+    tr.fit(torch.ones(300, 2), steps=1)
+    assert sizes == [128] and tr.scheduler.T_max == 1
+    sched = tr.scheduler
+    torch.manual_seed(99)
+    tr.fit(torch.ones(300, 2), steps=2)
+    assert torch.initial_seed() == 99 and tr.scheduler is sched
+
+
+def test_earlier_runs_seen_through_the_log_or_the_checkpoint(tmp_path):
+    """An earlier run is found by its log alone or its checkpoint alone; a Trainer that ran
+    (even without writing a checkpoint) may fit again."""
+    from ebmflow.training import RunExistsError
+
+    class NaNLoss(PosLoss):
+        def forward(self, energy, data, sampler=None):
+            out = super().forward(energy, data, sampler)
+            return LossOutput(out.loss * float("nan"), out.stats)
+
+    tr = _trainer(tmp_path / "a", loss=NaNLoss(), on_nonfinite="stop")
+    with pytest.warns(RuntimeWarning):
+        tr.fit(torch.ones(4, 2), steps=3, batch_size=4)
+    assert tr.step == 1 and tr.last_checkpoint is None
+    assert (tmp_path / "a" / "log.jsonl").is_file() and not (tmp_path / "a" / "checkpoint.pt").exists()
+    with pytest.warns(RuntimeWarning):
+        tr.fit(torch.ones(4, 2), steps=3, batch_size=4)  # its own run: no RunExistsError
+    with pytest.raises(RunExistsError, match="log.jsonl already exist"):
+        _trainer(tmp_path / "a").fit(torch.ones(4, 2), steps=1, batch_size=4)
+    ck = tmp_path / "elsewhere" / "ck.pt"
+    _trainer(checkpoint_path=ck).fit(torch.ones(4, 2), steps=1, batch_size=4)
+    with pytest.raises(RunExistsError, match="ck.pt already exist"):
+        _trainer(tmp_path / "b", checkpoint_path=ck).fit(torch.ones(4, 2), steps=1, batch_size=4)
+
+
+def test_divergence_warning_points_at_fit():
+    """on_nonfinite='stop': the warning is attributed to fit() (stacklevel=2 from _fit)."""
+    import linecache
+
+    from ebmflow.training import trainer as tm
+
+    class NaNLoss(PosLoss):
+        def forward(self, energy, data, sampler=None):
+            out = super().forward(energy, data, sampler)
+            return LossOutput(out.loss * float("nan"), out.stats)
+
+    with pytest.warns(RuntimeWarning) as rec:
+        _trainer(loss=NaNLoss(), on_nonfinite="stop").fit(torch.ones(4, 2), steps=2, batch_size=4)
+    line = linecache.getline(rec[0].filename, rec[0].lineno)
+    if hasattr(tm.Trainer, "xǁTrainerǁ_fit__mutmut_orig"):  # mutmut's trampoline between fit and _fit
+        assert rec[0].filename.endswith("trampoline.py") and "func(*call_args, **kwargs)" in line
+    else:
+        assert rec[0].filename == tm.__file__ and "self._fit(stream, steps)" in line
