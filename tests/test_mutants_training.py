@@ -257,6 +257,9 @@ def test_tensor_and_dataset_streams():
     assert torch.equal(next(it), data[perm1[:3]])
     gen = torch.Generator().manual_seed((5 * 1_000_003 + 1) % (2**63 - 1))
     assert torch.equal(perm1, torch.randperm(10, generator=gen))
+    big = 2**62 + 12345  # seeds this large wrap around modulo 2**63 - 1
+    gen = torch.Generator().manual_seed((big * 1_000_003 + 3) % (2**63 - 1))
+    assert torch.equal(batches._epoch_permutation(50, big, 3), torch.randperm(50, generator=gen))
     # rank 1 of 2: rows [2, 4) of each global batch of 4
     r1 = BatchStream(data, 2, seed=5, rank=1, world_size=2)
     assert len(r1) == 2
