@@ -9,11 +9,13 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import threading
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+import tqdm.std as tqdm_std
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -38,6 +40,13 @@ from ebmflow.training import (
     monitor,
 )
 from ebmflow.training.batches import BatchStream
+
+# Mutation testing forks one worker per mutant from a process that has run these tests. tqdm's
+# default write lock includes a process-shared semaphore: a worker stopped (time limit) while
+# holding it would leave every later worker blocked in tqdm.__new__. A thread-only lock (and no
+# monitor thread, which takes the lock) keeps each forked worker independent.
+tqdm_std.tqdm.set_lock(threading.RLock())
+tqdm_std.tqdm.monitor_interval = 0
 
 
 # -- helpers ---------------------------------------------------------------------------------
