@@ -1559,3 +1559,22 @@ def test_pickling_leaves_out_the_compiled_moves():
     assert state["n_local"] == 1 and "key" in fm._blocks  # the sampler itself keeps its cache
     copy = pickle.loads(pickle.dumps(fm))
     assert copy._blocks == {} and copy._flow_specs == {} and copy.n_global == 1
+
+
+def test_compiled_global_moves_of_float64_chains_are_the_eager_moves(monkeypatch):
+    from ebmflow.samplers import MALA
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    x0 = 2.0 * torch.randn(16, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    runs = []
+    for compiled in (False, True):
+        s = FlowMC(_wobbly_realnvp().double(), MALA(0.1), n_local=0, n_global=3,
+                   proposal_batch_size=None, flow_steps=0, compile=compiled)
+        x = s.sample(Quad(), x0=x0, generator=torch.Generator().manual_seed(1))
+        runs.append((s, x))
+    (s_e, x_e), (s_c, x_c) = runs
+    assert s_c._compile_failed is None and len(s_c._blocks) == 1
+    assert x_c.dtype == torch.float64
+    torch.testing.assert_close(x_c, x_e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s_c.chain_stats["global_accept"], s_e.chain_stats["global_accept"])
+    assert 0.0 < float(s_e.stats["global_accept"]) < 1.0
