@@ -3065,3 +3065,20 @@ def test_divergence_warning_points_at_fit():
         assert rec[0].filename.endswith("trampoline.py") and "func(*call_args, **kwargs)" in line
     else:
         assert rec[0].filename == tm.__file__ and "self._fit(stream, steps)" in line
+
+
+def test_data_and_batches_go_to_the_trainer_device():
+    """A tensor goes to the Trainer's device once; Dataset batches are moved there per step."""
+    seen = []
+
+    class Probe(PosLoss):
+        def forward(self, energy, data, sampler=None):
+            seen.append(data.device.type)
+            raise RuntimeError("probe: stop after the first batch")
+
+    tr = Trainer(Quadratic(), Probe(), device="meta", threads=None, progress=False)
+    stream = tr._prepare_data(torch.ones(4, 2), 2)
+    assert stream.data.device.type == "meta"
+    with pytest.raises(RuntimeError, match="^probe: stop after the first batch$"):
+        tr.fit(TensorDataset(torch.ones(4, 2)), steps=1, batch_size=2)
+    assert seen == ["meta"]
