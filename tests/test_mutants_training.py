@@ -248,6 +248,9 @@ def test_loader_sharded_by_batch_under_data_parallelism():
     # a loader with set_epoch is used as is on every rank
     es = BatchStream(_loader(3, sampler=_EpochSampler(3)), None, rank=1, world_size=2)
     assert len(es) == 3
+    assert len(BatchStream(_loader(2), None, rank=1, world_size=2)) == 1  # one batch per rank is enough
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1)), batch_size=1)
+    assert len(BatchStream(empty, None)) == 0  # one process: never sharded, nothing to refuse
     with pytest.raises(ValueError, match=r"the DataLoader yields 1 batches per epoch, fewer than the 2 "
                                          r"processes; use a smaller batch_size or a DistributedSampler"):
         BatchStream(_loader(1), None, rank=0, world_size=2)
@@ -290,8 +293,10 @@ def test_tensor_and_dataset_streams():
         def __iter__(self):
             return iter([])
 
-    with pytest.raises(ValueError, match=r"an iterable Dataset has no length; wrap it in a DataLoader"):
+    with pytest.raises(ValueError, match=r"^an iterable Dataset has no length; wrap it in a DataLoader and pass "
+                                         r"that$"):
         BatchStream(Endless(), 1)
+    assert BatchStream(data, 3).seed == 0
     assert BatchStream(data, 10).batches_per_epoch == 1
 
 
@@ -3082,3 +3087,13 @@ def test_data_and_batches_go_to_the_trainer_device():
     with pytest.raises(RuntimeError, match="^probe: stop after the first batch$"):
         tr.fit(TensorDataset(torch.ones(4, 2)), steps=1, batch_size=2)
     assert seen == ["meta"]
+
+
+def test_prepare_data_passes_seed_rank_and_world():
+    """_prepare_data: the stream gets the data seed, this rank and the world size."""
+    from ebmflow.training.distributed import DistInfo
+
+    tr = _trainer(seed=5)
+    tr.dist = DistInfo(rank=1, world_size=2)
+    stream = tr._prepare_data(torch.ones(8, 2), 2)
+    assert (stream.seed, stream.rank, stream.world_size) == (5, 1, 2)
