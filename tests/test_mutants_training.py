@@ -2706,7 +2706,7 @@ def test_trainer_under_fake_data_parallelism(monkeypatch, tmp_path):
     monkeypatch.setattr(tm, "average_module", lambda m, world: avg.append((type(m).__name__, world)))
     monkeypatch.setattr(tm, "all_reduce_mean", lambda v, world: means.append(world) or v * 2)
     monkeypatch.setattr(tdist, "broadcast", lambda t, src: calls.append(("seed", src)) or t.fill_(77))
-    monkeypatch.setattr(tdist, "all_reduce", lambda t, op=None: ops.append(op))
+    monkeypatch.setattr(tdist, "all_reduce", lambda t, op=None: ops.append((op, t.numel())))
     monkeypatch.setattr(tdist, "barrier", lambda: calls.append("barrier"))
 
     def gather(out, obj):
@@ -2731,7 +2731,7 @@ def test_trainer_under_fake_data_parallelism(monkeypatch, tmp_path):
     assert tr.data_seed == 77 and ("seed", 0) in calls
     assert grads == [(1, 2), (1, 2)] and avg == [("Chains", 2), ("Chains", 2)]
     assert means == [2] and tr.history[0]["loss"] == pytest.approx(2 * (1.0 + 0.9) / 2)
-    assert tdist.ReduceOp.MIN in ops
+    assert (tdist.ReduceOp.MIN, 2) in ops  # the first-bad steps of "loss" and "energy_pos"
     assert calls[-1] == "barrier" and (tmp_path / "checkpoint.pt").is_file()
     assert list(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["rng"]) == ["ranks"]
     # another rank: seeded with initial_seed() + rank, writes nothing, logs nothing
@@ -2827,6 +2827,7 @@ def test_step_stats_bookkeeping_in_detail():
     assert fresh.first_divergence(lambda t: (seen.append(t.clone()), t)[1]) is None
     assert seen[-1].tolist() == [never, never]
     assert fresh.first_divergence(lambda t: torch.tensor([never, 7])) == ("x", 7)
+    assert monitor.StepStats(torch.device("cpu")).first_divergence(lambda t: t) is None  # no step yet
     clean = monitor.StepStats(torch.device("cpu"))
     clean.pack({"loss": torch.tensor(1.0)}, exact=False)
     assert clean.first_divergence() is None
