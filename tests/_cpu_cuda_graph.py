@@ -14,6 +14,9 @@ graph keeps the generator's *state*, not the Python object, the graph holds the 
 replays keep drawing from the old state.
 
 As on CUDA, reading a value on the host (``.item()``, ``bool(t)``) during capture raises.
+Streams and RNG states must be given their device explicitly (``torch.cuda.Stream(device)``,
+``get_rng_state(device)``): on a machine with several GPUs the current device need not be
+the tensors' one.
 
 Use ``graphs = patch_cuda_graphs(monkeypatch)`` in a test; ``graphs`` lists every graph
 recorded, for counting recordings and replays.
@@ -134,12 +137,38 @@ class CPUGraph:
         self.replays += 1
 
 
+def _device(device: object, what: str) -> torch.device:
+    """Streams and RNG states are per device: with several GPUs, "the current device" may not
+    be the tensors' one, so the library passes the device explicitly. The stand-in insists."""
+    if device is None:
+        raise RuntimeError(f"{what} called without a device (the current device may differ "
+                           "from the tensors' one on a machine with several GPUs)")
+    return torch.device(device)
+
+
 class _Stream:
     def __init__(self, device: object = None) -> None:
-        self.device = device
+        self.device = _device(device, "torch.cuda.Stream")
 
     def wait_stream(self, other: object) -> None:
-        pass
+        if not isinstance(other, _Stream):
+            raise TypeError(f"wait_stream expects a stream, got {other!r}")
+
+
+def _stream_context(stream: object) -> contextlib.AbstractContextManager:
+    if not isinstance(stream, _Stream):
+        raise TypeError(f"torch.cuda.stream expects a stream, got {stream!r}")
+    return contextlib.nullcontext()
+
+
+def _get_rng_state(device: object = None) -> Tensor:
+    _device(device, "torch.cuda.get_rng_state")
+    return torch.get_rng_state()
+
+
+def _set_rng_state(state: Tensor, device: object = None) -> None:
+    _device(device, "torch.cuda.set_rng_state")
+    torch.set_rng_state(state)
 
 
 def patch_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CPUGraph]:
@@ -168,13 +197,12 @@ def patch_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[CPUGraph]:
     monkeypatch.setattr(torch.cuda, "CUDAGraph", new_graph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", _stream_context)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream(device))
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     # CPU tensors stand in for CUDA tensors while a graph is recorded
     monkeypatch.setattr(ebmflow._capture, "capturing", lambda x: capturing[0])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.get_rng_state())
-    monkeypatch.setattr(torch.cuda, "set_rng_state",
-                        lambda state, device=None: torch.set_rng_state(state))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", _get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", _set_rng_state)
     return graphs

@@ -287,3 +287,96 @@ def test_uncapturable_transition_falls_back_with_a_warning(monkeypatch, cls, mat
     assert done == 0 and sampler._graph is None
     assert out.t == 0  # the eager loop counts steps in a Python int
     assert torch.equal(gen.get_state(), state)
+
+
+def test_the_default_generator_is_saved_and_advanced_like_eager_steps(monkeypatch):
+    """With no generator the graph draws from the default one (its state is saved before
+    the warm-up and restored after, with the device named): the same chains as eager steps
+    after the same global seed."""
+    patch_cuda_graphs(monkeypatch)
+    energy = _mixture()
+    x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(21)
+    ref = _carry(MALA(0.2), energy, x0)
+    stepper = MALA(0.2)
+    for _ in range(9):
+        ref = stepper._advance(energy, ref, None)
+    after_ref = torch.get_rng_state()
+    torch.manual_seed(21)
+    sampler = MALA(0.2, graph_steps=4)
+    carry, done = run_graphed(sampler, energy, _carry(sampler, energy, x0), 9, None, _Bar())
+    for _ in range(9 - done):
+        carry = sampler._advance(energy, carry, None)
+    assert done == 8
+    torch.testing.assert_close(carry.state.x, ref.state.x)
+    assert torch.equal(torch.get_rng_state(), after_ref)
+
+
+def test_a_shorter_run_records_a_graph_of_its_own_length(monkeypatch):
+    """K = min(graph_steps, n_steps) is part of the key: after 4-step graphs, a 3-step run
+    records a 3-step graph (replaying the 4-step one would take one step too many)."""
+    graphs = patch_cuda_graphs(monkeypatch)
+    energy = _mixture()
+    x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    sampler = Langevin(0.05, graph_steps=4)
+    gen = torch.Generator()
+    _graphed(sampler, energy, x0, 8, seed=1, gen=gen)
+    out, _, done = _graphed(sampler, energy, x0, 3, seed=2, gen=gen)
+    assert done == 3 and len(graphs) == 2 and sampler._graph.k == 3
+    ref, _ = _stepwise(Langevin(0.05), energy, x0, 3, seed=2)
+    torch.testing.assert_close(out.state.x, ref.state.x)
+    assert int(out.t) == 3
+
+
+class _ResizingLangevin(Langevin):
+    """A transition that keeps its fields but changes the shape of one: not recordable."""
+
+    def init_state(self, energy, x):
+        state = super().init_state(energy, x)
+        return ChainState(state.x, state.energy, state.grad, {"memo": torch.zeros(x.shape[0])})
+
+    def transition(self, energy, state, generator=None):
+        new, info = super().transition(energy, state, generator)
+        memo = torch.zeros(state.x.shape[0], 2)
+        return ChainState(new.x, new.energy, new.grad, {"memo": memo}), info
+
+
+@pytest.mark.parametrize("cls,message", [
+    (_HostReadLangevin,
+     r"^cuda_graph: recording the chain loop failed \(RuntimeError: .*operation not permitted "
+     r"when stream is capturing.*\); running eagerly instead \(remove host synchronisation "
+     r"such as \.item\(\) or bool\(tensor\) from the sampler's transition\)$"),
+    (_ChangingLangevin,
+     r"^cuda_graph: the chain state changes structure between steps \(init_state and "
+     r"transition return different fields or shapes\); running eagerly instead$"),
+    (_ResizingLangevin,
+     r"^cuda_graph: the chain state changes structure between steps \(init_state and "
+     r"transition return different fields or shapes\); running eagerly instead$"),
+])
+def test_fallback_warnings_are_exact_and_name_the_callers_line(monkeypatch, cls, message):
+    """The whole message, and the warning points at the caller's file, not into ebmflow."""
+    patch_cuda_graphs(monkeypatch)
+    energy = _mixture()
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    sampler = cls(0.05, graph_steps=4)
+    carry = _carry(sampler, energy, x0)
+    with pytest.warns(UserWarning, match=message) as caught:
+        run_graphed(sampler, energy, carry, 8, torch.Generator().manual_seed(1), _Bar())
+    assert [w.filename for w in caught] == [__file__]
+    assert sampler._graph is None
+
+
+def test_graphed_chain_tensors_stay_on_the_states_device(monkeypatch):
+    """Every tensor of the carry after a graphed run (the step counter included) lives on
+    the states' device; here PyTorch's ``meta`` device stands in for a GPU."""
+    patch_cuda_graphs(monkeypatch)
+    energy = _mixture().to("meta")
+    x0 = torch.empty(8, 2, device="meta")
+    sampler = Langevin(0.05, graph_steps=2)
+    carry = _carry(sampler, energy, x0)
+    carry.first_bad = carry.first_bad.to("meta")
+    carry.n_reset = carry.n_reset.to("meta")
+    out, done = run_graphed(sampler, energy, carry, 4, None, _Bar())
+    assert done == 4
+    flat = flatten_carry(out)
+    assert {k: v.device.type for k, v in flat.items()} == {k: "meta" for k in flat}

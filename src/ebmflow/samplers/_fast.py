@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._warnings import user_stacklevel
 from ..energy.base import EnergyModel, functional_energy_and_grad
 
 __all__ = ["GraphRunner", "flatten_carry", "unflatten_carry", "carry_spec", "graph_key"]
@@ -120,7 +121,8 @@ class GraphRunner:
     """A K-step CUDA graph with its static carry buffers.
 
     It keeps the generator it was recorded with: the graph advances that generator's state,
-    and holding it means its ``id`` (part of the key) cannot be reused by a new generator.
+    and holding it means its ``id`` (part of the key) cannot be reused by a new generator,
+    which must get a graph of its own.
     """
 
     def __init__(self, key: tuple, graph: Any, static: dict[str, Tensor], k: int,
@@ -159,7 +161,7 @@ class GraphRunner:
             warnings.warn(
                 "cuda_graph: the chain state changes structure between steps (init_state and "
                 "transition return different fields or shapes); running eagerly instead",
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
             return None
         graph = torch.cuda.CUDAGraph()
@@ -179,7 +181,7 @@ class GraphRunner:
                 f"cuda_graph: recording the chain loop failed ({type(err).__name__}: {err}); "
                 "running eagerly instead (remove host synchronisation such as .item() or "
                 "bool(tensor) from the sampler's transition)",
-                stacklevel=4,
+                stacklevel=user_stacklevel(),
             )
             _restore_rng(generator, device, rng)
             return None

@@ -222,7 +222,7 @@ def run_graphed(
     flat = flatten_carry(carry)
     key = graph_key(sampler, energy, carry_spec(flat), k, generator)
     runner = sampler._graph
-    if runner is None or runner.key != key or runner.generator is not generator:
+    if runner is None or runner.key != key:
         sampler._graph = None  # free the old pool before recording a new graph
         runner = GraphRunner.record(
             key, lambda c: sampler._advance(energy, c, generator), carry, k, generator
