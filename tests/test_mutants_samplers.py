@@ -1384,3 +1384,217 @@ def test_replay_buffer_shape_message_of_an_image_space():
     with pytest.raises(ValueError) as e:
         b.push(torch.zeros(1, 3, 2), torch.zeros(1, dtype=torch.long))
     assert str(e.value) == f"x has shape (1, 3, 2) but the buffer stores states of {sp!r}, shape (n, 2, 3)"
+
+
+# ---- rng.categorical_sample: probabilities and cumulative sums -------------------------
+
+def test_categorical_sample_from_probs_and_cdf_is_the_inverse_cdf():
+    """``probs`` (unnormalised) and ``cdf``: index = #{k : F_k <= u F_K} for the uniform u of
+    the row, drawn with the row's dtype from the generator (here handed in by a tape)."""
+    probs = torch.tensor([[1.0, 2.0, 1.0], [0.0, 3.0, 1.0]], dtype=torch.float64)
+    u = torch.tensor([[0.3], [0.8]], dtype=torch.float64)
+    # row 0: F = (1, 3, 4), u F_K = 1.2 -> 1; row 1: F = (0, 3, 4), u F_K = 3.2 -> 2
+    assert torch.equal(rng.categorical_sample(probs=probs, generator=rng.NoiseTape([u])),
+                       torch.tensor([1, 2]))
+    cdf = probs.cumsum(-1) / probs.sum(-1, keepdim=True)
+    # row 0: F = (.25, .75, 1), u = .3 -> 1; row 1: F = (0, .75, 1), u = .8 -> 2
+    assert torch.equal(rng.categorical_sample(cdf=cdf, generator=rng.NoiseTape([u])),
+                       torch.tensor([1, 2]))
+    tape = rng.RecordingTape(torch.Generator().manual_seed(0))
+    rng.categorical_sample(probs=probs, generator=tape)
+    assert [(tuple(d.shape), d.dtype) for d in tape.spec] == [((2, 1), torch.float64)]
+
+
+def test_categorical_sample_from_probs_draws_the_distribution_from_the_generator():
+    probs = torch.tensor([0.5, 3.0, 1.5]).expand(40000, 3)
+    a = rng.categorical_sample(probs=probs, generator=torch.Generator().manual_seed(3))
+    b = rng.categorical_sample(probs=probs, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    freq = torch.bincount(a, minlength=3).double() / a.numel()
+    assert torch.allclose(freq, torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64), atol=0.01)
+    cdf = torch.tensor([0.1, 0.7, 1.0]).expand(40000, 3)
+    c = rng.categorical_sample(cdf=cdf, generator=torch.Generator().manual_seed(4))
+    freq = torch.bincount(c, minlength=3).double() / c.numel()
+    assert torch.allclose(freq, torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64), atol=0.01)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"probs": torch.ones(2), "cdf": torch.ones(2)},
+                                    {"logits": torch.zeros(2), "probs": torch.ones(2)}])
+def test_categorical_sample_needs_exactly_one_input(kwargs):
+    with pytest.raises(ValueError, match=r"^pass exactly one of logits, probs, cdf$"):
+        rng.categorical_sample(**kwargs)
+
+
+def test_gumbel_argmax_is_categorical_sample_from_logits():
+    logits = torch.randn(64, 5, generator=torch.Generator().manual_seed(0))
+    a = _discrete.gumbel_argmax(logits, torch.Generator().manual_seed(8))
+    b = rng.categorical_sample(logits, torch.Generator().manual_seed(8))
+    c = rng.categorical_sample(logits, torch.Generator().manual_seed(9))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ---- MCMCSampler.step, Sampler hooks, pickling --------------------------------------------
+
+def test_step_is_one_transition_from_the_initial_state():
+    """``step(energy, x, generator)`` = ``transition(energy, init_state(energy, x), generator)``
+    for samplers written with init_state / transition."""
+    m, x = Quad(), _x0()
+    for sampler in (MALA(0.3), HMC(0.2, n_leapfrog=3)):
+        x1, info = sampler.step(m, x, torch.Generator().manual_seed(2))
+        ref, ref_info = sampler.transition(m, sampler.init_state(m, x),
+                                           torch.Generator().manual_seed(2))
+        assert torch.equal(x1, ref.x) and set(info) == set(ref_info)
+        torch.manual_seed(99)
+        other, _ = sampler.step(m, x, torch.Generator().manual_seed(3))
+        assert not torch.equal(other, x1)
+
+
+def test_sampler_base_sample_and_propose_and_accept_messages():
+    class Bare(base.Sampler):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"^Bare must implement sample\(\)$"):
+        Bare().sample(Quad(), 2)
+
+    class Half(_discrete.GradientDiscreteSampler):
+        pass
+
+    m, x = BinQuad(), _bits(4)
+    with pytest.raises(NotImplementedError, match=r"^Half must implement _propose_and_accept$"):
+        Half().transition(m, ChainState(x), None)
+
+
+def test_sync_gradients_calls_the_hook_with_the_list_of_parameters():
+    sampler = Langevin(0.1)
+    params = [torch.zeros(2), torch.ones(3)]
+    sampler.sync_gradients(iter(params))  # no hook: nothing happens
+    seen = []
+    sampler.grad_sync = seen.append
+    sampler.sync_gradients(iter(params))
+    assert len(seen) == 1 and isinstance(seen[0], list)
+    assert [p is q for p, q in zip(seen[0], params)] == [True, True]
+
+
+def test_pickled_state_and_clear_graphs_drop_the_recorded_work():
+    sampler = MALA(0.2)
+    sampler._graph, sampler._compiled, sampler._draw_specs = "graph", {"k": 1}, {"k": 2}
+    state = sampler.__getstate__()
+    assert state["_graph"] is None and state["_compiled"] == {} and state["_draw_specs"] == {}
+    assert sampler._graph == "graph" and sampler._compiled == {"k": 1}  # the sampler keeps them
+    assert state["n_steps"] == sampler.n_steps and state["_modules"] is sampler._modules
+    sampler.clear_graphs()
+    assert sampler._graph is None and sampler._compiled == {} and sampler._draw_specs == {}
+    assert isinstance(sampler._compiled, dict) and isinstance(sampler._draw_specs, dict)
+
+
+# ---- gradient-based discrete samplers -----------------------------------------------------
+
+def test_gradient_discrete_transition_computes_missing_energy_and_gradient():
+    """A state without cached E and grad gets them computed: the same move as from a state
+    built by init_state."""
+    m, x = BinQuad(), _bits(8)
+    for sampler in (GibbsWithGradients(), DiscreteLangevin(0.3, metropolis=True)):
+        bare, info = sampler.transition(m, ChainState(x), torch.Generator().manual_seed(4))
+        full, ref = sampler.transition(m, sampler.init_state(m, x),
+                                       torch.Generator().manual_seed(4))
+        assert torch.equal(bare.x, full.x) and torch.equal(bare.energy, full.energy)
+        assert torch.equal(bare.grad, full.grad)
+        e, g = _binquad_eg(m, x)
+        half = ChainState(x, energy=e, grad=None)
+        moved, _ = sampler.transition(m, half, torch.Generator().manual_seed(4))
+        assert torch.equal(moved.x, full.x)
+
+
+class Steps(EnergyModel):
+    """A piecewise-constant energy: the values differ, the gradient is zero everywhere."""
+
+    def __init__(self):
+        super().__init__(Binary(3))
+
+    def energy(self, x):
+        return x.sum(-1) * 0.0 + x.detach().sum(-1)
+
+
+def test_flat_gradient_check_runs_only_when_asked_and_for_two_or_more_states():
+    m = Steps()
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    e, g = _discrete.relaxed_energy_and_grad("GWG", m, x)  # check=False by default
+    assert torch.equal(e, torch.tensor([0.0, 1.0])) and torch.equal(g, torch.zeros(2, 3))
+    msg = (r"^GWG: the gradient of Steps\.energy is zero at every state of the batch although "
+           r"the energies differ, so it carries no information about which coordinates to "
+           r"change \(a piecewise-constant energy\?\); use ebmflow\.samplers\.Gibbs, which "
+           r"needs no gradient$")
+    with pytest.raises(ValueError, match=msg):
+        _discrete.relaxed_energy_and_grad("GWG", m, x, check=True)
+    _discrete.relaxed_energy_and_grad("GWG", m, x[:1], check=True)  # one state: no verdict
+    same = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # equal energies: no verdict
+    _discrete.relaxed_energy_and_grad("GWG", m, same, check=True)
+    with pytest.raises(ValueError, match=msg.replace("GWG", "GibbsWithGradients")):
+        GibbsWithGradients(check_gradient=True).run(m, x, 1)
+    GibbsWithGradients(check_gradient=False).run(m, x, 1)
+
+
+# ---- replay buffer and persistent sampler --------------------------------------------------
+
+def test_replay_buffer_load_into_an_empty_buffer_keeps_dtype_and_names_the_shape():
+    space = Categorical(2, 3)
+    filled, empty = ReplayBuffer(space, capacity=6), ReplayBuffer(space, capacity=6)
+    filled.draw(2, generator=torch.Generator().manual_seed(0))
+    assert empty.states.shape[0] == 0
+    empty.load_state_dict(filled.state_dict())
+    assert empty.states.shape == (6, 2) and empty.states.dtype == torch.long
+    assert torch.equal(empty.states, filled.states)
+    wide = ReplayBuffer(Continuous((2, 3)), capacity=5)
+    bad = {k: v for k, v in ReplayBuffer(Continuous((3, 2)), capacity=5).state_dict().items()}
+    with pytest.raises(Exception, match=r"\(5, 2, 3\)"):
+        wide.load_state_dict(bad)
+
+
+def test_persistent_sampler_update_delegates_to_its_kernel():
+    seen = []
+
+    class Learned(Langevin):
+        def update(self, energy, data=None):
+            seen.append((energy, data))
+            return {"fitted": torch.ones(())}
+
+    m, data = Quad(), torch.zeros(3, 2)
+    ps = PersistentSampler(Learned(0.1), ReplayBuffer(Continuous(2), 8))
+    assert ps.update(m, data) == {"fitted": torch.ones(())}
+    assert seen == [(m, data)]
+
+
+def test_persistent_sampler_stats_hold_the_capacity():
+    ps = PersistentSampler(Langevin(0.01, n_steps=2), ReplayBuffer(Continuous(2), 8))
+    ps.sample(Quad(), 4, generator=torch.Generator().manual_seed(0))
+    cap = ps.stats["buffer_capacity"]
+    assert cap.dim() == 0 and float(cap) == 8.0 and cap.device.type == "cpu"
+
+
+# ---- adaptation extras ----------------------------------------------------------------------
+
+def test_initial_extra_lives_on_the_states_device_and_step_size_is_reported():
+    x = torch.empty(3, 2, device="meta", dtype=torch.float64)
+    extra = _adapt.initial_extra(0.5, 0, 10, x)
+    assert {k: (v.device.type, v.dtype) for k, v in extra.items()} == {
+        "log_step_size": ("meta", torch.float64), "adapt_t": ("meta", torch.float64)}
+    sampler = MALA(0.25, n_steps=3)
+    sampler.run(Quad(), _x0().float(), 3, generator=torch.Generator().manual_seed(0))
+    assert set(sampler.stats) >= {"step_size"}
+    assert float(sampler.stats["step_size"]) == pytest.approx(sampler.step_size, rel=1e-6)
+
+
+def test_mala_draws_its_uniform_in_the_states_dtype():
+    m = Quad()
+    for dtype in (torch.float64, torch.float32):
+        x = _x0().to(dtype)
+        tape = rng.RecordingTape(torch.Generator().manual_seed(0))
+        sampler = MALA(0.3)
+        sampler.transition(m, sampler.init_state(m, x), tape)
+        assert [d.dtype for d in tape.spec] == [dtype, dtype]
+
+
+def test_lattice_helpers_build_on_the_couplings_device():
+    t = torch.empty(3, 4, 4, device="meta")
+    prods, scales = _lattice._suffix_products(t)
+    assert all(p.device.type == "meta" for p in prods + scales)

@@ -180,14 +180,19 @@ def lay_out(package: str, work: Path, tests: list[str]) -> None:
 
 
 def refresh_tests(work: Path) -> None:
-    """Copy the repository's current tests/ over the scratch copy (for --resume, --rerun-survivors).
+    """Copy the repository's current src/ and tests/ over the scratch copy (for --resume,
+    --rerun-survivors).
 
-    The generated pyproject is left as it is: a changed test selection would make mutmut
-    discard every earlier result. A test file new since the layout is therefore only run if
-    its name was already in the selection (``tests/test_mutants_<package>.py`` always is).
+    mutmut regenerates the mutants of a source file newer than its mutated copy and forgets
+    the results of the functions whose code changed (it keeps one hash per function), so
+    those are tested again; results of unchanged functions are kept. The generated pyproject
+    is left as it is: a changed test selection would make mutmut discard every earlier
+    result. A test file new since the layout is therefore only run if its name was already
+    in the selection (``tests/test_mutants_<package>.py`` always is).
     """
-    shutil.copytree(ROOT / "tests", work / "tests", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for part in ("src", "tests"):
+        shutil.copytree(ROOT / part, work / part, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def run_mutmut(work: Path, max_children: int, max_minutes: float, log: Path,
