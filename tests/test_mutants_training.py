@@ -2027,6 +2027,8 @@ def test_broadcast_module_and_setup_distributed(monkeypatch):
     assert d.setup_distributed(True, torch.device("cuda")) == d.DistInfo(0, 2, 0)
     assert d.setup_distributed("on", torch.device("cpu")) == d.DistInfo(0, 2, 0)
     assert inits == ["gloo", "nccl", "gloo"]
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert d.setup_distributed() == d.DistInfo(0, 2, 3)
     monkeypatch.setattr(d.dist, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"^torch\.distributed is not available in this torch build$"):
         d.setup_distributed()
