@@ -2646,6 +2646,7 @@ def test_fast_mode_warm_up_capture_and_replay(monkeypatch):
     assert tr.step_stats.clean is False  # captured steps do the branch-free bookkeeping
     assert [s["loss"] for s in seen] == pytest.approx([1.0, 0.9, 0.8, 0.7])
     assert tr.optimizer.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.1)
+    assert len(tr._lr_tensors) == 1 and tr._lr_tensors[0] is lr
 
 
 def test_fast_mode_falls_back_to_eager_steps(monkeypatch):
@@ -2723,8 +2724,10 @@ def test_trainer_under_fake_data_parallelism(monkeypatch, tmp_path):
         Trainer(NoParams(), PosLoss(), threads=None, distributed=True)
     assert calls == [("setup", True, None), ("bcast", "NoParams", True)]
     calls.clear()
-    tr = _trainer(tmp_path, sampler=Chains(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), log_every=2,
-                  device="cpu")
+    Trainer(Quadratic(), PosLoss(), device="meta", threads=None)
+    assert calls[0] == ("setup", "auto", torch.device("meta"))
+    calls.clear()
+    tr = _trainer(tmp_path, sampler=Chains(), optimizer=lambda p: torch.optim.SGD(p, lr=0.1), log_every=2)
     assert calls == [("setup", "auto", torch.device("cpu")), ("bcast", "Quadratic", True), ("bcast", "Chains", False)]
     assert tr.dist.enabled and tr.check_every == 1
     tr.sampler.grad_sync([tr.energy.a])
