@@ -1598,3 +1598,45 @@ def test_lattice_helpers_build_on_the_couplings_device():
     t = torch.empty(3, 4, 4, device="meta")
     prods, scales = _lattice._suffix_products(t)
     assert all(p.device.type == "meta" for p in prods + scales)
+
+
+def test_categorical_sample_boundaries_batch_axes_and_rounding():
+    """u exactly on F_k picks the next value (#{F <= u}); batch axes before the last are
+    kept; a cumulative sum that ends below u (rounding) still gives the last value."""
+    cdf = torch.tensor([[0.25, 0.75, 1.0]], dtype=torch.float64)
+    on_edge = torch.tensor([[0.25]], dtype=torch.float64)
+    assert rng.categorical_sample(cdf=cdf, generator=rng.NoiseTape([on_edge])).tolist() == [1]
+    short = torch.tensor([[0.5, 0.9]], dtype=torch.float64)
+    high = torch.tensor([[0.95]], dtype=torch.float64)
+    assert rng.categorical_sample(cdf=short, generator=rng.NoiseTape([high])).tolist() == [1]
+    probs = torch.tensor([[[1.0, 1.0, 2.0], [4.0, 0.0, 0.0]],
+                          [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]], dtype=torch.float64)
+    u = torch.tensor([[[0.3], [0.5]], [[0.1], [0.9]]], dtype=torch.float64)
+    out = rng.categorical_sample(probs=probs, generator=rng.NoiseTape([u]))
+    assert out.tolist() == [[1, 0], [2, 2]]
+    cdf3 = probs.cumsum(-1) / probs.sum(-1, keepdim=True)
+    assert rng.categorical_sample(cdf=cdf3, generator=rng.NoiseTape([u])).tolist() == [[1, 0],
+                                                                                    [2, 2]]
+    tape = rng.RecordingTape(torch.Generator().manual_seed(0))
+    rng.categorical_sample(cdf=cdf3, generator=tape)
+    assert [(tuple(d.shape), d.dtype) for d in tape.spec] == [((2, 2, 1), torch.float64)]
+
+
+@pytest.mark.parametrize("space,x", [
+    (Binary(3), torch.zeros(4, 5)),  # wrong width
+    (Binary(3), torch.zeros(4, 3, 1)),  # an extra axis
+    (Binary(3), torch.zeros(0, 3)),  # no chains
+    (Categorical(3, 4), torch.zeros(0, 3, dtype=torch.long)),
+    (Categorical(3, 4), torch.zeros(4, 5, dtype=torch.long)),
+])
+def test_discrete_state_checks_reject_wrong_shapes_of_valid_values(space, x):
+    with pytest.raises(ValueError, match="x0"):
+        _discrete.check_discrete_states("Gibbs", Flat(space), x)
+
+
+def test_row_sums_of_integer_states_without_cache_live_on_the_states_device():
+    x = torch.empty(3, 2, dtype=torch.long, device="meta")
+    rows = chain._row_sums(ChainState(x))
+    assert rows.shape == (3,) and rows.device.type == "meta"
+    assert torch.equal(chain._row_sums(ChainState(torch.ones(3, 2, dtype=torch.long))),
+                       torch.zeros(3))
