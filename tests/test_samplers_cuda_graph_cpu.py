@@ -12,6 +12,7 @@ captured falls back with a warning. The same checks on a real GPU are in
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -395,3 +396,21 @@ def test_graphed_chain_tensors_stay_on_the_states_device(monkeypatch):
     assert done == 4
     flat = flatten_carry(out)
     assert {k: v.device.type for k, v in flat.items()} == {k: "meta" for k in flat}
+
+
+@pytest.mark.parametrize("cls", [Langevin, _HostReadLangevin])
+def test_recording_with_a_user_generator_leaves_the_default_generator_alone(monkeypatch, cls):
+    """Saving and restoring around the warm-up and the capture touch only the generator the
+    chains use: the default generator's state is the same after recording (or after a
+    failed recording) as before."""
+    patch_cuda_graphs(monkeypatch)
+    energy = _mixture()
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    sampler = cls(0.05, graph_steps=4)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_graphed(sampler, energy, _carry(sampler, energy, x0), 8,
+                    torch.Generator().manual_seed(1), _Bar())
+    assert torch.equal(torch.get_rng_state(), before)
