@@ -191,9 +191,10 @@ def test_realnvp_fit_by_maximum_likelihood(gen):
 
 def test_cnf_flow_matching_learns_shifted_gaussian(gen):
     mu, sd = torch.tensor([3.0, -2.0]), torch.tensor([0.5, 1.5])
+    torch.manual_seed(0)  # the initial weights: the test must not depend on the tests run before
     flow = ContinuousFlow(2, hidden=(32, 32), ode_steps=8)
     opt = torch.optim.Adam(flow.parameters(), lr=1e-2)
-    for _ in range(300):
+    for _ in range(600):  # 300 steps left the mean 0.17-0.23 off over four initial seeds
         x1 = mu + sd * torch.randn(256, 2, generator=gen)
         loss = flow.flow_matching_loss(x1, gen)
         opt.zero_grad()
