@@ -401,3 +401,77 @@ def test_fallback_warning_points_at_the_callers_line() -> None:
     with pytest.warns(CompileFallbackWarning) as record:
         TorchRandnWalk(compile=True).run(energy, _x0(energy), 5)
     assert record[0].filename == __file__
+
+
+def test_later_runs_reuse_the_block_and_start_compiled():
+    """The first run records step 0 eagerly, then runs K-step blocks; a later run of the same
+    layout starts compiled at step 0 in the same block; the chains equal eager ones."""
+    energy, x0 = _mixture(), _x0(_mixture())
+    sampler = MALA(0.2, compile=True, graph_steps=4)
+    eager = MALA(0.2, compile=False)
+    gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        out1 = sampler.run(energy, x0, 9, generator=gen)
+        (block,) = sampler._compiled.values()
+        assert block.calls == 2  # step 0 eager, then 2 blocks of 4
+        out2 = sampler.run(energy, x0, 9, generator=gen)
+    assert list(sampler._compiled.values()) == [block] and block.calls == 4  # 2 more, 1 eager
+    torch.testing.assert_close(out1, eager.run(energy, x0, 9, generator=ref_gen))
+    torch.testing.assert_close(out2, eager.run(energy, x0, 9, generator=ref_gen))
+
+
+class _CountingBar:
+    updates: list[int] = []
+
+    def __init__(self, total=None, **kwargs):
+        self.total = total
+
+    def update(self, n=1):
+        _CountingBar.updates.append(n)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("compile_", [True, False])
+def test_progress_bar_counts_every_step(monkeypatch, compile_):
+    """The bar advances by exactly the steps run: the eager first step, K per block and the
+    eager remainder (and one per step without compiling)."""
+    import ebmflow.samplers.base as sampler_base
+
+    monkeypatch.setattr(sampler_base, "tqdm", _CountingBar)
+    _CountingBar.updates = []
+    energy, x0 = _mixture(), _x0(_mixture())
+    sampler = MALA(0.2, compile=compile_, graph_steps=4)
+    sampler.run(energy, x0, 11, generator=torch.Generator().manual_seed(0), progress=True)
+    assert sum(_CountingBar.updates) == 11
+    if compile_:
+        assert _CountingBar.updates.count(4) == 2  # (11 - 1) // 4 blocks
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_a_block_that_fails_to_compile_falls_back_to_the_eager_chains(monkeypatch, seeded):
+    """A compile failure at the first call: the warning names the sampler and the error, no
+    block is kept, and the run ends eagerly with the chains of an eager run (the failed
+    block's noise goes back to the generator, a given one or the default one)."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("backend exploded")
+
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kwargs: broken)
+    energy, x0 = _mixture(), _x0(_mixture())
+    sampler = MALA(0.2, compile=True, graph_steps=4)
+    torch.manual_seed(11)
+    with pytest.warns(CompileFallbackWarning,
+                      match=r"^MALA: compiled chains are not available \(torch\.compile failed: "
+                            r"RuntimeError: backend exploded\); running eagerly\. Pass "
+                            r"compile=False to silence this warning\.$"):
+        out = sampler.run(energy, x0, 9,
+                          generator=torch.Generator().manual_seed(5) if seeded else None)
+    assert sampler._compiled == {}
+    assert sampler._compile_failed == "torch.compile failed: RuntimeError: backend exploded"
+    torch.manual_seed(11)
+    ref = MALA(0.2, compile=False).run(
+        energy, x0, 9, generator=torch.Generator().manual_seed(5) if seeded else None)
+    torch.testing.assert_close(out, ref)

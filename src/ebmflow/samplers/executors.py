@@ -32,7 +32,7 @@ from ._fast import (
     graph_key,
     unflatten_carry,
 )
-from .chain import _NEVER, ChainState, _accumulate, _Carry, _fold_bad, _row_sums
+from .chain import ChainState, _accumulate, _Carry, _fold_bad, _row_sums
 from .rng import RecordingTape, real_generator
 
 if TYPE_CHECKING:
@@ -134,11 +134,7 @@ def run_compiled(
     block gets its K steps of noise pre-drawn from ``generator`` in the eager order. The
     remainder (< K steps) is left to the eager loop.
     """
-    device = carry.state.x.device
-    if carry.first_bad is None:
-        carry.first_bad = torch.full((carry.state.x.shape[0],), _NEVER, dtype=torch.long,
-                                     device=device)
-        carry.n_reset = torch.zeros((), device=device)
+    device = carry.state.x.device  # run() gives this executor the non-finite bookkeeping
     carry.t = torch.as_tensor(carry.t, dtype=torch.long, device=device)
     hyper = (_hyperparameters(sampler, baked=False), energy_attributes(energy))
     start_key = (id(energy), carry_spec(flatten_carry(carry)), hyper)
@@ -163,8 +159,6 @@ def run_compiled(
         sampler._draw_specs[start_key] = (
             spec, [(name, tuple(v.shape), v.dtype) for name, v in carry.acc.items()])
         bar.update(1)
-    if n_steps - done < 1:
-        return carry, done
     # a fixed K (never derived from n_steps): runs of any length share one compiled block;
     # a run with fewer than K steps left stays eager
     k = sampler.graph_steps or sampler._compile_block_steps()
@@ -178,6 +172,9 @@ def run_compiled(
         block = _new_block(sampler, energy, k, spec, key)
     draws: list[Tensor] | None = None
     real = real_generator(generator)
+    # a first call may fail to compile: its noise is then handed back to the generator, so
+    # the eager fallback continues the same chains as an eager run
+    before = _rng_state(real, device) if block.calls == 0 else None
     for _ in range(blocks):
         draws = predraw(spec, k, real, draws, whole=block.whole_draws)
         try:
@@ -185,6 +182,7 @@ def run_compiled(
         except Exception as err:  # noqa: BLE001 - any compile failure falls back
             if block.calls > 0:
                 raise
+            _set_rng_state(real, device, before)
             sampler._compiled.pop(key, None)
             sampler._compile_failed = f"torch.compile failed: {type(err).__name__}: {err}"
             warn_fallback(type(sampler).__name__, sampler._compile_failed)
@@ -192,6 +190,21 @@ def run_compiled(
         bar.update(k)
     sampler._compile_seconds = block.compile_seconds
     return unflatten_carry(flat, _Carry, ChainState), done + blocks * k
+
+def _rng_state(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    if generator is not None:
+        return generator.get_state()
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(generator: torch.Generator | None, device: torch.device, state: Tensor) -> None:
+    if generator is not None:
+        generator.set_state(state)
+    elif device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
 
 def _new_block(sampler: MCMCSampler, energy: EnergyModel, k: int, spec: list, key: tuple) -> CompiledBlock:
     """A compiled K-step block for ``key`` (a few are kept: e.g. a live and an EMA energy)."""
