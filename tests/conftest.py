@@ -24,12 +24,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 # Under mutation testing (tools/mutation.py runs mutmut, which imports itself into the test
-# process) the compiled-chain tests run their blocks eagerly: ``torch.compile`` becomes a
+# process) the sampler tests run compiled blocks eagerly: ``torch.compile`` becomes a
 # stand-in that calls the block with ``torch.compiler.is_compiling()`` true, so the
 # executor's own logic (pre-drawn noise, block sizes, cache keys, the traced code paths) is
 # checked against eager chains without seconds of inductor per mutant. The normal suite
 # compiles for real.
-_EAGER_COMPILE_FILES = {"test_compiled.py"}
+_EAGER_COMPILE_FILES = {
+    "test_compiled.py", "test_samplers_continuous.py", "test_samplers_discrete.py",
+    "test_sampler_base.py", "test_invariance_all_samplers.py", "test_mutants_samplers.py",
+    "test_samplers_cuda_graph_cpu.py",
+}
 
 
 @pytest.fixture(autouse=True)
