@@ -7,7 +7,9 @@ inductor itself.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import time
 import warnings
 
 import pytest
@@ -475,3 +477,91 @@ def test_a_block_that_fails_to_compile_falls_back_to_the_eager_chains(monkeypatc
     ref = MALA(0.2, compile=False).run(
         energy, x0, 9, generator=torch.Generator().manual_seed(5) if seeded else None)
     torch.testing.assert_close(out, ref)
+
+
+def test_compiled_block_bookkeeping_and_compile_arguments(monkeypatch):
+    """What a block records (K, its draws, its key, calls, the first call's seconds) and
+    how torch.compile is asked: static shapes, the sampler's backend."""
+    calls = []
+    real_compile = torch.compile
+
+    def recording_compile(fn=None, **kwargs):
+        calls.append(kwargs)
+        return real_compile(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    energy, x0 = _mixture(), _x0(_mixture())
+    sampler = MALA(0.2, compile=True, graph_steps=4)
+    sampler.compile_backend = "eager"
+    t0 = time.perf_counter()
+    sampler.run(energy, x0, 9, generator=torch.Generator().manual_seed(0))
+    elapsed = time.perf_counter() - t0
+    assert calls == [{"dynamic": False, "backend": "eager"}]
+    ((key, block),) = sampler._compiled.items()
+    assert block.key is key and block.k == 4 and block.calls == 2
+    assert [d.kind for d in block.spec] == ["randn", "rand"]  # MALA: proposal noise, uniform
+    assert block.whole_draws is False  # two draws per step: filled step by step
+    assert isinstance(block.compile_seconds, float) and 0 < block.compile_seconds < elapsed
+    assert sampler.compile_seconds == block.compile_seconds
+    fresh = MALA(0.2, compile=True)
+    assert fresh.compile_seconds is None and fresh.compile_backend == "inductor"
+
+
+def test_at_most_four_blocks_are_kept_oldest_first_out():
+    """One block per energy (a live and an EMA energy, say): the fifth evicts the first."""
+    sampler = Langevin(0.05, compile=True, graph_steps=2)
+    energies = [GaussianMixtureEnergy(torch.randn(2, 2, generator=torch.Generator().manual_seed(i)))
+                for i in range(5)]
+    x0 = torch.zeros(8, 2)
+    keys = []
+    for e in energies:
+        sampler.run(e, x0, 5, generator=torch.Generator().manual_seed(0))
+        keys.append(next(k for k in sampler._compiled if k[0] == id(e)))
+    assert list(sampler._compiled) == keys[1:]
+    assert all(block is not None and block.calls == 2 for block in sampler._compiled.values())
+
+
+def test_compile_available_and_its_reasons(monkeypatch):
+    from ebmflow.samplers import _compiled
+
+    assert _compiled.compile_available() == (True, "")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert _compiled.compile_available() == (
+        False, "torch._dynamo is missing from this torch build")
+    monkeypatch.delattr(torch, "compile")
+    assert _compiled.compile_available() == (False, "this torch has no torch.compile")
+
+
+def test_whole_block_fill_boundaries():
+    """Exact for one CPU draw and K >= 2 (also in float64); not for K = 1 or two draws."""
+    d = rng.Draw("rand", (16, 2), torch.float64, torch.device("cpu"))
+    n = rng.Draw("randn", (16, 2), torch.float32, torch.device("cpu"))
+    assert whole_block_fill_is_exact([d], 2) and whole_block_fill_is_exact([d], 5)
+    assert whole_block_fill_is_exact([n], 2)
+    assert not whole_block_fill_is_exact([d], 1)
+    assert not whole_block_fill_is_exact([d, n], 4)
+
+
+def test_predraw_allocates_on_the_draws_device_and_randint_keeps_its_low_bound():
+    spec = [rng.Draw("randn", (3,), torch.float32, torch.device("meta"))]
+    (out,) = predraw(spec, 2, None)
+    assert out.shape == (2, 3) and out.device.type == "meta"
+    d = rng.Draw("randint", (4000,), torch.long, torch.device("cpu"), low=3, high=5)
+    v = d.fill(torch.empty(4000, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert set(v.unique().tolist()) == {3, 4}
+
+
+def test_noise_tape_hands_out_draws_in_order_then_refuses():
+    a, b = torch.zeros(1), torch.ones(1)
+    tape = rng.NoiseTape([a, b])
+    assert tape.next() is a and tape.i == 1 and tape.next() is b and tape.i == 2
+    with pytest.raises(RuntimeError, match=r"^the transition drew more random tensors than "
+                       r"its first step did; a compiled block needs the same draws every step$"):
+        tape.next()
+
+
+def test_carry_spec_names_the_device():
+    from ebmflow.samplers._fast import carry_spec
+
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    assert carry_spec({"x": x}) == (("x", (2, 3), torch.float64, "cpu"),)

@@ -1640,3 +1640,71 @@ def test_row_sums_of_integer_states_without_cache_live_on_the_states_device():
     assert rows.shape == (3,) and rows.device.type == "meta"
     assert torch.equal(chain._row_sums(ChainState(torch.ones(3, 2, dtype=torch.long))),
                        torch.zeros(3))
+
+
+# ---- the energy-and-gradient helper of the chains ---------------------------------------------
+
+class _OwnEAG(Quad):
+    calls = 0
+
+    def energy_and_grad(self, x):
+        type(self).calls += 1
+        return _quad_eg(x, 1.0)
+
+
+class _OwnForward(Quad):
+    calls = 0
+
+    def forward(self, x):
+        type(self).calls += 1
+        return super().forward(x)
+
+
+class _Column(Quad):
+    """Returns E as a (B, 1) column: the checked path names the problem."""
+
+    def energy(self, x):
+        return super().energy(x)[:, None]
+
+
+def test_fast_energy_and_grad_dispatch_and_errors():
+    x = _x0().float()
+    e, g = _fast.energy_and_grad(Quad(), x)
+    re, rg = _quad_eg(x, 1.0)
+    assert torch.allclose(e, re) and torch.allclose(g, rg) and not e.requires_grad
+    _OwnEAG.calls = 0
+    _fast.energy_and_grad(_OwnEAG(), x)
+    assert _OwnEAG.calls == 1  # an override of energy_and_grad is used
+    _OwnForward.calls = 0
+    e2, g2 = _fast.energy_and_grad(_OwnForward(), x)
+    assert _OwnForward.calls >= 1 and torch.allclose(g2, rg)  # forward overridden: the checked path
+    with pytest.raises(ValueError, match=r"energy\(x\) must return shape \(B,\)|shape"):
+        _fast.energy_and_grad(_Column(), x)
+    mlp = MLPEnergyForTests()
+    with pytest.raises(ValueError, match=r"^x has dtype torch\.float64"):
+        _fast.energy_and_grad(mlp, torch.zeros(3, 2, dtype=torch.float64))
+
+
+def MLPEnergyForTests():  # noqa: N802 - a factory named like the class it builds
+    from ebmflow.energy import MLPEnergy
+
+    return MLPEnergy(Continuous(2), hidden=(4,))
+
+
+def test_discrete_dtype_errors_name_x0_and_the_fix():
+    with pytest.raises(ValueError, match=r"^x0 has dtype torch\.int64 but Binary\(3\) expects "
+                                         r"float states in \{0, 1\}; use x0\.float\(\)$"):
+        _discrete.check_discrete_states("Gibbs", Flat(Binary(3)), torch.zeros(2, 3, dtype=torch.long),
+                                        values=False)
+    with pytest.raises(ValueError, match=r"^x0 "):
+        _discrete.check_discrete_states("Gibbs", Flat(Binary(3)), torch.full((2, 3), 0.5))
+
+
+def test_nonfinite_message_lists_eight_chains_without_an_ellipsis():
+    first_bad = torch.full((10,), chain._NEVER, dtype=torch.long)
+    first_bad[:8] = 3
+    with pytest.raises(base.NonFiniteError, match=r"chains \[0, 1, 2, 3, 4, 5, 6, 7\]\)\. Lower"):
+        chain._raise_if_bad(first_bad, "MALA")
+    first_bad[8] = 3
+    with pytest.raises(base.NonFiniteError, match=r"chains \[0, 1, 2, 3, 4, 5, 6, 7\]\.\.\.\)"):
+        chain._raise_if_bad(first_bad, "MALA")
