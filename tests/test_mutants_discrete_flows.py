@@ -1057,3 +1057,19 @@ def test_compiled_blocks_run_on_the_states_device(monkeypatch):
     flow = DiscreteFlowSampler(model, path, solver=CTMCSolver(path, dt=1 / 7, compile=True))
     out = flow.sample_tokens(5)
     assert out.x.device.type == "meta" and out.x.shape == (5, 4)
+
+
+def test_ctmc_solver_pickles_without_its_compiled_blocks():
+    """``__getstate__`` leaves the compiled blocks out (a cache rebuilt on use) and keeps the
+    rest; the solver itself keeps its blocks."""
+    import pickle
+
+    solver = CTMCSolver(PATH, 0.1)
+    solver._blocks = {"key": "block"}
+    state = solver.__getstate__()
+    assert state["_blocks"] == {} and isinstance(state["_blocks"], dict)
+    assert solver._blocks == {"key": "block"}
+    assert {k: v for k, v in state.items() if k != "_blocks"} == {
+        k: v for k, v in vars(solver).items() if k != "_blocks"}
+    copy = pickle.loads(pickle.dumps(solver))
+    assert copy._blocks == {} and copy.dt == solver.dt and copy.jump == solver.jump
