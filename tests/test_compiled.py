@@ -414,13 +414,73 @@ def test_later_runs_reuse_the_block_and_start_compiled():
     gen, ref_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompileFallbackWarning)
-        out1 = sampler.run(energy, x0, 9, generator=gen)
+        out1 = sampler.run(energy, x0, 8, generator=gen)
         (block,) = sampler._compiled.values()
-        assert block.calls == 2  # step 0 eager, then 2 blocks of 4
-        out2 = sampler.run(energy, x0, 9, generator=gen)
-    assert list(sampler._compiled.values()) == [block] and block.calls == 4  # 2 more, 1 eager
-    torch.testing.assert_close(out1, eager.run(energy, x0, 9, generator=ref_gen))
-    torch.testing.assert_close(out2, eager.run(energy, x0, 9, generator=ref_gen))
+        assert block.calls == 1  # step 0 eager, one block of 4, 3 steps eager
+        out2 = sampler.run(energy, x0, 8, generator=gen)
+    assert list(sampler._compiled.values()) == [block] and block.calls == 3  # 2 blocks more
+    torch.testing.assert_close(out1, eager.run(energy, x0, 8, generator=ref_gen))
+    torch.testing.assert_close(out2, eager.run(energy, x0, 8, generator=ref_gen))
+
+
+def test_compile_auto_counts_steps_from_zero():
+    """compile="auto" compiles once ``compile_after`` steps have been run in total."""
+    energy, x0 = _mixture(), _x0(_mixture())
+    sampler = MALA(0.2, graph_steps=4)
+    sampler.compile_after = 10
+    sampler.run(energy, x0, 9, generator=torch.Generator().manual_seed(0))
+    assert sampler._compiled == {}
+    sampler.run(energy, x0, 1, generator=torch.Generator().manual_seed(0))
+    assert sampler._compiled == {}  # 10 steps counted, but a 1-step run stays eager
+    sampler.run(energy, x0, 9, generator=torch.Generator().manual_seed(0))
+    assert len(sampler._compiled) == 1
+
+
+def test_unavailable_compiler_warns_once_and_runs_eagerly(monkeypatch):
+    from ebmflow.samplers import _compiled, executors
+
+    monkeypatch.setattr(executors, "compile_available", lambda: (False, "no compiler here"))
+    energy, x0 = _mixture(), _x0(_mixture())
+    sampler = MALA(0.2, compile=True, graph_steps=4)
+    with pytest.warns(CompileFallbackWarning,
+                      match=r"^MALA: compiled chains are not available \(no compiler here\); "
+                            r"running eagerly\. Pass compile=False to silence this warning\.$"):
+        out = sampler.run(energy, x0, 9, generator=torch.Generator().manual_seed(1))
+    assert sampler._compile_failed == "no compiler here" and sampler._compiled == {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        sampler.run(energy, x0, 9, generator=torch.Generator().manual_seed(1))  # warned once
+    ref = MALA(0.2, compile=False).run(energy, x0, 9, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, ref)
+    assert _compiled.compile_available()[0]
+
+
+def test_a_block_failing_after_its_first_call_raises(monkeypatch):
+    """Only a first call may fall back: a later failure is an error of the chains."""
+    calls = []
+
+    def flaky_compile(fn=None, **kwargs):
+        def run(*args, **kw):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("second call failed")
+            return fn(*args, **kw)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", flaky_compile)
+    energy, x0 = _mixture(), _x0(_mixture())
+    with pytest.raises(RuntimeError, match="second call failed"):
+        MALA(0.2, compile=True, graph_steps=4).run(energy, x0, 9,
+                                                  generator=torch.Generator().manual_seed(0))
+
+
+def test_a_step_drawing_with_torch_falls_back_with_the_samplers_name():
+    with pytest.warns(CompileFallbackWarning,
+                      match=r"^TorchRandnWalk: compiled chains are not available \(TorchRandnWalk\."
+                            r"step draws random numbers without ebmflow\.samplers\.rng "):
+        TorchRandnWalk(compile=True).run(_mixture(), _x0(_mixture()), 9,
+                                         generator=torch.Generator().manual_seed(0))
 
 
 class _CountingBar:

@@ -1708,3 +1708,111 @@ def test_nonfinite_message_lists_eight_chains_without_an_ellipsis():
     first_bad[8] = 3
     with pytest.raises(base.NonFiniteError, match=r"chains \[0, 1, 2, 3, 4, 5, 6, 7\]\.\.\.\)"):
         chain._raise_if_bad(first_bad, "MALA")
+
+
+def test_run_eager_keeps_the_first_nonfinite_step_across_many_check_blocks():
+    """A chain that turns NaN at step 0 and stays NaN for three check blocks: still step 0."""
+    with pytest.raises(chain.NonFiniteError, match=r"first at step 0 \(chains \[1\]\)"):
+        Counter(1).run(Quad(1), torch.zeros(3, 1), 70)
+
+
+class _NaNAtOnes(EnergyModel):
+    """Binary energy that is NaN at the all-ones state."""
+
+    def __init__(self):
+        super().__init__(Binary(3))
+
+    def energy(self, x):
+        e = x.sum(-1) * 0.5
+        return torch.where(x.sum(-1) == 3, torch.full_like(e, math.nan), e)
+
+
+def test_a_sampler_that_keeps_chains_finite_names_a_nonfinite_start_as_step_zero():
+    x0 = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    with pytest.raises(chain.NonFiniteError, match=r"first at step 0 \(chains \[1\]\)"):
+        GibbsWithGradients().run(_NaNAtOnes(), x0, 3)
+
+
+@pytest.mark.parametrize("space,x,ok", [
+    (Categorical(3, 4), torch.zeros(2, 3, 4), True),  # one-hot states
+    (Categorical(3, 4), torch.zeros(1, 3, 4), True),
+    (Categorical(3, 4), torch.zeros(0, 3, 4), False),
+    (Categorical(3, 4), torch.zeros(2, 5, dtype=torch.long), False),
+    (Categorical(3, 4), torch.zeros(2, 3, dtype=torch.long), True),
+])
+def test_check_shape_of_categorical_and_one_hot_states(space, x, ok):
+    if ok:
+        base._check_shape(Flat(space), x, "Gibbs")
+    else:
+        with pytest.raises(ValueError, match=r"^Gibbs: x0 has shape "):
+            base._check_shape(Flat(space), x, "Gibbs")
+
+
+def test_check_shape_message_lists_every_event_axis():
+    with pytest.raises(ValueError, match=r"^Langevin: x0 has shape \(4, 5\) but the energy's space "
+                       r"Continuous\(\(2, 3\)\) expects \(B, 2, 3\) with B >= 1; batch dimension "
+                       r"first$"):
+        base._check_shape(Quad((2, 3)), torch.zeros(4, 5), "Langevin")
+
+
+def test_mcmc_sampler_defaults_before_any_run():
+    s = MALA(0.1, n_steps=0)
+    assert s.n_steps == 0 and s.last_state is None and s._auto_steps == 0
+    x = _x0().float()
+    assert torch.equal(s.run(Quad(), x, 0), x)
+
+
+def test_discrete_checks_name_a_non_energy_and_float_categorical_states():
+    with pytest.raises(ValueError, match=r"^energy must be an ebmflow EnergyModel, got str; subclass "
+                       r"ebmflow\.energy\.EnergyModel and implement energy\(\)$"):
+        _discrete.check_discrete_states("Gibbs", "energy", torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"^x0 has dtype torch\.float32"):
+        _discrete.check_discrete_states("Gibbs", Flat(Categorical(3, 4)), torch.zeros(2, 3),
+                                        values=False)
+
+
+def test_transition_without_cache_names_the_sampler_for_a_gradient_free_energy():
+    m = Rounded(Binary(3))
+    with pytest.raises(ValueError, match=r"^GibbsWithGradients needs the gradient"):
+        GibbsWithGradients().transition(m, ChainState(torch.zeros(2, 3)), None)
+
+
+class _Linear2(EnergyModel):
+    def __init__(self):
+        super().__init__(Continuous(2))
+        self.lin = torch.nn.Linear(2, 1)
+
+    def energy(self, x):
+        return self.lin(x).squeeze(-1)
+
+
+def test_fast_energy_and_grad_sends_a_failing_energy_to_the_checked_path():
+    with pytest.raises(ValueError, match=r"^x has dtype torch\.float64"):
+        _fast.energy_and_grad(_Linear2(), torch.zeros(3, 2, dtype=torch.float64))
+
+
+def test_randint_draws_keep_their_low_bound_and_categorical_draw_shape_with_batch_axes():
+    v = rng.randint(5, 7, (4000,), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert set(v.unique().tolist()) == {5, 6}
+    tape = rng.RecordingTape(torch.Generator().manual_seed(0))
+    rng.categorical_sample(probs=torch.ones(2, 2, 3), generator=tape)
+    assert [tuple(d.shape) for d in tape.spec] == [(2, 2, 1)]
+
+
+class _NaNFar(EnergyModel):
+    """0.5 |x|^2, NaN where x_0 > 5."""
+
+    def __init__(self):
+        super().__init__(Continuous(2))
+
+    def energy(self, x):
+        e = 0.5 * x.square().sum(-1)
+        return torch.where(x[:, 0] > 5, torch.full_like(e, math.nan), e)
+
+
+@pytest.mark.parametrize("make", [lambda: MALA(0.1), lambda: HMC(0.1, n_leapfrog=2)])
+def test_mala_and_hmc_name_a_start_with_a_nan_energy_as_step_zero(make):
+    """MALA and HMC keep finite chains finite, so only the start is checked: step 0."""
+    x0 = torch.tensor([[0.0, 0.0], [6.0, 0.0]])
+    with pytest.raises(chain.NonFiniteError, match=r"first at step 0 \(chains \[1\]\)"):
+        make().run(_NaNFar(), x0, 3)
