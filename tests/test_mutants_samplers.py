@@ -1816,3 +1816,12 @@ def test_mala_and_hmc_name_a_start_with_a_nan_energy_as_step_zero(make):
     x0 = torch.tensor([[0.0, 0.0], [6.0, 0.0]])
     with pytest.raises(chain.NonFiniteError, match=r"first at step 0 \(chains \[1\]\)"):
         make().run(_NaNFar(), x0, 3)
+
+
+@pytest.mark.parametrize("space,x", [
+    (Binary(3), torch.zeros(2, 3, dtype=torch.long)),  # bits as integers
+    (Categorical(3, 4), torch.zeros(2, 3)),  # categories as floats
+])
+def test_value_checks_reject_valid_values_of_the_wrong_dtype(space, x):
+    with pytest.raises(ValueError, match=r"^x0 has dtype"):
+        _discrete.check_discrete_states("Gibbs", Flat(space), x)
