@@ -424,16 +424,30 @@ def test_later_runs_reuse_the_block_and_start_compiled():
 
 
 def test_compile_auto_counts_steps_from_zero():
-    """compile="auto" compiles once ``compile_after`` steps have been run in total."""
+    """compile="auto" compiles a run once ``compile_after`` steps have been run in total,
+    this run's included: 9 of 10 stay eager, the run reaching 10 compiles."""
     energy, x0 = _mixture(), _x0(_mixture())
     sampler = MALA(0.2, graph_steps=4)
     sampler.compile_after = 10
     sampler.run(energy, x0, 9, generator=torch.Generator().manual_seed(0))
-    assert sampler._compiled == {}
-    sampler.run(energy, x0, 1, generator=torch.Generator().manual_seed(0))
-    assert sampler._compiled == {}  # 10 steps counted, but a 1-step run stays eager
-    sampler.run(energy, x0, 9, generator=torch.Generator().manual_seed(0))
-    assert len(sampler._compiled) == 1
+    assert sampler._compiled == {} and sampler._draw_specs == {}
+    fresh = MALA(0.2, graph_steps=4)
+    fresh.compile_after = 10
+    fresh.run(energy, x0, 10, generator=torch.Generator().manual_seed(0))
+    assert len(fresh._draw_specs) == 1 and len(fresh._compiled) == 1
+
+
+def test_draws_are_recorded_per_chain_layout():
+    """Runs on 32 and then 16 chains each record their own draws: both equal eager runs."""
+    energy = _mixture()
+    sampler = MALA(0.2, compile=True, graph_steps=4)
+    for n in (32, 16):
+        x0 = _x0(energy, n)
+        out = sampler.run(energy, x0, 9, generator=torch.Generator().manual_seed(n))
+        ref = MALA(0.2, compile=False).run(energy, x0, 9,
+                                            generator=torch.Generator().manual_seed(n))
+        torch.testing.assert_close(out, ref)
+    assert len(sampler._draw_specs) == 2
 
 
 def test_unavailable_compiler_warns_once_and_runs_eagerly(monkeypatch):

@@ -414,3 +414,17 @@ def test_recording_with_a_user_generator_leaves_the_default_generator_alone(monk
         run_graphed(sampler, energy, _carry(sampler, energy, x0), 8,
                     torch.Generator().manual_seed(1), _Bar())
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_failed_recording_restores_the_default_generator(monkeypatch):
+    """Without a generator, a capture that fails puts the default generator back (its
+    device named) and warns; the default stream is as before."""
+    patch_cuda_graphs(monkeypatch)
+    energy = _mixture()
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    sampler = _HostReadLangevin(0.05, graph_steps=4)
+    torch.manual_seed(8)
+    before = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="recording the chain loop failed"):
+        _, done = run_graphed(sampler, energy, _carry(sampler, energy, x0), 8, None, _Bar())
+    assert done == 0 and torch.equal(torch.get_rng_state(), before)
