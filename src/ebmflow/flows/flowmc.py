@@ -270,10 +270,11 @@ class FlowMC(Sampler):
         for name, val in (("n_chains", n_chains), ("train_examples", train_examples),
                           ("flow_epochs", flow_epochs), ("train_updates", train_updates),
                           ("flow_batch_size", flow_batch_size), ("adapt_steps", adapt_steps)):
+            low = 0 if name in ("train_updates", "adapt_steps") else 1  # 0: frozen at once
             if val is not None and (not isinstance(val, int) or isinstance(val, bool)
-                                    or val < (0 if name in ("train_updates", "adapt_steps")
-                                              else 1)):
-                raise ValueError(f"{name} must be a positive int or None, got {val!r}")
+                                    or val < low):
+                kind = "a positive int" if low else "an int >= 0"
+                raise ValueError(f"{name} must be {kind} or None, got {val!r}")
         if flow_loss not in ("ml", "flow_matching"):
             raise ValueError(f"flow_loss must be 'ml' or 'flow_matching', got {flow_loss!r}")
         if flow_loss == "flow_matching" and not hasattr(flow, "flow_matching_loss"):
