@@ -115,6 +115,46 @@ def test_non_gaussian_base_is_seeded_by_the_generator_and_leaves_the_global_rng(
         flow.sample_and_log_prob(4, rng.NoiseTape([torch.zeros(4, 2)]))
 
 
+@pytest.mark.parametrize("flow_device,gen_device,forked", [
+    ("cpu", "cpu", []), ("cuda:0", "cpu", ["cuda:0"]), ("cpu", "cuda:0", ["cuda:0"]),
+    ("cuda:0", "cuda:0", ["cuda:0"]),
+])
+def test_non_gaussian_base_forks_the_cuda_devices_it_reseeds(monkeypatch, flow_device, gen_device,
+                                                             forked):
+    """``torch.manual_seed`` reseeds every device: the RNG of a CUDA flow is forked too, not
+    only a CUDA generator's (a CPU generator with a CUDA flow left the global CUDA RNG
+    reseeded). Devices are faked here, so the list handed to fork_rng is what is checked."""
+    import contextlib
+
+    flow = ZukoFlow(_box_flow())
+    seen = []
+
+    @contextlib.contextmanager
+    def fork_rng(devices=None, **kwargs):
+        seen.append([str(d) for d in devices])
+        yield
+
+    class FakeGenerator(torch.Generator):
+        @property
+        def device(self):
+            return torch.device(gen_device)
+
+    monkeypatch.setattr(torch.random, "fork_rng", fork_rng)
+    monkeypatch.setattr(ZukoFlow, "_param_device", lambda self: torch.device(flow_device))
+    real_randint = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda *a, **k: real_randint(*a, **{**k, "device": "cpu"}))
+    flow.sample_and_log_prob(4, FakeGenerator().manual_seed(0))
+    assert seen == [forked]
+
+
+@pytest.mark.cuda
+def test_non_gaussian_base_on_cuda_leaves_the_global_cuda_rng_with_a_cpu_generator():
+    flow = ZukoFlow(_box_flow("cuda"))
+    state = torch.cuda.get_rng_state()
+    flow.sample_and_log_prob(16, torch.Generator().manual_seed(3))
+    assert torch.equal(state, torch.cuda.get_rng_state())
+
+
 @pytest.mark.cuda
 def test_non_gaussian_base_takes_a_cuda_generator():
     flow = ZukoFlow(_box_flow("cuda"))

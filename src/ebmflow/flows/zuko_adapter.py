@@ -124,10 +124,16 @@ class ZukoFlow(Flow):
                 f"cannot take pre-drawn noise"
             )
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-        devices = [generator.device] if generator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        # manual_seed reseeds every device: fork the CUDA ones the flow or the generator use
+        devices = {d for d in (generator.device, self._param_device()) if d.type == "cuda"}
+        with torch.random.fork_rng(devices=sorted(devices, key=str)):
             torch.manual_seed(seed)
             return _draw_with_log_prob(dist, n)
+
+    def _param_device(self) -> torch.device:
+        """The device of the flow's parameters (CPU for a flow without any)."""
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
 
     def _gaussian_noise(self, dist: Any, n: int, generator: rng.Rng) -> Tensor:
         base = getattr(dist, "base", None)
