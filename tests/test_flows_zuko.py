@@ -173,3 +173,15 @@ def test_a_zuko_mixture_samples_with_its_log_prob(gen):
     torch.testing.assert_close(logq, gmm().log_prob(x))
     x3, logq3 = flow.sample_and_log_prob(16)  # global RNG
     torch.testing.assert_close(logq3, gmm().log_prob(x3))
+
+
+def test_param_device_is_the_device_of_the_flows_parameters():
+    assert ZukoFlow(_box_flow())._param_device() == torch.device("cpu")
+    meta = ZukoFlow(_box_flow()).to("meta")
+    assert meta._param_device() == torch.device("meta")
+
+    class Empty(ZukoFlow):
+        def parameters(self, recurse=True):
+            return iter(())
+
+    assert Empty(_box_flow())._param_device() == torch.device("cpu")

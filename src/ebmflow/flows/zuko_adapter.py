@@ -126,7 +126,7 @@ class ZukoFlow(Flow):
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         # manual_seed reseeds every device: fork the CUDA ones the flow or the generator use
         devices = {d for d in (generator.device, self._param_device()) if d.type == "cuda"}
-        with torch.random.fork_rng(devices=sorted(devices, key=str)):
+        with torch.random.fork_rng(devices=list(devices)):
             torch.manual_seed(seed)
             return _draw_with_log_prob(dist, n)
 
