@@ -191,15 +191,22 @@ def test_graph_key_names_everything_a_recording_bakes_in():
     assert graph_key(sampler, energy, spec, 4, gen) != key
 
 
+def _recordable(sampler, n: int):
+    """The mixture, and a carry of ``n`` chains with the tensor step counter run_graphed
+    gives ``record``."""
+    energy = _mixture()
+    x0 = torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    carry = _carry(sampler, energy, x0)
+    carry.t = torch.zeros((), dtype=torch.long)
+    return energy, carry
+
+
 def test_warm_up_and_capture_leave_the_generator_and_the_chains_untouched(monkeypatch):
     """Recording draws random numbers (two warm-up steps and the captured ones) but restores
     the generator, and the carry given to ``record`` is not modified."""
     patch_cuda_graphs(monkeypatch)
-    energy = _mixture()
     sampler = MALA(0.2)
-    x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
-    carry = _carry(sampler, energy, x0)
-    carry.t = torch.zeros((), dtype=torch.long)
+    energy, carry = _recordable(sampler, 16)
     before = {k: torch.as_tensor(v).clone() for k, v in flatten_carry(carry).items()}
     gen = torch.Generator().manual_seed(5)
     state = gen.get_state()
@@ -208,25 +215,24 @@ def test_warm_up_and_capture_leave_the_generator_and_the_chains_untouched(monkey
     assert torch.equal(gen.get_state(), state)
     for k, v in flatten_carry(carry).items():
         assert torch.equal(torch.as_tensor(v), before[k]), k
-    # running sums start from zero in the recorded loop
+    # one replay from the restored generator: the 3 steps an eager loop takes from it
     out = runner.replay({k: v for k, v in flatten_carry(carry).items() if not k.startswith("acc/")},
                         1, _Bar())
-    ref = carry
+    ref, ref_gen = carry, torch.Generator().manual_seed(5)
     for _ in range(3):
-        ref = sampler._advance(energy, ref, torch.Generator().manual_seed(5))
+        ref = sampler._advance(energy, ref, ref_gen)
     assert set(out) >= {"x", "energy", "grad", "first_bad", "n_reset", "t"}
     assert int(out["t"]) == 3
+    torch.testing.assert_close(out["x"], ref.state.x)
+    assert torch.equal(gen.get_state(), ref_gen.get_state())
 
 
 def test_replay_returns_copies_and_zeroes_absent_running_sums(monkeypatch):
     """``replay`` loads the carry into the static tensors (running sums absent before the
     first step start at zero), and returns copies that later replays do not overwrite."""
     patch_cuda_graphs(monkeypatch)
-    energy = _mixture()
     sampler = MALA(0.2)
-    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
-    carry = _carry(sampler, energy, x0)
-    carry.t = torch.zeros((), dtype=torch.long)
+    energy, carry = _recordable(sampler, 8)
     gen = torch.Generator().manual_seed(0)
     runner = GraphRunner.record(("k",), lambda c: sampler._advance(energy, c, gen), carry, 2, gen)
     flat = flatten_carry(carry)

@@ -37,10 +37,6 @@ def is_discrete_space(space: Space) -> bool:
     return isinstance(space, (Binary, Categorical))
 
 
-def _capturing(x: Tensor) -> bool:
-    return _capture.capturing(x)
-
-
 def check_discrete_states(sampler: str, energy: EnergyModel, x: Tensor,
                           values: bool = True) -> None:
     """Validate ``x`` against the energy's discrete space (reads values: once per run).
@@ -65,7 +61,7 @@ def check_discrete_states(sampler: str, energy: EnergyModel, x: Tensor,
                 not isinstance(energy.space, Categorical) and not x.is_floating_point()):
             energy.space.validate(x, "x0")  # a dtype error needs no value read
         return
-    if _capturing(x) or _valid_fast(energy.space, x):
+    if _capture.capturing(x) or _valid_fast(energy.space, x):
         return
     energy.space.validate(x, "x0")  # raises the informative error
 
@@ -126,7 +122,7 @@ def relaxed_energy_and_grad(
                 f"{msg.splitlines()[0]}); use ebmflow.samplers.Gibbs, which needs no gradient"
             ) from err
         raise
-    if check and not _capturing(x) and e.shape[0] > 1:
+    if check and not _capture.capturing(x) and e.shape[0] > 1:
         flat_grad = bool((g == 0).all())
         varies = bool((e != e[0]).any())
         if flat_grad and varies:

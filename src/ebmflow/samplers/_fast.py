@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .._warnings import user_stacklevel
 from ..energy.base import EnergyModel, functional_energy_and_grad
+from .rng import generator_state, restore_generator_state
 
 __all__ = ["GraphRunner", "flatten_carry", "unflatten_carry", "carry_spec", "graph_key"]
 
@@ -104,19 +105,6 @@ def _acc_spec(flat: dict[str, Tensor]) -> tuple:
     return tuple(x for x in carry_spec(flat) if not x[0].startswith("acc/"))
 
 
-def _save_rng(generator: torch.Generator | None, device: torch.device) -> Any:
-    if generator is not None:
-        return generator.get_state()
-    return torch.cuda.get_rng_state(device)
-
-
-def _restore_rng(generator: torch.Generator | None, device: torch.device, state: Any) -> None:
-    if generator is not None:
-        generator.set_state(state)
-    else:
-        torch.cuda.set_rng_state(state, device)
-
-
 class GraphRunner:
     """A K-step CUDA graph with its static carry buffers.
 
@@ -140,7 +128,7 @@ class GraphRunner:
         carry_cls, state_cls = type(carry), type(carry.state)
         device = carry.state.x.device
         flat0 = flatten_carry(carry)
-        rng = _save_rng(generator, device)
+        rng = generator_state(generator, device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         try:
@@ -151,7 +139,7 @@ class GraphRunner:
             torch.cuda.current_stream(device).wait_stream(side)
             warm = flatten_carry(c)
         finally:
-            _restore_rng(generator, device, rng)
+            restore_generator_state(generator, device, rng)
         # the recorded loop starts with zeroed running sums of the step info
         static = {n: v.clone() for n, v in flat0.items()}
         for n, v in warm.items():
@@ -183,9 +171,9 @@ class GraphRunner:
                 "bool(tensor) from the sampler's transition)",
                 stacklevel=user_stacklevel(),
             )
-            _restore_rng(generator, device, rng)
+            restore_generator_state(generator, device, rng)
             return None
-        _restore_rng(generator, device, rng)
+        restore_generator_state(generator, device, rng)
         return cls(key, graph, static, k, generator)
 
     def replay(self, flat: dict[str, Tensor], times: int, bar: Any) -> dict[str, Tensor]:

@@ -33,7 +33,7 @@ from ._fast import (
     unflatten_carry,
 )
 from .chain import ChainState, _accumulate, _Carry, _fold_bad, _row_sums
-from .rng import RecordingTape, real_generator
+from .rng import RecordingTape, generator_state, real_generator, restore_generator_state
 
 if TYPE_CHECKING:
     from .base import MCMCSampler
@@ -174,7 +174,7 @@ def run_compiled(
     real = real_generator(generator)
     # a first call may fail to compile: its noise is then handed back to the generator, so
     # the eager fallback continues the same chains as an eager run
-    before = _rng_state(real, device) if block.calls == 0 else None
+    before = generator_state(real, device) if block.calls == 0 else None
     for _ in range(blocks):
         draws = predraw(spec, k, real, draws, whole=block.whole_draws)
         try:
@@ -182,7 +182,7 @@ def run_compiled(
         except Exception as err:  # noqa: BLE001 - any compile failure falls back
             if block.calls > 0:
                 raise
-            _set_rng_state(real, device, before)
+            restore_generator_state(real, device, before)
             sampler._compiled.pop(key, None)
             sampler._compile_failed = f"torch.compile failed: {type(err).__name__}: {err}"
             warn_fallback(type(sampler).__name__, sampler._compile_failed)
@@ -190,21 +190,6 @@ def run_compiled(
         bar.update(k)
     sampler._compile_seconds = block.compile_seconds
     return unflatten_carry(flat, _Carry, ChainState), done + blocks * k
-
-def _rng_state(generator: torch.Generator | None, device: torch.device) -> Tensor:
-    if generator is not None:
-        return generator.get_state()
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-def _set_rng_state(generator: torch.Generator | None, device: torch.device, state: Tensor) -> None:
-    if generator is not None:
-        generator.set_state(state)
-    elif device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
 
 def _new_block(sampler: MCMCSampler, energy: EnergyModel, k: int, spec: list, key: tuple) -> CompiledBlock:
     """A compiled K-step block for ``key`` (a few are kept: e.g. a live and an EMA energy)."""

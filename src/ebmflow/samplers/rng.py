@@ -161,3 +161,22 @@ def real_generator(generator: Rng) -> torch.Generator | None:
     if isinstance(generator, NoiseTape):
         return None
     return generator
+
+
+def generator_state(generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """The state of ``generator``, or (None) of the default generator of ``device`` (the CPU
+    one or that CUDA device's): what a recording or a failed compile hands back after it."""
+    if generator is not None:
+        return generator.get_state()
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def restore_generator_state(generator: torch.Generator | None, device: torch.device,
+                            state: Tensor) -> None:
+    """Put back a state taken by ``generator_state`` for the same generator and device."""
+    if generator is not None:
+        generator.set_state(state)
+    elif device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
