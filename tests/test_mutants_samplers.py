@@ -1817,3 +1817,20 @@ def test_mala_and_hmc_name_a_start_with_a_nan_energy_as_step_zero(make):
 def test_value_checks_reject_valid_values_of_the_wrong_dtype(space, x):
     with pytest.raises(ValueError, match=r"^x0 has dtype"):
         _discrete.check_discrete_states("Gibbs", Flat(space), x)
+
+
+def test_generator_state_round_trips_for_a_given_and_the_default_generator():
+    """``rng.generator_state`` / ``restore_generator_state``: a given generator's state, or
+    the CPU default generator's for CPU states; drawing in between is undone."""
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(1)
+    state = rng.generator_state(gen, cpu)
+    a = torch.rand(3, generator=gen)
+    rng.restore_generator_state(gen, cpu, state)
+    assert torch.equal(torch.rand(3, generator=gen), a)
+    torch.manual_seed(2)
+    state = rng.generator_state(None, cpu)
+    assert torch.equal(state, torch.get_rng_state())
+    b = torch.rand(3)
+    rng.restore_generator_state(None, cpu, state)
+    assert torch.equal(torch.rand(3), b)
