@@ -27,7 +27,13 @@ from ebmflow.samplers import (
     MCMCSampler,
     rng,
 )
-from ebmflow.samplers._compiled import predraw, whole_block_fill_is_exact
+from ebmflow.samplers._compiled import (
+    INNERMOST_MAX,
+    chains_innermost,
+    chains_outermost,
+    predraw,
+    whole_block_fill_is_exact,
+)
 from ebmflow.spaces import Binary, Categorical, Continuous
 
 
@@ -247,11 +253,14 @@ def test_compile_argument_is_checked() -> None:
 
 
 @pytest.mark.slow  # inductor compiles C++: tens of seconds per sampler on a small CPU
+@pytest.mark.parametrize("kind", ["mlp", "mixture"])
 @pytest.mark.parametrize("cls", [Langevin, MALA, HMC])
-def test_inductor_chains_equal_eager_chains(cls) -> None:
+def test_inductor_chains_equal_eager_chains(cls, kind) -> None:
+    """Inductor's kernels on chains-innermost 2-D states (the MLP's row-major gradient is
+    transposed inside the block; the mixture's closed form keeps the layout)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    energy = MLPEnergy(Continuous(2), hidden=(32, 32))
+    energy = MLPEnergy(Continuous(2), hidden=(32, 32)) if kind == "mlp" else _mixture()
     x0 = torch.randn(64, 2)
     out = []
     for compiled in (False, True):
@@ -329,6 +338,67 @@ def test_ais_with_compiled_chains_reads_every_temperature() -> None:
         out.append(float(log_z))
     assert abs(out[0] - out[1]) < 1e-5, out
     assert abs(out[0]) < 0.1  # the mixture is normalised: log Z = 0
+
+
+def _block_input_strides(sampler: MCMCSampler, energy: EnergyModel, x0: torch.Tensor) -> set:
+    """Strides of the compiled block's inputs shaped like the state (x, its gradient)."""
+    seen: set = set()
+
+    def backend(gm, example_inputs):
+        seen.update(tuple(t.stride()) for t in example_inputs
+                    if isinstance(t, torch.Tensor) and tuple(t.shape) == tuple(x0.shape))
+        return gm.forward
+
+    sampler.compile_backend = backend
+    out = sampler.run(energy, x0, 17, generator=torch.Generator().manual_seed(0))
+    assert out.is_contiguous(), "the compiled executor must hand back a row-major state"
+    return seen
+
+
+@pytest.mark.parametrize("d", [2, INNERMOST_MAX])
+def test_small_states_run_chains_innermost(d) -> None:
+    """A (B, D) state with D <= INNERMOST_MAX enters the block with strides (1, B)."""
+    torch._dynamo.reset()
+    energy = MLPEnergy(Continuous(d), hidden=(8,))
+    x0 = torch.randn(32, d, generator=torch.Generator().manual_seed(1))
+    assert _block_input_strides(MALA(0.05, compile=True), energy, x0) == {(1, 32)}
+
+
+def test_larger_states_stay_row_major() -> None:
+    torch._dynamo.reset()
+    d = INNERMOST_MAX + 1
+    energy = MLPEnergy(Continuous(d), hidden=(8,))
+    x0 = torch.randn(32, d, generator=torch.Generator().manual_seed(1))
+    assert _block_input_strides(MALA(0.05, compile=True), energy, x0) == {(d, 1)}
+
+
+def test_chains_innermost_layout_rule() -> None:
+    b = 16
+    flat = {"x": torch.randn(b, 3), "wide": torch.randn(b, INNERMOST_MAX + 1),
+            "one": torch.randn(b, 1), "rows": torch.randn(b), "other": torch.randn(5, 3),
+            "square": torch.randn(2, 2), "cube": torch.randn(b, 2, 2)}
+    out = chains_innermost(flat, b)
+    assert out["x"].stride() == (1, b)
+    for name in ("wide", "one", "rows", "other", "cube"):
+        assert out[name].stride() == flat[name].stride(), name
+    assert chains_innermost({"x": flat["square"]}, 2)["x"].stride() == (2, 1)  # D == B
+    back = chains_outermost(out)
+    for name, v in flat.items():
+        assert torch.equal(out[name], v) and torch.equal(back[name], v)
+        assert back[name].is_contiguous()
+
+
+@pytest.mark.parametrize("innermost", [False, True])
+def test_mixture_chains_last_gradient_keeps_the_layout_of_x(innermost) -> None:
+    target = _mixture()
+    x = torch.randn(24, 2, generator=torch.Generator().manual_seed(2))
+    if innermost:
+        x = chains_innermost({"x": x}, 24)["x"]
+    e, g = target._energy_and_grad_chains_last(x)
+    assert g.stride() == x.stride()
+    e_ref, g_ref = EnergyModel.energy_and_grad(target, x.contiguous())
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e, e_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_mixture_chains_last_gradient_equals_autograd() -> None:

@@ -131,7 +131,10 @@ class GaussianMixtureEnergy(EnergyModel):
         ex = (logits - top).exp()
         total = ex.sum(0)
         g = ((ex / total)[:, None, :] * (z / scales)).sum(0)  # (D, B)
-        return (top + total.log()).neg(), g.t().contiguous()  # chains-major, like x
+        # the gradient in x's layout: chains innermost (as compiled blocks store small states,
+        # ``_compiled.chains_innermost``) is g.t() itself, row-major needs a copy
+        grad = g.t() if x.t().is_contiguous() else g.t().contiguous()
+        return (top + total.log()).neg(), grad
 
     def responsibilities(self, x: Tensor) -> Tensor:
         r"""Posterior component probabilities $p(k \mid x)$, ``(B, K)``."""

@@ -32,7 +32,10 @@ from .._warnings import user_stacklevel
 from .rng import Draw, NoiseTape
 
 __all__ = ["CompiledBlock", "CompileFallbackWarning", "predraw", "compile_available",
-           "whole_block_fill_is_exact"]
+           "whole_block_fill_is_exact", "chains_innermost", "chains_outermost"]
+
+# states of at most this many numbers per chain run with the chain axis innermost in memory
+INNERMOST_MAX = 8
 
 
 def compile_available() -> tuple[bool, str]:
@@ -82,6 +85,30 @@ def whole_block_fill_is_exact(spec: list[Draw], k: int) -> bool:
     for j in range(k):
         d.fill(steps[j], scratch)
     return bool(torch.equal(whole, steps))
+
+
+def chains_innermost(flat: dict[str, Tensor], n_chains: int) -> dict[str, Tensor]:
+    """The carry with every ``(B, D)`` tensor of a small state (``1 < D <= INNERMOST_MAX``,
+    ``D < B``) stored chain axis innermost: same shape and values, strides ``(1, B)``.
+
+    Generated CPU kernels vectorise along the innermost axis of memory. For a 2-D state laid
+    out ``(B, D)`` that axis is D, so a 16-lane vector holds 2 useful numbers and the loops
+    over ``x[:, j]`` fall back to strided or scalar code; with the chain axis innermost every
+    vector holds 16 chains (HMC on the 8-component 2-D mixture, 256 chains: 1.6x the steps/s
+    of the row-major block). Ops that respect strides (elementwise, reductions, matrix
+    products) see the same tensor; ``view`` would not, hence 2-D states only."""
+    out = {}
+    for name, v in flat.items():
+        if v.dim() == 2 and v.shape[0] == n_chains and 1 < v.shape[1] <= INNERMOST_MAX \
+                and v.shape[1] < n_chains:
+            v = v.t().contiguous().t()
+        out[name] = v
+    return out
+
+
+def chains_outermost(flat: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The carry back in the usual row-major layout (what ``chains_innermost`` undid)."""
+    return {name: v.contiguous() for name, v in flat.items()}
 
 
 class CompiledBlock:

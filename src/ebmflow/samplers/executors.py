@@ -22,7 +22,14 @@ import torch
 from torch import Tensor
 
 from ..energy.base import EnergyModel
-from ._compiled import CompiledBlock, compile_available, predraw, warn_fallback
+from ._compiled import (
+    CompiledBlock,
+    chains_innermost,
+    chains_outermost,
+    compile_available,
+    predraw,
+    warn_fallback,
+)
 from ._fast import (
     GraphRunner,
     _hyperparameters,
@@ -170,6 +177,7 @@ def run_compiled(
     block = sampler._compiled.get(key)
     if block is None:
         block = _new_block(sampler, energy, k, spec, key)
+    flat = chains_innermost(flat, carry.state.x.shape[0])
     draws: list[Tensor] | None = None
     real = real_generator(generator)
     # a first call may fail to compile: its noise is then handed back to the generator, so
@@ -186,17 +194,19 @@ def run_compiled(
             sampler._compiled.pop(key, None)
             sampler._compile_failed = f"torch.compile failed: {type(err).__name__}: {err}"
             warn_fallback(type(sampler).__name__, sampler._compile_failed)
-            return unflatten_carry(flat, _Carry, ChainState), done
+            return unflatten_carry(chains_outermost(flat), _Carry, ChainState), done
         bar.update(k)
     sampler._compile_seconds = block.compile_seconds
-    return unflatten_carry(flat, _Carry, ChainState), done + blocks * k
+    return unflatten_carry(chains_outermost(flat), _Carry, ChainState), done + blocks * k
 
 def _new_block(sampler: MCMCSampler, energy: EnergyModel, k: int, spec: list, key: tuple) -> CompiledBlock:
     """A compiled K-step block for ``key`` (a few are kept: e.g. a live and an EMA energy)."""
 
     def advance(e: EnergyModel, flat: dict[str, Tensor], tape: Any) -> dict[str, Tensor]:
         c = sampler._advance(e, unflatten_carry(flat, _Carry, ChainState), tape)
-        return flatten_carry(c)
+        # each step hands on the layout it was given (a row-major gradient of a chains-
+        # innermost state is transposed here), so every block call sees the same strides
+        return chains_innermost(flatten_carry(c), c.state.x.shape[0])
 
     block = CompiledBlock(advance, k, list(spec), key, backend=sampler.compile_backend)
     if len(sampler._compiled) >= _MAX_BLOCKS:
