@@ -709,3 +709,14 @@ def test_carry_spec_names_the_device():
 
     x = torch.zeros(2, 3, dtype=torch.float64)
     assert carry_spec({"x": x}) == (("x", (2, 3), torch.float64, "cpu"),)
+
+
+def test_stored_mask_is_float_only_inside_compiled_blocks(monkeypatch) -> None:
+    from ebmflow.samplers._discrete import stored_mask
+
+    mask = torch.tensor([[True, False], [False, True]])
+    assert stored_mask(mask, torch.float32) is mask
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    out = stored_mask(mask, torch.float64)
+    assert out.dtype == torch.float64 and torch.equal(out, mask.double())
+    assert torch.equal(out.bool(), mask)

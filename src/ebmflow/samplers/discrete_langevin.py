@@ -18,6 +18,7 @@ from ._discrete import (
     mh_select,
     relax,
     relaxed_energy_and_grad,
+    stored_mask,
 )
 from .base import ChainState, StepInfo
 
@@ -97,7 +98,7 @@ class DiscreteLangevin(GradientDiscreteSampler):
         r"""$\sum_i \log q_i$ ``(B,)``: $\log \sigma(l_i)$ where bit $i$ flipped, else
         $\log \sigma(-l_i) = \log \sigma(l_i) - l_i$."""
         ls = logsigmoid(logits)
-        return torch.where(flipped, ls, ls - logits).sum(1)
+        return torch.where(flipped.bool(), ls, ls - logits).sum(1)
 
     def _propose(self, energy: EnergyModel, x: Tensor, logits: Tensor,
                  generator: torch.Generator | None) -> Tensor:
@@ -110,8 +111,8 @@ class DiscreteLangevin(GradientDiscreteSampler):
                         generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         r"""Flip each bit with probability $\sigma(\text{logit})$: returns (y, flip mask)."""
         u = rng.rand(x.shape, generator, x.device, logits.dtype)
-        flip = u.log_() < logsigmoid(logits)
-        return torch.where(flip, 1.0 - x, x), flip
+        flip = stored_mask(u.log_() < logsigmoid(logits), logits.dtype)
+        return torch.where(flip.bool(), 1.0 - x, x), flip
 
     def log_proposal(self, energy: EnergyModel, x: Tensor, y: Tensor) -> Tensor:
         r"""Exact $\log q(y \mid x)$ ``(B,)`` for pairs of states (tests and diagnostics)."""
