@@ -10,7 +10,12 @@ periodic lattice ``IsingEnergy`` (D = 1024, sigma = 0.2); chains B in {128, 4096
   ours does there; the gradient samplers' plain loops take the autograd gradient of the
   energy while ours uses the closed form ``energy_and_grad`` (both O(D^2));
 * ``ours``: ``ebmflow.samplers`` eager (``cuda_graph=False``);
-* ``ours+graph`` (CUDA only): ``cuda_graph=True`` (``--graph-steps`` steps per replay).
+* ``ours+graph`` (CUDA only): ``cuda_graph=True`` (``--graph-steps`` steps per replay);
+* with ``--compiled``: ``ours+compiled`` (``compile=True``) and ``1 eval/step``, the same
+  number of energy evaluations alone (``energy_and_grad`` for the gradient samplers,
+  ``energy`` for Gibbs; not for Gibbs on the Ising model, which needs none). Its ratio to
+  ``plain`` bounds what any implementation evaluating the energy once per step could gain
+  over the plain loop on this machine.
 
 Samplers: ``GWG`` (GibbsWithGradients, one proposed flip + MH per step), ``DULA`` and
 ``DMALA`` (step size 0.1; all coordinates proposed in parallel each step), ``Gibbs`` (random
@@ -162,6 +167,18 @@ PLAIN = {"GWG": plain_gwg, "DULA": plain_dula, "DMALA": plain_dmala, "Gibbs": pl
 SWEEPS_PER_STEP = {"GWG": "1/D", "DULA": 1, "DMALA": 1, "Gibbs": "1/D", "Gibbs-sweep": 1}
 
 
+def evaluations(energy, x, n: int, grad: bool) -> None:
+    """``n`` evaluations of the energy (and its gradient) at ``x``: the work that a sampler
+    doing one evaluation per step cannot avoid. Its steps/s over the plain loop's bounds the
+    speed-up of any such implementation, however little else it does."""
+    for _ in range(n):
+        if grad:
+            energy.energy_and_grad(x)
+        else:
+            with torch.no_grad():
+                energy.energy(x)
+
+
 def make_ours(name: str, graph: bool, k: int | None, compiled: bool = False):
     kw = {"cuda_graph": graph, "graph_steps": k, "compile": compiled}
     if name == "GWG":
@@ -227,7 +244,8 @@ def main(argv=None):
     ap.add_argument("--samplers", nargs="*", default=None, choices=list(PLAIN),
                     help="default: all (--quick: all but Gibbs-sweep, D energy calls per step)")
     ap.add_argument("--compiled", action="store_true",
-                    help="also time compile=True (blocks of compiled steps; warm-up apart)")
+                    help="also time compile=True (blocks of compiled steps; warm-up apart) "
+                         "and the energy evaluations alone")
     ap.add_argument("--small", action="store_true",
                     help="targets MLP on 32 bits (2 x 256) and a 10 x 10 Ising model")
     ap.add_argument("--batches", type=int, nargs="*", default=None, help="override B")
@@ -260,6 +278,10 @@ def main(argv=None):
                     sc = make_ours(name, False, None, compiled=True)
                     fns["ours+compiled"] = (lambda s=sc, e=energy, x=x0, n=n, g=gen:
                                             s.run(e, x, n, generator=g))
+                    if not (isinstance(energy, IsingEnergy) and name in PLAIN_ISING):
+                        # (Gibbs on the Ising model uses the local field, no evaluation)
+                        fns["1 eval/step"] = (lambda e=energy, x=x0, n=n, gr=name != "Gibbs":
+                                              evaluations(e, x, n, gr))
                 if device.type == "cuda" and name != "Gibbs-sweep":
                     sg = make_ours(name, True, min(args.graph_steps, n))
                     fns["ours+graph"] = (lambda s=sg, e=energy, x=x0, n=n, g=gen:

@@ -91,3 +91,26 @@ def test_autocast_keeps_blas_path():
         ref = _plain(model, x)
     assert e.dtype == torch.bfloat16
     assert torch.equal(e, ref)  # every product in bfloat16, as F.linear does under autocast
+
+
+@needs_onednn
+def test_compiled_no_grad_products_run_the_opaque_onednn_operator():
+    """Inside torch.compile a no-grad product is one call of ``ebmflow::onednn_linear`` (a
+    plain operator, registered once per process), equal to F.linear to float32 rounding."""
+    assert _gemm._opaque is torch.ops.ebmflow.onednn_linear
+    assert _gemm._register_opaque() is _gemm._opaque  # a second registration finds the first
+    torch.manual_seed(0)
+    x, w, b = torch.randn(300, 64), torch.randn(128, 64), torch.randn(128)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        got = torch.compile(lambda z: _gemm.linear(z, w, b), backend=backend)(x)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert torch.ops.ebmflow.onednn_linear in targets
+    torch.testing.assert_close(_gemm._opaque(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert _gemm._opaque(x, w, None).shape == (300, 128)
