@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -312,7 +313,8 @@ def main(argv=None):
               f"{r['cpu_ratio_vs_plain']:>13.2f}")
     meta = {"device": str(device), "device_name": dev_name, "torch": torch.__version__,
             "quick": args.quick, "threads": torch.get_num_threads(), "alpha": ALPHA,
-            "graph_steps": args.graph_steps, "repeats": repeats}
+            "graph_steps": args.graph_steps, "repeats": repeats,
+            "command": " ".join(["python", "benchmarks/discrete_samplers.py", *sys.argv[1:]])}
     name = "discrete_samplers_compiled" if args.compiled and args.small else "discrete_samplers"
     write_json(output_path(args, name), {"meta": meta, "rows": rows})
 
