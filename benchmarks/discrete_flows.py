@@ -7,6 +7,10 @@ source, linear schedule. Measured:
   B in {1024, 16384}); ``plain`` is a hand-written loop doing the same Euler step (same
   network, masked rows, clamped off-diagonal, stay probability, MASK removed at the last
   step, ``torch.multinomial`` draw).
+* ``--compiled``: the sampling rows only, with ``ours+compiled`` beside them
+  (``CTMCSolver(..., compile=True)``: every Euler step but the last in compiled blocks; the
+  compile time of the warm-up call is reported apart), written to
+  ``discrete_flows_compiled.json``.
 * ``train``: velocity-regression steps/s (batch 128 and 1024, D in {32, 784}); ``plain``
   writes the same loss by hand ((1 - t) u_theta - (delta_x1 - delta_xt) on masked rows).
 
@@ -19,6 +23,7 @@ benchmarks/results/discrete_flows.json; ``--out PATH``) and prints where.
     python benchmarks/discrete_flows.py --quick    # CPU, < 1 minute
     python benchmarks/discrete_flows.py            # full grid (CUDA when available)
     python benchmarks/discrete_flows.py --cpu --all --repeats 2   # every row on CPU (~15 min)
+    python benchmarks/discrete_flows.py --cpu --compiled --grid 32   # compiled CTMC sampling, D = 32
 """
 
 from __future__ import annotations
@@ -52,17 +57,16 @@ def _time(fn, device):
     return time.perf_counter() - t0, time.thread_time() - c0
 
 
-def _interleaved(ours, plain, device, repeats):
-    """Median (wall, CPU) seconds of plain and ours, alternating within each repeat."""
-    t_ours, t_plain = [], []
+def _interleaved(ours, plain, device, repeats, *more):
+    """Median (wall, CPU) seconds of plain, ours and any ``more`` functions, alternating
+    within each repeat."""
+    fns = [plain, ours, *more]
+    times: list[list[tuple[float, float]]] = [[] for _ in fns]
     for _ in range(repeats):
-        t_plain.append(_time(plain, device))
-        t_ours.append(_time(ours, device))
-
-    def med(ts, i):
-        return statistics.median(t[i] for t in ts)
-
-    return (med(t_plain, 0), med(t_plain, 1)), (med(t_ours, 0), med(t_ours, 1))
+        for fn, ts in zip(fns, times):
+            ts.append(_time(fn, device))
+    return tuple((statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+                 for ts in times)
 
 
 @torch.no_grad()
@@ -116,6 +120,10 @@ def run(args):
     else:
         sample_grid = [(d, n, b) for d in (32, 784) for n in (20, 100) for b in (1024, 16384)]
         train_grid = [(d, b) for d in (32, 784) for b in (128, 1024)]
+    if args.grid:
+        sample_grid = [row for row in sample_grid if row[0] in args.grid]
+    if args.compiled:
+        train_grid = []
     path = MixturePath(2, "mask")
     for d, n_steps, b in sample_grid:
         if cpu and not args.quick and not args.all and b * d * n_steps > 784 * 1024 * 20:
@@ -127,10 +135,24 @@ def run(args):
         ours = partial(sampler.sample_tokens, b, generator=gen)
         plain = partial(plain_sample, model, b, d, n_steps, gen, device)
         ours(), plain()  # warm-up
-        (tp, cp), (to, co) = _interleaved(ours, plain, device, args.repeats)
-        rows.append({"kind": "sample", "D": d, "steps": n_steps, "B": b,
-                     "plain_per_s": b / tp, "ours_per_s": b / to, "ratio": tp / to,
-                     "cpu_ratio": cp / co})
+        more, compile_s = [], None
+        if args.compiled:
+            compiled = DiscreteFlowSampler(model, path,
+                                           CTMCSolver(path, 1.0 / n_steps, compile=True))
+            more = [partial(compiled.sample_tokens, b, generator=gen)]
+            t0 = time.perf_counter()
+            more[0]()  # warm-up: tracing and compiling
+            compile_s = time.perf_counter() - t0
+        (tp, cp), (to, co), *rest = _interleaved(ours, plain, device, args.repeats, *more)
+        row = {"kind": "sample", "D": d, "steps": n_steps, "B": b,
+               "plain_per_s": b / tp, "ours_per_s": b / to, "ratio": tp / to,
+               "cpu_ratio": cp / co}
+        if rest:
+            (tc, cc), = rest
+            row.update({"compiled_per_s": b / tc, "compiled_ratio": tp / tc,
+                        "compiled_cpu_ratio": cp / cc, "compiled_vs_eager_cpu": co / cc,
+                        "compile_s": round(compile_s, 1)})
+        rows.append(row)
     for d, b in train_grid:
         model = MLPVelocity(d, 2, hidden=HIDDEN, schedule=path.schedule).to(device)
         sampler = DiscreteFlowSampler(model, path, lr=1e-4)
@@ -157,6 +179,10 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     ap.add_argument("--all", action="store_true",
                     help="CPU: also the largest sampling rows (minutes per timing)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="sampling rows only, with compiled CTMC sampling beside them")
+    ap.add_argument("--grid", type=int, nargs="*", default=None,
+                    help="only these D of the sampling grid (e.g. --grid 32)")
     add_output_arguments(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,9 +195,13 @@ def main():
             print(f"{r['kind']:6} {r['D']:>4} {r.get('steps', ''):>5} {r['B']:>6}  skipped ({r['skipped']})")
         elif r["kind"] == "sample":
             print(f"sample {r['D']:>4} {r['steps']:>5} {r['B']:>6} {r['plain_per_s']:>12.0f} {r['ours_per_s']:>12.0f} {r['ratio']:>10.2f} {r['cpu_ratio']:>10.2f}")
+            if "compiled_per_s" in r:
+                print(f"  compiled {r['compiled_per_s']:>12.0f}/s: x plain {r['compiled_ratio']:.2f} "
+                      f"(CPU time {r['compiled_cpu_ratio']:.2f}), x eager (CPU time) "
+                      f"{r['compiled_vs_eager_cpu']:.2f}, compile {r['compile_s']} s")
         else:
             print(f"train  {r['D']:>4} {'':>5} {r['B']:>6} {r['plain_steps_per_s']:>12.1f} {r['ours_steps_per_s']:>12.1f} {r['ratio']:>10.2f} {r['cpu_ratio']:>10.2f}")
-    write_json(output_path(args, "discrete_flows"),
+    write_json(output_path(args, "discrete_flows_compiled" if args.compiled else "discrete_flows"),
                {"device": str(device), "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "quick": args.quick, "rows": rows})
 
