@@ -720,3 +720,38 @@ def test_stored_mask_is_float_only_inside_compiled_blocks(monkeypatch) -> None:
     out = stored_mask(mask, torch.float64)
     assert out.dtype == torch.float64 and torch.equal(out, mask.double())
     assert torch.equal(out.bool(), mask)
+
+
+@pytest.mark.parametrize("kind,low,high", [("randn", 0, 0), ("rand", 0, 0), ("randint", 3, 9)])
+def test_draw_filler_draws_what_fill_draws(kind, low, high) -> None:
+    dtype = torch.long if kind == "randint" else torch.float32
+    d = rng.Draw(kind, (5, 3), dtype, torch.device("cpu"), low, high)
+    a, b = torch.empty(5, 3, dtype=dtype), torch.empty(5, 3, dtype=dtype)
+    d.fill(a, torch.Generator().manual_seed(4))
+    d.filler(b)(generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a, b)
+    if kind == "randint":
+        assert int(b.min()) >= low and int(b.max()) < high
+
+
+def test_noise_block_is_kept_with_the_compiled_block_and_refilled_in_place() -> None:
+    torch._dynamo.reset()
+    energy = _mixture()
+    s = MALA(0.2, compile=True)
+    s.compile_backend = "eager"
+    g = torch.Generator().manual_seed(1)
+    s.run(energy, _x0(energy), 17, generator=g)
+    (block,) = s._compiled.values()
+    noise = block.noise
+    assert noise is not None
+    buffers = [t.data_ptr() for t in noise.buffers]
+    before = [t.clone() for t in noise.buffers]
+    s.run(energy, _x0(energy), 17, generator=g)
+    assert block.noise is noise and [t.data_ptr() for t in noise.buffers] == buffers
+    assert not all(torch.equal(a, b) for a, b in zip(before, noise.buffers))  # new numbers
+    # a refill draws what predraw draws from the same generator state
+    spec = block.spec
+    want = predraw(spec, block.k, torch.Generator().manual_seed(5))
+    got = noise.refill(torch.Generator().manual_seed(5))
+    for w, t in zip(want, got):
+        assert torch.equal(w, t)

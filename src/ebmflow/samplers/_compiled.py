@@ -31,7 +31,7 @@ from torch import Tensor
 from .._warnings import user_stacklevel
 from .rng import Draw, NoiseTape
 
-__all__ = ["CompiledBlock", "CompileFallbackWarning", "predraw", "compile_available",
+__all__ = ["CompiledBlock", "CompileFallbackWarning", "NoiseBlock", "predraw", "compile_available",
            "whole_block_fill_is_exact", "chains_innermost", "chains_outermost"]
 
 # states of at most this many numbers per chain run with the chain axis innermost in memory
@@ -50,20 +50,38 @@ def compile_available() -> tuple[bool, str]:
     return True, ""
 
 
+class NoiseBlock:
+    """``(K, *shape)`` buffers for K steps of pre-drawn noise, one per entry of ``spec``, and
+    the calls that refill them in the eager order (step 0's draws, then step 1's, ...).
+
+    The per-step views and their bound fill methods are built once, so refilling costs one
+    Python call per draw (the compiled executor refills a block's noise before every call:
+    for Gibbs, 16 draws per block of 8 steps). ``whole=True`` (only where
+    ``whole_block_fill_is_exact`` says so) fills the single draw's K steps with one call.
+    ``out``: buffers to reuse (shapes ``(K, *shape)``)."""
+
+    def __init__(self, spec: list[Draw], k: int, whole: bool = False,
+                 out: list[Tensor] | None = None):
+        if out is None:
+            out = [torch.empty((k, *d.shape), dtype=d.dtype, device=d.device) for d in spec]
+        self.buffers = out
+        if whole:
+            self._fills = [spec[0].filler(out[0])]
+        else:
+            self._fills = [d.filler(buf[j]) for j in range(k) for d, buf in zip(spec, out)]
+
+    def refill(self, generator: torch.Generator | None) -> list[Tensor]:
+        """Draw the block's noise from ``generator``; returns the buffers."""
+        for fill in self._fills:
+            fill(generator=generator)
+        return self.buffers
+
+
 def predraw(spec: list[Draw], k: int, generator: torch.Generator | None,
             out: list[Tensor] | None = None, whole: bool = False) -> list[Tensor]:
-    """K steps of draws ``(K, *shape)`` per entry of ``spec``, filled step by step in the
-    eager order (step 0's draws, then step 1's, ...). ``whole=True`` (only where
-    ``whole_block_fill_is_exact`` says so) fills the single draw's K steps with one call."""
-    if out is None:
-        out = [torch.empty((k, *d.shape), dtype=d.dtype, device=d.device) for d in spec]
-    if whole:
-        spec[0].fill(out[0], generator)
-        return out
-    for j in range(k):
-        for d, buf in zip(spec, out):
-            d.fill(buf[j], generator)
-    return out
+    """K steps of draws ``(K, *shape)`` per entry of ``spec``, filled in the eager order
+    (``NoiseBlock`` once)."""
+    return NoiseBlock(spec, k, whole, out).refill(generator)
 
 
 def whole_block_fill_is_exact(spec: list[Draw], k: int) -> bool:
@@ -118,6 +136,7 @@ class CompiledBlock:
         k: steps per block.
         compile_seconds: wall time of the first call (tracing + compiling + running once).
         calls: number of blocks run.
+        noise: the pre-drawn noise buffers the executor refills before each call (or None).
         whole_draws: whether ``predraw`` may fill each draw's K steps with one call.
     """
 
@@ -128,6 +147,7 @@ class CompiledBlock:
         self.key = key
         self.compile_seconds: float | None = None
         self.calls = 0
+        self.noise: NoiseBlock | None = None  # the executor's noise buffers for this block
         self.whole_draws = whole_block_fill_is_exact(spec, k)
         n_draws = len(spec)
 

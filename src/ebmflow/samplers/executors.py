@@ -24,10 +24,10 @@ from torch import Tensor
 from ..energy.base import EnergyModel
 from ._compiled import (
     CompiledBlock,
+    NoiseBlock,
     chains_innermost,
     chains_outermost,
     compile_available,
-    predraw,
     warn_fallback,
 )
 from ._fast import (
@@ -178,13 +178,14 @@ def run_compiled(
     if block is None:
         block = _new_block(sampler, energy, k, spec, key)
     flat = chains_innermost(flat, carry.state.x.shape[0])
-    draws: list[Tensor] | None = None
+    if block.noise is None:  # buffers and fill calls kept with the block, across runs
+        block.noise = NoiseBlock(spec, k, block.whole_draws)
     real = real_generator(generator)
     # a first call may fail to compile: its noise is then handed back to the generator, so
     # the eager fallback continues the same chains as an eager run
     before = generator_state(real, device) if block.calls == 0 else None
     for _ in range(blocks):
-        draws = predraw(spec, k, real, draws, whole=block.whole_draws)
+        draws = block.noise.refill(real)
         try:
             flat = block(energy, flat, draws)
         except Exception as err:  # noqa: BLE001 - any compile failure falls back

@@ -21,7 +21,9 @@ So the compiled chains equal the eager chains for the same generator, up to floa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -48,6 +50,15 @@ class Draw:
         if self.kind == "rand":
             return out.uniform_(generator=generator)
         return out.random_(self.low, self.high, generator=generator)
+
+    def filler(self, out: Tensor) -> Callable[..., Tensor]:
+        """``fill`` bound to ``out``: ``filler(out)(generator=g)`` draws as ``fill(out, g)``
+        does, without the dispatch on ``kind`` (built once, called every block)."""
+        if self.kind == "randn":
+            return out.normal_
+        if self.kind == "rand":
+            return out.uniform_
+        return partial(out.random_, self.low, self.high)
 
 
 class NoiseTape:
