@@ -755,3 +755,34 @@ def test_noise_block_is_kept_with_the_compiled_block_and_refilled_in_place() -> 
     got = noise.refill(torch.Generator().manual_seed(5))
     for w, t in zip(want, got):
         assert torch.equal(w, t)
+
+
+class FlatViewEnergy(EnergyModel):
+    """A user energy that flattens the state with ``view`` (needs row-major memory)."""
+
+    def __init__(self) -> None:
+        super().__init__(Continuous(2))
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.view(-1)
+        return 0.5 * flat.square().view(x.shape[0], 2).sum(1)
+
+
+def test_an_energy_that_needs_row_major_states_compiles_row_major_without_warning() -> None:
+    torch._dynamo.reset()
+    energy = FlatViewEnergy()
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
+    out = {}
+    for compiled in (False, True):
+        s = MALA(0.1, compile=compiled)
+        s.compile_backend = "aot_eager"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileFallbackWarning)
+            out[compiled] = s.run(energy, x0, 17, generator=torch.Generator().manual_seed(0))
+    assert s._row_major_blocks and s._compile_failed is None and s.compile_seconds is not None
+    (key,) = s._compiled
+    assert key[4] is False  # the block kept is the row-major one
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
+    # later runs go straight to the row-major block
+    s.run(energy, x0, 17, generator=torch.Generator().manual_seed(0))
+    assert len(s._compiled) == 1

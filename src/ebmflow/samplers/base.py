@@ -252,6 +252,7 @@ class MCMCSampler(Sampler):
         # per chain-state layout: what a transition draws, and its step-info layout
         self._draw_specs: dict[tuple, tuple[list, list]] = {}
         self._compile_failed: str | None = None
+        self._row_major_blocks = False  # the energy failed on chains-innermost states
         self._auto_steps = 0
 
     # -- subclass surface --------------------------------------------------------------

@@ -173,16 +173,51 @@ def run_compiled(
     if blocks == 0:
         return carry, done
     flat = flatten_carry(carry)
-    key = (id(energy), carry_spec(flat), k, tuple(spec), *hyper)
+    n_chains = carry.state.x.shape[0]
+    innermost = chains_innermost(flat, n_chains)
+    relaid = any(innermost[n] is not v for n, v in flat.items())
+    # small states run chains innermost; an energy that cannot take that layout (a view of
+    # the state, say) fails at its first block, and the sampler retries row-major once
+    layouts = ([innermost, flat] if relaid and not getattr(sampler, "_row_major_blocks", False)
+               else [flat])
+    why = ""
+    for given in layouts:
+        out = _run_blocks(sampler, energy, given, k, spec, hyper, blocks, generator, bar,
+                          given is not flat)
+        if isinstance(out, dict):
+            return unflatten_carry(chains_outermost(out), _Carry, ChainState), done + blocks * k
+        why = out
+        if given is not flat:
+            sampler._row_major_blocks = True
+    sampler._compile_failed = why
+    warn_fallback(type(sampler).__name__, why)
+    return unflatten_carry(flat, _Carry, ChainState), done
+
+
+def _run_blocks(
+    sampler: MCMCSampler,
+    energy: EnergyModel,
+    flat: dict[str, Tensor],
+    k: int,
+    spec: list,
+    hyper: tuple,
+    blocks: int,
+    generator: torch.Generator | None,
+    bar: Any,
+    innermost: bool,
+) -> dict[str, Tensor] | str:
+    """``blocks`` compiled blocks from the carry ``flat``; the carry after them, or why the
+    block failed at its first call (then nothing was run and no noise was drawn)."""
+    device = flat["x"].device
+    key = (id(energy), carry_spec(flat), k, tuple(spec), innermost, *hyper)
     block = sampler._compiled.get(key)
     if block is None:
-        block = _new_block(sampler, energy, k, spec, key)
-    flat = chains_innermost(flat, carry.state.x.shape[0])
+        block = _new_block(sampler, energy, k, spec, key, innermost)
     if block.noise is None:  # buffers and fill calls kept with the block, across runs
         block.noise = NoiseBlock(spec, k, block.whole_draws)
     real = real_generator(generator)
     # a first call may fail to compile: its noise is then handed back to the generator, so
-    # the eager fallback continues the same chains as an eager run
+    # a retry or the eager fallback continues the same chains as an eager run
     before = generator_state(real, device) if block.calls == 0 else None
     for _ in range(blocks):
         draws = block.noise.refill(real)
@@ -193,21 +228,22 @@ def run_compiled(
                 raise
             restore_generator_state(real, device, before)
             sampler._compiled.pop(key, None)
-            sampler._compile_failed = f"torch.compile failed: {type(err).__name__}: {err}"
-            warn_fallback(type(sampler).__name__, sampler._compile_failed)
-            return unflatten_carry(chains_outermost(flat), _Carry, ChainState), done
+            return f"torch.compile failed: {type(err).__name__}: {err}"
         bar.update(k)
     sampler._compile_seconds = block.compile_seconds
-    return unflatten_carry(chains_outermost(flat), _Carry, ChainState), done + blocks * k
+    return flat
 
-def _new_block(sampler: MCMCSampler, energy: EnergyModel, k: int, spec: list, key: tuple) -> CompiledBlock:
+
+def _new_block(sampler: MCMCSampler, energy: EnergyModel, k: int, spec: list, key: tuple,
+               innermost: bool) -> CompiledBlock:
     """A compiled K-step block for ``key`` (a few are kept: e.g. a live and an EMA energy)."""
 
     def advance(e: EnergyModel, flat: dict[str, Tensor], tape: Any) -> dict[str, Tensor]:
         c = sampler._advance(e, unflatten_carry(flat, _Carry, ChainState), tape)
+        out = flatten_carry(c)
         # each step hands on the layout it was given (a row-major gradient of a chains-
         # innermost state is transposed here), so every block call sees the same strides
-        return chains_innermost(flatten_carry(c), c.state.x.shape[0])
+        return chains_innermost(out, c.state.x.shape[0]) if innermost else out
 
     block = CompiledBlock(advance, k, list(spec), key, backend=sampler.compile_backend)
     if len(sampler._compiled) >= _MAX_BLOCKS:
