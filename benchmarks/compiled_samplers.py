@@ -17,8 +17,9 @@ Timing: one process, implementations alternating within each repeat, median of `
 (>= 5) runs after a warm-up run whose time is reported apart (compile / jit time). Ratios are
 ``steps/s of ebmflow compiled / steps/s of the other``, from process CPU time (robust to other
 jobs on a shared machine; jax's work runs in its own threads) and from wall time.
-``--threads 1`` (default) pins torch and XLA to one thread; ``--threads default`` leaves both
-at their defaults.
+``--threads 1`` (default) pins the process to one CPU core and torch and XLA to one thread
+each (XLA's thread flags alone did not keep its work on one thread); ``--threads default``
+leaves both at their defaults.
 
     python benchmarks/compiled_samplers.py --quick      # 256 chains, mixture + mlp
     python benchmarks/compiled_samplers.py              # 256 and 4096 chains
@@ -41,10 +42,15 @@ STEPS, ETA, HMC_EPS, HMC_L = 200, 0.01, 0.05, 10
 
 
 def _pin_threads(threads: str) -> None:
-    if threads == "1":  # before jax is imported
+    """``"1"``: the whole process on one CPU core, and XLA asked for one thread (before jax
+    is imported). XLA's flags alone left part of its work on other threads (its wall time
+    below its CPU time), so the affinity makes "one thread" hold for every library."""
+    if threads == "1":
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_multi_thread_eigen=false"
                                    + " intra_op_parallelism_threads=1").strip()
+        if hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
 def _mixture_params():
