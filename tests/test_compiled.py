@@ -377,6 +377,11 @@ def test_larger_states_stay_row_major() -> None:
     torch._dynamo.reset()
     d = INNERMOST_MAX + 1
     assert _block_input_strides(d) == {(d, 1)}
+    energy = _StrideRecorder(d)
+    s = MALA(0.05, compile=True)
+    s.compile_backend = "eager"
+    s.run(energy, torch.randn(32, d), 17, generator=torch.Generator().manual_seed(0))
+    assert [key[4] for key in s._compiled] == [False]  # no chains-innermost block at all
 
 
 def test_chains_innermost_layout_rule() -> None:
@@ -790,6 +795,44 @@ def test_an_energy_that_needs_row_major_states_compiles_row_major_without_warnin
     (key,) = s._compiled
     assert key[4] is False  # the block kept is the row-major one
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
-    # later runs go straight to the row-major block
-    s.run(energy, x0, 17, generator=torch.Generator().manual_seed(0))
-    assert len(s._compiled) == 1
+    # later runs go straight to the row-major block: no second chains-innermost attempt
+    from ebmflow.samplers import executors
+
+    tried = []
+    real_run_blocks = executors._run_blocks
+
+    def spy(*args):
+        tried.append(args[-1])
+        return real_run_blocks(*args)
+
+    executors._run_blocks = spy
+    try:
+        s.run(energy, x0, 17, generator=torch.Generator().manual_seed(0))
+    finally:
+        executors._run_blocks = real_run_blocks
+    assert tried == [False] and len(s._compiled) == 1
+
+
+def test_each_compiled_step_hands_on_the_chains_innermost_layout() -> None:
+    """The block's outputs (state, the MLP's row-major gradient) come back chains innermost,
+    so the next call sees the strides it was compiled for."""
+    torch._dynamo.reset()
+    energy = _StrideRecorder(2)
+    s = MALA(0.05, compile=True)
+    s.compile_backend = "eager"
+    g = torch.Generator().manual_seed(0)
+    s.run(energy, torch.randn(32, 2, generator=torch.Generator().manual_seed(1)), 17, generator=g)
+    (key,) = s._compiled
+    block = s._compiled[key]
+    assert key[4] is True
+    state = s.init_state(energy, torch.randn(32, 2, generator=torch.Generator().manual_seed(2)))
+    from ebmflow.samplers._fast import flatten_carry
+    from ebmflow.samplers.chain import _Carry
+
+    carry = _Carry(state, {n: torch.zeros(32) for n in ("accept_rate", "nonfinite_rate")},
+                   torch.zeros(32, dtype=torch.long), torch.zeros((), dtype=torch.long),
+                   torch.zeros((), dtype=torch.long))
+    flat = chains_innermost(flatten_carry(carry), 32)
+    out = block(energy, flat, block.noise.refill(g))
+    for name in ("x", "grad"):
+        assert out[name].shape == (32, 2) and out[name].stride() == (1, 32), name
