@@ -836,3 +836,30 @@ def test_each_compiled_step_hands_on_the_chains_innermost_layout() -> None:
     out = block(energy, flat, block.noise.refill(g))
     for name in ("x", "grad"):
         assert out[name].shape == (32, 2) and out[name].stride() == (1, 32), name
+
+
+def test_noise_block_fills_like_the_eager_steps_in_every_mode() -> None:
+    """Step-by-step fills (two draws per step, reused buffers) and the one-call fill of a single
+    draw give exactly the draws K eager steps make; integer draws keep their dtype."""
+    from ebmflow.samplers._compiled import NoiseBlock
+
+    cpu = torch.device("cpu")
+    two = [rng.Draw("randint", (6, 1), torch.long, cpu, 2, 7), rng.Draw("rand", (6,), torch.float32, cpu)]
+    g = torch.Generator().manual_seed(3)
+    want_i, want_u = [], []
+    for _ in range(4):
+        want_i.append(torch.randint(2, 7, (6, 1), generator=g))
+        want_u.append(torch.rand(6, generator=g))
+    bufs = [torch.empty(4, 6, 1, dtype=torch.long), torch.empty(4, 6)]
+    got = predraw(two, 4, torch.Generator().manual_seed(3), out=bufs)
+    assert got[0] is bufs[0] and got[0].dtype == torch.long
+    assert torch.equal(got[0], torch.stack(want_i)) and torch.equal(got[1], torch.stack(want_u))
+    block = NoiseBlock(two, 4)
+    assert block.buffers[0].dtype == torch.long and block.buffers[1].dtype == torch.float32
+    again = block.refill(torch.Generator().manual_seed(3))
+    assert torch.equal(again[0], torch.stack(want_i)) and torch.equal(again[1], torch.stack(want_u))
+    one = [rng.Draw("randn", (8, 2), torch.float32, cpu)]
+    assert whole_block_fill_is_exact(one, 4)
+    whole = NoiseBlock(one, 4, whole=True).refill(torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(whole[0], torch.stack([torch.randn(8, 2, generator=g) for _ in range(4)]))
