@@ -404,17 +404,23 @@ def test_graphed_chain_tensors_stay_on_the_states_device(monkeypatch):
     assert {k: v.device.type for k, v in flat.items()} == {k: "meta" for k in flat}
 
 
+def _recording_setup(monkeypatch, default_seed: int):
+    """CPU graph capture patched in, a mixture and 8 chains, the default generator seeded:
+    returns (energy, x0, the default generator's state before recording)."""
+    patch_cuda_graphs(monkeypatch)
+    energy = _mixture()
+    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(default_seed)
+    return energy, x0, torch.get_rng_state()
+
+
 @pytest.mark.parametrize("cls", [Langevin, _HostReadLangevin])
 def test_recording_with_a_user_generator_leaves_the_default_generator_alone(monkeypatch, cls):
     """Saving and restoring around the warm-up and the capture touch only the generator the
     chains use: the default generator's state is the same after recording (or after a
     failed recording) as before."""
-    patch_cuda_graphs(monkeypatch)
-    energy = _mixture()
-    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    energy, x0, before = _recording_setup(monkeypatch, default_seed=5)
     sampler = cls(0.05, graph_steps=4)
-    torch.manual_seed(5)
-    before = torch.get_rng_state()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_graphed(sampler, energy, _carry(sampler, energy, x0), 8,
@@ -425,12 +431,8 @@ def test_recording_with_a_user_generator_leaves_the_default_generator_alone(monk
 def test_a_failed_recording_restores_the_default_generator(monkeypatch):
     """Without a generator, a capture that fails puts the default generator back (its
     device named) and warns; the default stream is as before."""
-    patch_cuda_graphs(monkeypatch)
-    energy = _mixture()
-    x0 = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    energy, x0, before = _recording_setup(monkeypatch, default_seed=8)
     sampler = _HostReadLangevin(0.05, graph_steps=4)
-    torch.manual_seed(8)
-    before = torch.get_rng_state()
     with pytest.warns(UserWarning, match="recording the chain loop failed"):
         _, done = run_graphed(sampler, energy, _carry(sampler, energy, x0), 8, None, _Bar())
     assert done == 0 and torch.equal(torch.get_rng_state(), before)

@@ -61,9 +61,10 @@ def _register_opaque() -> Any:
     opaque (inductor's own lowering of the oneDNN linear expects prepacked weights).
 
     Defined with ``torch.library.Library`` and a CPU kernel rather than
-    ``torch.library.custom_op``, whose Python autograd and dispatch wrappers cost about
-    8 microseconds per call (measured: 94 against 87 for a 128 x 256 x 256 product, the
-    direct oneDNN call 86); compiled samplers call it at every step. Eager calls skip it."""
+    ``torch.library.custom_op``, whose Python autograd and dispatch wrappers cost more per
+    call (``benchmarks/bounds.py``: 89 against 83 microseconds for a 128 x 256 x 256
+    product, the direct oneDNN call 81); compiled samplers call it at every step. Eager calls
+    skip it."""
     if not _ONEDNN or not hasattr(torch.library, "register_fake"):
         return None
     try:  # defined once per process (a re-imported module finds it)

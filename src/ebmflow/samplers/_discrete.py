@@ -159,9 +159,9 @@ def stored_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     compiled block (unchanged when eager; readers call ``.bool()``).
 
     Inductor's CPU kernels write bool tensors one element at a time: a compiled
-    ``u.log() < c`` over 128 x 100 entries took 78 microseconds against 10 for the same
-    comparison stored as floats (torch 2.13, AVX-512). DMALA on a 10 x 10 Ising model keeps
-    its flip mask this way: 4,200 -> 5,200 compiled steps/s (128 chains)."""
+    ``u.log() < c`` over 128 x 100 entries took 114 microseconds against 14 for the same
+    comparison stored as floats (``benchmarks/bounds.py``; torch 2.13, AVX-512). DMALA keeps
+    its ``(B, D)`` flip mask this way."""
     return mask.to(dtype) if torch.compiler.is_compiling() else mask
 
 

@@ -109,7 +109,8 @@ class DiscreteLangevin(GradientDiscreteSampler):
     @staticmethod
     def _propose_binary(x: Tensor, logits: Tensor,
                         generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-        r"""Flip each bit with probability $\sigma(\text{logit})$: returns (y, flip mask)."""
+        r"""Flip each bit with probability $\sigma(\text{logit})$: returns ``(y, flip)``, both
+        ``(B, D)``; ``flip`` is bool, or 0/1 floats inside a compiled block (``stored_mask``)."""
         u = rng.rand(x.shape, generator, x.device, logits.dtype)
         flip = stored_mask(u.log_() < logsigmoid(logits), logits.dtype)
         return torch.where(flip.bool(), 1.0 - x, x), flip

@@ -45,11 +45,7 @@ class Draw:
 
     def fill(self, out: Tensor, generator: torch.Generator | None) -> Tensor:
         """Fill ``out`` (shape ``self.shape``) exactly as the eager draw would."""
-        if self.kind == "randn":
-            return out.normal_(generator=generator)
-        if self.kind == "rand":
-            return out.uniform_(generator=generator)
-        return out.random_(self.low, self.high, generator=generator)
+        return self.filler(out)(generator=generator)
 
     def filler(self, out: Tensor) -> Callable[..., Tensor]:
         """``fill`` bound to ``out``: ``filler(out)(generator=g)`` draws as ``fill(out, g)``

@@ -1,0 +1,160 @@
+"""The measurements behind the compiled executor's design choices and the speed bounds in the docs.
+
+One CPU thread, median of ``--repeats`` timings of ``--calls`` calls each:
+
+* ``mask store``: a compiled ``u.log() < c`` over 128 x 100 entries, stored as bool against
+  the same comparison stored as 0/1 floats (why DMALA keeps its flip mask as floats inside
+  compiled blocks, ``samplers/_discrete.stored_mask``);
+* ``oneDNN product call``: a 128 x 256 x 256 product through ``ebmflow::onednn_linear`` (a
+  plain ``torch.library`` operator, ``energy/_gemm.py``), the same product through a
+  ``torch.library.custom_op`` wrapper, and the direct oneDNN call;
+* ``training step profile``: torch's profiler on the plain loops of ``benchmarks/training.py``
+  (ED at batch 128, CD-10): the share of matrix products (``mm``, ``addmm``) and of SiLU
+  forward and backward in the step; ``1 / share`` bounds the speed-up of any loop that runs
+  the same products at the same speed;
+* ``MLP evaluation``: one closed-form ``energy_and_grad`` of the 2-128-128-128-1 MLP energy
+  at 128 chains (a CD-10 step makes ten of them).
+
+    python benchmarks/bounds.py            # about a minute (the compiled mask compiles)
+
+Writes runs/benchmarks/bounds.json (``--update-reference``: benchmarks/results/bounds.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from _output import add_output_arguments, output_path, write_json
+
+
+def _per_call_us(fn, calls: int, repeats: int) -> float:
+    fn()
+    fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        for _ in range(calls):
+            fn()
+        runs.append((time.thread_time() - t0) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def mask_store(calls: int, repeats: int) -> dict:
+    u = torch.rand(128, 100, generator=torch.Generator().manual_seed(0))
+    as_bool = torch.compile(lambda v: v.log() < -0.5)
+    as_float = torch.compile(lambda v: (v.log() < -0.5).float())
+    return {"bool_us": _per_call_us(lambda: as_bool(u), calls, repeats),
+            "float_us": _per_call_us(lambda: as_float(u), calls, repeats)}
+
+
+def product_call(calls: int, repeats: int) -> dict:
+    from ebmflow.energy import _gemm
+
+    if _gemm._opaque is None:
+        return {"skipped": "no oneDNN linear in this torch build"}
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(128, 256, generator=g), torch.randn(256, 256, generator=g),
+               torch.randn(256, generator=g))
+
+    @torch.library.custom_op("ebmflow_bench::linear", mutates_args=())
+    def wrapped(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return _gemm._onednn(x, w, b)
+
+    return {"library_op_us": _per_call_us(lambda: _gemm._opaque(x, w, b), calls, repeats),
+            "custom_op_us": _per_call_us(lambda: wrapped(x, w, b), calls, repeats),
+            "direct_us": _per_call_us(lambda: _gemm._onednn(x, w, b), calls, repeats)}
+
+
+def _plain_step(kind: str, data: torch.Tensor):
+    """One plain training step of ``benchmarks/training.py`` (ED or CD-10, batch 128)."""
+    import training as T
+
+    from ebmflow._optim import default_adam
+
+    net = T._net(torch.device("cpu"))
+    opt = default_adam(list(net.parameters()), 1e-3)
+    loss_fn = T.plain_ed_loss if kind == "ed" else T.plain_cd_loss
+
+    def step() -> None:
+        x = data[torch.randint(0, data.shape[0], (128,))]
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net, x).backward()
+        opt.step()
+
+    return step
+
+
+def _self_time_shares(step, steps: int) -> dict[str, float]:
+    """Each operator's share of the profiled self CPU time of ``steps`` calls of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    return {k: v / total for k, v in self_us.items()}
+
+
+def training_profile(steps: int) -> dict:
+    data = torch.randn(10000, 2, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for kind in ("ed", "cd10"):
+        step = _plain_step(kind, data)
+        for _ in range(10):
+            step()
+        t0 = time.thread_time()
+        for _ in range(steps):
+            step()
+        ms = (time.thread_time() - t0) / steps * 1e3
+        shares = _self_time_shares(step, steps)
+        products = shares.get("aten::mm", 0.0) + shares.get("aten::addmm", 0.0)
+        silu = shares.get("aten::silu", 0.0) + shares.get("aten::silu_backward", 0.0)
+        out[kind] = {"step_ms": ms, "products_share": products, "silu_share": silu,
+                     "bound_x_plain": 1.0 / products}
+    return out
+
+
+def mlp_evaluation(calls: int, repeats: int) -> dict:
+    from ebmflow.energy import MLPEnergy
+    from ebmflow.spaces import Continuous
+
+    torch.manual_seed(0)
+    energy = MLPEnergy(Continuous(2), hidden=(128, 128, 128), activation="silu")
+    x = torch.randn(128, 2, generator=torch.Generator().manual_seed(1))
+    return {"energy_and_grad_us": _per_call_us(lambda: energy.energy_and_grad(x), calls, repeats)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=500)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=50, help="training steps per timing")
+    add_output_arguments(ap)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    res = {"mask_store": mask_store(args.calls, args.repeats),
+           "onednn_product_call": product_call(args.calls, args.repeats),
+           "training_profile": training_profile(args.steps),
+           "mlp_evaluation": mlp_evaluation(args.calls, args.repeats)}
+    m, p = res["mask_store"], res["onednn_product_call"]
+    print(f"mask store (128 x 100, compiled): bool {m['bool_us']:.1f} us, float {m['float_us']:.1f} us")
+    if "skipped" not in p:
+        print(f"128 x 256 x 256 product call: library op {p['library_op_us']:.1f} us, custom_op "
+              f"{p['custom_op_us']:.1f} us, direct oneDNN {p['direct_us']:.1f} us")
+    for kind, r in res["training_profile"].items():
+        print(f"plain {kind} step: {r['step_ms']:.2f} ms, products {100 * r['products_share']:.0f}%, "
+              f"SiLU {100 * r['silu_share']:.0f}%, bound {r['bound_x_plain']:.2f}x the plain loop")
+    print(f"MLP 2-128-128-128-1 energy_and_grad at 128 chains: "
+          f"{res['mlp_evaluation']['energy_and_grad_us']:.0f} us")
+    res["meta"] = {"torch": torch.__version__, "threads": 1, "machine": platform.machine(),
+                   "calls": args.calls, "repeats": args.repeats, "steps": args.steps}
+    write_json(output_path(args, "bounds"), res)
+
+
+if __name__ == "__main__":
+    main()
