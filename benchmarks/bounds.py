@@ -8,6 +8,9 @@ One CPU thread, median of ``--repeats`` timings of ``--calls`` calls each:
 * ``oneDNN product call``: a 128 x 256 x 256 product through ``ebmflow::onednn_linear`` (a
   plain ``torch.library`` operator, ``energy/_gemm.py``), the same product through a
   ``torch.library.custom_op`` wrapper, and the direct oneDNN call;
+* ``narrow product``: the input gradient of an MLP on 2-D data, $G W_1$ with $G$ (B, 256) and
+  $W_1$ (256, 2), through ``F.linear`` (MKL) against ``energy/_gemm.py``'s $(W x^\top)^\top$
+  with the weight made contiguous, and with its transposed view (why ``_narrow`` copies it);
 * ``training step profile``: torch's profiler on the plain loops of ``benchmarks/training.py``
   (ED at batch 128, CD-10): the share of matrix products (``mm``, ``addmm``) and of SiLU
   forward and backward in the step; ``1 / share`` bounds the speed-up of any loop that runs
@@ -67,6 +70,23 @@ def product_call(calls: int, repeats: int) -> dict:
     return {"library_op_us": _per_call_us(lambda: _gemm._opaque(x, w, b), calls, repeats),
             "custom_op_us": _per_call_us(lambda: wrapped(x, w, b), calls, repeats),
             "direct_us": _per_call_us(lambda: _gemm._onednn(x, w, b), calls, repeats)}
+
+
+def narrow_product(calls: int, repeats: int) -> dict:
+    import torch.nn.functional as F
+
+    from ebmflow.energy import _gemm
+
+    out = {}
+    for b in (256, 4096):
+        g = torch.Generator().manual_seed(0)
+        grad, w1 = torch.randn(b, 256, generator=g), torch.randn(256, 2, generator=g)
+        n = max(calls // 16, 10) if b > 256 else calls
+        ways = {"f_linear_us": lambda gr=grad, w=w1: F.linear(gr, w.t()),
+                "narrow_us": lambda gr=grad, w=w1: _gemm._narrow(gr, w.t(), None),
+                "narrow_view_weight_us": lambda gr=grad, w=w1: torch.mm(w.t(), gr.t()).t()}
+        out[str(b)] = {k: _per_call_us(f, n, repeats) for k, f in ways.items()}
+    return out
 
 
 def _plain_step(kind: str, data: torch.Tensor):
@@ -139,6 +159,7 @@ def main() -> None:
     torch.set_num_threads(1)
     res = {"mask_store": mask_store(args.calls, args.repeats),
            "onednn_product_call": product_call(args.calls, args.repeats),
+           "narrow_product": narrow_product(args.calls, args.repeats),
            "training_profile": training_profile(args.steps),
            "mlp_evaluation": mlp_evaluation(args.calls, args.repeats)}
     m, p = res["mask_store"], res["onednn_product_call"]
@@ -146,6 +167,9 @@ def main() -> None:
     if "skipped" not in p:
         print(f"128 x 256 x 256 product call: library op {p['library_op_us']:.1f} us, custom_op "
               f"{p['custom_op_us']:.1f} us, direct oneDNN {p['direct_us']:.1f} us")
+    for b, r in res["narrow_product"].items():
+        print(f"({b}, 256) x (256, 2) product: F.linear {r['f_linear_us']:.1f} us, (W x^T)^T "
+              f"{r['narrow_us']:.1f} us ({r['narrow_view_weight_us']:.1f} us with W's view)")
     for kind, r in res["training_profile"].items():
         print(f"plain {kind} step: {r['step_ms']:.2f} ms, products {100 * r['products_share']:.0f}%, "
               f"SiLU {100 * r['silu_share']:.0f}%, bound {r['bound_x_plain']:.2f}x the plain loop")

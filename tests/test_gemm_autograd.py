@@ -114,3 +114,79 @@ def test_compiled_no_grad_products_run_the_opaque_onednn_operator():
     assert torch.ops.ebmflow.onednn_linear in targets
     torch.testing.assert_close(_gemm._opaque(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert _gemm._opaque(x, w, None).shape == (300, 128)
+
+
+@pytest.mark.parametrize("n_out", [2, 5, 8])
+def test_narrow_outputs_equal_f_linear_and_come_back_column_major(n_out):
+    """2-8 output columns from >= 16 inputs: $(W x^\\top + b)^\\top$, equal to F.linear (float32
+    rounding), column-major, with the weight given as a transposed view too (the MLP's input
+    gradient $G W_1$ passes ``W_1.t()``)."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(300, 64), torch.randn(n_out, 64), torch.randn(n_out)
+    got = _gemm.linear(x, w, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert got.stride() == (1, 300)
+    w_view = torch.randn(64, n_out).t()  # (n_out, 64), not contiguous
+    torch.testing.assert_close(_gemm.linear(x, w_view), F.linear(x, w_view), rtol=1e-5, atol=1e-5)
+    assert _gemm.linear(x[:, :8], torch.randn(4, 8)).is_contiguous()  # narrow inputs: F.linear
+
+
+def test_narrow_outputs_are_differentiable_twice():
+    torch.manual_seed(1)
+    x = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_gemm.linear, (x, w, b))
+    assert torch.autograd.gradgradcheck(lambda *a: _gemm.linear(*a).pow(2), (x, w, b))
+
+
+def test_compiled_narrow_products_run_the_opaque_operator():
+    """Inside torch.compile (no grad) a narrow product is ``ebmflow::narrow_linear``, whose fake
+    output has the strides of the real one (column-major)."""
+    torch.manual_seed(0)
+    x, w = torch.randn(256, 64), torch.randn(64, 2)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        got = torch.compile(lambda z: _gemm.linear(z, w.t()), backend=backend)(x)
+        inductor = torch.compile(lambda z: _gemm.linear(z, w.t()) * 2)(x)
+    torch.testing.assert_close(got, x @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inductor, 2 * (x @ w), rtol=1e-5, atol=1e-5)
+    targets = [n.target for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert torch.ops.ebmflow.narrow_linear in targets
+    real = torch.ops.ebmflow.narrow_linear(x, w.t(), None)
+    fake = _gemm._fake_narrow(x, w.t(), None)
+    assert (real.shape, real.stride()) == (fake.shape, fake.stride()) == ((256, 2), (1, 256))
+
+
+def test_energy_and_grad_of_a_narrow_multi_dim_state():
+    """States of shape (B, 2, 2) flatten to 4 inputs; the input gradient comes from a narrow
+    (column-major) product and still takes the state's shape and values."""
+    torch.manual_seed(0)
+    model = MLPEnergy(Continuous((2, 2)), hidden=(32, 32))
+    x = torch.randn(64, 2, 2)
+    e, g = model.energy_and_grad(x)
+    xf = x.flatten(1).requires_grad_()
+    want, = torch.autograd.grad(_plain(model, xf).sum(), xf)
+    torch.testing.assert_close(g, want.view_as(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e, _plain(model, x.flatten(1)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["silu", "tanh"])
+def test_compiled_hand_written_backward_equals_autograd(activation):
+    """Inside a compiled graph SiLU keeps its sigmoid for the backward
+    ($\\mathrm{silu}'(a) = s (1 + a (1 - s))$); energies and gradients still equal autograd's."""
+    from ebmflow.energy.networks import mlp_energy_and_grad
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MLPEnergy(Continuous(2), hidden=(32, 32), activation=activation)
+    x = 2 * torch.randn(64, 2)
+    e, g = torch.compile(lambda z: mlp_energy_and_grad(model.net, z), backend="eager")(x)
+    want, = torch.autograd.grad(_plain(model, x.requires_grad_()).sum(), x)
+    torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(e, _plain(model, x.detach()), rtol=1e-5, atol=1e-6)
