@@ -11,6 +11,8 @@ One CPU thread, median of ``--repeats`` timings of ``--calls`` calls each:
 * ``narrow product``: the input gradient of an MLP on 2-D data, $G W_1$ with $G$ (B, 256) and
   $W_1$ (256, 2), through ``F.linear`` (MKL) against ``energy/_gemm.py``'s $(W x^\top)^\top$
   with the weight made contiguous, and with its transposed view (why ``_narrow`` copies it);
+* ``Ising field``: the local field $s J$ of ``IsingEnergy`` for 128 chains at D = 100 and
+  D = 1024, ``s @ J`` (MKL) against ``energy/_gemm.linear`` (oneDNN);
 * ``training step profile``: torch's profiler on the plain loops of ``benchmarks/training.py``
   (ED at batch 128, CD-10): the share of matrix products (``mm``, ``addmm``) and of SiLU
   forward and backward in the step; ``1 / share`` bounds the speed-up of any loop that runs
@@ -89,6 +91,22 @@ def narrow_product(calls: int, repeats: int) -> dict:
     return out
 
 
+def ising_field(calls: int, repeats: int) -> dict:
+    from ebmflow.energy import _gemm
+
+    out = {}
+    for d in (100, 1024):
+        g = torch.Generator().manual_seed(0)
+        s = 2 * torch.randint(0, 2, (128, d), generator=g).float() - 1
+        j = torch.randn(d, d, generator=g)
+        j = j + j.t()
+        n = max(calls // 32, 10) if d > 100 else calls
+        out[str(d)] = {"matmul_us": _per_call_us(lambda s=s, j=j: s @ j, n, repeats),
+                       "gemm_linear_us": _per_call_us(lambda s=s, j=j: _gemm.linear(s, j), n,
+                                                      repeats)}
+    return out
+
+
 def _plain_step(kind: str, data: torch.Tensor):
     """One plain training step of ``benchmarks/training.py`` (ED or CD-10, batch 128)."""
     import training as T
@@ -160,6 +178,7 @@ def main() -> None:
     res = {"mask_store": mask_store(args.calls, args.repeats),
            "onednn_product_call": product_call(args.calls, args.repeats),
            "narrow_product": narrow_product(args.calls, args.repeats),
+           "ising_field": ising_field(args.calls, args.repeats),
            "training_profile": training_profile(args.steps),
            "mlp_evaluation": mlp_evaluation(args.calls, args.repeats)}
     m, p = res["mask_store"], res["onednn_product_call"]
@@ -170,6 +189,9 @@ def main() -> None:
     for b, r in res["narrow_product"].items():
         print(f"({b}, 256) x (256, 2) product: F.linear {r['f_linear_us']:.1f} us, (W x^T)^T "
               f"{r['narrow_us']:.1f} us ({r['narrow_view_weight_us']:.1f} us with W's view)")
+    for d, r in res["ising_field"].items():
+        print(f"Ising field, 128 chains, D = {d}: s @ J {r['matmul_us']:.1f} us, "
+              f"gemm.linear {r['gemm_linear_us']:.1f} us")
     for kind, r in res["training_profile"].items():
         print(f"plain {kind} step: {r['step_ms']:.2f} ms, products {100 * r['products_share']:.0f}%, "
               f"SiLU {100 * r['silu_share']:.0f}%, bound {r['bound_x_plain']:.2f}x the plain loop")
