@@ -29,6 +29,7 @@ from ebmflow.samplers import (
 )
 from ebmflow.samplers._compiled import (
     INNERMOST_MAX,
+    CompiledBlock,
     chains_innermost,
     chains_outermost,
     predraw,
@@ -652,7 +653,7 @@ def test_compiled_block_bookkeeping_and_compile_arguments(monkeypatch):
     t0 = time.perf_counter()
     sampler.run(energy, x0, 9, generator=torch.Generator().manual_seed(0))
     elapsed = time.perf_counter() - t0
-    assert calls == [{"dynamic": False, "backend": "eager"}]
+    assert calls == [{"dynamic": False, "backend": "eager", "options": None}]
     ((key, block),) = sampler._compiled.items()
     assert block.key is key and block.k == 4 and block.calls == 2
     assert [d.kind for d in block.spec] == ["randn", "rand"]  # MALA: proposal noise, uniform
@@ -661,6 +662,12 @@ def test_compiled_block_bookkeeping_and_compile_arguments(monkeypatch):
     assert sampler.compile_seconds == block.compile_seconds
     fresh = MALA(0.2, compile=True)
     assert fresh.compile_seconds is None and fresh.compile_backend == "inductor"
+    # with inductor, the block skips inductor's runtime size asserts (dynamo's guards hold)
+    # and has inductor write its wrapper in C++
+    calls.clear()
+    CompiledBlock(lambda e, flat, tape: flat, 2, [], ("key",), backend="inductor")
+    assert calls == [{"dynamic": False, "backend": "inductor",
+                      "options": {"size_asserts": False, "cpp_wrapper": True}}]
 
 
 def test_at_most_four_blocks_are_kept_oldest_first_out():
