@@ -13,6 +13,9 @@ One CPU thread, median of ``--repeats`` timings of ``--calls`` calls each:
   with the weight made contiguous, and with its transposed view (why ``_narrow`` copies it);
 * ``Ising field``: the local field $s J$ of ``IsingEnergy`` for 128 chains at D = 100 and
   D = 1024, ``s @ J`` (MKL) against ``energy/_gemm.linear`` (oneDNN);
+* ``inductor options``: compiled MALA and HMC (10 leapfrog steps) on the 2-D mixture at 256
+  chains, blocks built with inductor's defaults, without its size asserts, and with
+  ``samplers/_compiled.INDUCTOR_OPTIONS`` (also its C++ wrapper), alternating in one process;
 * ``training step profile``: torch's profiler on the plain loops of ``benchmarks/training.py``
   (ED at batch 128, CD-10): the share of matrix products (``mm``, ``addmm``) and of SiLU
   forward and backward in the step; ``1 / share`` bounds the speed-up of any loop that runs
@@ -107,6 +110,41 @@ def ising_field(calls: int, repeats: int) -> dict:
     return out
 
 
+def inductor_options(repeats: int, steps: int = 200) -> dict:
+    import math
+
+    import ebmflow.samplers._compiled as compiled
+    from ebmflow.energy import GaussianMixtureEnergy
+    from ebmflow.samplers import HMC, MALA
+
+    k = 8
+    a = torch.arange(k) * (2 * math.pi / k)
+    target = GaussianMixtureEnergy(4 * torch.stack([a.cos(), a.sin()], 1), torch.full((k, 2), 0.5))
+    x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(1))
+    variants = {"defaults": {}, "no_size_asserts": {"size_asserts": False},
+                "ebmflow": dict(compiled.INDUCTOR_OPTIONS)}
+    kept = compiled.INDUCTOR_OPTIONS
+    out: dict = {}
+    try:
+        for name, make in (("mala", lambda: MALA(0.01, compile=True)),
+                           ("hmc", lambda: HMC(0.01, n_leapfrog=10, compile=True))):
+            samplers = {}
+            for variant, options in variants.items():
+                compiled.INDUCTOR_OPTIONS = options  # read when the block is built
+                samplers[variant] = make()
+                samplers[variant].run(target, x0, steps)
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for _ in range(repeats):
+                for variant, sampler in samplers.items():
+                    t0 = time.thread_time()
+                    sampler.run(target, x0, steps, generator=torch.Generator().manual_seed(0))
+                    times[variant].append((time.thread_time() - t0) / steps * 1e6)
+            out[name] = {f"{v}_us_per_step": statistics.median(t) for v, t in times.items()}
+    finally:
+        compiled.INDUCTOR_OPTIONS = kept
+    return out
+
+
 def _plain_step(kind: str, data: torch.Tensor):
     """One plain training step of ``benchmarks/training.py`` (ED or CD-10, batch 128)."""
     import training as T
@@ -179,6 +217,7 @@ def main() -> None:
            "onednn_product_call": product_call(args.calls, args.repeats),
            "narrow_product": narrow_product(args.calls, args.repeats),
            "ising_field": ising_field(args.calls, args.repeats),
+           "inductor_options": inductor_options(max(args.repeats, 7)),
            "training_profile": training_profile(args.steps),
            "mlp_evaluation": mlp_evaluation(args.calls, args.repeats)}
     m, p = res["mask_store"], res["onednn_product_call"]
@@ -192,6 +231,10 @@ def main() -> None:
     for d, r in res["ising_field"].items():
         print(f"Ising field, 128 chains, D = {d}: s @ J {r['matmul_us']:.1f} us, "
               f"gemm.linear {r['gemm_linear_us']:.1f} us")
+    for name, r in res["inductor_options"].items():
+        print(f"compiled {name}, mixture, 256 chains (us/step): inductor defaults "
+              f"{r['defaults_us_per_step']:.1f}, no size asserts {r['no_size_asserts_us_per_step']:.1f}, "
+              f"ebmflow's options {r['ebmflow_us_per_step']:.1f}")
     for kind, r in res["training_profile"].items():
         print(f"plain {kind} step: {r['step_ms']:.2f} ms, products {100 * r['products_share']:.0f}%, "
               f"SiLU {100 * r['silu_share']:.0f}%, bound {r['bound_x_plain']:.2f}x the plain loop")

@@ -20,8 +20,8 @@ with $G = \partial L / \partial (x W^\top + b)$; $G W$ is again a product on one
 
 Narrow outputs (2 to 8 columns from at least 16 inputs, e.g. the input gradient of an MLP on
 2-D data, $G W_1$ with $W_1$ of shape (H, 2)) are computed as $(W x^\top)^\top$: MKL's
-product with few output columns is slow on this CPU (779 against 121 microseconds for
-(4096, 256) x (256, 2), 50 against 10 for (256, 256) x (256, 2); ``benchmarks/bounds.py``).
+product with few output columns is slow on this CPU (742 against 112 microseconds for
+(4096, 256) x (256, 2), 48 against 10 for (256, 256) x (256, 2); ``benchmarks/bounds.py``).
 The result is the transposed view of a row-major $(n, B)$ matrix, i.e. column-major $(B, n)$.
 """
 
@@ -73,8 +73,8 @@ def _define_op(name: str, kernel: Any, fake: Any) -> Any:
 
     Defined with ``torch.library.Library`` and a CPU kernel rather than
     ``torch.library.custom_op``, whose Python autograd and dispatch wrappers cost more per
-    call (``benchmarks/bounds.py``: 91 against 84 microseconds for a 128 x 256 x 256
-    product, the direct oneDNN call 83); compiled samplers call these at every step."""
+    call (``benchmarks/bounds.py``: 87 against 81 microseconds for a 128 x 256 x 256
+    product, the direct oneDNN call 80); compiled samplers call these at every step."""
     if not hasattr(torch.library, "register_fake"):
         return None
     try:  # defined once per process (a re-imported module finds it)
@@ -101,7 +101,7 @@ def _register_opaque() -> Any:
 
 def _narrow(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     r"""$x W^\top + b$ as $(W x^\top + b)^\top$ (a column-major result). The small weight is
-    made contiguous: MKL took 2.3-2.9x longer with its transposed view (bounds.py)."""
+    made contiguous: MKL took 2.4-3.0x longer with its transposed view (bounds.py)."""
     xt, w = x.t(), weight.contiguous()
     out = torch.mm(w, xt) if bias is None else torch.addmm(bias.unsqueeze(1), w, xt)
     return out.t()

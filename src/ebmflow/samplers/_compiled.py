@@ -34,18 +34,18 @@ from .rng import Draw, NoiseTape
 __all__ = ["CompiledBlock", "CompileFallbackWarning", "NoiseBlock", "predraw", "compile_available",
            "whole_block_fill_is_exact", "chains_innermost", "chains_outermost"]
 
-# states of at most this many numbers per chain run with the chain axis innermost in memory
-# How inductor builds a block (measured in one process, alternating, one core; 256 chains
-# on the 2-D mixture):
+# How inductor builds a block (``benchmarks/bounds.py``: one process, alternating, one core;
+# 256 chains of the 2-D mixture, microseconds per step):
 # * ``size_asserts``: its runtime size and stride asserts re-check, at every call, what
 #   dynamo's guards already guarantee for a block's inputs (static shapes and strides); the
 #   outputs of opaque operators are as their fake implementations say (ebmflow's own are
-#   tested). Skipping them: HMC 99 -> 94, MALA 24.8 -> 23.7 microseconds per step.
+#   tested). Skipping them: HMC 89.9 -> 85.1, MALA 22.8 -> 22.0.
 # * ``cpp_wrapper``: the code around the kernels (buffer allocation, kernel calls) in C++
-#   instead of Python, the largest per-call cost of small blocks: HMC 93 -> 84, MALA 22.8 ->
-#   21.3; Gibbs on a 10 x 10 Ising model 16.4 -> 14.7; the same chains; the compile time
-#   (``benchmarks/compile_warmup.py``) did not change.
+#   instead of Python, the largest per-call cost of small blocks: HMC 85.1 -> 76.2, MALA
+#   22.0 -> 20.5; the same chains; the compile time (``benchmarks/compile_warmup.py``) did
+#   not change.
 INDUCTOR_OPTIONS = {"size_asserts": False, "cpp_wrapper": True}
+# states of at most this many numbers per chain run with the chain axis innermost in memory
 INNERMOST_MAX = 8
 
 
