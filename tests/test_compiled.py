@@ -32,6 +32,7 @@ from ebmflow.samplers._compiled import (
     CompiledBlock,
     chains_innermost,
     chains_outermost,
+    inductor_options,
     predraw,
     whole_block_fill_is_exact,
 )
@@ -662,12 +663,19 @@ def test_compiled_block_bookkeeping_and_compile_arguments(monkeypatch):
     assert sampler.compile_seconds == block.compile_seconds
     fresh = MALA(0.2, compile=True)
     assert fresh.compile_seconds is None and fresh.compile_backend == "inductor"
-    # with inductor, the block skips inductor's runtime size asserts (dynamo's guards hold)
-    # and has inductor write its wrapper in C++
+    # with inductor on the CPU, the block skips inductor's runtime size asserts (dynamo's
+    # guards hold) and has inductor write its wrapper in C++; elsewhere inductor's defaults
     calls.clear()
-    CompiledBlock(lambda e, flat, tape: flat, 2, [], ("key",), backend="inductor")
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kw: calls.append(kw) or fn)
+    block = CompiledBlock(lambda e, flat, tape: flat, 2, [], ("key",), backend="inductor")
+    assert calls == []  # built at the first call, when the device is known
+    flat = {"x": torch.zeros(3, 2)}
+    assert block(None, flat, []) is flat and block(None, flat, []) is flat
     assert calls == [{"dynamic": False, "backend": "inductor",
                       "options": {"size_asserts": False, "cpp_wrapper": True}}]
+    assert inductor_options("inductor", torch.device("cuda")) == {}
+    assert inductor_options("inductor", torch.device("meta")) == {}
+    assert inductor_options("aot_eager", torch.device("cpu")) is None
 
 
 def test_at_most_four_blocks_are_kept_oldest_first_out():

@@ -45,6 +45,15 @@ __all__ = ["CompiledBlock", "CompileFallbackWarning", "NoiseBlock", "predraw", "
 #   22.0 -> 20.5; the same chains; the compile time (``benchmarks/compile_warmup.py``) did
 #   not change.
 INDUCTOR_OPTIONS = {"size_asserts": False, "cpp_wrapper": True}
+
+
+def inductor_options(backend: Any, device: torch.device) -> dict[str, Any] | None:
+    """The ``options`` of ``torch.compile`` for a block: ``INDUCTOR_OPTIONS`` for inductor on
+    the CPU, where they were measured; inductor's defaults on other devices (GPU: not yet
+    measured) and None for other backends (which take no options)."""
+    if backend != "inductor":
+        return None
+    return dict(INDUCTOR_OPTIONS) if device.type == "cpu" else {}
 # states of at most this many numbers per chain run with the chain axis innermost in memory
 INNERMOST_MAX = 8
 
@@ -171,10 +180,14 @@ class CompiledBlock:
         # a code object of its own: dynamo keeps one cache (and one recompile limit) per code
         # object, and every block of every sampler would otherwise share this one
         block.__code__ = block.__code__.replace()
-        self._fn = torch.compile(block, dynamic=False, backend=backend,
-                                 options=dict(INDUCTOR_OPTIONS) if backend == "inductor" else None)
+        self._block, self._backend = block, backend
+        self._fn: Callable[..., dict[str, Tensor]] | None = None  # at the first call (device)
 
     def __call__(self, energy: Any, flat: dict[str, Tensor], draws: list[Tensor]) -> dict[str, Tensor]:
+        if self._fn is None:
+            device = next(iter(flat.values())).device
+            self._fn = torch.compile(self._block, dynamic=False, backend=self._backend,
+                                     options=inductor_options(self._backend, device))
         if self.compile_seconds is None:
             t0 = time.perf_counter()
             out = self._fn(energy, flat, draws)
