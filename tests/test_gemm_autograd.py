@@ -114,6 +114,12 @@ def test_compiled_no_grad_products_run_the_opaque_onednn_operator():
     assert torch.ops.ebmflow.onednn_linear in targets
     torch.testing.assert_close(_gemm._opaque(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert _gemm._opaque(x, w, None).shape == (300, 128)
+    # compiled blocks run without inductor's size asserts: the fake output's strides must be
+    # the real ones, also for a transposed weight (the hand-written backward's G W)
+    for weight in (w, torch.randn(64, 128).t()):
+        real = _gemm._opaque(x, weight, None)
+        fake = _gemm._fake_linear(x, weight, None)
+        assert (real.shape, real.stride()) == (fake.shape, fake.stride())
 
 
 @pytest.mark.parametrize("n_out", [2, 5, 8])
