@@ -7,6 +7,7 @@ inductor itself.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import time
@@ -15,6 +16,7 @@ import warnings
 import pytest
 import torch
 
+import ebmflow.samplers.base as base_module
 from ebmflow.energy import EnergyModel, GaussianMixtureEnergy, IsingEnergy, MLPEnergy
 from ebmflow.samplers import (
     HMC,
@@ -25,6 +27,7 @@ from ebmflow.samplers import (
     GibbsWithGradients,
     Langevin,
     MCMCSampler,
+    executors,
     rng,
 )
 from ebmflow.samplers._compiled import (
@@ -880,3 +883,78 @@ def test_noise_block_fills_like_the_eager_steps_in_every_mode() -> None:
     whole = NoiseBlock(one, 4, whole=True).refill(torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
     assert torch.equal(whole[0], torch.stack([torch.randn(8, 2, generator=g) for _ in range(4)]))
+
+
+def _auto_runs(sampler, energy, lengths, monkeypatch=None, delay=0.0):
+    """Runs of the given lengths from one start, one generator; returns the states."""
+    if delay:
+        real_call = CompiledBlock.__call__
+
+        def slow_call(self, *args):
+            time.sleep(delay)
+            return real_call(self, *args)
+
+        monkeypatch.setattr(CompiledBlock, "__call__", slow_call)
+    g = torch.Generator().manual_seed(3)
+    x = _x0(energy)
+    out = []
+    for n in lengths:
+        x = sampler.run(energy, x, n, generator=g)
+        out.append(x)
+    return out
+
+
+def test_auto_goes_back_to_eager_where_compiled_discrete_steps_are_slower(monkeypatch):
+    """compile="auto" on a discrete state times the compiled blocks (after the compiling
+    call) against the last eager run; slower by more than 10% over 4 or more calls, the
+    layout runs eagerly from then on. The chains are the eager chains throughout."""
+    energy = _binary_mlp()
+    lengths = [10, 40, 40, 40, 40]
+    eager = _auto_runs(GibbsWithGradients(compile=False), energy, lengths)
+    s = GibbsWithGradients()  # compile="auto"
+    s.compile_after, s.compile_backend = 20, "eager"
+    calls = []
+    real_run_compiled = base_module.run_compiled
+    monkeypatch.setattr(base_module, "run_compiled",
+                        lambda *a: calls.append(1) or real_run_compiled(*a))
+    got = _auto_runs(s, energy, lengths, monkeypatch, delay=0.05)
+    for a, b in zip(got, eager):
+        assert torch.equal(a, b)
+    # run 1 eager; runs 2-3 compiled (3 + 5 timed block calls); then eager for good
+    assert len(calls) == 2
+    assert s._auto_slower == {executors.auto_layout(energy, got[0])}
+    assert s._last_block.timed_calls == 8 and s._last_block.calls == 9
+
+
+def test_auto_keeps_compiled_continuous_chains_and_compile_true(monkeypatch):
+    """Continuous chains agree with eager only to float rounding, so "auto" never switches
+    them on timing; compile=True never switches either."""
+    energy = _mixture()
+    s = MALA(0.2)
+    s.compile_after, s.compile_backend = 20, "eager"
+    _auto_runs(s, energy, [10, 40, 40, 40], monkeypatch, delay=0.02)
+    assert s._auto_slower == set() and s._last_block is not None
+    assert s._last_block.timed_calls == 13  # 3 + 5 + 5: compiled to the end
+    forced = GibbsWithGradients(compile=True)
+    forced.compile_backend = "eager"
+    _auto_runs(forced, _binary_mlp(), [10, 40, 40, 40], monkeypatch, delay=0.02)
+    assert forced._auto_slower == set() and forced._last_block.timed_calls == 15
+
+
+def test_auto_decision_needs_enough_timed_calls_and_a_clear_difference():
+    s = GibbsWithGradients()
+    layout = ("e", (4, 2), torch.float32)
+    block = CompiledBlock(lambda e, flat, tape: flat, 8, [], ("key",), backend="eager")
+    s._last_block = block
+    assert not executors.auto_measured_slower(s, layout)  # no eager time yet
+    s._auto_eager_seconds[layout] = 1e-3  # 1 ms per eager step
+    block.timed_calls, block.timed_seconds = 3, 3 * 8 * 5e-3
+    assert not executors.auto_measured_slower(s, layout)  # only 3 timed calls
+    block.timed_calls, block.timed_seconds = 4, 4 * 8 * 1.09e-3
+    assert not executors.auto_measured_slower(s, layout)  # within 10%
+    block.timed_seconds = 4 * 8 * 1.11e-3
+    assert executors.auto_measured_slower(s, layout)
+    s._last_block = None
+    assert not executors.auto_measured_slower(s, layout)
+    pickled = copy.deepcopy(s)  # the timing caches are left out (keyed by id(energy))
+    assert pickled._auto_eager_seconds == {} and pickled._last_block is None

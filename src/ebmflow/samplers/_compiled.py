@@ -167,6 +167,9 @@ class CompiledBlock:
         self.key = key
         self.compile_seconds: float | None = None
         self.calls = 0
+        # wall time of the calls after the compiling one (compile="auto" compares it)
+        self.timed_calls = 0
+        self.timed_seconds = 0.0
         self.noise: NoiseBlock | None = None  # the executor's noise buffers for this block
         self.whole_draws = whole_block_fill_is_exact(spec, k)
         n_draws = len(spec)

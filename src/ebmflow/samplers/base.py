@@ -28,6 +28,7 @@ the current state between steps (MALA, HMC) override ``init_state`` and ``transi
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .. import _capture
 from ..energy.base import EnergyModel
-from ..spaces import Categorical, check_same_device
+from ..spaces import Categorical, Continuous, check_same_device
 from ._compiled import CompiledBlock
 from ._fast import GraphRunner
 from .chain import (  # noqa: F401 - re-exported: samplers import the helpers from here
@@ -54,7 +55,15 @@ from .chain import (  # noqa: F401 - re-exported: samplers import the helpers fr
     _row_sums,
     _where_state,
 )
-from .executors import _COMPILE_BLOCK, run_compiled, run_eager, run_graphed, use_compiled
+from .executors import (
+    _COMPILE_BLOCK,
+    auto_layout,
+    auto_measured_slower,
+    run_compiled,
+    run_eager,
+    run_graphed,
+    use_compiled,
+)
 
 __all__ = ["Sampler", "MCMCSampler", "ChainState", "NonFiniteError", "StepInfo"]
 
@@ -196,7 +205,9 @@ class MCMCSampler(Sampler):
             ``generator`` just before each block in the eager order, so the chains are the
             eager chains to float rounding. ``"auto"`` (default) compiles CPU chains once the
             sampler has run ``compile_after`` steps (default 2000) eagerly, i.e. when it is
-            used for long enough to amortise compiling (CUDA chains stay eager: not measured
+            used for long enough to amortise compiling, and on discrete states goes back to
+            eager for good where the compiled steps, timed over 4 or more blocks, take more
+            than 1.1x the last eager run's time per step (CUDA chains stay eager: not measured
             yet; ``compile=True`` opts in, ``cuda_graph=True`` is the measured-later CUDA
             path); ``False`` never compiles. Compiling takes
             seconds to minutes the first time (``compile_seconds`` reports it) and much less
@@ -254,6 +265,12 @@ class MCMCSampler(Sampler):
         self._compile_failed: str | None = None
         self._row_major_blocks = False  # the energy failed on chains-innermost states
         self._auto_steps = 0
+        # compile="auto" on discrete states: the last eager run's seconds per step, per
+        # layout (``executors.auto_layout``), the layouts whose compiled steps measured
+        # slower (they run eagerly from then on), and the block the last compiled run used
+        self._auto_eager_seconds: dict[tuple, float] = {}
+        self._auto_slower: set[tuple] = set()
+        self._last_block: CompiledBlock | None = None
 
     # -- subclass surface --------------------------------------------------------------
     def step(
@@ -341,8 +358,15 @@ class MCMCSampler(Sampler):
         bar = (tqdm(total=n_steps, desc=type(self).__name__, leave=False) if show
                else _NO_BAR)
         graphed = self.cuda_graph and x0.is_cuda and not capturing and n_steps > 0
+        # "auto" compares compiled and eager speed on discrete states, where the two give
+        # the same chains exactly
+        timed = (self.compile == "auto" and not capturing and x0.device.type == "cpu"
+                 and not isinstance(energy.space, Continuous))
+        layout = auto_layout(energy, x0) if timed else None
+        if not hasattr(self, "_auto_slower"):  # a sampler pickled by an earlier version
+            self._auto_eager_seconds, self._auto_slower, self._last_block = {}, set(), None
         compiled = (not graphed and not capturing and n_steps > 1
-                    and use_compiled(self, x0, n_steps))
+                    and layout not in self._auto_slower and use_compiled(self, x0, n_steps))
         eager = self.on_nonfinite == "raise" and not compiled and not capturing
         if eager and not graphed:  # bookkeeping tensors are made only when needed
             carry = _Carry(state, {}, None, None, 0)  # type: ignore[arg-type]
@@ -355,9 +379,11 @@ class MCMCSampler(Sampler):
                 0,  # a Python int in the eager loop (no op per step); a tensor in graphs
             )
         done = 0
+        t0 = time.perf_counter()
         if graphed:
             carry, done = run_graphed(self, energy, carry, n_steps, generator, bar)
         elif compiled:
+            self._last_block = None
             carry, done = run_compiled(self, energy, carry, n_steps, generator, bar)
         if eager:
             carry = run_eager(self, energy, carry, n_steps - done, done, generator, bar)
@@ -366,6 +392,10 @@ class MCMCSampler(Sampler):
                 carry = self._advance(energy, carry, generator)
                 bar.update(1)
         bar.close()
+        if layout is not None and not compiled and n_steps > 0:
+            self._auto_eager_seconds[layout] = (time.perf_counter() - t0) / n_steps
+        elif layout is not None and compiled and auto_measured_slower(self, layout):
+            self._auto_slower.add(layout)
         first_bad = carry.first_bad  # None: every state was finite (eager loop on CPU)
         if self.on_nonfinite == "raise" and n_steps > 0 and not capturing and first_bad is not None:
             _raise_if_bad(first_bad, type(self).__name__, x0)
@@ -400,12 +430,14 @@ class MCMCSampler(Sampler):
         self._graph = None
         self._compiled = {}
         self._draw_specs = {}
+        self._last_block = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickling (``torch.save(sampler)``, ``copy.deepcopy``) leaves out the compiled blocks
         and the recorded CUDA graph: caches that cannot be pickled and are rebuilt on use."""
         state = dict(super().__getstate__())
-        state.update(_graph=None, _compiled={}, _draw_specs={})
+        state.update(_graph=None, _compiled={}, _draw_specs={}, _last_block=None,
+                     _auto_eager_seconds={}, _auto_slower=set())  # keyed by id(energy)
         return state
 
     # -- internals ---------------------------------------------------------------------

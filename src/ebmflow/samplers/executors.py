@@ -16,6 +16,7 @@ All three give the same chains for the same generator (up to float rounding when
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -125,6 +126,28 @@ def use_compiled(sampler: MCMCSampler, x0: Tensor, n_steps: int) -> bool:
     return True
 
 
+_AUTO_TIMED_CALLS = 4  # compiled block calls (after the compiling one) timed before deciding
+_AUTO_SLOWER = 1.1  # "auto" goes back to eager when compiled steps take this much longer
+
+
+def auto_layout(energy: EnergyModel, x0: Tensor) -> tuple:
+    """What "auto"'s speed comparison is kept per: the energy and the state's shape/dtype."""
+    return (id(energy), tuple(x0.shape), x0.dtype)
+
+
+def auto_measured_slower(sampler: MCMCSampler, layout: tuple) -> bool:
+    r"""After a compiled run under ``compile="auto"`` on a discrete state space: whether the
+    compiled steps, timed over at least ``_AUTO_TIMED_CALLS`` block calls after the one that
+    compiled, took more than ``_AUTO_SLOWER`` times the last eager run's time per step of
+    the same layout. Discrete compiled chains equal the eager ones exactly, so going back to
+    eager changes the speed only."""
+    block = sampler._last_block
+    eager = sampler._auto_eager_seconds.get(layout)
+    if block is None or eager is None or block.timed_calls < _AUTO_TIMED_CALLS:
+        return False
+    return block.timed_seconds / (block.timed_calls * block.k) > _AUTO_SLOWER * eager
+
+
 def run_compiled(
     sampler: MCMCSampler,
     energy: EnergyModel,
@@ -220,6 +243,7 @@ def _run_blocks(
     # a retry or the eager fallback continues the same chains as an eager run
     before = generator_state(real, device) if block.calls == 0 else None
     for _ in range(blocks):
+        t0 = time.perf_counter() if block.calls > 0 else None  # the compiling call apart
         draws = block.noise.refill(real)
         try:
             flat = block(energy, flat, draws)
@@ -229,8 +253,12 @@ def _run_blocks(
             restore_generator_state(real, device, before)
             sampler._compiled.pop(key, None)
             return f"torch.compile failed: {type(err).__name__}: {err}"
+        if t0 is not None:
+            block.timed_calls += 1
+            block.timed_seconds += time.perf_counter() - t0
         bar.update(k)
     sampler._compile_seconds = block.compile_seconds
+    sampler._last_block = block
     return flat
 
 
