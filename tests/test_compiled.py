@@ -932,9 +932,13 @@ def test_auto_keeps_compiled_continuous_chains_and_compile_true(monkeypatch):
     energy = _mixture()
     s = MALA(0.2)
     s.compile_after, s.compile_backend = 20, "eager"
+    t0 = time.perf_counter()
     _auto_runs(s, energy, [10, 40, 40, 40], monkeypatch, delay=0.02)
+    elapsed = time.perf_counter() - t0
     assert s._auto_slower == set() and s._last_block is not None
     assert s._last_block.timed_calls == 13  # 3 + 5 + 5: compiled to the end
+    # the timed calls' wall time is summed: at least their delays, at most the whole runs
+    assert 13 * 0.02 <= s._last_block.timed_seconds <= elapsed
     forced = GibbsWithGradients(compile=True)
     forced.compile_backend = "eager"
     _auto_runs(forced, _binary_mlp(), [10, 40, 40, 40], monkeypatch, delay=0.02)
@@ -956,5 +960,13 @@ def test_auto_decision_needs_enough_timed_calls_and_a_clear_difference():
     assert executors.auto_measured_slower(s, layout)
     s._last_block = None
     assert not executors.auto_measured_slower(s, layout)
+    s._last_block, s._auto_slower = block, {layout}
     pickled = copy.deepcopy(s)  # the timing caches are left out (keyed by id(energy))
     assert pickled._auto_eager_seconds == {} and pickled._last_block is None
+    assert pickled._auto_slower == set()
+    fresh = CompiledBlock(lambda e, flat, tape: flat, 8, [], ("key",), backend="eager")
+    assert fresh.timed_calls == 0 and fresh.timed_seconds == 0.0
+    # each energy has its own comparison, also for states of one shape and dtype
+    x, one, other = torch.zeros(4, 2), _binary_mlp(), _binary_mlp()
+    assert executors.auto_layout(one, x) != executors.auto_layout(other, x)
+    assert executors.auto_layout(one, x) == executors.auto_layout(one, x.clone())
