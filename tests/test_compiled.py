@@ -800,7 +800,7 @@ class FlatViewEnergy(EnergyModel):
         return 0.5 * flat.square().view(x.shape[0], 2).sum(1)
 
 
-def test_an_energy_that_needs_row_major_states_compiles_row_major_without_warning() -> None:
+def test_an_energy_that_needs_row_major_states_compiles_row_major_without_warning(monkeypatch) -> None:
     torch._dynamo.reset()
     energy = FlatViewEnergy()
     x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
@@ -816,20 +816,11 @@ def test_an_energy_that_needs_row_major_states_compiles_row_major_without_warnin
     assert key[4] is False  # the block kept is the row-major one
     torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
     # later runs go straight to the row-major block: no second chains-innermost attempt
-    from ebmflow.samplers import executors
-
     tried = []
     real_run_blocks = executors._run_blocks
-
-    def spy(*args):
-        tried.append(args[-1])
-        return real_run_blocks(*args)
-
-    executors._run_blocks = spy
-    try:
-        s.run(energy, x0, 17, generator=torch.Generator().manual_seed(0))
-    finally:
-        executors._run_blocks = real_run_blocks
+    monkeypatch.setattr(executors, "_run_blocks",
+                        lambda *args: tried.append(args[-1]) or real_run_blocks(*args))
+    s.run(energy, x0, 17, generator=torch.Generator().manual_seed(0))
     assert tried == [False] and len(s._compiled) == 1
 
 

@@ -81,7 +81,9 @@ def mlp_energy_and_grad(net: nn.Sequential, x: Tensor) -> tuple[Tensor, Tensor] 
     one matrix product per layer), without the graph bookkeeping; medium and large float32
     matrix products on CPU run on oneDNN (``energy/_gemm.py``: about twice as fast as the BLAS
     behind ``F.linear`` on the CPUs measured), so there the result agrees with autograd to
-    float32 rounding rather than bit for bit. Returns None when ``net`` is not such a stack.
+    float32 rounding rather than bit for bit. Inside a compiled graph, SiLU layers keep
+    $s = \sigma(a)$ from the forward pass and use $\mathrm{silu}'(a) = s (1 + a (1 - s))$
+    (one exponential per layer instead of two). Returns None when ``net`` is not such a stack.
     """
     plan = _mlp_plan(net)
     if plan is None:

@@ -54,6 +54,8 @@ def inductor_options(backend: Any, device: torch.device) -> dict[str, Any] | Non
     if backend != "inductor":
         return None
     return dict(INDUCTOR_OPTIONS) if device.type == "cpu" else {}
+
+
 # states of at most this many numbers per chain run with the chain axis innermost in memory
 INNERMOST_MAX = 8
 
