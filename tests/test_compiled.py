@@ -32,6 +32,7 @@ from ebmflow.samplers import (
 )
 from ebmflow.samplers._compiled import (
     INNERMOST_MAX,
+    POOLED_STATE_MAX,
     CompiledBlock,
     chains_innermost,
     chains_outermost,
@@ -660,8 +661,10 @@ def test_compiled_block_bookkeeping_and_compile_arguments(monkeypatch):
     assert calls == [{"dynamic": False, "backend": "eager", "options": None}]
     ((key, block),) = sampler._compiled.items()
     assert block.key is key and block.k == 4 and block.calls == 2
-    assert [d.kind for d in block.spec] == ["randn", "rand"]  # MALA: proposal noise, uniform
-    assert block.whole_draws is False  # two draws per step: filled step by step
+    # MALA: one normal draw per step (proposal noise and the log-uniform), 32 x (2 + 2)
+    # numbers: a multiple of 16, so a block's K steps are drawn with one call
+    assert [(d.kind, d.shape) for d in block.spec] == [("randn", (128,))]
+    assert block.whole_draws is True
     assert isinstance(block.compile_seconds, float) and 0 < block.compile_seconds < elapsed
     assert sampler.compile_seconds == block.compile_seconds
     fresh = MALA(0.2, compile=True)
@@ -674,8 +677,22 @@ def test_compiled_block_bookkeeping_and_compile_arguments(monkeypatch):
     assert calls == []  # built at the first call, when the device is known
     flat = {"x": torch.zeros(3, 2)}
     assert block(None, flat, []) is flat and block(None, flat, []) is flat
+    # a small state (6 numbers) also pools the block's intermediate buffers
+    assert calls == [{"dynamic": False, "backend": "inductor",
+                      "options": {"size_asserts": False, "cpp_wrapper": True,
+                                  "memory_planning": True}}]
+    calls.clear()
+    big = CompiledBlock(lambda e, flat, tape: flat, 2, [], ("key",), backend="inductor")
+    # the state decides, not the first tensor of the carry
+    flat = {"t": torch.zeros(()), "x": torch.zeros(POOLED_STATE_MAX + 1)}
+    assert big(None, flat, []) is flat
     assert calls == [{"dynamic": False, "backend": "inductor",
                       "options": {"size_asserts": False, "cpp_wrapper": True}}]
+    cpu = torch.device("cpu")
+    assert inductor_options("inductor", cpu, POOLED_STATE_MAX)["memory_planning"] is True
+    assert "memory_planning" not in inductor_options("inductor", cpu, POOLED_STATE_MAX + 1)
+    assert "memory_planning" not in inductor_options("inductor", cpu)
+    assert inductor_options("inductor", torch.device("cuda"), 6) == {}
     assert inductor_options("inductor", torch.device("cuda")) == {}
     assert inductor_options("inductor", torch.device("meta")) == {}
     assert inductor_options("aot_eager", torch.device("cpu")) is None

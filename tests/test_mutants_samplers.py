@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import scipy.stats
 import torch
 
 from ebmflow.energy import EnergyModel
@@ -203,15 +204,16 @@ def test_adaptive_defaults_and_state():
 
 def _mala_ref(x, a, eta, seed):
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(x.shape, generator=g, dtype=x.dtype)
-    u = torch.rand(x.shape[:1], generator=g, dtype=x.dtype)
+    z = torch.randn(x.numel() + 2 * len(x), generator=g, dtype=x.dtype)
+    noise = z[:x.numel()].reshape(x.shape)
+    log_u = -0.5 * (z[x.numel():].reshape(2, len(x)) ** 2).sum(0)  # chi^2_2 / 2 ~ Exp(1)
     e, gr = _quad_eg(x, a)
     prop = x - eta * gr + math.sqrt(2 * eta) * noise
     ep, gp = _quad_eg(prop, a)
     log_q_fwd = -(noise.square()).sum(1) / 2
     log_q_back = -((x - prop + eta * gp).square()).sum(1) / (4 * eta)
     la = e - ep + log_q_back - log_q_fwd
-    acc = u.log() < la
+    acc = log_u < la
     return torch.where(acc[:, None], prop, x), torch.where(acc, ep, e), acc, la
 
 
@@ -242,8 +244,9 @@ def test_mala_transition_exact(n_warmup):
 
 def _hmc_ref(x, a, eps, L, seed):
     g = torch.Generator().manual_seed(seed)
-    p = torch.randn(x.shape, generator=g, dtype=x.dtype)
-    u = torch.rand(x.shape[:1], generator=g, dtype=x.dtype)
+    z = torch.randn(x.numel() + 2 * len(x), generator=g, dtype=x.dtype)
+    p = z[:x.numel()].reshape(x.shape)
+    log_u = -0.5 * (z[x.numel():].reshape(2, len(x)) ** 2).sum(0)
     e, gr = _quad_eg(x, a)
     h0 = e + 0.5 * p.square().sum(1)
     xn, pn = x.clone(), p - 0.5 * eps * gr
@@ -252,7 +255,7 @@ def _hmc_ref(x, a, eps, L, seed):
         en, gn = _quad_eg(xn, a)
         pn = pn - (0.5 if i == L - 1 else 1.0) * eps * gn
     la = h0 - (en + 0.5 * pn.square().sum(1))
-    acc = u.log() < la
+    acc = log_u < la
     return torch.where(acc[:, None], xn, x), torch.where(acc, en, e), acc, la
 
 
@@ -1113,6 +1116,15 @@ class Cliff(EnergyModel):
         return torch.where(x[:, 0] > 0.5, torch.full_like(e, -math.inf), e)
 
 
+def _normals_with_log_u(noise, u):
+    r"""The one draw of MALA and HMC (``rng.randn_and_log_uniform``) that gives ``noise`` and
+    $\log u$ for every chain: the two extra normals of a chain are $(\sqrt{-2 \log u}, 0)$."""
+    b = len(noise)
+    first = torch.full((b,), math.sqrt(-2 * math.log(u)) if u > 0 else math.inf,
+                       dtype=noise.dtype)
+    return torch.cat([noise.flatten(), first, torch.zeros(b, dtype=noise.dtype)])
+
+
 @pytest.mark.parametrize("cls", [MALA, HMC])
 @pytest.mark.parametrize("n_warmup", [0, 3])
 def test_nonfinite_proposals_are_rejected_even_when_u_is_zero(cls, n_warmup):
@@ -1122,13 +1134,13 @@ def test_nonfinite_proposals_are_rejected_even_when_u_is_zero(cls, n_warmup):
     s = cls(0.5, n_warmup=n_warmup) if cls is MALA else cls(1.0, n_leapfrog=1, n_warmup=n_warmup)
     noise = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
     for u in (0.0, 0.5):
-        tape = rng.NoiseTape([noise, torch.full((2,), u, dtype=torch.float64)])
+        tape = rng.NoiseTape([_normals_with_log_u(noise, u)])
         new, info = s.transition(m, s.init_state(m, x), tape)
         assert torch.equal(new.x[0], x[0]) and new.energy[0].item() == 0.0
         assert torch.equal(info["nonfinite_rate"], torch.tensor([True, False]))
         assert info["accept_rate"].dtype == torch.float64
         assert info["accept_rate"][0].item() == 0.0
-    tape = rng.NoiseTape([noise, torch.zeros(2, dtype=torch.float64)])
+    tape = rng.NoiseTape([_normals_with_log_u(noise, 0.0)])
     new, info = s.transition(m, s.init_state(m, x), tape)
     assert torch.equal(info["accept_rate"], torch.tensor([0.0, 1.0], dtype=torch.float64))
     assert new.x[1, 0].item() == -1.0
@@ -1584,14 +1596,35 @@ def test_initial_extra_lives_on_the_states_device_and_step_size_is_reported():
     assert float(sampler.stats["step_size"]) == pytest.approx(sampler.step_size, rel=1e-6)
 
 
-def test_mala_draws_its_uniform_in_the_states_dtype():
+@pytest.mark.parametrize("cls", [MALA, HMC])
+def test_mala_and_hmc_draw_once_per_step_in_the_states_dtype(cls):
     m = Quad()
     for dtype in (torch.float64, torch.float32):
         x = _x0().to(dtype)
         tape = rng.RecordingTape(torch.Generator().manual_seed(0))
-        sampler = MALA(0.3)
+        sampler = cls(0.3)
         sampler.transition(m, sampler.init_state(m, x), tape)
-        assert [d.dtype for d in tape.spec] == [dtype, dtype]
+        assert [(d.kind, d.shape, d.dtype) for d in tape.spec] == [
+            ("randn", (x.numel() + 2 * len(x),), dtype)]
+
+
+def test_randn_and_log_uniform_splits_one_draw():
+    """The first B n normals are the noise (shape and order of the draw), the last 2 B give
+    log u = -(z1^2 + z2^2) / 2 per row; ``log u`` has the law of the log of a uniform."""
+    z = torch.randn(3 * 4 + 2 * 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    noise, log_u = rng.randn_and_log_uniform((3, 2, 2), rng.NoiseTape([z]), torch.device("cpu"),
+                                             torch.float64)
+    assert noise.shape == (3, 2, 2) and torch.equal(noise.flatten(), z[:12])
+    torch.testing.assert_close(log_u, -0.5 * (z[12:15] ** 2 + z[15:] ** 2), rtol=0, atol=0)
+    g = torch.Generator().manual_seed(3)
+    _, log_u = rng.randn_and_log_uniform((20000, 1), g, torch.device("cpu"), torch.float64)
+    u = log_u.exp().numpy()
+    assert scipy.stats.kstest(u, "uniform").pvalue > 1e-3
+    # a seeded call equals one torch.randn of B (n + 2) numbers
+    want = torch.randn(3 * 4 + 2 * 3, generator=torch.Generator().manual_seed(4))
+    noise, _ = rng.randn_and_log_uniform((3, 4), torch.Generator().manual_seed(4),
+                                         torch.device("cpu"))
+    assert torch.equal(noise.flatten(), want[:12])
 
 
 def test_lattice_helpers_build_on_the_couplings_device():

@@ -26,7 +26,9 @@ class HMC(AdaptiveStepSize):
     x \leftarrow x + \epsilon p,\; p \leftarrow p - \epsilon \nabla E(x)
     \;(\text{the last with } \tfrac{\epsilon}{2}),$$
 
-    and $(x', p')$ is accepted with probability $\min\big(1, \exp(H(x, p) - H(x', p'))\big)$.
+    and $(x', p')$ is accepted with probability $\min\big(1, \exp(H(x, p) - H(x', p'))\big)$
+    (where $\log u < H(x, p) - H(x', p')$; $p$ and $\log u$ come from one draw of normals
+    per step, ``rng.randn_and_log_uniform``).
 
     $E$ and $\nabla E$ of the current state are cached, so a step costs $L$ energy-and-gradient
     evaluations. Trajectories that reach NaN/inf are rejected and counted (``nonfinite_rate``).
@@ -78,7 +80,7 @@ class HMC(AdaptiveStepSize):
         # compiled blocks read eps from the state too: a Python float would be baked in
         adapting = "adapt_t" in extra or torch.compiler.is_compiling()
         last = self.n_leapfrog - 1
-        p = rng.randn(x.shape, generator, x.device, x.dtype)
+        p, log_u = rng.randn_and_log_uniform(x.shape, generator, x.device, x.dtype)
         h0 = torch.add(e, event_sum(p.square()), alpha=0.5)
         xn, en, gn = x, e, g
         if adapting:  # eps is a 0-d tensor of the chain state, changing every step
@@ -99,8 +101,7 @@ class HMC(AdaptiveStepSize):
         log_alpha = h0.sub_(en).sub_(event_sum(pn.square()), alpha=0.5)
         nonfinite = (log_alpha + event_sum(xn)).mul_(0).ne_(0)  # 1.0 where non-finite
         log_alpha = log_alpha.nan_to_num_(nan=-math.inf, posinf=-math.inf)
-        u = rng.rand(log_alpha.shape, generator, x.device, x.dtype)
-        accept = u.log_() < log_alpha
+        accept = log_u < log_alpha
         mask = chain_mask(accept, x)
         new = ChainState(
             torch.where(mask, xn, x),

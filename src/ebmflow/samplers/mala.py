@@ -28,7 +28,9 @@ class MALA(AdaptiveStepSize):
     $$q(x' \mid x) = \mathcal{N}\big(x';\, x - \eta \nabla E(x),\, 2 \eta I\big),$$
 
     accepted with probability
-    $\min\big(1, \exp(f(x') - f(x) + \log q(x \mid x') - \log q(x' \mid x))\big)$.
+    $\min\big(1, \exp(f(x') - f(x) + \log q(x \mid x') - \log q(x' \mid x))\big)$: where
+    $\log u < \log \alpha$, with $\xi$ and $\log u$ from one draw of normals per step
+    (``rng.randn_and_log_uniform``: $\log u = -(\zeta_1^2 + \zeta_2^2) / 2$).
 
     $E$ and $\nabla E$ of the current state are cached in the chain state, so a step costs one
     energy-and-gradient evaluation (at $x'$). A proposal whose energy or gradient is NaN/inf is
@@ -83,7 +85,7 @@ class MALA(AdaptiveStepSize):
         extra = state.extra
         # compiled blocks read eta from the state too: a Python float would be baked in
         adapting = "adapt_t" in extra or torch.compiler.is_compiling()
-        noise = rng.randn(x.shape, generator, x.device, x.dtype)
+        noise, log_u = rng.randn_and_log_uniform(x.shape, generator, x.device, x.dtype)
         # log q(x'|x) = -|sqrt(2 eta) xi|^2 / (4 eta) = -|xi|^2 / 2 (constants cancel);
         # log q(x|x') = -|x - x' + eta grad E(x')|^2 / (4 eta)
         if adapting:  # eta is a 0-d tensor of the chain state, changing every step
@@ -102,8 +104,7 @@ class MALA(AdaptiveStepSize):
         # a NaN/inf in E(x'), grad E(x') or x' makes log_alpha non-finite: reject the move
         nonfinite = torch.sub(log_alpha, log_alpha).ne_(0)  # 1.0 where NaN/inf
         log_alpha = log_alpha.nan_to_num_(nan=-math.inf, posinf=-math.inf)
-        u = rng.rand(log_alpha.shape, generator, x.device, x.dtype)
-        accept = u.log_() < log_alpha
+        accept = log_u < log_alpha
         mask = chain_mask(accept, x)
         new = ChainState(
             torch.where(mask, prop, x),

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["NoiseTape", "RecordingTape", "Draw", "randn", "rand", "randint", "Rng",
-           "categorical_sample"]
+           "categorical_sample", "randn_and_log_uniform"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,28 @@ def rand(shape: tuple[int, ...] | torch.Size, generator: Rng, device: torch.devi
          dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform [0, 1) draws of ``shape`` (``torch.rand`` or the tape's next tensor)."""
     return _draw("rand", shape, generator, device, dtype)
+
+
+def randn_and_log_uniform(shape: tuple[int, ...] | torch.Size, generator: Rng,
+                          device: torch.device, dtype: torch.dtype = torch.float32
+                          ) -> tuple[Tensor, Tensor]:
+    r"""Standard normal draws of ``shape`` ``(B, *event)`` and $\log u$, $u \sim U(0, 1)$, per
+    row ``(B,)``, from one draw of $B (n + 2)$ standard normals ($n$ the event size): the
+    first $B n$ are the normals of ``shape`` (contiguous), the last $2 B$ give $\log u$.
+
+    With $\zeta_1, \zeta_2$ two independent standard normals, $\zeta_1^2 + \zeta_2^2 \sim
+    \chi^2_2$, so $(\zeta_1^2 + \zeta_2^2) / 2 \sim \operatorname{Exp}(1)$, the law of
+    $-\log u$: $\log u = -(\zeta_1^2 + \zeta_2^2) / 2$ exactly in distribution. One draw per
+    Metropolis-Hastings step instead of two halves the generator calls of MALA and HMC, and
+    lets a compiled block draw its K steps' noise with one call."""
+    shape = _shape(shape)
+    b = shape[0]
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    z = randn((b * (n + 2),), generator, device, dtype)
+    log_u = z[b * n:].view(2, b).square().sum(0).mul(-0.5)
+    return z[:b * n].view(shape), log_u
 
 
 def randint(low: int, high: int, shape: tuple[int, ...] | torch.Size, generator: Rng,
