@@ -12,7 +12,8 @@ environment variable OUT names a folder):
 3. ``benchmarks/compiled_samplers.py --device cuda``: plain loop, eager, compiled and
    CUDA-graph chains (ULA / MALA / HMC on a mixture and an MLP);
 4. ``benchmarks/samplers.py`` and ``benchmarks/discrete_samplers.py`` on CUDA (graph vs eager
-   vs plain);
+   vs plain), and ``discrete_samplers.py --small --compiled`` (compiled GWG, DMALA and Gibbs
+   on the 32-bit MLP and the 10 x 10 Ising model against the plain loop);
 5. ``benchmarks/training.py`` (Trainer steps against the plain loop; fast mode on CUDA);
 6. data-parallel training with NCCL on all visible GPUs (``torchrun`` + ``ebmflow train``).
 
@@ -76,6 +77,10 @@ def main() -> int:
                                      "--repeats", "5",
                                      "--out", str(RUNS / "discrete_samplers_cuda.json")],
         60, results)
+    run("compiled discrete samplers (cuda)",
+        [py, "benchmarks/discrete_samplers.py", "--device", "cuda", "--small", "--compiled",
+         "--samplers", "GWG", "DMALA", "Gibbs", "--batches", "128", "4096", "--repeats", "5",
+         "--out", str(RUNS / "discrete_samplers_compiled_cuda.json")], 90, results)
     run("training (cuda)", [py, "benchmarks/training.py", "--device", "cuda",
                             "--out", str(RUNS / "training_cuda.json")], 60, results)
     torchrun = shutil.which("torchrun")
@@ -85,7 +90,7 @@ def main() -> int:
              "--device", "cuda", "--out", str(ROOT / "runs" / "gpu_check_ddp"), "--overwrite"],
             60, results)
     for name in ("compiled_samplers_cuda", "samplers_cuda", "discrete_samplers_cuda",
-                 "training_cuda"):
+                 "discrete_samplers_compiled_cuda", "training_cuda"):
         f = RUNS / f"{name}.json"
         if f.exists():
             results[f"{name}.json"] = json.loads(f.read_text())

@@ -4,9 +4,10 @@ r"""Matrix products of the MLP fast paths on the faster CPU GEMM.
 tensors of medium and large size it calls oneDNN's matrix product (the kernel inductor uses
 for linear layers) instead of the BLAS library behind ``F.linear``: on the AMD EPYC CPU this
 library was measured on, oneDNN took 144-150 microseconds for a 256 x 256 x 256 product on
-one thread against 308-314 for MKL, and 2.1-2.4x less for every shape from (128, 784, 256)
-to (4096, 256, 256) (tiny products, e.g. an input of 2 features or an output of 1, stay on
-BLAS, which is faster there). Results agree to float32 rounding (a different summation
+one thread (contiguous weight or its transposed view) against 311 for MKL, and 2.1-2.3x
+less for the shapes (128, 784, 256) and (4096, 256, 256) (``benchmarks/gemm.py``; tiny
+products, e.g. an input of 2 features or an output of 1, stay on BLAS, which is faster
+there). Results agree to float32 rounding (a different summation
 order), not bit for bit. With autograd (training), ``linear`` is an ``autograd.Function``
 whose backward is written with the same products, so it is differentiable twice (score
 matching, gradient penalties):
