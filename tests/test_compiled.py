@@ -12,6 +12,7 @@ import importlib.util
 import math
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -978,3 +979,11 @@ def test_auto_decision_needs_enough_timed_calls_and_a_clear_difference():
     x, one, other = torch.zeros(4, 2), _binary_mlp(), _binary_mlp()
     assert executors.auto_layout(one, x) != executors.auto_layout(other, x)
     assert executors.auto_layout(one, x) == executors.auto_layout(one, x.clone())
+
+
+def test_docs_state_the_pooled_state_limit():
+    """The design notes and the compiled-chains page quote the limit the code uses."""
+    root = Path(__file__).resolve().parents[1]
+    assert f"`_compiled.POOLED_STATE_MAX` ({POOLED_STATE_MAX})" in (root / "docs" / "design.md").read_text()
+    compiled = " ".join((root / "docs" / "compiled.md").read_text().split())
+    assert f"at most {POOLED_STATE_MAX} numbers in all (`_compiled.POOLED_STATE_MAX`" in compiled
