@@ -167,7 +167,8 @@ def chains_outermost(flat: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class CompiledBlock:
-    """``K`` calls of ``advance(energy, flat_carry, tape) -> flat_carry`` compiled as one.
+    """``K`` calls of ``advance(energy, flat_carry, tape) -> flat_carry`` compiled as one
+    (the carry holds the chain state as ``flat_carry["x"]``).
 
     Attributes:
         k: steps per block.
@@ -205,7 +206,7 @@ class CompiledBlock:
 
     def __call__(self, energy: Any, flat: dict[str, Tensor], draws: list[Tensor]) -> dict[str, Tensor]:
         if self._fn is None:
-            state = flat["x"] if "x" in flat else next(iter(flat.values()))
+            state = flat["x"]  # every carry holds the chain state as "x"
             self._fn = torch.compile(
                 self._block, dynamic=False, backend=self._backend,
                 options=inductor_options(self._backend, state.device, state.numel()))
