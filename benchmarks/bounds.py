@@ -14,8 +14,13 @@ One CPU thread, median of ``--repeats`` timings of ``--calls`` calls each:
 * ``Ising field``: the local field $s J$ of ``IsingEnergy`` for 128 chains at D = 100 and
   D = 1024, ``s @ J`` (MKL) against ``energy/_gemm.linear`` (oneDNN);
 * ``inductor options``: compiled MALA and HMC (10 leapfrog steps) on the 2-D mixture at 256
-  chains, blocks built with inductor's defaults, without its size asserts, and with
-  ``samplers/_compiled.INDUCTOR_OPTIONS`` (also its C++ wrapper), alternating in one process;
+  chains, blocks built with inductor's defaults, without its size asserts, with
+  ``samplers/_compiled.INDUCTOR_OPTIONS`` (also its C++ wrapper), and as ebmflow builds them
+  (``_compiled.inductor_options``: for this small state also inductor's memory planning),
+  alternating in one process;
+* ``memory planning``: the same samplers at 256 to 4096 chains, blocks with
+  ``INDUCTOR_OPTIONS`` with and without inductor's memory planning (why it is used only for
+  chain states of at most ``_compiled.POOLED_STATE_MAX`` numbers);
 * ``training step profile``: torch's profiler on the plain loops of ``benchmarks/training.py``
   (ED at batch 128, CD-10): the share of matrix products (``mm``, ``addmm``) and of SiLU
   forward and backward in the step; ``1 / share`` bounds the speed-up of any loop that runs
@@ -23,7 +28,7 @@ One CPU thread, median of ``--repeats`` timings of ``--calls`` calls each:
 * ``MLP evaluation``: one closed-form ``energy_and_grad`` of the 2-128-128-128-1 MLP energy
   at 128 chains (a CD-10 step makes ten of them).
 
-    python benchmarks/bounds.py            # about a minute (the compiled mask compiles)
+    python benchmarks/bounds.py            # a few minutes (compiled blocks compile)
 
 Writes runs/benchmarks/bounds.json (``--update-reference``: benchmarks/results/bounds.json).
 """
@@ -110,38 +115,72 @@ def ising_field(calls: int, repeats: int) -> dict:
     return out
 
 
-def inductor_options(repeats: int, steps: int = 200) -> dict:
+def _mixture():
     import math
 
-    import ebmflow.samplers._compiled as compiled
     from ebmflow.energy import GaussianMixtureEnergy
-    from ebmflow.samplers import HMC, MALA
 
     k = 8
     a = torch.arange(k) * (2 * math.pi / k)
-    target = GaussianMixtureEnergy(4 * torch.stack([a.cos(), a.sin()], 1), torch.full((k, 2), 0.5))
+    return GaussianMixtureEnergy(4 * torch.stack([a.cos(), a.sin()], 1), torch.full((k, 2), 0.5))
+
+
+def _time_variants(make, variants: dict, target, x0, repeats: int, steps: int) -> dict:
+    """Median microseconds per step of compiled samplers whose blocks are built with each
+    variant's inductor options (``_compiled.inductor_options`` replaced while building),
+    alternating in this process."""
+    import ebmflow.samplers._compiled as compiled
+
+    kept = compiled.inductor_options
+    samplers = {}
+    try:
+        for variant, options in variants.items():
+            if options is not None:  # None: ebmflow's own choice
+                compiled.inductor_options = lambda *a, o=options: dict(o)
+            samplers[variant] = make()
+            samplers[variant].run(target, x0, steps)  # builds (and compiles) the blocks
+            compiled.inductor_options = kept
+    finally:
+        compiled.inductor_options = kept
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(repeats):
+        for variant, sampler in samplers.items():
+            t0 = time.thread_time()
+            sampler.run(target, x0, steps, generator=torch.Generator().manual_seed(0))
+            times[variant].append((time.thread_time() - t0) / steps * 1e6)
+    return {f"{v}_us_per_step": statistics.median(t) for v, t in times.items()}
+
+
+def inductor_options(repeats: int, steps: int = 200) -> dict:
+    import ebmflow.samplers._compiled as compiled
+    from ebmflow.samplers import HMC, MALA
+
+    target = _mixture()
     x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(1))
     variants = {"defaults": {}, "no_size_asserts": {"size_asserts": False},
-                "ebmflow": dict(compiled.INDUCTOR_OPTIONS)}
-    kept = compiled.INDUCTOR_OPTIONS
+                "cpp_wrapper": dict(compiled.INDUCTOR_OPTIONS), "ebmflow": None}
+    return {name: _time_variants(make, variants, target, x0, repeats, steps)
+            for name, make in (("mala", lambda: MALA(0.01, compile=True)),
+                               ("hmc", lambda: HMC(0.01, n_leapfrog=10, compile=True)))}
+
+
+def memory_planning(repeats: int) -> dict:
+    """Compiled HMC (10 leapfrog steps) and MALA on the 2-D mixture, blocks with
+    ``INDUCTOR_OPTIONS`` alone and with inductor's memory planning, by number of chains."""
+    import ebmflow.samplers._compiled as compiled
+    from ebmflow.samplers import HMC, MALA
+
+    target = _mixture()
+    base = dict(compiled.INDUCTOR_OPTIONS)
+    variants = {"separate": base, "pooled": {**base, "memory_planning": True}}
     out: dict = {}
-    try:
-        for name, make in (("mala", lambda: MALA(0.01, compile=True)),
-                           ("hmc", lambda: HMC(0.01, n_leapfrog=10, compile=True))):
-            samplers = {}
-            for variant, options in variants.items():
-                compiled.INDUCTOR_OPTIONS = options  # read when the block is built
-                samplers[variant] = make()
-                samplers[variant].run(target, x0, steps)
-            times: dict[str, list[float]] = {v: [] for v in variants}
-            for _ in range(repeats):
-                for variant, sampler in samplers.items():
-                    t0 = time.thread_time()
-                    sampler.run(target, x0, steps, generator=torch.Generator().manual_seed(0))
-                    times[variant].append((time.thread_time() - t0) / steps * 1e6)
-            out[name] = {f"{v}_us_per_step": statistics.median(t) for v, t in times.items()}
-    finally:
-        compiled.INDUCTOR_OPTIONS = kept
+    for name, make, sizes in (("hmc", lambda: HMC(0.01, n_leapfrog=10, compile=True),
+                               (256, 512, 1024, 4096)),
+                              ("mala", lambda: MALA(0.01, compile=True), (256, 1024, 4096))):
+        for b in sizes:
+            x0 = torch.randn(b, 2, generator=torch.Generator().manual_seed(1))
+            steps = max(16, 200 * 256 // b // 8 * 8)  # about the same time per run
+            out[f"{name}_{b}"] = _time_variants(make, variants, target, x0, repeats, steps)
     return out
 
 
@@ -218,6 +257,7 @@ def main() -> None:
            "narrow_product": narrow_product(args.calls, args.repeats),
            "ising_field": ising_field(args.calls, args.repeats),
            "inductor_options": inductor_options(max(args.repeats, 7)),
+           "memory_planning": memory_planning(max(args.repeats, 7)),
            "training_profile": training_profile(args.steps),
            "mlp_evaluation": mlp_evaluation(args.calls, args.repeats)}
     m, p = res["mask_store"], res["onednn_product_call"]
@@ -234,7 +274,13 @@ def main() -> None:
     for name, r in res["inductor_options"].items():
         print(f"compiled {name}, mixture, 256 chains (us/step): inductor defaults "
               f"{r['defaults_us_per_step']:.1f}, no size asserts {r['no_size_asserts_us_per_step']:.1f}, "
-              f"ebmflow's options {r['ebmflow_us_per_step']:.1f}")
+              f"and C++ wrapper {r['cpp_wrapper_us_per_step']:.1f}, ebmflow's choice (also "
+              f"memory planning) {r['ebmflow_us_per_step']:.1f}")
+    for key, r in res["memory_planning"].items():
+        name, b = key.split("_")
+        print(f"compiled {name}, mixture, {b} chains (us/step): buffers allocated one by one "
+              f"{r['separate_us_per_step']:.1f}, pooled (memory planning) "
+              f"{r['pooled_us_per_step']:.1f}")
     for kind, r in res["training_profile"].items():
         print(f"plain {kind} step: {r['step_ms']:.2f} ms, products {100 * r['products_share']:.0f}%, "
               f"SiLU {100 * r['silu_share']:.0f}%, bound {r['bound_x_plain']:.2f}x the plain loop")

@@ -21,8 +21,8 @@ with $G = \partial L / \partial (x W^\top + b)$; $G W$ is again a product on one
 
 Narrow outputs (2 to 8 columns from at least 16 inputs, e.g. the input gradient of an MLP on
 2-D data, $G W_1$ with $W_1$ of shape (H, 2)) are computed as $(W x^\top)^\top$: MKL's
-product with few output columns is slow on this CPU (742 against 112 microseconds for
-(4096, 256) x (256, 2), 48 against 10 for (256, 256) x (256, 2); ``benchmarks/bounds.py``).
+product with few output columns is slow on this CPU (776 against 120 microseconds for
+(4096, 256) x (256, 2), 50 against 10 for (256, 256) x (256, 2); ``benchmarks/bounds.py``).
 The result is the transposed view of a row-major $(n, B)$ matrix, i.e. column-major $(B, n)$.
 """
 
@@ -74,8 +74,8 @@ def _define_op(name: str, kernel: Any, fake: Any) -> Any:
 
     Defined with ``torch.library.Library`` and a CPU kernel rather than
     ``torch.library.custom_op``, whose Python autograd and dispatch wrappers cost more per
-    call (``benchmarks/bounds.py``: 87 against 81 microseconds for a 128 x 256 x 256
-    product, the direct oneDNN call 80); compiled samplers call these at every step."""
+    call (``benchmarks/bounds.py``: 93 against 86 microseconds for a 128 x 256 x 256
+    product, the direct oneDNN call 82); compiled samplers call these at every step."""
     if not hasattr(torch.library, "register_fake"):
         return None
     try:  # defined once per process (a re-imported module finds it)

@@ -39,18 +39,19 @@ __all__ = ["CompiledBlock", "CompileFallbackWarning", "NoiseBlock", "predraw", "
 # * ``size_asserts``: its runtime size and stride asserts re-check, at every call, what
 #   dynamo's guards already guarantee for a block's inputs (static shapes and strides); the
 #   outputs of opaque operators are as their fake implementations say (ebmflow's own are
-#   tested). Skipping them: HMC 89.9 -> 85.1, MALA 22.8 -> 22.0.
+#   tested). Skipping them: HMC 91.8 -> 86.4, MALA 20.3 -> 19.4.
 # * ``cpp_wrapper``: the code around the kernels (buffer allocation, kernel calls) in C++
-#   instead of Python, the largest per-call cost of small blocks: HMC 85.1 -> 76.2, MALA
-#   22.0 -> 20.5; the same chains; the compile time (``benchmarks/compile_warmup.py``) did
+#   instead of Python, the largest per-call cost of small blocks: HMC 86.4 -> 77.3, MALA
+#   19.4 -> 17.8; the same chains; the compile time (``benchmarks/compile_warmup.py``) did
 #   not change.
 INDUCTOR_OPTIONS = {"size_asserts": False, "cpp_wrapper": True}
 # * ``memory_planning`` (one pooled allocation for a block's intermediate buffers instead of
 #   one each; every buffer of a small state is a few hundred bytes and allocating it costs
 #   more than computing it), for chain states of at most ``POOLED_STATE_MAX`` numbers in all:
-#   HMC 85.9 -> 77.2, MALA 18.7 -> 17.7, ULA 11.4 -> 10.4 at 256 chains. Larger states lose
-#   (HMC on 1024 chains of the mixture 225 -> 244, 4096 chains 702 -> 977: the pool outgrows
-#   the caches and the allocator hands it back to the system between calls).
+#   HMC 79.8 -> 70.4 and MALA 17.8 -> 16.5 at 256 chains, HMC 119.3 -> 110.4 at 512. Larger
+#   states may lose: HMC on 4096 chains of the mixture 565 -> 582, and in another run of the
+#   same script 601 -> 795 (and at 1024 chains 204 -> 220, where this run gained, 189 -> 178):
+#   how a pool of a few MB is allocated and returned depends on the allocator's history.
 POOLED_STATE_MAX = 1024
 
 

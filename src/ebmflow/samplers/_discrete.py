@@ -159,7 +159,7 @@ def stored_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
     compiled block (unchanged when eager; readers call ``.bool()``).
 
     Inductor's CPU kernels write bool tensors one element at a time: a compiled
-    ``u.log() < c`` over 128 x 100 entries took 110 microseconds against 14 for the same
+    ``u.log() < c`` over 128 x 100 entries took 115 microseconds against 14 for the same
     comparison stored as floats (``benchmarks/bounds.py``; torch 2.13, AVX-512). DMALA keeps
     its ``(B, D)`` flip mask this way."""
     return mask.to(dtype) if torch.compiler.is_compiling() else mask
