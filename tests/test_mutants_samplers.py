@@ -1380,13 +1380,44 @@ def test_persistent_sampler_passes_the_generator_and_n_to_its_kernel():
         ps.sample(m, 2, x0=x0)
 
 
+@pytest.mark.parametrize("d", [5, 64, 65, 200, 1024])
+def test_discrete_langevin_log_q_equals_the_sum_of_log_sigmoids(d):
+    """The product form of sum_i log q_i (chunks of 64 coordinates) against log-sigmoids, in
+    float64 and float32; all-zero logits make every factor 2, so a float32 product over more
+    than 127 coordinates would overflow without the chunks."""
+    g = torch.Generator().manual_seed(d)
+    logits = 4 * torch.randn(3, d, generator=g, dtype=torch.float64)
+    logits[0] = 0.0
+    flipped = torch.rand(3, d, generator=g) < 0.3
+    ls = torch.nn.functional.logsigmoid
+    want = torch.where(flipped, ls(logits), ls(-logits)).sum(1)
+    got = DiscreteLangevin._log_q_binary(logits, flipped)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+    got32 = DiscreteLangevin._log_q_binary(logits.float(), flipped)
+    assert bool(torch.isfinite(got32).all())
+    torch.testing.assert_close(got32.double(), want, rtol=1e-5, atol=1e-3)
+    # the e^{-|l|} handed in by the proposal gives the same
+    e = logits.abs().neg().exp()
+    torch.testing.assert_close(DiscreteLangevin._log_q_binary(logits, flipped, e), got,
+                               rtol=0, atol=0)
+
+
 def test_discrete_langevin_flip_boundary_u_equal_to_p_keeps_the_bit():
     # logit 0: p(flip) = 1/2; u = 1/2 is not < 1/2, so the bit stays; u = 0.25 flips
     x = torch.zeros(1, 2, dtype=torch.float64)
     tape = rng.NoiseTape([torch.tensor([[0.5, 0.25]], dtype=torch.float64)])
-    y, flip = DiscreteLangevin._propose_binary(x, torch.zeros(1, 2, dtype=torch.float64), tape)
+    y, flip, e = DiscreteLangevin._propose_binary(x, torch.zeros(1, 2, dtype=torch.float64), tape)
     assert torch.equal(flip, torch.tensor([[False, True]]))
     assert torch.equal(y, torch.tensor([[0.0, 1.0]], dtype=torch.float64))
+    assert torch.equal(e, torch.ones(1, 2, dtype=torch.float64))  # e^{-|l|} at l = 0
+    # p = e / (1 + e) for a negative logit, 1 / (1 + e) for a positive one; u just below
+    # p flips, u just above keeps
+    logits = torch.tensor([[-1.0, -1.0, 2.0, 2.0]], dtype=torch.float64)
+    p = torch.sigmoid(logits)
+    u = p * torch.tensor([[1 - 1e-9, 1 + 1e-9, 1 - 1e-9, 1 + 1e-9]], dtype=torch.float64)
+    _, flip, _ = DiscreteLangevin._propose_binary(torch.zeros(1, 4, dtype=torch.float64), logits,
+                                                  rng.NoiseTape([u.clone()]))
+    assert flip.tolist() == [[True, False, True, False]]
 
 
 def test_replay_buffer_shape_message_of_an_image_space():
