@@ -61,7 +61,10 @@ class DiscreteLangevin(GradientDiscreteSampler):
     ``metropolis=False`` (DULA) accepts every proposal: fast but biased by $O(\alpha)$.
     ``metropolis=True`` (DMALA) accepts with probability
     $\min\big(1, e^{f(x') - f(x)}\, q(x \mid x') / q(x' \mid x)\big)$, the reverse proposal
-    computed from the gradient at $x'$; the chain is then exact.
+    computed from the gradient at $x'$; the chain is then exact. On binary states no
+    log-sigmoid is taken per coordinate: with the logit $l$ and $e = e^{-|l|}$ a bit flips
+    where $u (1 + e) < 1$ ($l \ge 0$) or $< e$ ($l < 0$), and $\log q$ is
+    $\sum_i \min(s_i, 0) - \log \prod_i (1 + e_i)$ (``_log_q_binary``).
 
     Args:
         step_size: $\alpha > 0$ (default 0.1), the $\alpha$ of Zhang et al. (2022): the MCMC
