@@ -37,23 +37,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 
 import torch
 from _output import add_output_arguments, output_path, write_json
+from _timing import alternating_medians
 
 
 def _per_call_us(fn, calls: int, repeats: int) -> float:
-    fn()
-    fn()
-    runs = []
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        for _ in range(calls):
-            fn()
-        runs.append((time.thread_time() - t0) / calls * 1e6)
-    return statistics.median(runs)
+    return alternating_medians({"fn": fn}, calls, repeats)["fn"] * 1e6
 
 
 def mask_store(calls: int, repeats: int) -> dict:
@@ -142,13 +134,10 @@ def _time_variants(make, variants: dict, target, x0, repeats: int, steps: int) -
             compiled.inductor_options = kept
     finally:
         compiled.inductor_options = kept
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    for _ in range(repeats):
-        for variant, sampler in samplers.items():
-            t0 = time.thread_time()
-            sampler.run(target, x0, steps, generator=torch.Generator().manual_seed(0))
-            times[variant].append((time.thread_time() - t0) / steps * 1e6)
-    return {f"{v}_us_per_step": statistics.median(t) for v, t in times.items()}
+    runs = {v: lambda s=s: s.run(target, x0, steps, generator=torch.Generator().manual_seed(0))
+            for v, s in samplers.items()}
+    return {f"{v}_us_per_step": sec / steps * 1e6
+            for v, sec in alternating_medians(runs, 1, repeats).items()}
 
 
 def inductor_options(repeats: int, steps: int = 200) -> dict:

@@ -15,11 +15,11 @@ Writes runs/benchmarks/compile_auto.json (``--update-reference``: benchmarks/res
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
 
 from _output import add_output_arguments, output_path, write_json
+from _timing import pin_one_core
 
 
 def one(name: str, chains: int, runs: int = 6) -> dict:
@@ -48,8 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_output_arguments(ap)
     args = ap.parse_args()
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    pin_one_core()
     import torch
 
     torch.set_num_threads(1)

@@ -49,8 +49,9 @@ def _pin_threads(threads: str) -> None:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                    + " --xla_cpu_multi_thread_eigen=false"
                                    + " intra_op_parallelism_threads=1").strip()
-        if hasattr(os, "sched_setaffinity"):
-            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        from _timing import pin_one_core  # benchmarks/ is on sys.path (main)
+
+        pin_one_core()
 
 
 def _mixture_params():

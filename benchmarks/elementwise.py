@@ -19,14 +19,12 @@ benchmarks/results/elementwise.json).
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from _output import add_output_arguments, output_path, write_json
+from _timing import add_timing_arguments, alternating_medians, pin_one_core, resolve_repeats
 
 import ebmflow.samplers._compiled as compiled
 
@@ -42,14 +40,11 @@ FUNCTIONS = {
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=None, help="timings per variant (default 7)")
-    ap.add_argument("--quick", action="store_true", help="3 timings per variant")
+    add_timing_arguments(ap)
     add_output_arguments(ap)
     args = ap.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 7)
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    repeats = resolve_repeats(args)
+    pin_one_core()
     torch.set_num_threads(1)
     x = 3 * torch.randn(8192, 100, generator=torch.Generator().manual_seed(0))
     rows = []
@@ -57,18 +52,10 @@ def main(argv=None) -> None:
     for name, fn in FUNCTIONS.items():
         variants = {"eager": fn, "compiled": torch.compile(fn, dynamic=False,
                                                            options=dict(compiled.INDUCTOR_OPTIONS))}
-        for f in variants.values():
-            f(x)
-            f(x)
-        runs: dict = {k: [] for k in variants}
-        for _ in range(repeats):
-            for k, f in variants.items():
-                t0 = time.thread_time()
-                for _ in range(args.calls):
-                    f(x)
-                runs[k].append((time.thread_time() - t0) / args.calls / x.numel() * 1e9)
-        row = {"function": name, **{f"{k}_ns_per_number": round(statistics.median(v), 3)
-                                    for k, v in runs.items()}}
+        sec = alternating_medians({k: lambda f=f: f(x) for k, f in variants.items()},
+                                  args.calls, repeats)
+        row = {"function": name, **{f"{k}_ns_per_number": round(s / x.numel() * 1e9, 3)
+                                    for k, s in sec.items()}}
         rows.append(row)
         print(f"{name:44} | {row['eager_ns_per_number']:9.3f} {row['compiled_ns_per_number']:11.3f}",
               flush=True)

@@ -22,14 +22,12 @@ Writes runs/benchmarks/gemm.json (``--update-reference``: benchmarks/results/gem
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from _output import add_output_arguments, output_path, write_json
+from _timing import add_timing_arguments, alternating_medians, pin_one_core, resolve_repeats
 
 from ebmflow.energy import _gemm
 
@@ -37,34 +35,16 @@ SHAPES = [(256, 256, 256, False), (128, 784, 256, False), (4096, 256, 256, False
           (256, 256, 256, True)]
 
 
-def _timings(fns: dict, calls: int, repeats: int) -> dict:
-    """Median microseconds per call of each function, the functions alternating."""
-    for fn in fns.values():
-        fn()
-        fn()
-    runs: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.thread_time()
-            for _ in range(calls):
-                fn()
-            runs[name].append((time.thread_time() - t0) / calls * 1e6)
-    return {name: round(statistics.median(v), 1) for name, v in runs.items()}
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calls", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=None, help="timings per kernel (default 7)")
-    ap.add_argument("--quick", action="store_true", help="3 timings per kernel")
+    add_timing_arguments(ap)
     add_output_arguments(ap)
     args = ap.parse_args(argv)
-    args.repeats = args.repeats or (3 if args.quick else 7)
+    resolve_repeats(args)
     if not _gemm._ONEDNN:
         raise SystemExit("this torch build has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
-    if hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    pin_one_core()
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -76,7 +56,8 @@ def main(argv=None) -> None:
         with torch.no_grad():
             fns = {"blas": lambda x=x, w=w: torch.nn.functional.linear(x, w),
                    "onednn": lambda x=x, w=w: _gemm._onednn(x, w, None)}
-            us = _timings(fns, args.calls, args.repeats)
+            us = {name: round(sec * 1e6, 1) for name, sec in
+                  alternating_medians(fns, args.calls, args.repeats).items()}
             diff = float((fns["blas"]() - fns["onednn"]()).abs().max())
         row = {"rows": m, "n_in": k, "n_out": n,
                "weight": "transposed view" if transposed else "contiguous",
